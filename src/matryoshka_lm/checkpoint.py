@@ -1,0 +1,117 @@
+"""Checkpoints: weights in safetensors, config and tokenizer as JSON, every file written atomically.
+
+A checkpoint directory holds
+  config.json          {"model": ModelConfig, "train": TrainConfig}
+  tokenizer.json       Hugging Face `tokenizers` BPE
+  model.safetensors    the weights (all sizes share them)
+  trainer_state.safetensors  (training runs only) weights + optimizer moments + step, in ONE file so a resume
+                       never sees weights and optimizer state from different steps
+Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig, TrainConfig, load_json
+from .errors import MatryoshkaError
+from .model import MatryoshkaLM
+
+CONFIG, TOKENIZER, WEIGHTS, STATE = "config.json", "tokenizer.json", "model.safetensors", "trainer_state.safetensors"
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call write(tmp_path), then rename over `path`: readers see the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise MatryoshkaError(f"missing weights file {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise MatryoshkaError(f"corrupt weights file {path}: {e}") from None
+
+
+def save_model(out: Path, model: MatryoshkaLM, train_cfg: TrainConfig | None = None,
+               tokenizer_json: str | None = None) -> None:
+    out = Path(out)
+    if tokenizer_json is not None:
+        atomic_write(out / TOKENIZER, lambda tmp: Path(tmp).write_text(tokenizer_json))
+    cfg = {"model": model.cfg.to_dict(), "train": train_cfg.to_dict() if train_cfg else None}
+    save_tensors(out / WEIGHTS, model.state_dict())
+    write_json(out / CONFIG, cfg)
+
+
+def read_config(ckpt: Path) -> tuple[ModelConfig, TrainConfig | None]:
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise MatryoshkaError(f"checkpoint {ckpt} does not exist (expected a directory with {CONFIG} and {WEIGHTS})")
+    raw = load_json(ckpt / CONFIG)
+    if not isinstance(raw, dict) or "model" not in raw:
+        raise MatryoshkaError(f"{ckpt / CONFIG} is not a matryoshka-lm config (no 'model' section)")
+    try:
+        model_cfg = ModelConfig.from_dict(raw["model"])
+        train_cfg = TrainConfig.from_dict(raw["train"]) if raw.get("train") else None
+    except TypeError as e:
+        raise MatryoshkaError(f"bad config in {ckpt / CONFIG}: {e}") from None
+    return model_cfg, train_cfg
+
+
+def load_model(ckpt: Path, device: str | torch.device = "cpu") -> MatryoshkaLM:
+    """Build the model from config.json and load model.safetensors (strict: every key, every shape)."""
+    cfg, _ = read_config(ckpt)
+    state = load_tensors(Path(ckpt) / WEIGHTS)
+    model = MatryoshkaLM(cfg)
+    load_state(model, state, Path(ckpt) / WEIGHTS)
+    return model.to(device).eval()
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise MatryoshkaError(f"{where} lacks weights {missing[:3]}{'...' if len(missing) > 3 else ''}")
+    for k, v in expected.items():
+        if state[k].shape != v.shape:
+            raise MatryoshkaError(f"{where}: {k} has shape {tuple(state[k].shape)}, config says {tuple(v.shape)}")
+    model.load_state_dict({k: state[k] for k in expected})
+
+
+def load_tokenizer(ckpt: Path):
+    from tokenizers import Tokenizer
+
+    path = Path(ckpt) / TOKENIZER
+    if not path.is_file():
+        raise MatryoshkaError(f"missing tokenizer {path}")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+        raise MatryoshkaError(f"corrupt tokenizer {path}: {e}") from None

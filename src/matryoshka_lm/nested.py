@@ -1,0 +1,66 @@
+"""The one place that knows a smaller size is a prefix slice of the full weights.
+
+Every weight is laid out so that a submodel reads the leading rows/columns:
+  Linear weight (out, in): a size keeps weight[:out_k, :in_k]  (zero-copy views)
+  RMSNorm weight (C,):     weight[:C_k]; the norm is taken over those C_k features only
+  Embedding (V, C):        table[:, :C_k]
+Query heads are grouped so that the first k heads use the first k / group KV heads.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .spec import SubmodelSpec
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, out_features: int) -> torch.Tensor:
+    """y = x @ W[:out, :in].T where `in` is x's (possibly sliced) feature count."""
+    return F.linear(x, weight[:out_features, : x.shape[-1]])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the features present, exactly as a standalone model of that width computes it."""
+    C = x.shape[-1]
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight[:C].float()).to(x.dtype)
+
+
+def embed(idx: torch.Tensor, table: torch.Tensor, width: int) -> torch.Tensor:
+    return F.embedding(idx, table[:, :width])
+
+
+def slice_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, spec: SubmodelSpec) -> dict[str, torch.Tensor]:
+    """The weights a submodel reads, as contiguous copies: a standalone dense model of the spec's shape."""
+    C, hd, g = spec.width, cfg.head_dim, cfg.group_size
+    out: dict[str, torch.Tensor] = {}
+    out["tok_emb.weight"] = state["tok_emb.weight"][:, :C]
+    out["norm.weight"] = state["norm.weight"][:C]
+    if "lm_head.weight" in state:
+        out["lm_head.weight"] = state["lm_head.weight"][:, :C]
+    for i, layer in enumerate(spec.layers):
+        p = f"layers.{i}."
+        q, kv, f = layer.heads * hd, layer.heads // g * hd, layer.ffn
+        rows = {"attn.wq": (q, C), "attn.wk": (kv, C), "attn.wv": (kv, C), "attn.wo": (C, q),
+                "ffn.w_gate": (f, C), "ffn.w_up": (f, C), "ffn.w_down": (C, f)}
+        for name, (r, c) in rows.items():
+            out[p + name + ".weight"] = state[p + name + ".weight"][:r, :c]
+        for norm in ("attn_norm", "ffn_norm"):
+            out[p + norm + ".weight"] = state[p + norm + ".weight"][:C]
+    return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+def submodel_config(cfg: ModelConfig, spec: SubmodelSpec) -> ModelConfig:
+    """Config of a standalone dense model with exactly the spec's shape (per-layer widths where they differ)."""
+    heads = [l.heads for l in spec.layers]
+    ffn = [l.ffn for l in spec.layers]
+    d = cfg.to_dict()
+    d.update(d_model=spec.width, n_layers=spec.depth, head_dim=cfg.head_dim,
+             n_heads=heads[0] if len(set(heads)) == 1 else heads,
+             n_kv_heads=heads[0] // cfg.group_size if len(set(heads)) == 1 else [h // cfg.group_size for h in heads],
+             ffn_dim=ffn[0] if len(set(ffn)) == 1 else ffn,
+             nest_width=False, nest_heads=False, nest_ffn=False, nest_depth=False,
+             sizes={"XL": {a: "1" for a in ("width", "heads", "ffn", "depth")}})
+    return ModelConfig.from_dict(d)

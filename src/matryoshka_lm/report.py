@@ -1,0 +1,41 @@
+"""Evaluate a checkpoint on its own validation split: the per-size table, JSON and plot behind `matryoshka eval`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint as ck
+from .config import TrainConfig, load_json
+from .data import encode_corpus, limit_chars, read_corpus, split_tokens, unigram_loss
+from .evaluate import evaluate_specs, format_table, plot_size_vs_loss, size_table, write_json_report
+from .spec import parse_spec, size_names
+
+
+def checkpoint_val_split(ckpt: Path, data: str | None = None):
+    """Re-create the run's deterministic split with the checkpoint's tokenizer (or split `data` if given)."""
+    _, tcfg = ck.read_config(ckpt)
+    tcfg = tcfg or TrainConfig()
+    tok = ck.load_tokenizer(ckpt)
+    docs = read_corpus(data if data is not None else tcfg.data)
+    if data is None:
+        docs = limit_chars(docs, tcfg.max_corpus_chars)
+    train, val = split_tokens(encode_corpus(tok, docs), tcfg.val_fraction)
+    return tcfg, train, val
+
+
+def evaluate_checkpoint(ckpt: str | Path, sizes: str | None = None, data: str | None = None, n_batches: int | None = None,
+                        json_path: str | None = None, plot_path: str | None = None,
+                        device: str = "cpu") -> tuple[list[dict[str, Any]], str]:
+    ckpt = Path(ckpt)
+    model = ck.load_model(ckpt, device)
+    tcfg, train, val = checkpoint_val_split(ckpt, data)
+    names = [s.strip() for s in sizes.split(";")] if sizes else size_names(model.cfg)
+    specs = {n: parse_spec(model.cfg, n) for n in names}
+    seq_len = min(tcfg.seq_len, model.cfg.max_seq_len)
+    res = evaluate_specs(model, val, specs, seq_len, batch=8, n_batches=n_batches or tcfg.eval_batches, device=device)
+    rows = size_table(model.cfg, specs, res)
+    unigram = unigram_loss(train, val, model.cfg.vocab_size)
+    write_json_report(Path(json_path or ckpt / "eval.json"), rows,
+                      {"unigram_loss": unigram, "val_tokens": int(len(val)), "checkpoint": str(ckpt)})
+    plot_size_vs_loss(rows, Path(plot_path or ckpt / "eval.png"), title=f"{ckpt.name}: size vs val loss", unigram=unigram)
+    return rows, format_table(rows, unigram)

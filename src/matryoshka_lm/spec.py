@@ -1,0 +1,183 @@
+"""SubmodelSpec: which prefix of every nested axis a submodel keeps, its string form, params and FLOPs.
+
+String form (Mix'n'Match):
+    "XL" | "L" | "M" | "S"              a trained uniform size
+    "M,M,L,XL"                          one granularity per layer; depth = number of entries
+    "f128h4,f256h4,L@d144"              explicit FFN width (f) and query heads (h) per layer, optional @width
+    "S,M,M@M"                           residual width taken from a named size (default: the widest listed)
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+
+from .config import ModelConfig
+from .errors import MatryoshkaError
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    ffn: int    # SwiGLU hidden units kept (a prefix)
+    heads: int  # query heads kept (a prefix of whole GQA groups)
+
+
+@dataclass(frozen=True)
+class SubmodelSpec:
+    width: int                     # residual width C kept
+    layers: tuple[LayerSpec, ...]  # one entry per kept layer (depth = len)
+    name: str | None = None        # set for the trained uniform sizes
+
+    @property
+    def depth(self) -> int:
+        return len(self.layers)
+
+    def __str__(self) -> str:
+        return self.name or format_spec(self)
+
+
+def _scaled(total: int, frac: Fraction, what: str, size: str) -> int:
+    value = total * frac
+    if value.denominator != 1 or value < 1:
+        raise MatryoshkaError(f"size {size!r}: {what} fraction {frac} does not divide {what}={total}")
+    return int(value)
+
+
+def uniform_spec(cfg: ModelConfig, size: str) -> SubmodelSpec:
+    """The trained uniform size `size` (e.g. "M") as a spec."""
+    width = _scaled(cfg.d_model, cfg.fraction(size, "width"), "width", size)
+    depth = _scaled(cfg.n_layers, cfg.fraction(size, "depth"), "depth", size)
+    hf, ff = cfg.fraction(size, "heads"), cfg.fraction(size, "ffn")
+    layers = []
+    for h, f in zip(cfg.layer_heads[:depth], cfg.layer_ffn[:depth]):
+        heads = _scaled(h, hf, "heads", size)
+        if heads % cfg.group_size:
+            raise MatryoshkaError(f"size {size!r}: {heads} heads is not a whole number of GQA groups of {cfg.group_size}")
+        layers.append(LayerSpec(ffn=_scaled(f, ff, "ffn", size), heads=heads))
+    return SubmodelSpec(width=width, layers=tuple(layers), name=size)
+
+
+def full_spec(cfg: ModelConfig) -> SubmodelSpec:
+    layers = tuple(LayerSpec(ffn=f, heads=h) for f, h in zip(cfg.layer_ffn, cfg.layer_heads))
+    return SubmodelSpec(width=cfg.d_model, layers=layers, name=None)
+
+
+def size_names(cfg: ModelConfig) -> list[str]:
+    """Named sizes from largest to smallest (by parameter count)."""
+    return sorted(cfg.sizes, key=lambda s: -count_params(cfg, uniform_spec(cfg, s))["total"])
+
+
+_LAYER_RE = re.compile(r"^f(\d+)h(\d+)$")
+
+
+def parse_spec(cfg: ModelConfig, text: str) -> SubmodelSpec:
+    """Parse a size name or a Mix'n'Match string (see module doc); errors name the bad part."""
+    text = (text or "").strip()
+    if not text:
+        raise MatryoshkaError("empty size spec")
+    if text in cfg.sizes:
+        return uniform_spec(cfg, text)
+    body, _, width_part = text.partition("@")
+    tokens = [t.strip() for t in body.split(",")]
+    if len(tokens) > cfg.n_layers:
+        raise MatryoshkaError(f"spec {text!r} lists {len(tokens)} layers but the model has {cfg.n_layers}")
+    layers, widths = [], []
+    for i, tok in enumerate(tokens):
+        if tok in cfg.sizes:
+            u = uniform_spec(cfg, tok)
+            full_i = _named_layer(cfg, tok, i)
+            layers.append(full_i)
+            widths.append(u.width)
+        elif m := _LAYER_RE.match(tok):
+            layers.append(LayerSpec(ffn=int(m.group(1)), heads=int(m.group(2))))
+        else:
+            raise MatryoshkaError(
+                f"bad layer {i} {tok!r} in spec {text!r}: use a size name ({', '.join(cfg.sizes)}) or f<ffn>h<heads>")
+    if width_part:
+        if width_part in cfg.sizes:
+            width = uniform_spec(cfg, width_part).width
+        elif re.fullmatch(r"d\d+", width_part):
+            width = int(width_part[1:])
+        else:
+            raise MatryoshkaError(f"bad width {width_part!r} in spec {text!r}: use @<size name> or @d<int>")
+    else:
+        width = max(widths) if widths else cfg.d_model
+    spec = SubmodelSpec(width=width, layers=tuple(layers))
+    validate_spec(cfg, spec)
+    return _with_name(cfg, spec)
+
+
+def _named_layer(cfg: ModelConfig, size: str, i: int) -> LayerSpec:
+    # a named size applied at layer i (even if that size is shallower than i)
+    hf, ff = cfg.fraction(size, "heads"), cfg.fraction(size, "ffn")
+    return LayerSpec(ffn=_scaled(cfg.layer_ffn[i], ff, "ffn", size), heads=_scaled(cfg.layer_heads[i], hf, "heads", size))
+
+
+def _with_name(cfg: ModelConfig, spec: SubmodelSpec) -> SubmodelSpec:
+    for name in cfg.sizes:
+        try:
+            u = uniform_spec(cfg, name)
+        except MatryoshkaError:
+            continue
+        if (u.width, u.layers) == (spec.width, spec.layers):
+            return u
+    return spec
+
+
+def validate_spec(cfg: ModelConfig, spec: SubmodelSpec) -> None:
+    """Check a spec fits the model: prefixes no larger than the model, whole GQA groups, nested axes only."""
+    if not 1 <= spec.width <= cfg.d_model:
+        raise MatryoshkaError(f"width {spec.width} is outside 1..{cfg.d_model}")
+    if spec.width != cfg.d_model and not cfg.nest_width:
+        raise MatryoshkaError(f"width {spec.width}: this model was not trained with a nested residual width")
+    if not 1 <= spec.depth <= cfg.n_layers:
+        raise MatryoshkaError(f"depth {spec.depth} is outside 1..{cfg.n_layers}")
+    if spec.depth != cfg.n_layers and not cfg.nest_depth:
+        raise MatryoshkaError(f"depth {spec.depth}: this model was not trained with nested depth")
+    for i, layer in enumerate(spec.layers):
+        f_max, h_max = cfg.layer_ffn[i], cfg.layer_heads[i]
+        if not 1 <= layer.ffn <= f_max:
+            raise MatryoshkaError(f"layer {i}: ffn {layer.ffn} is outside 1..{f_max}")
+        if layer.ffn != f_max and not cfg.nest_ffn:
+            raise MatryoshkaError(f"layer {i}: ffn {layer.ffn}: this model was not trained with a nested FFN")
+        if not 1 <= layer.heads <= h_max or layer.heads % cfg.group_size:
+            raise MatryoshkaError(
+                f"layer {i}: heads {layer.heads} must be a multiple of the GQA group {cfg.group_size} in 1..{h_max}")
+        if layer.heads != h_max and not cfg.nest_heads:
+            raise MatryoshkaError(f"layer {i}: heads {layer.heads}: this model was not trained with nested heads")
+
+
+def format_spec(spec: SubmodelSpec) -> str:
+    """Canonical string form; parse_spec(cfg, format_spec(s)) == s."""
+    if spec.name:
+        return spec.name
+    return ",".join(f"f{l.ffn}h{l.heads}" for l in spec.layers) + f"@d{spec.width}"
+
+
+def count_params(cfg: ModelConfig, spec: SubmodelSpec) -> dict[str, int]:
+    """Parameters the submodel uses: total, embedding (token table + untied head) and non-embedding."""
+    C, hd, g = spec.width, cfg.head_dim, cfg.group_size
+    body = C  # final norm
+    for layer in spec.layers:
+        q = layer.heads * hd
+        kv = (layer.heads // g) * hd
+        body += 2 * C                   # two RMSNorms
+        body += C * q + 2 * C * kv + q * C  # wq, wk, wv, wo
+        body += 3 * C * layer.ffn          # gate, up, down
+    emb = cfg.vocab_size * C * (1 if cfg.tie_embeddings else 2)
+    return {"total": body + emb, "embedding": emb, "non_embedding": body}
+
+
+def flops_per_token(cfg: ModelConfig, spec: SubmodelSpec, context: int | None = None) -> int:
+    """Forward FLOPs per token: 2 per matmul weight (incl. the LM head) plus attention scores and values
+    over an average context of `context`/2 tokens (default: max_seq_len)."""
+    context = cfg.max_seq_len if context is None else context
+    p = count_params(cfg, spec)
+    matmul = p["non_embedding"] - _norm_params(spec) + cfg.vocab_size * spec.width
+    attn = sum(2 * 2 * layer.heads * cfg.head_dim * (context / 2) for layer in spec.layers)
+    return int(2 * matmul + attn)
+
+
+def _norm_params(spec: SubmodelSpec) -> int:
+    """Norm weights are not matmul weights."""
+    return spec.width * (2 * spec.depth + 1)
