@@ -41,7 +41,8 @@ def cmd_train(a: argparse.Namespace) -> None:
         for axis in ("width", "heads", "ffn", "depth"):
             setattr(model_cfg, f"nest_{axis}", axis in axes)
     out = Path(a.out or f"runs/{a.preset}")
-    bar = tqdm(total=tcfg.steps, desc="train", unit="step", disable=a.quiet or None, dynamic_ncols=True)
+    bar = tqdm(total=tcfg.steps, desc="train", unit="step", disable=a.quiet, dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 10)
 
     def on_step(step: int, m: dict) -> None:
         if bar.n == 0 and step > 1:

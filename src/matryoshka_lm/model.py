@@ -74,7 +74,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(n_heads * hd, C, bias=False)
 
     def forward(self, x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, layer_idx: int, start: int) -> torch.Tensor:
+                cache: KVCache | None, layer_idx: int, start: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         hd, kv = self.hd, heads // self.group
         q = nested.linear(x, self.wq.weight, heads * hd).view(B, T, heads, hd).transpose(1, 2)
@@ -83,7 +83,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v, start)
-        if start == 0 or T == 1:
+        if mask is not None:  # (B, 1, T, start + T) bool, True = attend: padded batches (engine.py)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv != heads)
+        elif start == 0 or T == 1:
             # T == 1 attends to everything cached; start == 0 is a plain causal prefill
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=kv != heads)
         else:  # a chunk after a cached prefix (speculative verification): causal with an offset
@@ -117,8 +119,8 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg.d_model, cfg.layer_ffn[i])
 
     def forward(self, x: torch.Tensor, layer: LayerSpec, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, start: int) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), layer.heads, cos, sin, cache, self.idx, start)
+                cache: KVCache | None, start: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), layer.heads, cos, sin, cache, self.idx, start, mask)
         return x + self.ffn(self.ffn_norm(x), layer.ffn)
 
 
@@ -150,20 +152,30 @@ class MatryoshkaLM(nn.Module):
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
     def hidden_states(self, idx: torch.Tensor, spec: SubmodelSpec | None = None, cache: KVCache | None = None,
-                      start: int = 0) -> torch.Tensor:
-        """Final-normed hidden states (B, T, C_spec) of the submodel `spec` (default: the full model)."""
+                      start: int = 0, pos: torch.Tensor | None = None, mask: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """Final-normed hidden states (B, T, C_spec) of the submodel `spec` (default: the full model).
+
+        `pos` (B, T) gives per-row RoPE positions and `mask` (B, 1, T, start + T) which cache slots each query
+        may attend to; both default to one unpadded sequence at positions start..start+T (left-padded batches
+        in engine.py pass them).
+        """
         spec = spec or self.full
         B, T = idx.shape
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         x = nested.embed(idx, self.tok_emb.weight, spec.width)
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        if pos is None:
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        else:  # (B, 1, T, hd): broadcasts over heads
+            cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
         for block, layer in zip(self.layers, spec.layers):
-            x = block(x, layer, cos, sin, cache, start)
+            x = block(x, layer, cos, sin, cache, start, mask)
         return self.norm(x)
 
     def forward(self, idx: torch.Tensor, spec: SubmodelSpec | None = None, cache: KVCache | None = None,
-                start: int = 0) -> torch.Tensor:
-        """Logits (B, T, V) of the submodel `spec`; `cache`/`start` for incremental decoding."""
-        h = self.hidden_states(idx, spec, cache, start)
+                start: int = 0, pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) of the submodel `spec`; `cache`/`start` for incremental decoding, `pos`/`mask`
+        for padded batches (see hidden_states)."""
+        h = self.hidden_states(idx, spec, cache, start, pos, mask)
         return F.linear(h, self.head_weight()[:, : h.shape[-1]])

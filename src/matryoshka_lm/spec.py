@@ -79,6 +79,9 @@ def parse_spec(cfg: ModelConfig, text: str) -> SubmodelSpec:
         return uniform_spec(cfg, text)
     body, _, width_part = text.partition("@")
     tokens = [t.strip() for t in body.split(",")]
+    if len(tokens) == 1 and not width_part and tokens[0] not in cfg.sizes and not _LAYER_RE.match(tokens[0]):
+        raise MatryoshkaError(f"unknown size {text!r}: this model has sizes {', '.join(cfg.sizes)}, "
+                              "or give a Mix'n'Match spec such as 'S,M,L,XL' or 'f128h4,f256h4@d144'")
     if len(tokens) > cfg.n_layers:
         raise MatryoshkaError(f"spec {text!r} lists {len(tokens)} layers but the model has {cfg.n_layers}")
     layers, widths = [], []

@@ -286,7 +286,7 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, data: str 
                    "loss": {n: float(v) for n, v in zip(step_names, step_losses)},
                    "tokens_per_s": tokens_per_step * (done - start) / elapsed}
         if done % tcfg.eval_every == 0 or done == tcfg.steps:
-            res = evaluate_specs(model, val_tokens, specs, tcfg.seq_len, batch=max(1, micro),
+            res = evaluate_specs(model, val_tokens, specs, tcfg.seq_len, batch=8,
                                  n_batches=tcfg.eval_batches, device=device)
             metrics["val_loss"] = {n: r["loss"] for n, r in res.items()}
         if d.main:

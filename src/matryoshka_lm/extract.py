@@ -1,0 +1,119 @@
+"""Extraction: one size of a Matryoshka checkpoint as a standalone dense checkpoint holding only its weights.
+
+The sliced weights come from nested.slice_state_dict and the shape from nested.submodel_config, so the
+extracted model is the same MatryoshkaLM class with a smaller (possibly per-layer) config, and its logits
+equal the elastic execution of the spec inside the full model.
+
+Every command that writes a directory writes it into a temporary sibling and renames it into place at the
+end (`staged_dir`): a failure or Ctrl-C leaves no half-written output.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from . import checkpoint as ck
+from .config import ModelConfig, TrainConfig
+from .errors import MatryoshkaError
+from .model import MatryoshkaLM
+from .nested import slice_state_dict, submodel_config
+from .spec import SubmodelSpec, count_params, format_spec, parse_spec
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def staged_dir(target: str | Path, force: bool = False, source: str | Path | None = None) -> Iterator[Path]:
+    """Yield an empty temp dir beside `target`; when the block succeeds, rename it to `target`.
+
+    An existing `target` is refused unless `force` (then it is replaced only after the new one is complete).
+    `source`, if given, is an input that `target` must not be (so --force cannot overwrite what it reads).
+    """
+    target = Path(target)
+    if source is not None and target.resolve() == Path(source).resolve():
+        raise MatryoshkaError(f"output {target} is the input; pick another output directory")
+    if target.exists() and not force:
+        raise MatryoshkaError(f"output {target} already exists; pass --force to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if target.exists():  # --force: swap in the finished directory, then drop the old one
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def sliced_checkpoint(ckpt: str | Path, size: str) -> tuple[ModelConfig, SubmodelSpec, ModelConfig,
+                                                            dict[str, torch.Tensor]]:
+    """Read a checkpoint and slice out `size`: (full config, spec, standalone config, standalone weights)."""
+    ckpt = Path(ckpt)
+    cfg, _ = ck.read_config(ckpt)
+    spec = parse_spec(cfg, size)  # a bad spec fails before the weights are read
+    state = ck.load_tensors(ckpt / ck.WEIGHTS)
+    check_shapes(cfg, state, ckpt / ck.WEIGHTS)
+    return cfg, spec, submodel_config(cfg, spec), slice_state_dict(state, cfg, spec)
+
+
+def check_shapes(cfg: ModelConfig, state: dict[str, torch.Tensor], where: Path) -> None:
+    """Every weight the config implies is present with its shape (checked on the meta device: no memory)."""
+    with torch.device("meta"):
+        expected = MatryoshkaLM(cfg).state_dict()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise MatryoshkaError(f"{where} lacks weights {missing[:3]}{'...' if len(missing) > 3 else ''}")
+    for k, v in expected.items():
+        if state[k].shape != v.shape:
+            raise MatryoshkaError(f"{where}: {k} has shape {tuple(state[k].shape)}, config says {tuple(v.shape)}")
+
+
+def extract_submodel(ckpt: str | Path, size: str, out: str | Path, force: bool = False) -> Path:
+    """Write `size` of the Matryoshka checkpoint `ckpt` as a standalone dense checkpoint in `out`.
+
+    Args:
+        ckpt: a Matryoshka checkpoint directory.
+        size: a size name ("M") or a Mix'n'Match spec ("S,M,M,L", "f128h4,f256h4@d144").
+        out: the new checkpoint directory; refused if it exists unless `force`.
+        force: replace an existing `out`.
+    Returns the path written. The result loads with checkpoint.load_model and runs with spec "XL" (its only size).
+    """
+    ckpt = Path(ckpt)
+    cfg, spec, sub_cfg, state = sliced_checkpoint(ckpt, size)
+    _, tcfg = ck.read_config(ckpt)
+    tok_path = ckpt / ck.TOKENIZER
+    if not tok_path.is_file():
+        raise MatryoshkaError(f"missing tokenizer {tok_path}")
+    n_params = sum(t.numel() for t in state.values())
+    want = count_params(cfg, spec)["total"]
+    if n_params != want:  # the invariant that defines extraction; a mismatch is a bug, not bad input
+        raise AssertionError(f"extracted {n_params} parameters, the spec's formula says {want}")
+    source = {"checkpoint": str(ckpt), "spec": format_spec(spec), "size": size, "params": n_params}
+    train = _standalone_train_config(tcfg)
+    with staged_dir(out, force, source=ckpt) as tmp:
+        shutil.copyfile(tok_path, tmp / ck.TOKENIZER)
+        ck.save_tensors(tmp / ck.WEIGHTS, state, metadata={"format": "pt", "spec": format_spec(spec)})
+        ck.write_json(tmp / ck.CONFIG, {"model": sub_cfg.to_dict(), "train": train, "extracted_from": source})
+    log.info("extracted %s (%d params) from %s into %s", format_spec(spec), n_params, ckpt, out)
+    return Path(out)
+
+
+def _standalone_train_config(tcfg: TrainConfig | None) -> dict | None:
+    """Keep the data settings (so `eval` finds the same validation split); drop the size selection."""
+    if tcfg is None:
+        return None
+    d = tcfg.to_dict()
+    d.update(sizes=None, size_weights=None, only=None, sample_sizes=0)
+    return d

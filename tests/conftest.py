@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import pydoc_data.topics
+import pytest
+import torch
+
+from matryoshka_lm.config import ModelConfig, TrainConfig
+from matryoshka_lm.model import MatryoshkaLM
+
+torch.set_num_threads(2)
+
+
+def tiny_config(**kw) -> ModelConfig:
+    base = dict(vocab_size=97, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.fixture
+def tiny_model() -> MatryoshkaLM:
+    torch.manual_seed(0)
+    return MatryoshkaLM(tiny_config()).eval()
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory):
+    """~465K chars of Python documentation prose shipped with the stdlib: a small real corpus."""
+    path = tmp_path_factory.mktemp("corpus") / "pydoc.txt"
+    path.write_text("\n\n".join(pydoc_data.topics.topics.values()))
+    return path
+
+
+def tiny_train_config(**kw) -> TrainConfig:
+    base = dict(steps=8, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, eval_every=1000, save_every=1000,
+                eval_batches=2, vocab_size=256, max_corpus_chars=60_000, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
