@@ -1,13 +1,18 @@
 from __future__ import annotations
 
-import pydoc_data.topics
-import pytest
-import torch
+import os
+
+# tiny models gain nothing from 2 threads, and OpenMP threads spin badly when the CPU is shared
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pydoc_data.topics  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from matryoshka_lm.config import ModelConfig, TrainConfig
 from matryoshka_lm.model import MatryoshkaLM
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 
 def tiny_config(**kw) -> ModelConfig:

@@ -48,7 +48,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         if bar.n == 0 and step > 1:
             bar.update(step - 1)
         loss = " ".join(f"{n}={v:.3f}" for n, v in m["loss"].items())
-        bar.set_postfix_str(f"{loss} tok/s={m['tokens_per_s']:.0f}")
+        bar.set_postfix_str(f"{loss} tok/s={m['tokens_per_s']:.0f}", refresh=False)
         bar.update(1)
         if "val_loss" in m:
             val = " ".join(f"{n}={v:.3f}" for n, v in m["val_loss"].items())
@@ -87,6 +87,211 @@ def cmd_generate(a: argparse.Namespace) -> None:
         new = generate(model, ids, spec, a.max_new_tokens, a.temperature, a.seed, tok.token_to_id("<|endoftext|>"))
         text = tok.decode(new)
         print(f"[{size}] {a.prompt}{text}" if len(sizes) > 1 else a.prompt + text)
+
+
+def cmd_extract(a: argparse.Namespace) -> None:
+    from .extract import extract_submodel
+
+    out = extract_submodel(a.ckpt, a.size, a.out, force=a.force)
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def cmd_export_hf(a: argparse.Namespace) -> None:
+    from .hf import export_hf
+
+    out = export_hf(a.ckpt, a.size, a.out, force=a.force, pad=a.pad)
+    print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)", file=sys.stderr)
+
+
+def cmd_import_hf(a: argparse.Namespace) -> None:
+    from .hf import describe, import_hf
+
+    nest = tuple(x.strip() for x in a.nest.split(",") if x.strip())
+    out = import_hf(a.src, a.out, force=a.force, nest=nest, reorder=not a.no_reorder, data=a.data,
+                    max_corpus_chars=a.max_corpus_chars, reorder_batches=a.reorder_batches,
+                    device=_device(a.device))
+    print(f"wrote {out}: {describe(out)}", file=sys.stderr)
+
+
+def cmd_mixnmatch(a: argparse.Namespace) -> None:
+    from .mixnmatch import run_mixnmatch
+
+    best, table = run_mixnmatch(a.ckpt, a.budget, n_batches=a.batches, max_evals=a.max_evals, plot_path=a.plot,
+                                json_path=a.json, latency_tokens=a.latency_tokens, device=_device(a.device))
+    print(table)
+    print(f"\nbest for {a.budget}: {best.text}")
+
+
+def cmd_study(a: argparse.Namespace) -> None:
+    from .study import run_study
+
+    res = run_study(a.preset, a.out, work=a.work, data=a.data, seed=a.seed, device=_device(a.device),
+                    on_run=lambda name, state: print(f"[study] {name}: {state}", file=sys.stderr, flush=True))
+    print(f"report written to {a.out}/README.md ({res['meta']['wall_seconds'] / 60:.1f} min)")
+
+
+def _int_list(text: str | None, what: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MatryoshkaError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def _spec_list(text: str | None) -> list[str] | None:
+    """Sizes or Mix'n'Match specs: comma-separated, or ';'-separated when the specs contain commas."""
+    if not text:
+        return None
+    return [s.strip() for s in text.split(";" if ";" in text else ",") if s.strip()]
+
+
+def cmd_train_embed(a: argparse.Namespace) -> None:
+    from .embed import EmbedTrainConfig, train_embedding
+
+    cfg = EmbedTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, temperature=a.temperature,
+                           dims=_int_list(a.dims, "--dims"), mrl=not a.no_mrl, sizes=_spec_list(a.sizes),
+                           depths=_int_list(a.depths, "--depths"), proj_dim=a.proj_dim, max_tokens=a.max_tokens,
+                           pairs=a.pairs, data=a.data, max_corpus_chars=a.max_corpus_chars, n_eval=a.n_eval,
+                           seed=a.seed)
+
+    def on_step(step: int, m: dict) -> None:
+        if not a.quiet and (step % 10 == 0 or step == cfg.steps):
+            print(f"step {step}/{cfg.steps} loss {m['loss']:.4f} lr {m['lr']:.2e}", file=sys.stderr)
+
+    meta = train_embedding(a.ckpt, a.out, cfg, device=_device(a.device), callback=on_step)
+    full = meta["sizes"][0]
+    for name, rec in (("before", meta["recall_before"]), ("after", meta["recall_after"])):
+        if rec:
+            row = "  ".join(f"{m}:{r['r@10']:.3f}" for m, r in rec[full].items())
+            print(f"recall@10 by dims {name} training ({full}): {row}", file=sys.stderr)
+    print(f"embedding checkpoint written to {a.out}", file=sys.stderr)
+
+
+def cmd_embed(a: argparse.Namespace) -> None:
+    from .embed import embed_file
+
+    vecs = embed_file(a.ckpt, a.file, a.out, size=a.size, dims=a.dims, batch_size=a.batch_size,
+                      device=_device(a.device))
+    print(f"wrote {a.out}: {vecs.shape[0]} x {vecs.shape[1]} unit vectors", file=sys.stderr)
+
+
+def cmd_index_build(a: argparse.Namespace) -> None:
+    from .retrieval import build_index, index_texts
+
+    if a.vectors:
+        if a.ckpt or a.file:
+            raise MatryoshkaError("give either CKPT FILE or --vectors, not both")
+        import numpy as np
+
+        from .embed import read_texts
+
+        try:
+            vecs = np.load(a.vectors, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise MatryoshkaError(f"cannot read vectors {a.vectors}: {e}") from None
+        out = build_index(vecs, a.out, _int_list(a.dims, "--dims"), read_texts(a.texts) if a.texts else None,
+                          force=a.force)
+    else:
+        if not (a.ckpt and a.file):
+            raise MatryoshkaError("index build needs CKPT FILE (an embedding checkpoint and a text file) or --vectors")
+        out = index_texts(a.ckpt, a.file, a.out, size=a.size, batch_size=a.batch_size, force=a.force,
+                          device=_device(a.device))
+    print(f"index written to {out}", file=sys.stderr)
+
+
+def cmd_search(a: argparse.Namespace) -> None:
+    from .retrieval import search_texts
+
+    queries = list(a.query) or None
+    if a.queries:
+        from .embed import read_texts
+
+        queries = (queries or []) + read_texts(a.queries)
+    vectors = None
+    if a.vectors:
+        import numpy as np
+
+        try:
+            vectors = np.load(a.vectors, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise MatryoshkaError(f"cannot read vectors {a.vectors}: {e}") from None
+    results = search_texts(a.index, queries, vectors, ckpt=a.ckpt, size=a.size, dims=a.dims, k=a.k,
+                           funnel=_int_list(a.funnel, "--funnel"), shortlist=_int_list(a.shortlist, "--shortlist"),
+                           exact=a.exact, device=_device(a.device))
+    if a.json:
+        print(json.dumps(results))
+        return
+    for qi, hits in enumerate(results):
+        if len(results) > 1:
+            print(f"# query {qi}" + (f": {queries[qi]}" if queries else ""))
+        for rank, h in enumerate(hits, 1):
+            print(f"{rank}\t{h['id']}\t{h['score']:.4f}" + (f"\t{h['text']}" if "text" in h else ""))
+
+
+def _add_embedding_parsers(sub) -> None:
+    te = sub.add_parser("train-embed", help="MRL-train a Matryoshka embedding (nested dims, optionally sizes) from a checkpoint")
+    te.add_argument("ckpt", help="LM checkpoint to start from (its tokenizer is kept)")
+    te.add_argument("-o", "--out", required=True, help="embedding checkpoint directory to write")
+    te.add_argument("--pairs", help="JSONL of {\"query\": ..., \"positive\": ...} (default: two halves of corpus passages)")
+    te.add_argument("--data", help="corpus for self-supervised pairs (default: the embedded corpus)")
+    te.add_argument("--dims", help="nested dims, e.g. 12,24,48,96,192 (default: D/16,D/8,D/4,D/2,D)")
+    te.add_argument("--sizes", help="extra sizes/specs trained jointly (2D Matryoshka), e.g. M,S")
+    te.add_argument("--depths", help="extra depths trained jointly: the full model cut to this many layers, e.g. 2,3")
+    te.add_argument("--no-mrl", action="store_true", help="baseline: the contrastive loss at the full dims only")
+    te.add_argument("--proj-dim", type=int, default=0, help="add a linear projection to this many dims (default none)")
+    te.add_argument("--steps", type=int, default=200)
+    te.add_argument("--batch-size", type=int, default=32, help="pairs per step (in-batch negatives)")
+    te.add_argument("--lr", type=float, default=5e-4)
+    te.add_argument("--temperature", type=float, default=0.05)
+    te.add_argument("--max-tokens", type=int, default=64, help="tokens kept per text")
+    te.add_argument("--max-corpus-chars", type=int, default=2_000_000)
+    te.add_argument("--n-eval", type=int, default=500, help="held-out pairs for recall@k")
+    te.add_argument("--seed", type=int, default=0)
+    te.add_argument("--device", default="auto")
+    te.add_argument("--quiet", action="store_true")
+    te.set_defaults(func=cmd_train_embed)
+
+    em = sub.add_parser("embed", help="embed each line of a file: L2-normalized vectors to a .npy")
+    em.add_argument("ckpt", help="embedding checkpoint (from train-embed)")
+    em.add_argument("file", help="text file, one text per non-blank line (or .jsonl of {\"text\": ...})")
+    em.add_argument("-o", "--out", required=True, help="output .npy, shape (texts, dims), float32")
+    em.add_argument("--size", help="size or Mix'n'Match spec (default: the full model)")
+    em.add_argument("--dims", type=int, help="truncate to these many dims, then normalize (a trained dim)")
+    em.add_argument("--batch-size", type=int, default=64)
+    em.add_argument("--device", default="auto")
+    em.set_defaults(func=cmd_embed)
+
+    ix = sub.add_parser("index", help="build a FAISS index of Matryoshka embeddings")
+    ixs = ix.add_subparsers(dest="index_command", required=True)
+    ib = ixs.add_parser("build", help="embed a text file (or take --vectors) and write an index directory")
+    ib.add_argument("ckpt", nargs="?", help="embedding checkpoint")
+    ib.add_argument("file", nargs="?", help="text file, one text per non-blank line")
+    ib.add_argument("-o", "--out", required=True, help="index directory to write")
+    ib.add_argument("--size", help="size that embeds the corpus (default: the full model)")
+    ib.add_argument("--vectors", help="index this .npy instead of embedding texts")
+    ib.add_argument("--texts", help="with --vectors: the texts of the rows, one per line")
+    ib.add_argument("--dims", help="with --vectors: the Matryoshka dims the vectors were trained at")
+    ib.add_argument("--batch-size", type=int, default=64)
+    ib.add_argument("--force", action="store_true", help="replace an existing index")
+    ib.add_argument("--device", default="auto")
+    ib.set_defaults(func=cmd_index_build)
+
+    se = sub.add_parser("search", help="search an index: funnel (shortlist at low dims, re-rank at more) or exact")
+    se.add_argument("index", help="index directory")
+    se.add_argument("query", nargs="*", help="query texts")
+    se.add_argument("--queries", help="file of query texts, one per line")
+    se.add_argument("--vectors", help=".npy of query vectors instead of texts")
+    se.add_argument("--ckpt", help="embedding checkpoint for the queries (default: the index's)")
+    se.add_argument("--size", help="query-side size (default: the index's); smaller = cross-size retrieval")
+    se.add_argument("--dims", type=int, help="query dims (default: the most the size and index share)")
+    se.add_argument("-k", type=int, default=10, help="results per query")
+    se.add_argument("--funnel", help="stage dims, e.g. 24,96,384 (default: about D/8 then D)")
+    se.add_argument("--shortlist", help="candidates kept after each stage but the last, e.g. 2000,200")
+    se.add_argument("--exact", action="store_true", help="exhaustive search at the query dims")
+    se.add_argument("--json", action="store_true", help="print results as JSON")
+    se.add_argument("--device", default="auto")
+    se.set_defaults(func=cmd_search)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +343,56 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_generate)
+
+    x = sub.add_parser("extract", help="write one size as a standalone dense checkpoint (only its weights)")
+    x.add_argument("ckpt")
+    x.add_argument("--size", required=True, help="size name or Mix'n'Match spec, e.g. M or S,M,M,L")
+    x.add_argument("-o", "--out", required=True, help="new checkpoint directory")
+    x.add_argument("--force", action="store_true", help="replace --out if it exists")
+    x.set_defaults(func=cmd_extract)
+
+    h = sub.add_parser("export-hf", help="write one size as a Hugging Face Llama folder (transformers loads it)")
+    h.add_argument("ckpt")
+    h.add_argument("--size", required=True, help="size name or a spec whose layers share one granularity")
+    h.add_argument("-o", "--out", required=True, help="new folder")
+    h.add_argument("--pad", action="store_true",
+                   help="export per-layer specs zero-padded to the widest layer (same logits, more parameters)")
+    h.add_argument("--force", action="store_true", help="replace --out if it exists")
+    h.set_defaults(func=cmd_export_hf)
+
+    i = sub.add_parser("import-hf", help="convert a Hugging Face Llama folder into a checkpoint for train --init")
+    i.add_argument("src", help="folder with config.json, model.safetensors and tokenizer.json")
+    i.add_argument("-o", "--out", required=True, help="new checkpoint directory")
+    i.add_argument("--nest", default="heads,ffn", help="axes the fine-tune will nest (default heads,ffn)")
+    i.add_argument("--no-reorder", action="store_true", help="keep the original order of neurons and heads")
+    i.add_argument("--data", help="corpus for measuring importance (default: the embedded corpus)")
+    i.add_argument("--max-corpus-chars", type=int, default=3_000_000,
+                   help="characters of the corpus to read (match the fine-tune's setting; default 3000000)")
+    i.add_argument("--reorder-batches", type=int, default=8, help="batches of 8 x 128 tokens for importance")
+    i.add_argument("--force", action="store_true", help="replace --out if it exists")
+    i.add_argument("--device", default="auto")
+    i.set_defaults(func=cmd_import_hf)
+
+    m = sub.add_parser("mixnmatch", help="search per-layer granularities for the best submodel under a budget")
+    m.add_argument("ckpt")
+    m.add_argument("--budget", required=True, help="params=5M | flops=1.5G | latency=3ms (measured here)")
+    m.add_argument("--batches", type=int, default=4, help="validation batches of 8 sequences per candidate")
+    m.add_argument("--max-evals", type=int, default=24, help="Mix'n'Match candidates to evaluate (plus the sizes)")
+    m.add_argument("--latency-tokens", type=int, default=128, help="sequence length timed for latency budgets")
+    m.add_argument("--plot", help="PNG path (default CKPT/mixnmatch.png)")
+    m.add_argument("--json", help="JSON path (default CKPT/mixnmatch.json)")
+    m.add_argument("--device", default="auto")
+    m.set_defaults(func=cmd_mixnmatch)
+
+    st = sub.add_parser("study", help="Matryoshka vs independently trained baselines, axis ablation, scaling fits")
+    st.add_argument("--preset", default="cpu-small", help="micro | cpu-small | gpu-medium (default: cpu-small)")
+    st.add_argument("-o", "--out", default="report", help="report folder (default: report)")
+    st.add_argument("--work", help="where the runs' checkpoints go (default: runs/study-PRESET); finished runs are reused")
+    st.add_argument("--data", help="text file or folder (default: the embedded corpus)")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--device", default="auto")
+    st.set_defaults(func=cmd_study)
+    _add_embedding_parsers(sub)
     return p
 
 

@@ -1,0 +1,256 @@
+"""The study: one Matryoshka model vs independently trained models of each size, nesting-axis ablation, scaling fits.
+
+`run_study` trains every run of a preset (skipping runs already complete in the work dir, so an interrupted study
+continues), evaluates them on the same held-out tokens and writes report/README.md, results.json and PNG plots.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ck
+from .config import ModelConfig, TrainConfig
+from .data import eval_batches
+from .errors import MatryoshkaError
+from .evaluate import evaluate_specs
+from .machine import describe_machine
+from .model import MatryoshkaLM
+from .report import checkpoint_val_split
+from .spec import SubmodelSpec, count_params, flops_per_token, format_spec, parse_spec, uniform_spec
+from .train import train
+
+log = logging.getLogger(__name__)
+SIZES = ["XL", "L", "M", "S"]
+ABLATIONS = {"ffn": ("ffn",), "ffn+heads": ("ffn", "heads"), "all": ("width", "heads", "ffn", "depth")}
+
+
+@dataclass
+class StudyPreset:
+    scales: list[int]              # full-model residual widths, smallest first
+    main_scale: int                # the scale where the ablation and Mix'n'Match run
+    n_layers: int = 4
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    vocab_size: int = 1024
+    corpus_chars: int = 1_000_000
+    eval_batches: int = 16
+    mixnmatch: int = 8             # Mix'n'Match specs evaluated (never trained)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+STUDY_PRESETS = {
+    # seconds; for tests
+    "micro": StudyPreset(scales=[32, 48], main_scale=48, steps=6, batch_size=4, seq_len=32, vocab_size=256,
+                         corpus_chars=60_000, eval_batches=2, mixnmatch=3),
+    # <= 30 minutes on 2 CPU cores
+    "cpu-small": StudyPreset(scales=[64, 96, 128, 192], main_scale=128, steps=300),
+    # for a GPU
+    "gpu-medium": StudyPreset(scales=[128, 256, 384, 512], main_scale=256, n_layers=8, steps=3000, batch_size=64,
+                              seq_len=256, lr=1.5e-3, vocab_size=8192, corpus_chars=0, eval_batches=64, mixnmatch=16),
+}
+
+
+def scale_config(d: int, n_layers: int, vocab: int, seq_len: int, axes: tuple[str, ...]) -> ModelConfig:
+    """One member of the model family: 4 query heads in GQA groups of 2, SwiGLU width ~8/3 d (multiple of 32)."""
+    ffn = max(32, round(8 * d / 3 / 32) * 32)
+    return ModelConfig(vocab_size=vocab, d_model=d, n_layers=n_layers, n_heads=4, n_kv_heads=2, ffn_dim=ffn,
+                       max_seq_len=seq_len, **{f"nest_{a}": a in axes for a in ("width", "heads", "ffn", "depth")})
+
+
+def plan_runs(p: StudyPreset, seed: int) -> dict[str, tuple[ModelConfig, TrainConfig]]:
+    """Every run of the study: name -> (model config, train config). Same data, tokens, hyper-parameters."""
+    def tcfg(only: str | None = None) -> TrainConfig:
+        return TrainConfig(steps=p.steps, batch_size=p.batch_size, seq_len=p.seq_len, lr=p.lr,
+                           warmup_steps=max(1, p.steps // 10), eval_every=p.steps, save_every=p.steps,
+                           eval_batches=p.eval_batches, vocab_size=p.vocab_size, max_corpus_chars=p.corpus_chars,
+                           seed=seed, only=only)
+
+    runs = {}
+    for d in p.scales:
+        cfg = lambda axes=ABLATIONS["all"]: scale_config(d, p.n_layers, p.vocab_size, p.seq_len, axes)
+        runs[f"d{d}-matryoshka-all"] = (cfg(), tcfg())
+        for s in SIZES:
+            runs[f"d{d}-baseline-{s}"] = (cfg(), tcfg(only=s))
+        if d == p.main_scale:
+            for name, axes in ABLATIONS.items():
+                if name != "all":
+                    runs[f"d{d}-matryoshka-{name}"] = (cfg(axes), tcfg())
+    return runs
+
+
+def _complete(out: Path, steps: int) -> bool:
+    if not (out / ck.STATE).is_file():
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(out / ck.STATE), "pt") as f:
+        return int((f.metadata() or {}).get("step", -1)) >= steps
+
+
+def train_all(runs: dict[str, tuple[ModelConfig, TrainConfig]], work: Path, data: str | None, device: str,
+              on_run: Callable[[str, str], None] | None = None) -> dict[str, float]:
+    """Train each run unless complete; returns wall seconds per trained run."""
+    seconds = {}
+    for name, (mcfg, tcfg) in runs.items():
+        out = work / name
+        if _complete(out, tcfg.steps):
+            on_run and on_run(name, "cached")
+            continue
+        if out.exists():  # an interrupted run: continue it if it has state, else start over
+            resume = (out / ck.STATE).is_file()
+            if not resume:
+                import shutil
+                shutil.rmtree(out)
+        else:
+            resume = False
+        on_run and on_run(name, "training")
+        t0 = time.perf_counter()
+        train(mcfg, tcfg, out, data=data, resume=resume, device=device)
+        seconds[name] = time.perf_counter() - t0
+    return seconds
+
+
+@torch.no_grad()
+def consistency(ref: tuple[MatryoshkaLM, SubmodelSpec], other: tuple[MatryoshkaLM, SubmodelSpec], val: np.ndarray,
+                seq_len: int, n_batches: int, device: str) -> dict[str, float]:
+    """Top-1 agreement and mean KL(ref || other) per token: how often a smaller model says what the full one says."""
+    agree = kl = n = 0.0
+    for x, _ in eval_batches(val, 8, seq_len, n_batches):
+        x = x.to(device)
+        p = F.log_softmax(ref[0](x, ref[1]).float(), -1)
+        q = F.log_softmax(other[0](x, other[1]).float(), -1)
+        agree += (p.argmax(-1) == q.argmax(-1)).sum().item()
+        kl += (p.exp() * (p - q)).sum().item()
+        n += x.numel()
+    return {"top1_agreement": agree / n, "kl": kl / n}
+
+
+def mixnmatch_specs(cfg: ModelConfig, n: int, seed: int) -> list[SubmodelSpec]:
+    """Per-layer mixes of the trained granularities, non-decreasing with depth (MatFormer's best family)."""
+    rng = random.Random(seed)
+    order = SIZES[::-1]  # S < M < L < XL
+    seen, out = set(), []
+    for _ in range(50 * n):
+        picks = sorted(rng.choices(range(len(order)), k=cfg.n_layers))
+        if len(set(picks)) < 2:
+            continue
+        text = ",".join(order[i] for i in picks)
+        if text not in seen:
+            seen.add(text)
+            out.append(parse_spec(cfg, text))
+        if len(out) == n:
+            break
+    return out
+
+
+def fit_scaling(n: np.ndarray, loss: np.ndarray) -> dict[str, float]:
+    """Least-squares fit of L(N) = a * N^(-b) + c with 1-sigma uncertainties from the covariance (scipy)."""
+    from scipy.optimize import curve_fit
+
+    n, loss = np.asarray(n, float), np.asarray(loss, float)
+    if len(n) < 4:
+        raise MatryoshkaError(f"need at least 4 points to fit 3 constants, got {len(n)}")
+    scale = float(n.min())
+
+    def f(x, a, b, c):  # N scaled by its minimum keeps a in a sane range
+        return a * (x / scale) ** (-b) + c
+
+    p0 = (max(1e-3, float(loss.max() - loss.min())), 0.5, float(loss.min()) * 0.9)
+    popt, pcov = curve_fit(f, n, loss, p0=p0, bounds=([0, 0, 0], [np.inf, 5, np.inf]), maxfev=20000)
+    err = np.sqrt(np.clip(np.diag(pcov), 0, None))
+    a = popt[0] * scale ** popt[1]  # back to L = a N^-b + c
+    a_err = err[0] * scale ** popt[1]
+    resid = loss - f(n, *popt)
+    return {"a": float(a), "b": float(popt[1]), "c": float(popt[2]), "a_err": float(a_err), "b_err": float(err[1]),
+            "c_err": float(err[2]), "rmse": float(np.sqrt(np.mean(resid ** 2)))}
+
+
+def evaluate_study(runs: dict[str, tuple[ModelConfig, TrainConfig]], p: StudyPreset, work: Path, seed: int,
+                   device: str) -> dict[str, Any]:
+    first = next(iter(runs))
+    _, _, val = checkpoint_val_split(work / first)
+    tok0 = (work / first / ck.TOKENIZER).read_text()
+    res: dict[str, Any] = {"matryoshka": {}, "baseline": {}, "ablation": {}, "mixnmatch": [], "consistency": {}}
+    models = {}
+    for name in runs:
+        if (work / name / ck.TOKENIZER).read_text() != tok0:
+            raise MatryoshkaError(f"run {name} has a different tokenizer: the runs are not comparable")
+        models[name] = ck.load_model(work / name, device)
+    ev = lambda m, specs: evaluate_specs(m, val, specs, p.seq_len, 8, p.eval_batches, device)
+    for d in p.scales:
+        mat = models[f"d{d}-matryoshka-all"]
+        specs = {s: uniform_spec(mat.cfg, s) for s in SIZES}
+        r = ev(mat, specs)
+        res["matryoshka"][d] = {s: _point(mat.cfg, specs[s], r[s]) for s in SIZES}
+        base_full = models[f"d{d}-baseline-XL"]
+        res["baseline"][d] = {}
+        for s in SIZES:
+            b = models[f"d{d}-baseline-{s}"]
+            rb = ev(b, {s: b.full})[s]
+            res["baseline"][d][s] = _point(b.cfg, b.full, rb)
+            res["baseline"][d][s].update(consistency((base_full, base_full.full), (b, b.full), val, p.seq_len,
+                                                     p.eval_batches, device))
+        if d == p.main_scale:
+            for name in ABLATIONS:
+                m = models[f"d{d}-matryoshka-{name}"]
+                sp = {s: uniform_spec(m.cfg, s) for s in SIZES}
+                ra = ev(m, sp)
+                res["ablation"][name] = {s: _point(m.cfg, sp[s], ra[s]) for s in SIZES}
+            mix = mixnmatch_specs(mat.cfg, p.mixnmatch, seed)
+            rm = ev(mat, {format_spec(s): s for s in mix})
+            res["mixnmatch"] = [{"spec": format_spec(s), **_point(mat.cfg, s, rm[format_spec(s)])} for s in mix]
+    for d in p.scales:  # Matryoshka consistency is the agree/KL columns of its own eval
+        for s in SIZES:
+            m = res["matryoshka"][d][s]
+            res["consistency"].setdefault(d, {})[s] = {
+                "matryoshka": {"top1_agreement": m["agree"], "kl": m["kl"]},
+                "baseline": {k: res["baseline"][d][s][k] for k in ("top1_agreement", "kl")}}
+    pts = lambda kind: [(v["non_embedding_params"], v["val_loss"]) for d in p.scales for v in res[kind][d].values()]
+    res["fits"] = {}
+    for kind in ("matryoshka", "baseline"):
+        n, l = zip(*pts(kind))
+        try:
+            res["fits"][kind] = fit_scaling(np.array(n), np.array(l))
+        except (RuntimeError, MatryoshkaError) as e:  # curve_fit gives up on degenerate points
+            res["fits"][kind] = {"error": str(e)}
+    return res
+
+
+def _point(cfg: ModelConfig, spec: SubmodelSpec, r: dict[str, float]) -> dict[str, float]:
+    p = count_params(cfg, spec)
+    return {"non_embedding_params": p["non_embedding"], "params": p["total"],
+            "flops_per_token": flops_per_token(cfg, spec), "val_loss": r["loss"], "agree": r["agree"], "kl": r["kl"]}
+
+
+def run_study(preset_name: str, report: str | Path, work: str | Path | None = None, data: str | None = None,
+              seed: int = 0, device: str = "cpu", on_run: Callable[[str, str], None] | None = None) -> dict[str, Any]:
+    """Train (or reuse) every run of the preset, evaluate, and write the report folder. Returns the results."""
+    if preset_name not in STUDY_PRESETS:
+        raise MatryoshkaError(f"unknown study preset {preset_name!r}; choose from {list(STUDY_PRESETS)}")
+    p = STUDY_PRESETS[preset_name]
+    report = Path(report)
+    work = Path(work) if work else Path("runs") / f"study-{preset_name}"
+    runs = plan_runs(p, seed)
+    t0 = time.perf_counter()
+    seconds = train_all(runs, work, data, device, on_run)
+    res = evaluate_study(runs, p, work, seed, device)
+    res["meta"] = {"preset": preset_name, "settings": p.__dict__, "seed": seed, "data": data or "default corpus",
+                   "tokens_per_run": p.steps * p.batch_size * p.seq_len, "machine": describe_machine(device),
+                   "train_seconds": seconds, "wall_seconds": time.perf_counter() - t0, "torch": torch.__version__,
+                   "command": f"matryoshka study --preset {preset_name} -o {report} --seed {seed}"}
+    from .study_report import write_report
+
+    write_report(res, p, report)
+    return res

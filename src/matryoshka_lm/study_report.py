@@ -1,0 +1,220 @@
+"""Turn study results into report/README.md, results.json and PNG plots."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checkpoint import write_json
+from .evaluate import human
+
+SIZES = ["XL", "L", "M", "S"]
+BAR = 0.04  # MatFormer's bar: each Matryoshka size within 0.04 nats of its independently trained baseline
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def line_through(points: list[tuple[float, float]], n: float) -> float:
+    """Loss predicted at N by the piecewise-linear line (in log N) through the trained sizes."""
+    pts = sorted(points)
+    xs, ys = [math.log(p[0]) for p in pts], [p[1] for p in pts]
+    return float(np.interp(math.log(n), xs, ys))
+
+
+def plot_sizes(res: dict[str, Any], main: int, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, d in enumerate(sorted(res["matryoshka"], key=int)):
+        color = f"C{i}"
+        for kind, style in (("matryoshka", "o-"), ("baseline", "s--")):
+            pts = sorted((v["non_embedding_params"], v["val_loss"]) for v in res[kind][d].values())
+            ax.plot(*zip(*pts), style, color=color, label=f"d={d} {kind}", alpha=0.9 if kind == "matryoshka" else 0.6)
+    if res["mixnmatch"]:
+        ax.plot([m["non_embedding_params"] for m in res["mixnmatch"]], [m["val_loss"] for m in res["mixnmatch"]],
+                "kx", label=f"Mix'n'Match (d={main}, never trained)")
+    ax.set_xscale("log")
+    ax.set(xlabel="non-embedding parameters", ylabel="validation loss (nats/token)",
+           title="Matryoshka sizes vs independently trained baselines")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_ablation(res: dict[str, Any], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, pts in res["ablation"].items():
+        xy = sorted((v["flops_per_token"], v["val_loss"]) for v in pts.values())
+        ax.plot(*zip(*xy), "o-", label=f"nest {name}")
+    ax.set_xscale("log")
+    ax.set(xlabel="forward FLOPs per token", ylabel="validation loss", title="Which axes to nest")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_consistency(res: dict[str, Any], main: int, path: Path) -> None:
+    plt = _plt()
+    cons = res["consistency"][main]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
+    x = np.arange(len(SIZES) - 1)
+    for ax, key, label in ((axes[0], "top1_agreement", "top-1 agreement with full"), (axes[1], "kl", "KL(full || size)")):
+        for j, kind in enumerate(("matryoshka", "baseline")):
+            ax.bar(x + (j - 0.5) * 0.38, [cons[s][kind][key] for s in SIZES[1:]], 0.38, label=kind)
+        ax.set_xticks(x, SIZES[1:])
+        ax.set_title(label)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend()
+    fig.suptitle(f"consistency with the full model (d={main})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_scaling(res: dict[str, Any], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, kind in enumerate(("matryoshka", "baseline")):
+        pts = [(v["non_embedding_params"], v["val_loss"]) for d in res[kind] for v in res[kind][d].values()]
+        n, l = map(np.array, zip(*sorted(pts)))
+        ax.plot(n, l, "o" if kind == "matryoshka" else "s", color=f"C{i}", label=f"{kind} points", alpha=0.7)
+        fit = res["fits"].get(kind, {})
+        if "a" in fit:
+            grid = np.geomspace(n.min(), n.max(), 50)
+            ax.plot(grid, fit["a"] * grid ** -fit["b"] + fit["c"], "-", color=f"C{i}",
+                    label=f"{kind}: {fit['a']:.3g}·N^-{fit['b']:.3f} + {fit['c']:.3f}")
+    ax.set_xscale("log")
+    ax.set(xlabel="non-embedding parameters N", ylabel="validation loss", title="L(N) = a·N^-b + c")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def quality_table(res: dict[str, Any]) -> tuple[str, list[float]]:
+    lines = ["| scale | size | non-emb params | Matryoshka loss | baseline loss | Δ (nats) | within 0.04 |",
+             "|---|---|---:|---:|---:|---:|:---:|"]
+    deltas = []
+    for d in sorted(res["matryoshka"], key=int):
+        for s in SIZES:
+            m, b = res["matryoshka"][d][s], res["baseline"][d][s]
+            delta = m["val_loss"] - b["val_loss"]
+            deltas.append(delta)
+            lines.append(f"| d={d} | {s} | {human(m['non_embedding_params'])} | {m['val_loss']:.3f} | "
+                         f"{b['val_loss']:.3f} | {delta:+.3f} | {'yes' if delta <= BAR else 'no'} |")
+    return "\n".join(lines), deltas
+
+
+def consistency_table(res: dict[str, Any]) -> str:
+    lines = ["| scale | size | agreement: Matryoshka | agreement: baselines | KL: Matryoshka | KL: baselines |",
+             "|---|---|---:|---:|---:|---:|"]
+    for d in sorted(res["consistency"], key=int):
+        for s in SIZES[1:]:
+            c = res["consistency"][d][s]
+            lines.append(f"| d={d} | {s} | {c['matryoshka']['top1_agreement']:.3f} | {c['baseline']['top1_agreement']:.3f} "
+                         f"| {c['matryoshka']['kl']:.3f} | {c['baseline']['kl']:.3f} |")
+    return "\n".join(lines)
+
+
+def ablation_table(res: dict[str, Any]) -> str:
+    lines = ["| nested axes | size | FLOPs/token | non-emb params | val loss |", "|---|---|---:|---:|---:|"]
+    for name, pts in res["ablation"].items():
+        for s in SIZES:
+            v = pts[s]
+            lines.append(f"| {name} | {s} | {human(v['flops_per_token'])} | {human(v['non_embedding_params'])} | {v['val_loss']:.3f} |")
+    return "\n".join(lines)
+
+
+def mixnmatch_table(res: dict[str, Any], main: int) -> tuple[str, int]:
+    trained = [(v["non_embedding_params"], v["val_loss"]) for v in res["matryoshka"][main].values()]
+    lines = ["| Mix'n'Match spec | non-emb params | val loss | line through trained sizes | Δ |", "|---|---:|---:|---:|---:|"]
+    below = 0
+    for m in sorted(res["mixnmatch"], key=lambda m: m["non_embedding_params"]):
+        pred = line_through(trained, m["non_embedding_params"])
+        below += m["val_loss"] <= pred
+        lines.append(f"| `{m['spec']}` | {human(m['non_embedding_params'])} | {m['val_loss']:.3f} | {pred:.3f} | "
+                     f"{m['val_loss'] - pred:+.3f} |")
+    return "\n".join(lines), below
+
+
+def fits_table(res: dict[str, Any]) -> str:
+    lines = ["| points | a | b | c (irreducible) | RMSE |", "|---|---:|---:|---:|---:|"]
+    for kind, f in res["fits"].items():
+        if "a" in f:
+            lines.append(f"| {kind} | {f['a']:.3g} ± {f['a_err']:.2g} | {f['b']:.3f} ± {f['b_err']:.3f} | "
+                         f"{f['c']:.3f} ± {f['c_err']:.3f} | {f['rmse']:.4f} |")
+        else:
+            lines.append(f"| {kind} | fit failed: {f.get('error', '?')} | | | |")
+    return "\n".join(lines)
+
+
+def write_report(res: dict[str, Any], preset: Any, report: Path) -> None:
+    report.mkdir(parents=True, exist_ok=True)
+    main = preset.main_scale
+    keyed = {k: ({str(d): v for d, v in res[k].items()} if k in ("matryoshka", "baseline", "consistency") else res[k])
+             for k in res}
+    write_json(report / "results.json", keyed)
+    plot_sizes(res, main, report / "size_vs_loss.png")
+    plot_ablation(res, report / "ablation_flops_vs_loss.png")
+    plot_consistency(res, main, report / "consistency.png")
+    plot_scaling(res, report / "scaling.png")
+    quality, deltas = quality_table(res)
+    mix, below = mixnmatch_table(res, main)
+    meta = res["meta"]
+    met = sum(d <= BAR for d in deltas)
+    worst = max(deltas)
+    text = f"""# Matryoshka vs independently trained models — preset `{meta['preset']}`
+
+Reproduce: `{meta['command']}` (same seed → same numbers on the same machine).
+Machine: {meta['machine']}. Seed {meta['seed']}. Data: {meta['data']}.
+Every run: {meta['tokens_per_run']:,} training tokens, identical hyper-parameters; all evaluated on the same held-out tokens.
+Wall time {meta['wall_seconds'] / 60:.1f} min.
+
+## Headline
+- {met} of {len(deltas)} Matryoshka sizes are within {BAR} nats of their independently trained baseline (the MatFormer bar);
+  the largest gap is {worst:+.3f} nats, the mean {np.mean(deltas):+.3f}. Negative Δ means the Matryoshka size is *better*.
+- One Matryoshka training run replaces {len(SIZES)} baseline runs per scale.
+- {below} of {len(res['mixnmatch'])} Mix'n'Match submodels (never trained) lie on or below the line through the trained sizes.
+
+## Quality per size (val loss, nats/token)
+{quality}
+
+![size vs loss](size_vs_loss.png)
+
+## Consistency with the full model
+Matryoshka: each size vs the Matryoshka XL (same weights). Baselines: each independent model vs the independent XL.
+
+{consistency_table(res)}
+
+![consistency](consistency.png)
+
+## Which axes to nest (d={main})
+{ablation_table(res)}
+
+![ablation](ablation_flops_vs_loss.png)
+
+## Mix'n'Match (d={main})
+{mix}
+
+## Scaling: L(N) = a·N^(−b) + c over all sizes of all scales (N = non-embedding parameters; ± 1σ from the fit covariance)
+{fits_table(res)}
+
+![scaling](scaling.png)
+
+With this few points and this little training, the constants are loose; compare the two rows, not the absolute values.
+"""
+    (report / "README.md").write_text(text)

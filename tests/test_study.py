@@ -1,0 +1,86 @@
+"""The study pipeline end to end on the `micro` preset, and the scaling fit on points with known constants."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.spec import count_params
+from matryoshka_lm.study import STUDY_PRESETS, fit_scaling, mixnmatch_specs, plan_runs, run_study
+from matryoshka_lm.study_report import line_through
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, corpus_file):
+    root = tmp_path_factory.mktemp("study")
+    res = run_study("micro", root / "report", work=root / "work", data=str(corpus_file), seed=0)
+    return root, res
+
+
+def test_report_files_and_tables(study):
+    root, res = study
+    rep = root / "report"
+    for f in ("README.md", "results.json", "size_vs_loss.png", "ablation_flops_vs_loss.png", "consistency.png",
+              "scaling.png"):
+        assert (rep / f).is_file() and (rep / f).stat().st_size > 500, f
+    text = (rep / "README.md").read_text()
+    for heading in ("Quality per size", "Consistency", "Which axes to nest", "Mix'n'Match", "Scaling"):
+        assert heading in text
+    saved = json.loads((rep / "results.json").read_text())
+    assert set(saved["matryoshka"]) == {"32", "48"} and set(saved["ablation"]) == {"ffn", "ffn+heads", "all"}
+    assert saved["meta"]["seed"] == 0 and saved["meta"]["tokens_per_run"] == 6 * 4 * 32
+    # Matryoshka consistency of XL with itself is perfect; baselines' XL too
+    for d in res["matryoshka"]:
+        assert res["matryoshka"][d]["XL"]["agree"] == 1.0
+        assert res["baseline"][d]["XL"]["top1_agreement"] == 1.0
+
+
+def test_baselines_have_the_shape_of_their_size(study):
+    _, res = study
+    for d in res["matryoshka"]:
+        for s in ("XL", "L", "M", "S"):
+            assert res["baseline"][d][s]["non_embedding_params"] == res["matryoshka"][d][s]["non_embedding_params"]
+
+
+def test_rerun_reuses_runs_and_reproduces_numbers(study, corpus_file):
+    root, res = study
+    again = run_study("micro", root / "report2", work=root / "work", data=str(corpus_file), seed=0)
+    assert again["meta"]["train_seconds"] == {}  # every run was complete and reused
+    for d in res["matryoshka"]:
+        assert again["matryoshka"][d] == res["matryoshka"][d]
+        assert again["baseline"][d] == res["baseline"][d]
+
+
+def test_every_run_sees_the_same_tokens():
+    runs = plan_runs(STUDY_PRESETS["micro"], seed=3)
+    tokens = {(t.steps, t.batch_size, t.seq_len, t.seed, t.max_corpus_chars, t.lr) for _, t in runs.values()}
+    assert len(tokens) == 1 and len(runs) == 2 * 5 + 2
+
+
+def test_fit_recovers_known_constants():
+    n = np.geomspace(1e4, 1e7, 12)
+    a, b, c = 40.0, 0.3, 1.7
+    loss = a * n ** -b + c + np.random.default_rng(0).normal(0, 1e-4, n.size)
+    fit = fit_scaling(n, loss)
+    assert fit["b"] == pytest.approx(b, abs=0.01) and fit["c"] == pytest.approx(c, abs=0.01)
+    assert fit["a"] == pytest.approx(a, rel=0.1) and fit["b_err"] < 0.01
+    with pytest.raises(MatryoshkaError, match="at least 4"):
+        fit_scaling(n[:3], loss[:3])
+
+
+def test_mixnmatch_specs_grow_with_depth():
+    cfg = tiny_config()
+    specs = mixnmatch_specs(cfg, 5, seed=0)
+    assert len(specs) == 5 and len({str(s) for s in specs}) == 5
+    for s in specs:
+        ffn = [l.ffn for l in s.layers]
+        assert ffn == sorted(ffn) and len(set(ffn)) > 1
+        assert count_params(cfg, s)["total"] > 0
+
+
+def test_line_through_interpolates_in_log_n():
+    pts = [(100, 4.0), (10_000, 3.0)]
+    assert line_through(pts, 1000) == pytest.approx(3.5)
