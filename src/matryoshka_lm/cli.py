@@ -73,20 +73,48 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 def cmd_generate(a: argparse.Namespace) -> None:
     from .checkpoint import load_model, load_tokenizer
-    from .generate import generate
+    from .engine import Engine, Sampling
     from .spec import parse_spec, size_names
+    from .speculative import SpeculativeStats, check_draft, speculative_decode, speculative_stream
 
-    model = load_model(a.ckpt, _device(a.device))
+    device = _device(a.device)
+    model = load_model(a.ckpt, device)
     tok = load_tokenizer(a.ckpt)
     if not a.prompt:
         raise MatryoshkaError("empty prompt")
     ids = tok.encode(a.prompt).ids
+    sampling = Sampling(a.temperature, a.top_k, a.top_p, a.seed)
+    # compiling costs tens of seconds per size on CPU, more than a CLI run gains; on CUDA it pays at once
+    engine = Engine(model, compile=device.startswith("cuda") if a.compile is None else a.compile)
+    eot = tok.token_to_id("<|endoftext|>")
+    stops = dict(stop_tokens=[] if eot is None else [eot], stop_strings=a.stop or [], decode=tok.decode)
+    draft = parse_spec(model.cfg, a.draft) if a.draft else None
     sizes = size_names(model.cfg) if a.size == "all" else [a.size]
-    for size in sizes:
-        spec = parse_spec(model.cfg, size)
-        new = generate(model, ids, spec, a.max_new_tokens, a.temperature, a.seed, tok.token_to_id("<|endoftext|>"))
-        text = tok.decode(new)
-        print(f"[{size}] {a.prompt}{text}" if len(sizes) > 1 else a.prompt + text)
+    specs = [parse_spec(model.cfg, size) for size in sizes]
+    engine.check_prompts([ids], a.max_new_tokens)  # fail before any output
+    for spec in specs if draft is not None else []:
+        check_draft(model.cfg, spec, draft)
+    if draft is not None and not 1 <= a.gamma <= 8:
+        raise MatryoshkaError(f"--gamma must be in 1..8, got {a.gamma}")
+    for size, spec in zip(sizes, specs):
+        print(f"[{size}] {a.prompt}" if len(sizes) > 1 else a.prompt, end="", flush=True)
+        stats = SpeculativeStats()
+        if draft is None:
+            pieces = (engine.stream(ids, spec, a.max_new_tokens, sampling, **stops) if a.stream else
+                      [engine.generate([ids], spec, a.max_new_tokens, sampling, **stops)[0].text])
+        elif a.stream:
+            pieces = speculative_stream(model, ids, spec, draft, a.max_new_tokens, sampling, engine=engine,
+                                        stats=stats, gamma=a.gamma, **stops)
+        else:
+            done, stats = speculative_decode(model, ids, spec, draft, a.max_new_tokens, sampling, gamma=a.gamma,
+                                             engine=engine, **stops)
+            pieces = [done.text]
+        for piece in pieces:
+            print(piece, end="", flush=True)
+        print()
+        if draft is not None:
+            print(f"speculative: draft {draft} for {size}: {stats.acceptance:.0%} of {stats.drafted} drafted tokens "
+                  f"accepted, {stats.tokens_per_round:.2f} tokens per target pass", file=sys.stderr)
 
 
 def cmd_extract(a: argparse.Namespace) -> None:
@@ -159,6 +187,12 @@ def cmd_train_embed(a: argparse.Namespace) -> None:
         if not a.quiet and (step % 10 == 0 or step == cfg.steps):
             print(f"step {step}/{cfg.steps} loss {m['loss']:.4f} lr {m['lr']:.2e}", file=sys.stderr)
 
+    from .embed_hf import finetune_hf, is_hf_encoder
+
+    if is_hf_encoder(a.ckpt):
+        finetune_hf(a.ckpt, a.out, cfg, device=_device(a.device), callback=on_step)
+        print(f"fine-tuned encoder written to {a.out}", file=sys.stderr)
+        return
     meta = train_embedding(a.ckpt, a.out, cfg, device=_device(a.device), callback=on_step)
     full = meta["sizes"][0]
     for name, rec in (("before", meta["recall_before"]), ("after", meta["recall_after"])):
@@ -231,7 +265,8 @@ def cmd_search(a: argparse.Namespace) -> None:
 
 def _add_embedding_parsers(sub) -> None:
     te = sub.add_parser("train-embed", help="MRL-train a Matryoshka embedding (nested dims, optionally sizes) from a checkpoint")
-    te.add_argument("ckpt", help="LM checkpoint to start from (its tokenizer is kept)")
+    te.add_argument("ckpt", help="LM checkpoint to start from (its tokenizer is kept), or a Hugging Face encoder "
+                    "folder ('minilm' = all-MiniLM-L6-v2 from the [embed] extra)")
     te.add_argument("-o", "--out", required=True, help="embedding checkpoint directory to write")
     te.add_argument("--pairs", help="JSONL of {\"query\": ..., \"positive\": ...} (default: two halves of corpus passages)")
     te.add_argument("--data", help="corpus for self-supervised pairs (default: the embedded corpus)")
@@ -253,7 +288,7 @@ def _add_embedding_parsers(sub) -> None:
     te.set_defaults(func=cmd_train_embed)
 
     em = sub.add_parser("embed", help="embed each line of a file: L2-normalized vectors to a .npy")
-    em.add_argument("ckpt", help="embedding checkpoint (from train-embed)")
+    em.add_argument("ckpt", help="embedding checkpoint (from train-embed) or a Hugging Face encoder folder")
     em.add_argument("file", help="text file, one text per non-blank line (or .jsonl of {\"text\": ...})")
     em.add_argument("-o", "--out", required=True, help="output .npy, shape (texts, dims), float32")
     em.add_argument("--size", help="size or Mix'n'Match spec (default: the full model)")
@@ -340,7 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=48)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this much probability")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", help="stop at this string (repeatable); <|endoftext|> always stops")
+    g.add_argument("--draft", help="speculative decoding: this smaller size or spec drafts, --size verifies")
+    g.add_argument("--gamma", type=int, default=4, help="draft tokens per verification (start value; adapts)")
+    g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode step (default: on for CUDA, off for CPU)")
     g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_generate)
 

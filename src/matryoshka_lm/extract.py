@@ -43,6 +43,9 @@ def staged_dir(target: str | Path, force: bool = False, source: str | Path | Non
         raise MatryoshkaError(f"output {target} already exists; pass --force to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the result is an ordinary directory
     try:
         yield tmp
         if target.exists():  # --force: swap in the finished directory, then drop the old one

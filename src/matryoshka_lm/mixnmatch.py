@@ -152,7 +152,7 @@ def spec_text(cfg: ModelConfig, c: Candidate) -> str:
 
 
 @torch.no_grad()
-def measure_latency(model: MatryoshkaLM, spec: SubmodelSpec, tokens: int = 128, repeats: int = 5,
+def measure_latency(model: MatryoshkaLM, spec: SubmodelSpec, tokens: int = 128, repeats: int = 3,
                     device: str | torch.device = "cpu") -> float:
     """Seconds for one forward over one sequence of `tokens` (best of `repeats`, after a warm-up)."""
     model.eval()
@@ -220,12 +220,8 @@ def mixnmatch_search(model: MatryoshkaLM, val: np.ndarray, budget: Budget, seq_l
     cands = enumerate_candidates(cfg)
     metric = budget.metric
     if metric == "latency":
-        _predict_latency(model, cands, max(4, max_evals // 2), latency_tokens, device)
-    cheapest = min(cands, key=lambda c: _predicted(c, metric))
-    if _predicted(cheapest, metric) > budget.value:
-        if metric != "latency" or _measure(model, cheapest, latency_tokens, device) > budget.value:
-            raise MatryoshkaError(f"no submodel fits {budget}: the smallest is {_cost_str(cheapest, metric)} "
-                                  f"({spec_text(cfg, cheapest)})")
+        _predict_latency(model, cands, max(4, max_evals // 4), latency_tokens, device)
+    check_fits(model, budget, cands, latency_tokens, device)
     picked = select(cands, metric, budget.value, n_spread=max(2, max_evals // 2), n_near=max(1, max_evals // 2))
     picked += [c for c in _uniform(cfg, cands) if all(c is not p for p in picked)]
     for c in picked:
@@ -243,6 +239,19 @@ def mixnmatch_search(model: MatryoshkaLM, val: np.ndarray, budget: Budget, seq_l
         raise MatryoshkaError(f"no submodel fits {budget}: the smallest measured is "
                               f"{_cost_str(min(picked, key=lambda c: c.cost(metric)), metric)}")
     return sorted(picked, key=lambda c: c.cost(metric)), min(fits, key=lambda c: c.val_loss)
+
+
+def check_fits(model: MatryoshkaLM, budget: Budget, cands: list[Candidate] | None = None, latency_tokens: int = 128,
+               device: str | torch.device = "cpu") -> None:
+    """Raise a clear error when even the smallest submodel (timed, for latency) exceeds the budget."""
+    cands = cands or enumerate_candidates(model.cfg)
+    metric = budget.metric
+    cheapest = min(cands, key=lambda c: (c.flops, c.params) if metric == "latency" else c.cost(metric))
+    if metric == "latency":
+        _measure(model, cheapest, latency_tokens, device)
+    if cheapest.cost(metric) > budget.value:
+        raise MatryoshkaError(f"no submodel fits {budget}: the smallest is {spec_text(model.cfg, cheapest)} at "
+                              f"{_cost_str(cheapest, metric)}")
 
 
 def _uniform(cfg: ModelConfig, cands: list[Candidate]) -> list[Candidate]:
@@ -271,7 +280,7 @@ def _predict_latency(model: MatryoshkaLM, cands: list[Candidate], n: int, tokens
 
 def _cost_str(c: Candidate, metric: str) -> str:
     if metric == "latency":
-        return f"{_predicted(c, metric) * 1e3:.2f} ms"
+        return f"{c.latency * 1e3:.2f} ms here"
     return f"{human(c.cost(metric))} {'params' if metric == 'params' else 'FLOPs/token'}"
 
 
@@ -341,6 +350,7 @@ def run_mixnmatch(ckpt: str | Path, budget: str, n_batches: int = 4, max_evals: 
     ckpt = Path(ckpt)
     b = parse_budget(budget)  # bad input fails before anything is loaded
     model = ck.load_model(ckpt, device)
+    check_fits(model, b, latency_tokens=latency_tokens, device=device)  # before the corpus is tokenized
     tcfg, _, val = checkpoint_val_split(ckpt)
     seq_len = min(tcfg.seq_len, model.cfg.max_seq_len)
     points, best = mixnmatch_search(model, val, b, seq_len, n_batches=n_batches, max_evals=max_evals,

@@ -1,0 +1,380 @@
+"""Elastic inference: batched, KV-cached generation at any size, on the full model's own weights.
+
+A size (or Mix'n'Match spec) is only an argument to the forward: nested.py slices the weights as views, so one
+loaded model serves every size with no copy (tests/test_engine.py checks the storage pointers).
+
+The decoding loop follows gpt-fast: `prefill` the prompt into a preallocated KV cache, then `decode_one_token`
+per step; `Engine` adds batching, sampling, stop conditions and streaming around it.
+
+Batches of prompts of different lengths are LEFT-padded: every row's prompt ends in the same cache slot, so each
+decode step writes one slot for the whole batch. Row b's tokens sit at RoPE positions `slot - pad[b]` and its
+queries may not attend to its pad slots (a boolean mask); rows of equal length take the unmasked fast path.
+
+Shapes: B batch, P padded prompt length, L cache slots, V vocab.
+"""
+from __future__ import annotations
+
+import logging
+import types
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from . import nested
+from .errors import MatryoshkaError
+from .model import KVCache, MatryoshkaLM
+from .spec import SubmodelSpec, validate_spec
+
+log = logging.getLogger(__name__)
+
+Decode = Callable[[list[int]], str]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked from the logits; temperature 0 is greedy (top_k / top_p then ignored)."""
+    temperature: float = 0.0
+    top_k: int | None = None   # keep the k most likely tokens
+    top_p: float = 1.0         # nucleus: the smallest set of tokens whose probability reaches top_p
+    seed: int | None = None    # seeds a torch.Generator: same seed, same output
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:  # also rejects NaN
+            raise MatryoshkaError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k <= 0:
+            raise MatryoshkaError(f"top_k must be positive, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise MatryoshkaError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generator(self, device: torch.device | str) -> torch.Generator | None:
+        return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
+
+
+GREEDY = Sampling()
+
+
+def logits_to_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """(..., V) logits -> the distribution sampling draws from: one-hot argmax when greedy, else
+    softmax(logits / T) restricted to the top-k and then the top-p nucleus."""
+    logits = logits.float()
+    if s.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / s.temperature
+    if s.top_k is not None and s.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, s.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, -1)
+    if s.top_p < 1:
+        sorted_p, order = probs.sort(-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of the strictly more likely tokens
+        sorted_p = sorted_p.masked_fill(before >= s.top_p, 0.0)  # the most likely token always stays
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) probabilities -> (B,) token ids."""
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids."""
+    if s.greedy:
+        return logits.argmax(-1)
+    return sample_from(logits_to_probs(logits, s), generator)
+
+
+# ---------------------------------------------------------------- the forward passes a decoder needs
+
+
+def prefill(model: MatryoshkaLM, idx: torch.Tensor, spec: SubmodelSpec, cache: KVCache,
+            pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Run prompts (B, P) through `spec`, filling cache slots 0..P; logits (B, V) of the last slot only."""
+    h = model.hidden_states(idx, spec, cache, 0, pos, mask)[:, -1:]
+    return nested.linear(h, model.head_weight(), model.cfg.vocab_size)[:, -1]
+
+
+def decode_one_token(model: MatryoshkaLM, tok: torch.Tensor, spec: SubmodelSpec, cache: KVCache, start: int,
+                     pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One step for the whole batch: tokens (B,) into cache slot `start`; next-token logits (B, V)."""
+    return model(tok.view(-1, 1), spec, cache, start, pos, mask)[:, -1]
+
+
+def forward_chunk(model: MatryoshkaLM, idx: torch.Tensor, spec: SubmodelSpec, cache: KVCache,
+                  start: int) -> torch.Tensor:
+    """Tokens (B, T) into slots start..start+T after a cached prefix; logits (B, T, V) (speculative verify)."""
+    return model(idx, spec, cache, start)
+
+
+# ---------------------------------------------------------------- padding
+
+
+@dataclass
+class Padding:
+    """Left padding of a batch: per-row RoPE positions and key masks for every cache slot."""
+    pad: torch.Tensor    # (B,) pad slots before each prompt
+    pos: torch.Tensor    # (B, L) RoPE position of each slot (0 in the padding)
+    valid: torch.Tensor  # (B, L) slot holds a real token of that row
+
+    @classmethod
+    def build(cls, lengths: list[int], n_slots: int, device: torch.device) -> "Padding":
+        P = max(lengths)
+        pad = torch.tensor([P - n for n in lengths], device=device)
+        slots = torch.arange(n_slots, device=device)
+        return cls(pad, (slots[None] - pad[:, None]).clamp(min=0), slots[None] >= pad[:, None])
+
+    def prefill_mask(self, P: int) -> torch.Tensor:
+        """(B, 1, P, P): causal, no pad keys; a pad query sees itself only (never a row of -inf, hence no NaN)."""
+        eye = torch.eye(P, dtype=torch.bool, device=self.pad.device)
+        causal = torch.ones(P, P, dtype=torch.bool, device=self.pad.device).tril()
+        return ((causal[None] & self.valid[:, None, :P]) | eye[None]).unsqueeze(1)
+
+    def step(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos (B, 1) and mask (B, 1, 1, start + 1) for a decode step writing slot `start`."""
+        return self.pos[:, start:start + 1], self.valid[:, None, None, :start + 1]
+
+
+# ---------------------------------------------------------------- stop conditions
+
+
+@dataclass
+class Completion:
+    tokens: list[int]          # new tokens, without a stop token / the tokens of a stop string
+    text: str | None = None    # decoded, cut before a stop string (None when no decode function was given)
+    finish_reason: str = "length"  # "stop" (stop token or string) | "length" (max_new_tokens or the context)
+
+
+def find_stop(text: str, stops: Sequence[str]) -> int:
+    """Index of the earliest stop string in text, -1 if none."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters might begin a stop string (or an unfinished UTF-8 character): a stream
+    holds them back until the next token decides."""
+    n = len(text) - len(text.rstrip("\ufffd"))
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                n = max(n, k)
+                break
+    return n
+
+
+def cut_at_stop(tokens: list[int], text: str, decode: Decode) -> list[int]:
+    """The longest prefix of `tokens` whose text lies within `text` (the text before a stop string)."""
+    k = len(tokens)
+    while k > 0 and not text.startswith(decode(tokens[:k])):
+        k -= 1
+    return tokens[:k]
+
+
+@dataclass
+class _Row:
+    """One sequence's output and stop state."""
+    stop_tokens: frozenset[int]
+    stop_strings: tuple[str, ...]
+    decode: Decode | None
+    tokens: list[int] = field(default_factory=list)
+    text: str | None = None
+    done: bool = False
+    reason: str = "length"
+
+    def add(self, tok: int) -> None:
+        if self.done:
+            return
+        if tok in self.stop_tokens:
+            self.done, self.reason = True, "stop"
+            return
+        self.tokens.append(tok)
+        if self.stop_strings:
+            text = self.decode(self.tokens)
+            i = find_stop(text, self.stop_strings)
+            if i >= 0:
+                self.text = text[:i]
+                self.tokens = cut_at_stop(self.tokens, self.text, self.decode)
+                self.done, self.reason = True, "stop"
+
+    def completion(self) -> Completion:
+        text = self.text if self.text is not None else (self.decode(self.tokens) if self.decode else None)
+        return Completion(self.tokens, text, self.reason)
+
+
+# ---------------------------------------------------------------- the engine
+
+
+def compile_per_spec(fn: Callable) -> Callable:
+    """torch.compile `fn(model, x, spec, cache, start, ...)` with one private copy of its code per spec.
+
+    Dynamo keeps its "this int changed, make it dynamic" state per code object. With one copy per spec only the
+    cache position and lengths ever change between calls, so only they become symbolic; a spec's head and FFN
+    counts stay Python ints (shared by all specs, they would turn symbolic too and break the graph at SDPA).
+    """
+    compiled: dict[SubmodelSpec, Callable] = {}
+
+    def call(model, x, spec, cache, *args):
+        f = compiled.get(spec)
+        if f is None:
+            code = fn.__code__.replace(co_name=f"{fn.__name__}_spec{len(compiled)}")
+            f = compiled[spec] = torch.compile(types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__))
+        for t in cache.k + cache.v:  # any cache length: no recompile when max_new_tokens changes
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+        return f(model, x, spec, cache, *args)
+
+    return call
+
+
+class Engine:
+    """Generation at any size of one loaded model. `compile=True` wraps the per-token forward in torch.compile
+    (graphs per spec, compiled on first use; see BENCHMARKS.md for when it pays off on CPU)."""
+
+    def __init__(self, model: MatryoshkaLM, compile: bool = False):
+        self.model = model.eval()
+        self.cfg = model.cfg
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.compiled = compile
+        self._decode = decode_one_token
+        self._chunk = forward_chunk
+        if compile:
+            import torch._dynamo
+
+            # each spec x (batch 1 | batch > 1) x (padded | not) is a graph of its own
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            self._decode = compile_per_spec(decode_one_token)
+            self._chunk = compile_per_spec(forward_chunk)
+
+    # ---- validation
+
+    def check_spec(self, spec: SubmodelSpec | None) -> SubmodelSpec:
+        spec = spec or self.model.full
+        validate_spec(self.cfg, spec)
+        return spec
+
+    def check_prompts(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        if max_new_tokens <= 0:
+            raise MatryoshkaError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        if not prompts:
+            raise MatryoshkaError("no prompts given")
+        out = []
+        for i, p in enumerate(prompts):
+            p = [int(t) for t in p]
+            if not p:
+                raise MatryoshkaError(f"prompt {i} is empty")
+            if len(p) >= self.cfg.max_seq_len:
+                raise MatryoshkaError(f"prompt {i} has {len(p)} tokens; the context holds {self.cfg.max_seq_len} "
+                                      f"(at most {self.cfg.max_seq_len - 1} prompt tokens leave room to generate)")
+            bad = [t for t in p if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise MatryoshkaError(f"prompt {i}: token id {bad[0]} is outside the vocabulary 0..{self.cfg.vocab_size - 1}")
+            out.append(p)
+        return out
+
+    # ---- decoding
+
+    @torch.no_grad()
+    def token_steps(self, prompts: Sequence[Sequence[int]], spec: SubmodelSpec | None = None,
+                    max_new_tokens: int = 64, sampling: Sampling = GREEDY) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row, (B,), for up to max_new_tokens steps (fewer if the context fills).
+        The caller decides when to stop; every row keeps decoding until then."""
+        spec = self.check_spec(spec)
+        prompts = self.check_prompts(prompts, max_new_tokens)
+        lengths = [len(p) for p in prompts]
+        B, P = len(prompts), max(lengths)
+        n_new = min(max_new_tokens, self.cfg.max_seq_len - P)
+        idx = torch.zeros(B, P, dtype=torch.long, device=self.device)
+        for b, p in enumerate(prompts):
+            idx[b, P - len(p):] = torch.tensor(p)
+        cache = KVCache.allocate(self.cfg, spec, B, P + n_new, self.device, self.dtype)
+        padding = Padding.build(lengths, P + n_new, self.device) if len(set(lengths)) > 1 else None
+        gen = sampling.generator(self.device)
+        if padding is None:
+            logits = prefill(self.model, idx, spec, cache)
+        else:
+            logits = prefill(self.model, idx, spec, cache, padding.pos[:, :P], padding.prefill_mask(P))
+        for i in range(n_new):
+            tok = sample(logits, sampling, gen)
+            yield tok
+            if i + 1 < n_new:
+                pos, mask = padding.step(P + i) if padding is not None else (None, None)
+                logits = self._decode(self.model, tok, spec, cache, P + i, pos, mask)
+
+    def generate(self, prompts: Sequence[Sequence[int]], spec: SubmodelSpec | None = None, max_new_tokens: int = 64,
+                 sampling: Sampling = GREEDY, stop_tokens: Sequence[int] = (), stop_strings: Sequence[str] = (),
+                 decode: Decode | None = None) -> list[Completion]:
+        """Continue every prompt (token ids) with the submodel `spec`.
+
+        Args:
+            prompts: one list of token ids per row; lengths may differ (left-padded internally).
+            spec: the size; None = the full model.
+            max_new_tokens: per row; fewer when the context (max_seq_len) fills first.
+            sampling: temperature / top_k / top_p / seed.
+            stop_tokens: a row stops at any of these (not included in its tokens).
+            stop_strings: a row stops when its text contains one (cut before it); needs `decode`.
+            decode: token ids -> text, e.g. a tokenizer's decode.
+        """
+        rows = self._rows(len(prompts), stop_tokens, stop_strings, decode)
+        for tok in self.token_steps(prompts, spec, max_new_tokens, sampling):
+            for row, t in zip(rows, tok.tolist()):
+                row.add(t)
+            if all(r.done for r in rows):
+                break
+        return [r.completion() for r in rows]
+
+    def stream(self, prompt: Sequence[int], spec: SubmodelSpec | None = None, max_new_tokens: int = 64,
+               sampling: Sampling = GREEDY, stop_tokens: Sequence[int] = (), stop_strings: Sequence[str] = (),
+               decode: Decode | None = None) -> Iterator[int | str]:
+        """Yield new token ids one at a time, or, given `decode`, pieces of text (which join to the completion's
+        text: a piece that might begin a stop string waits until the next token decides)."""
+        steps = (t.tolist() for t in self.token_steps([prompt], spec, max_new_tokens, sampling))
+        yield from stream_rows(steps, self._rows(1, stop_tokens, stop_strings, decode)[0])
+
+    def _rows(self, n: int, stop_tokens: Sequence[int], stop_strings: Sequence[str], decode: Decode | None) -> list[_Row]:
+        stop_strings = tuple(s for s in stop_strings if s)
+        if stop_strings and decode is None:
+            raise MatryoshkaError("stop strings need a decode function (token ids -> text)")
+        return [_Row(frozenset(int(t) for t in stop_tokens), stop_strings, decode) for _ in range(n)]
+
+    def speculative(self, prompt: Sequence[int], target: SubmodelSpec | None, draft: SubmodelSpec, **kw):
+        """speculative.speculative_decode on this engine's model (and its compiled forwards)."""
+        from .speculative import speculative_decode
+
+        return speculative_decode(self.model, prompt, target, draft, engine=self, **kw)
+
+
+def stream_rows(steps: Iterator[list[int]], row: _Row) -> Iterator[int | str]:
+    """Feed one row token batches (lists of ids) and yield what becomes final: ids, or text pieces if it decodes."""
+    sent = 0
+    for toks in steps:
+        before = len(row.tokens)
+        for t in toks:
+            row.add(t)
+            if row.done:
+                break
+        if row.decode is None:
+            yield from row.tokens[before:]
+        else:
+            text = row.text if row.text is not None else row.decode(row.tokens)
+            end = len(text) if row.done else len(text) - held_back(text, row.stop_strings)
+            if end > sent:
+                yield text[sent:end]
+                sent = end
+        if row.done:
+            return
+    if row.decode is not None:
+        text = row.decode(row.tokens)
+        if len(text) > sent:
+            yield text[sent:]
+
+
+def generate(model: MatryoshkaLM, prompts: Sequence[Sequence[int]], spec: SubmodelSpec | None = None,
+             max_new_tokens: int = 64, sampling: Sampling = GREEDY, **kw) -> list[Completion]:
+    """Engine(model).generate(...) for one-off calls."""
+    return Engine(model).generate(prompts, spec, max_new_tokens, sampling, **kw)

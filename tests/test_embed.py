@@ -1,0 +1,178 @@
+"""Matryoshka embeddings: the MRL loss, shrink, training an embedding checkpoint, `embed` from Python and CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from _embed_ckpt import embedding_checkpoints
+from matryoshka_lm.cli import main
+from matryoshka_lm.embed import (corpus_pairs, default_dims, embed_file, embed_texts, load_embedder,
+                                 mrl_contrastive_loss, read_pairs, shrink)
+from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.retrieval import pair_recall
+from matryoshka_lm.spec import parse_spec
+
+
+def test_shrink_is_truncate_then_normalize():
+    t = torch.randn(5, 32)
+    s = shrink(t, 8)
+    assert s.shape == (5, 8)
+    torch.testing.assert_close(s.norm(dim=-1), torch.ones(5))
+    torch.testing.assert_close(s, t[:, :8] / t[:, :8].norm(dim=-1, keepdim=True))
+    for bad in (0, -1, 33):
+        with pytest.raises(MatryoshkaError, match="outside 1..32"):
+            shrink(t, bad)
+
+
+def test_default_dims_is_the_mrl_nesting():
+    assert default_dims(384) == [24, 48, 96, 192, 384]
+    assert default_dims(32) == [2, 4, 8, 16, 32]
+
+
+def test_mrl_loss_matches_sum_of_per_dim_infonce():
+    torch.manual_seed(0)
+    q, p = torch.randn(6, 16), torch.randn(6, 16)
+    expected = sum(w * nn.functional.cross_entropy(shrink(q, m) @ shrink(p, m).T / 0.05, torch.arange(6))
+                   for m, w in [(4, 1.0), (16, 0.5)])
+    torch.testing.assert_close(mrl_contrastive_loss(q, p, [4, 16], [1.0, 0.5]), expected)
+
+
+def test_mrl_makes_low_dim_prefixes_better_than_plain_truncation():
+    """Toy problem: two noisy views of a 16-d latent in 32-d. Trained at the full dims only, the information
+    spreads over all 32 dims and a 4-dim prefix loses most of it; the MRL loss packs it into the prefix."""
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(16, 32, generator=g)
+
+    def views(n):
+        z = torch.randn(n, 16, generator=g)
+        return z @ mix + 0.5 * torch.randn(n, 32, generator=g), z @ mix + 0.5 * torch.randn(n, 32, generator=g)
+
+    (xa, xb), (ta, tb) = views(2048), views(500)
+
+    def train(dims):
+        torch.manual_seed(1)
+        enc = nn.Linear(32, 32)
+        opt = torch.optim.Adam(enc.parameters(), 1e-2)
+        for _ in range(60):
+            i = torch.randperm(2048)[:64]
+            loss = mrl_contrastive_loss(enc(xa[i]), enc(xb[i]), dims, temperature=0.1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return enc(ta).numpy(), enc(tb).numpy()
+
+    plain, mrl = train([32]), train([2, 4, 8, 16, 32])
+    r = {name: {m: pair_recall(q[:, :m], p[:, :m], (1,))["r@1"] for m in (4, 32)}
+         for name, (q, p) in (("plain", plain), ("mrl", mrl))}
+    torch.set_num_threads(2)
+    assert r["mrl"][4] > r["plain"][4] + 0.1, r
+    assert r["mrl"][32] > 0.95 and r["plain"][32] > 0.95, r
+
+
+def test_corpus_pairs_are_two_halves_of_a_passage():
+    doc = "\n".join(f"line {i} of the passage with some words" for i in range(40))
+    pairs = corpus_pairs([doc], passage_chars=200)
+    assert len(pairs) >= 5
+    for a, b in pairs:
+        assert a and b and a.startswith("line") and b.startswith("line")
+        assert abs(len(a) - len(b)) < 60
+
+
+def test_read_pairs_errors(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(MatryoshkaError, match="empty"):
+        read_pairs(empty)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "a", "positive": "b"}\n{"query": "a"}\n')
+    with pytest.raises(MatryoshkaError, match=r"bad.jsonl:2: needs a non-empty string field 'positive'"):
+        read_pairs(bad)
+    with pytest.raises(MatryoshkaError, match="does not exist"):
+        read_pairs(tmp_path / "missing.jsonl")
+
+
+# ---------------------------------------------------------------- a real (tiny) embedding checkpoint
+
+
+@pytest.fixture
+def lm_ckpt(tmp_path_factory, corpus_file):
+    return embedding_checkpoints(tmp_path_factory, corpus_file)[0]
+
+
+@pytest.fixture
+def emb_ckpt(tmp_path_factory, corpus_file):
+    return embedding_checkpoints(tmp_path_factory, corpus_file)[1]
+
+
+def test_train_embedding_writes_a_matryoshka_checkpoint(emb_ckpt):
+    meta = json.loads((emb_ckpt / "embedding.json").read_text())
+    assert meta["is_matryoshka"] is True and meta["pooling"] == "mean"
+    # full width 32 -> 2..32; size M has width 24, which joins the trained set
+    assert meta["matryoshka_dimensions"] == [2, 4, 8, 16, 24, 32]
+    assert meta["sizes"][0] == "f64h4,f64h4,f64h4,f64h4@d32" and "M" in meta["sizes"] and len(meta["sizes"]) == 3
+    assert set(meta["recall_after"]["M"]) == {"2", "4", "8", "16", "24"}
+    # the metadata servers look for, in config.json itself
+    cfg = json.loads((emb_ckpt / "config.json").read_text())
+    assert cfg["is_matryoshka"] is True and cfg["matryoshka_dimensions"] == meta["matryoshka_dimensions"]
+
+
+def test_embed_texts_unit_norm_and_prefix_consistent(emb_ckpt):
+    model, tok, meta = load_embedder(emb_ckpt)
+    texts = ["to be or not to be", "the quick brown fox", "x"]
+    full = embed_texts(model, tok, texts)
+    assert full.shape == (3, 32) and full.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(full, axis=1), 1, atol=1e-5)
+    e8 = embed_texts(model, tok, texts, dims=8)
+    np.testing.assert_allclose(e8, full[:, :8] / np.linalg.norm(full[:, :8], axis=1, keepdims=True), atol=1e-5)
+    # batching and padding do not change a text's embedding
+    one = embed_texts(model, tok, texts[:1])
+    np.testing.assert_allclose(one[0], full[0], atol=1e-5)
+    m = embed_texts(model, tok, texts, parse_spec(model.lm.cfg, "M"))
+    assert m.shape == (3, 24)
+
+
+def test_embed_file_and_cli(emb_ckpt, tmp_path, capsys):
+    f = tmp_path / "texts.txt"
+    f.write_text("first text\n\nsecond text here\nthird\n")
+    vecs = embed_file(emb_ckpt, f, tmp_path / "a.npy", size="M", dims=16)
+    assert vecs.shape == (3, 16)
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), vecs)
+    assert main(["embed", str(emb_ckpt), str(f), "-o", str(tmp_path / "b.npy"), "--dims", "8", "--device", "cpu"]) == 0
+    b = np.load(tmp_path / "b.npy")
+    assert b.shape == (3, 8)
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dims", "12"], "embedding dim 12 was not trained; this model's Matryoshka dims are"),
+    (["--dims", "64"], "embedding dim 64 is outside 1..32"),
+    (["--size", "M", "--dims", "32"], "embedding dim 32 is outside 1..24"),
+    (["--size", "XXL"], "unknown size 'XXL'"),
+])
+def test_embed_cli_bad_dims(emb_ckpt, tmp_path, capsys, args, message):
+    f = tmp_path / "t.txt"
+    f.write_text("hello\n")
+    assert main(["embed", str(emb_ckpt), str(f), "-o", str(tmp_path / "x.npy"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_embed_cli_bad_inputs(emb_ckpt, lm_ckpt, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    assert main(["embed", str(emb_ckpt), str(empty), "-o", str(tmp_path / "x.npy")]) == 2
+    assert "is empty" in capsys.readouterr().err
+    assert main(["embed", str(lm_ckpt), str(empty), "-o", str(tmp_path / "x.npy")]) == 2
+    assert "is empty" in capsys.readouterr().err
+    f = tmp_path / "t.txt"
+    f.write_text("hello\n")
+    assert main(["embed", str(lm_ckpt), str(f), "-o", str(tmp_path / "x.npy")]) == 2
+    assert "not an embedding checkpoint" in capsys.readouterr().err
+    assert main(["embed", str(tmp_path / "nope"), str(f), "-o", str(tmp_path / "x.npy")]) == 2
+    assert "does not exist" in capsys.readouterr().err

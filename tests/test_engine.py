@@ -1,0 +1,288 @@
+"""The inference engine: zero-copy elastic sizes, batched == one at a time, cached == recomputed, sampling, stops."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from conftest import tiny_config
+from matryoshka_lm.engine import Engine, Sampling, held_back, logits_to_probs
+from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.model import KVCache, MatryoshkaLM
+from matryoshka_lm.spec import count_params, parse_spec, uniform_spec
+
+SPECS = ["XL", "L", "M", "S", "S,M,L,XL", "f16h2,f64h4,f8h2@d24"]
+PROMPTS = [[5, 17, 3, 88, 41, 2, 9], [60, 1], [33, 12, 70, 70, 4], [8]]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Batch-1 decoding of a tiny model is pure dispatch overhead; a second thread only adds contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model() -> MatryoshkaLM:
+    """Random weights with a wider spread than the init, so the next-token distributions are far from uniform."""
+    torch.manual_seed(0)
+    m = MatryoshkaLM(tiny_config()).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0, 0.3)
+    return m
+
+
+def decode_text(ids: list[int]) -> str:
+    return "".join(chr(97 + t % 26) for t in ids)
+
+
+def naive_greedy(model: MatryoshkaLM, prompt: list[int], spec, n: int) -> list[int]:
+    """No cache: the whole sequence re-run every step."""
+    x = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            x.append(int(model(torch.tensor([x]), spec)[0, -1].argmax()))
+    return x[len(prompt):]
+
+
+# ---------------------------------------------------------------- zero copy
+
+
+class WeightsRead(TorchFunctionMode):
+    """Records the weight argument of every linear / embedding call."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            self.weights.append(args[1] if len(args) > 1 else kwargs["weight"])
+        elif func is torch.nn.functional.embedding:
+            self.weights.append(args[1] if len(args) > 1 else kwargs["weight"])
+        return func(*args, **kwargs)
+
+
+class NewStorageBytes(TorchDispatchMode):
+    """Sums the bytes of every storage an op allocates (views and in-place results allocate nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                self.bytes += t.untyped_storage().nbytes()
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+@pytest.mark.parametrize("text", SPECS)
+def test_every_size_reads_views_of_the_full_weights(model, text):
+    spec = parse_spec(model.cfg, text)
+    params = {p.untyped_storage().data_ptr(): name for name, p in model.named_parameters()}
+    engine = Engine(model)
+    with WeightsRead() as mode:
+        engine.generate([PROMPTS[0], PROMPTS[1]], spec, max_new_tokens=3)
+    # embedding + per layer (q, k, v, o, gate, up, down) + head
+    assert len(mode.weights) == 3 * (1 + 7 * spec.depth + 1)
+    for w in mode.weights:
+        assert w.untyped_storage().data_ptr() in params, "a submodel read a weight that is not the full model's"
+    # the slices have the submodel's width: smaller views, not the full tensors
+    assert all(spec.width in w.shape for w in mode.weights)
+
+
+def test_decoding_allocates_no_parameter_copy():
+    """One decode step of a width-, head- and FFN-sliced size allocates a tiny fraction of the weights it reads."""
+    torch.manual_seed(0)
+    model = MatryoshkaLM(tiny_config(d_model=128, ffn_dim=512, vocab_size=500, max_seq_len=32)).eval()
+    spec = uniform_spec(model.cfg, "M")
+    cache = KVCache.allocate(model.cfg, spec, 1, 16)
+    before = {n: (p.data_ptr(), p.shape) for n, p in model.named_parameters()}
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), spec, cache, 0)
+        with NewStorageBytes() as mode:
+            model(torch.tensor([[4]]), spec, cache, 3)
+    weight_bytes = 4 * count_params(model.cfg, spec)["total"]
+    assert mode.bytes < 0.1 * weight_bytes, (mode.bytes, weight_bytes)  # activations only
+    smallest_slice = 4 * spec.width * min(l.ffn for l in spec.layers)
+    assert mode.largest < smallest_slice  # no single allocation as big as even one sliced weight
+    assert before == {n: (p.data_ptr(), p.shape) for n, p in model.named_parameters()}
+
+
+def test_engine_keeps_no_weights_of_its_own(model):
+    nbytes = sum(p.nbytes for p in model.parameters())
+    engine = Engine(model)
+    for size in ("XL", "L", "M", "S"):
+        engine.generate([PROMPTS[0]], uniform_spec(model.cfg, size), max_new_tokens=2)
+    assert sum(p.nbytes for p in engine.model.parameters()) == nbytes
+    assert engine.model is model
+
+
+# ---------------------------------------------------------------- correctness of decoding
+
+
+@pytest.mark.parametrize("text", ["XL", "M", "S", "S,M,L,XL"])
+def test_greedy_equals_recomputing_without_cache(model, text):
+    spec = parse_spec(model.cfg, text)
+    for prompt in PROMPTS[:2]:
+        got = Engine(model).generate([prompt], spec, max_new_tokens=12)[0]
+        assert got.tokens == naive_greedy(model, prompt, spec, 12)
+        assert got.finish_reason == "length"
+
+
+@pytest.mark.parametrize("text", ["XL", "S", "f16h2,f64h4,f8h2@d24"])
+def test_batch_of_different_lengths_equals_one_at_a_time(model, text):
+    spec = parse_spec(model.cfg, text)
+    engine = Engine(model)
+    batch = engine.generate(PROMPTS, spec, max_new_tokens=10)
+    for prompt, got in zip(PROMPTS, batch):
+        assert got.tokens == engine.generate([prompt], spec, max_new_tokens=10)[0].tokens
+
+
+def test_batched_logits_match_unpadded_logits(model):
+    """Left padding changes nothing: the padded rows' next-token logits equal each prompt's own."""
+    spec = uniform_spec(model.cfg, "M")
+    engine = Engine(model)
+    steps = engine.token_steps(PROMPTS, spec, max_new_tokens=1, sampling=Sampling(temperature=1.0, seed=0))
+    next(steps)  # runs the padded prefill
+    from matryoshka_lm.engine import Padding, prefill
+
+    P = max(map(len, PROMPTS))
+    idx = torch.zeros(len(PROMPTS), P, dtype=torch.long)
+    for b, p in enumerate(PROMPTS):
+        idx[b, P - len(p):] = torch.tensor(p)
+    pad = Padding.build([len(p) for p in PROMPTS], P, idx.device)
+    with torch.no_grad():
+        cache = KVCache.allocate(model.cfg, spec, len(PROMPTS), P)
+        padded = prefill(model, idx, spec, cache, pad.pos, pad.prefill_mask(P))
+        for b, p in enumerate(PROMPTS):
+            alone = model(torch.tensor([p]), spec)[0, -1]
+            torch.testing.assert_close(padded[b], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_context_end_stops_generation(model):
+    prompt = list(range(1, model.cfg.max_seq_len - 3))  # room for 4 more
+    got = Engine(model).generate([prompt], None, max_new_tokens=50)[0]
+    assert len(got.tokens) == 4 and got.finish_reason == "length"
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_seeded_sampling_is_reproducible(model):
+    engine = Engine(model)
+    s = Sampling(temperature=1.0, top_k=20, top_p=0.9, seed=7)
+    a = engine.generate(PROMPTS, None, 15, s)
+    b = engine.generate(PROMPTS, None, 15, s)
+    c = engine.generate(PROMPTS, None, 15, Sampling(temperature=1.0, top_k=20, top_p=0.9, seed=8))
+    assert [x.tokens for x in a] == [x.tokens for x in b]
+    assert [x.tokens for x in a] != [x.tokens for x in c]
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(model):
+    engine = Engine(model)
+    greedy = engine.generate(PROMPTS[:2], None, 10)
+    for s in (Sampling(temperature=0.7, top_k=1, seed=3), Sampling(temperature=1.3, top_p=1e-6, seed=3)):
+        assert [x.tokens for x in engine.generate(PROMPTS[:2], None, 10, s)] == [x.tokens for x in greedy]
+
+
+def test_logits_to_probs_filters():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 3.0]])
+    p = logits_to_probs(logits, Sampling(temperature=1.0, top_k=2))
+    assert (p > 0).tolist() == [[True, False, False, False, True]]
+    torch.testing.assert_close(p.sum(), torch.tensor(1.0))
+    full = torch.softmax(logits, -1)[0]  # 0.636, 0.234, 0.086, 0.032, 0.012 in order 4, 0, 1, 2, 3
+    p = logits_to_probs(logits, Sampling(temperature=1.0, top_p=0.8))  # 0.636 < 0.8 <= 0.636 + 0.234
+    assert (p > 0).tolist() == [[True, False, False, False, True]]
+    torch.testing.assert_close(p[0, 4], full[4] / (full[4] + full[0]))
+    assert logits_to_probs(logits, Sampling()).tolist() == [[0, 0, 0, 0, 1]]
+
+
+# ---------------------------------------------------------------- stops and streaming
+
+
+def test_stop_token_ends_a_row_and_is_not_returned(model):
+    engine = Engine(model)
+    full = engine.generate(PROMPTS, None, 12)
+    stop = full[0].tokens[4]
+    got = engine.generate(PROMPTS, None, 12, stop_tokens=[stop])
+    for f, g in zip(full, got):
+        expect = f.tokens[: f.tokens.index(stop)] if stop in f.tokens else f.tokens
+        assert g.tokens == expect
+        assert g.finish_reason == ("stop" if stop in f.tokens else "length")
+
+
+def test_stop_string_cuts_the_text(model):
+    engine = Engine(model)
+    full = engine.generate([PROMPTS[0]], None, 16, decode=decode_text)[0]
+    stop = full.text[6:8]
+    got = engine.generate([PROMPTS[0]], None, 16, stop_strings=[stop, "never"], decode=decode_text)[0]
+    assert got.text == full.text[: full.text.index(stop)]
+    assert decode_text(got.tokens) == got.text and got.finish_reason == "stop"
+
+
+def test_stream_joins_to_the_completion(model):
+    engine = Engine(model)
+    full = engine.generate([PROMPTS[2]], uniform_spec(model.cfg, "S"), 14, decode=decode_text)[0]
+    ids = list(engine.stream(PROMPTS[2], uniform_spec(model.cfg, "S"), 14))
+    assert ids == full.tokens
+    stop = full.text[9:11]
+    pieces = list(engine.stream(PROMPTS[2], uniform_spec(model.cfg, "S"), 14, stop_strings=[stop], decode=decode_text))
+    assert "".join(pieces) == full.text[: full.text.index(stop)]
+    assert all(isinstance(p, str) and p for p in pieces)
+
+
+def test_held_back_keeps_possible_stop_prefixes():
+    assert held_back("hello wor", ["world"]) == 3
+    assert held_back("hello", ["world"]) == 0
+    assert held_back("ab\ufffd", []) == 1
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompts=[[]]), "empty"),
+    (dict(prompts=[]), "no prompts"),
+    (dict(prompts=[list(range(64))]), "context holds 64"),
+    (dict(prompts=[[1, 500]]), "outside the vocabulary"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=-3), "max_new_tokens"),
+    (dict(stop_strings=["x"]), "decode function"),
+])
+def test_bad_generate_input_raises(model, kwargs, match):
+    args = dict(prompts=[[1, 2]], max_new_tokens=4) | kwargs
+    with pytest.raises(MatryoshkaError, match=match):
+        Engine(model).generate(args.pop("prompts"), None, **args)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=0), "top_k"),
+])
+def test_bad_sampling_raises(kwargs, match):
+    with pytest.raises(MatryoshkaError, match=match):
+        Sampling(**kwargs)
+
+
+def test_bad_spec_raises(model):
+    from matryoshka_lm.spec import LayerSpec, SubmodelSpec
+
+    with pytest.raises(MatryoshkaError, match="width"):
+        Engine(model).generate([[1]], SubmodelSpec(width=999, layers=(LayerSpec(8, 2),)), 2)

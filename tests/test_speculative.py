@@ -1,0 +1,167 @@
+"""Speculative decoding inside one nested model is lossless: greedy output == the target's, sampled output ~ p."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_config
+from matryoshka_lm.engine import Engine, Sampling
+from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.model import KVCache, MatryoshkaLM
+from matryoshka_lm.spec import parse_spec, uniform_spec
+from matryoshka_lm.speculative import (accept_reject, best_gamma, can_share_cache, shared_cache, speculative_decode,
+                                       speculative_stream)
+
+PROMPTS = [[5, 17, 3, 88, 41, 2, 9], [60, 1], [33, 12, 70, 70, 4, 4, 4, 19, 80]]
+DRAFTS = ["S", "M", "L", "S,M,L,XL", "f8h2,f16h2,f32h4@d24"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model() -> MatryoshkaLM:
+    """All sizes briefly trained together on a noisy chain (x_t = x_t-1 + 5 x_t-2 mod 97, 20% random): half
+    learnt, so drafts are often but not always accepted and both the accept and the reject path run."""
+    torch.manual_seed(0)
+    m = MatryoshkaLM(tiny_config())
+    specs = [uniform_spec(m.cfg, s) for s in ("XL", "L", "M", "S")]
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x = torch.empty(16, 33, dtype=torch.long)
+        x[:, :2] = torch.randint(0, 97, (16, 2), generator=g)
+        for t in range(2, 33):
+            noise = torch.rand(16, generator=g) < 0.2
+            x[:, t] = torch.where(noise, torch.randint(0, 97, (16,), generator=g), (x[:, t - 1] + 5 * x[:, t - 2]) % 97)
+        loss = sum(F.cross_entropy(m(x[:, :-1], s).flatten(0, 1), x[:, 1:].flatten()) for s in specs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval()
+
+
+def target_greedy(model, prompt, target, n):
+    return Engine(model).generate([prompt], target, n)[0].tokens
+
+
+@pytest.mark.parametrize("draft", DRAFTS)
+@pytest.mark.parametrize("share", [False, True])
+def test_greedy_speculative_equals_target_greedy(model, draft, share):
+    spec = parse_spec(model.cfg, draft)
+    accepted = 0
+    for prompt in PROMPTS:
+        want = target_greedy(model, prompt, None, 24)
+        for gamma, adaptive in ((1, False), (3, False), (4, True)):
+            got, stats = speculative_decode(model, prompt, None, spec, 24, gamma=gamma, adaptive=adaptive,
+                                            share_cache=share)
+            assert got.tokens == want, (draft, share, gamma)
+            accepted += stats.accepted
+    assert accepted > 0
+
+
+def test_greedy_speculative_to_a_smaller_target(model):
+    target, draft = uniform_spec(model.cfg, "L"), uniform_spec(model.cfg, "S")
+    for prompt in PROMPTS:
+        got, _ = speculative_decode(model, prompt, target, draft, 20, gamma=3)
+        assert got.tokens == target_greedy(model, prompt, target, 20)
+
+
+def test_both_paths_run_and_stats_add_up(model):
+    got, stats = speculative_decode(model, PROMPTS[0], None, uniform_spec(model.cfg, "S"), 40, gamma=4,
+                                    adaptive=False)
+    assert len(got.tokens) == 40
+    assert 0 < stats.accepted < stats.drafted == 4 * stats.rounds
+    assert 1 + stats.accepted + stats.rounds >= 40  # first token from the prefill, then n + 1 per round
+    same, s2 = speculative_decode(model, PROMPTS[0], None, None, 20, gamma=4, adaptive=False)
+    assert s2.acceptance == 1.0  # a draft equal to the target is always right
+
+
+def test_sampled_speculative_is_reproducible(model):
+    s = Sampling(temperature=1.0, top_k=30, seed=11)
+    draft = uniform_spec(model.cfg, "S")
+    a, _ = speculative_decode(model, PROMPTS[1], None, draft, 20, s)
+    b, _ = speculative_decode(model, PROMPTS[1], None, draft, 20, s)
+    assert a.tokens == b.tokens and len(a.tokens) == 20
+
+
+def test_stop_and_stream(model):
+    draft = uniform_spec(model.cfg, "M")
+    want = target_greedy(model, PROMPTS[2], None, 20)
+    got, _ = speculative_decode(model, PROMPTS[2], None, draft, 20, stop_tokens=[want[7]])
+    assert got.tokens == want[: want.index(want[7])] and got.finish_reason == "stop"
+    assert list(speculative_stream(model, PROMPTS[2], None, draft, 20)) == want
+
+
+# ---------------------------------------------------------------- the rejection sampler
+
+
+def test_accept_reject_reproduces_the_target_distribution():
+    """Stub distributions: draft q far from target p. Over many draws, the first emitted token ~ p[0] and,
+    when the first draft survives, the second ~ p[1]: exactly the target's, whatever q is."""
+    V, gamma, N = 6, 2, 12_000
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(gamma + 1, V, generator=g) * 1.5, -1)
+    q = torch.softmax(torch.randn(gamma, V, generator=g) * 1.5, -1)
+    first, second = torch.zeros(V), torch.zeros(V)
+    for _ in range(N):
+        drafted = torch.multinomial(q, 1, generator=g).squeeze(-1)
+        n, nxt = accept_reject(p, q, drafted, False, g)
+        emitted = drafted[:n].tolist() + [int(nxt)]
+        first[emitted[0]] += 1
+        if len(emitted) > 1:
+            second[emitted[1]] += 1
+    torch.testing.assert_close(first / N, p[0], atol=0.02, rtol=0)
+    torch.testing.assert_close(second / second.sum(), p[1], atol=0.03, rtol=0)
+    assert second.sum() < N  # some rejections happened
+
+
+def test_accept_reject_greedy():
+    p = F.one_hot(torch.tensor([3, 1, 4]), 6).float()
+    q = F.one_hot(torch.tensor([3, 2]), 6).float()
+    n, nxt = accept_reject(p, q, torch.tensor([3, 2]), True, None)
+    assert (n, int(nxt)) == (1, 1)  # first draft right, second wrong: the target's token replaces it
+    n, nxt = accept_reject(p, F.one_hot(torch.tensor([3, 1]), 6).float(), torch.tensor([3, 1]), True, None)
+    assert (n, int(nxt)) == (2, 4)  # all right: the bonus token
+
+
+def test_best_gamma_follows_acceptance_and_cost():
+    assert best_gamma(0.95, t_draft=0.1, t_verify=1.0, max_gamma=8) >= 6
+    assert best_gamma(0.2, t_draft=0.5, t_verify=1.0, max_gamma=8) == 1
+    assert best_gamma(0.8, 0.1, 1.0, 8) > best_gamma(0.8, 0.6, 1.0, 8)
+
+
+# ---------------------------------------------------------------- shared cache and bad input
+
+
+def test_shared_cache_is_a_view_of_the_target_cache(model):
+    target, draft = model.full, uniform_spec(model.cfg, "S")
+    assert can_share_cache(model.cfg, target, draft)
+    cache = KVCache.allocate(model.cfg, target, 1, 16)
+    view = shared_cache(model.cfg, cache, draft)
+    assert len(view.k) == draft.depth
+    for full, k in zip(cache.k, view.k):
+        assert k.untyped_storage().data_ptr() == full.untyped_storage().data_ptr()
+        assert k.shape[1] == draft.layers[0].heads // model.cfg.group_size
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(target="S", draft="XL"), "larger than target"),
+    (dict(target="M", draft="L"), "larger than target"),
+    (dict(gamma=0), "gamma"),
+    (dict(gamma=9), "gamma"),
+    (dict(prompt=[]), "empty"),
+    (dict(prompt=list(range(64))), "context"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+])
+def test_bad_speculative_input_raises(model, kwargs, match):
+    args = dict(prompt=[1, 2, 3], target="XL", draft="S", max_new_tokens=5) | kwargs
+    target, draft = (parse_spec(model.cfg, args.pop(k)) for k in ("target", "draft"))
+    with pytest.raises(MatryoshkaError, match=match):
+        speculative_decode(model, args.pop("prompt"), target, draft, **args)
