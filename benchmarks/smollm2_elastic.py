@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import shutil
 import sys
@@ -24,18 +23,18 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ROOT, machine, write_section  # noqa: E402
+from common import ROOT, machine, write_section
 
-from matryoshka_lm import checkpoint as ck  # noqa: E402
-from matryoshka_lm.config import ModelConfig, TrainConfig  # noqa: E402
-from matryoshka_lm.evaluate import evaluate_specs, human  # noqa: E402
-from matryoshka_lm.hf import import_hf  # noqa: E402
-from matryoshka_lm.report import checkpoint_val_split  # noqa: E402
-from matryoshka_lm.spec import count_params, size_names, uniform_spec  # noqa: E402
-from matryoshka_lm.train import JointLoss, make_optimizer, prepare_data, step_sizes, trained_sizes  # noqa: E402
+from matryoshka_lm import checkpoint as ck
+from matryoshka_lm.config import ModelConfig, TrainConfig
+from matryoshka_lm.evaluate import evaluate_specs, human
+from matryoshka_lm.hf import import_hf
+from matryoshka_lm.report import checkpoint_val_split
+from matryoshka_lm.spec import count_params, size_names, uniform_spec
+from matryoshka_lm.train import JointLoss, make_optimizer, prepare_data, step_sizes, trained_sizes
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -118,10 +117,17 @@ def table(cfg: ModelConfig, res: dict[str, dict[str, dict]], info: dict) -> str:
         lines.append(f"| {name} | {spec.layers[0].heads} | {spec.layers[0].ffn} | {human(p['total'])} "
                      f"({human(p['non_embedding'])}) | {res['original'][name]['loss']:.3f} | "
                      f"{res['reordered'][name]['loss']:.3f} | **{res['elastic'][name]['loss']:.3f}** | {full:.3f} |")
-    lines += ["", f"Machine: {machine()}. Total wall time {info['total_minutes']:.1f} min "
+    lines += ["", "Naive slicing keeps the first heads and FFN units as the checkpoint happens to order them; "
+              "reordering alone (a permutation: the full model's logits are unchanged, XL column) keeps the most "
+              "important ones; the fine-tune then trains the prefixes jointly. The full model's loss also falls after the "
+              "fine-tune: part of each gain is adaptation to this corpus, which the original never saw.",
+              "", f"Machine: {machine()}, shared with other jobs (load average {info.get('load', 0):.1f} on 2 cores "
+              f"during the run, so times are slow and not comparable with other sections). "
+              f"Total wall time {info['total_minutes']:.1f} min "
               f"(convert {info['convert_s']:.0f} s, import+reorder {info['import_s']:.0f} s, fine-tune "
-              f"{info['train_minutes'] * 60:.0f} s, eval {info['eval_s']:.0f} s). "
-              "Reproduce: `.venv/bin/python benchmarks/smollm2_elastic.py` (weights under runs/smollm2, not committed)."]
+              f"{info['train_minutes'] * 60:.0f} s incl. its final eval, eval {info['eval_s']:.0f} s). "
+              "Reproduce: `.venv/bin/python benchmarks/smollm2_elastic.py` "
+              "(weights under runs/smollm2, not committed)."]
     return "\n".join(lines)
 
 
@@ -136,9 +142,16 @@ def main() -> None:
     ap.add_argument("--max-corpus-chars", type=int, default=2_000_000)
     ap.add_argument("--eval-batches", type=int, default=4, help="validation batches of 8 x seq-len tokens")
     ap.add_argument("--nest", default="heads,ffn")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the section from OUT/results.json")
     a = ap.parse_args()
     torch.manual_seed(0)
     root = Path(a.out)
+    if a.report_only:
+        saved = json.loads((root / "results.json").read_text())
+        body = table(ck.read_config(root / "elastic")[0], saved["results"], saved["info"])
+        write_section("smollm2", body)
+        print(body)
+        return
     root.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
@@ -189,7 +202,7 @@ def main() -> None:
             "seq_len": a.seq_len, "train_tokens": steps * a.batch_size * a.seq_len, "lr": a.lr,
             "sizes_per_step": a.sample_sizes or len(cfg.sizes), "train_minutes": t_train / 60,
             "val_tokens": 8 * a.eval_batches * a.seq_len, "convert_s": t_conv, "import_s": t_import,
-            "eval_s": t_eval, "total_minutes": (time.perf_counter() - t_start) / 60}
+            "eval_s": t_eval, "total_minutes": (time.perf_counter() - t_start) / 60, "load": os.getloadavg()[1]}
     body = table(cfg, res, info)
     ck.write_json(root / "results.json", {"info": info, "results": res, "sizes": cfg.sizes})
     write_section("smollm2", body)

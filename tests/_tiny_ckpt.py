@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from conftest import tiny_config, tiny_train_config
+
 from matryoshka_lm.checkpoint import save_model
 from matryoshka_lm.data import limit_chars, read_corpus, train_tokenizer
 from matryoshka_lm.model import MatryoshkaLM

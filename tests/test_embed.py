@@ -17,6 +17,15 @@ from matryoshka_lm.retrieval import pair_recall
 from matryoshka_lm.spec import parse_spec
 
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: on a busy 2-core machine a second torch thread only adds spin-waits (10-100x slower ops)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 def test_shrink_is_truncate_then_normalize():
     t = torch.randn(5, 32)
     s = shrink(t, 8)
@@ -44,7 +53,6 @@ def test_mrl_loss_matches_sum_of_per_dim_infonce():
 def test_mrl_makes_low_dim_prefixes_better_than_plain_truncation():
     """Toy problem: two noisy views of a 16-d latent in 32-d. Trained at the full dims only, the information
     spreads over all 32 dims and a 4-dim prefix loses most of it; the MRL loss packs it into the prefix."""
-    torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     mix = torch.randn(16, 32, generator=g)
 
@@ -70,7 +78,6 @@ def test_mrl_makes_low_dim_prefixes_better_than_plain_truncation():
     plain, mrl = train([32]), train([2, 4, 8, 16, 32])
     r = {name: {m: pair_recall(q[:, :m], p[:, :m], (1,))["r@1"] for m in (4, 32)}
          for name, (q, p) in (("plain", plain), ("mrl", mrl))}
-    torch.set_num_threads(2)
     assert r["mrl"][4] > r["plain"][4] + 0.1, r
     assert r["mrl"][32] > 0.95 and r["plain"][32] > 0.95, r
 
@@ -115,7 +122,7 @@ def test_train_embedding_writes_a_matryoshka_checkpoint(emb_ckpt):
     assert meta["is_matryoshka"] is True and meta["pooling"] == "mean"
     # full width 32 -> 2..32; size M has width 24, which joins the trained set
     assert meta["matryoshka_dimensions"] == [2, 4, 8, 16, 24, 32]
-    assert meta["sizes"][0] == "f64h4,f64h4,f64h4,f64h4@d32" and "M" in meta["sizes"] and len(meta["sizes"]) == 3
+    assert meta["sizes"] == ["XL", "M", "f64h4,f64h4@d32"]  # the full model, size M, the depth-2 cut
     assert set(meta["recall_after"]["M"]) == {"2", "4", "8", "16", "24"}
     # the metadata servers look for, in config.json itself
     cfg = json.loads((emb_ckpt / "config.json").read_text())
@@ -176,3 +183,45 @@ def test_embed_cli_bad_inputs(emb_ckpt, lm_ckpt, tmp_path, capsys):
     assert "not an embedding checkpoint" in capsys.readouterr().err
     assert main(["embed", str(tmp_path / "nope"), str(f), "-o", str(tmp_path / "x.npy")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_train_embed_cli(lm_ckpt, corpus_file, tmp_path, capsys):
+    out = tmp_path / "emb"
+    common = [str(lm_ckpt), "--data", str(corpus_file), "--max-corpus-chars", "30000", "--steps", "1",
+              "--batch-size", "4", "--max-tokens", "16", "--n-eval", "8", "--device", "cpu"]
+    assert main(["train-embed", *common, "-o", str(out), "--dims", "64"]) == 2
+    assert "embedding dim 64 is outside 1..32" in capsys.readouterr().err
+    assert main(["train-embed", *common, "-o", str(tmp_path / "x"), "--depths", "9"]) == 2
+    assert "depth 9 is outside 1..4" in capsys.readouterr().err
+    assert main(["train-embed", *common, "-o", str(out), "--dims", "4,32", "--proj-dim", "16", "--quiet"]) == 2
+    assert "outside 1..16" in capsys.readouterr().err  # with a projection, D is the projection's width
+    assert main(["train-embed", *common, "-o", str(out), "--dims", "4,16", "--proj-dim", "16", "--quiet"]) == 0
+    meta = json.loads((out / "embedding.json").read_text())
+    assert meta["matryoshka_dimensions"] == [4, 16] and meta["projection"] == 16
+    assert (out / "projection.safetensors").is_file()
+    model, tok, _ = load_embedder(out)
+    assert embed_texts(model, tok, ["hello"], parse_spec(model.lm.cfg, "M")).shape == (1, 16)
+
+
+def test_export_embed_loads_in_transformers_with_matryoshka_metadata(emb_ckpt, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "st"
+    assert main(["export-embed", str(emb_ckpt), "--size", "M", "-o", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["is_matryoshka"] is True and cfg["matryoshka_dimensions"] == [2, 4, 8, 16, 24]
+    assert json.loads((out / "1_Pooling" / "config.json").read_text())["pooling_mode_mean_tokens"] is True
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    hf = transformers.AutoModel.from_pretrained(out).eval()
+    texts = ["the quick brown fox", "to be"]
+    b = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = hf(**b).last_hidden_state
+    pooled = (h * b["attention_mask"][..., None]).sum(1) / b["attention_mask"].sum(1, keepdim=True)
+    model, etok, _ = load_embedder(emb_ckpt)
+    ours = embed_texts(model, etok, texts, parse_spec(model.lm.cfg, "M"), dims=8)
+    np.testing.assert_allclose(shrink(pooled, 8).numpy(), ours, atol=1e-4)
+    with_proj = tmp_path / "x"
+    assert main(["export-embed", str(emb_ckpt), "-o", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export-embed", str(tmp_path), "-o", str(with_proj)]) == 2
+    assert "not an embedding checkpoint" in capsys.readouterr().err

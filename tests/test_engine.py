@@ -1,13 +1,15 @@
 """The inference engine: zero-copy elastic sizes, batched == one at a time, cached == recomputed, sampling, stops."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from conftest import tiny_config
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from conftest import tiny_config
 from matryoshka_lm.engine import Engine, Sampling, held_back, logits_to_probs
 from matryoshka_lm.errors import MatryoshkaError
 from matryoshka_lm.model import KVCache, MatryoshkaLM
@@ -63,9 +65,7 @@ class WeightsRead(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.nn.functional.linear:
-            self.weights.append(args[1] if len(args) > 1 else kwargs["weight"])
-        elif func is torch.nn.functional.embedding:
+        if func is torch.nn.functional.linear or func is torch.nn.functional.embedding:
             self.weights.append(args[1] if len(args) > 1 else kwargs["weight"])
         return func(*args, **kwargs)
 
@@ -286,3 +286,44 @@ def test_bad_spec_raises(model):
 
     with pytest.raises(MatryoshkaError, match="width"):
         Engine(model).generate([[1]], SubmodelSpec(width=999, layers=(LayerSpec(8, 2),)), 2)
+
+
+@pytest.mark.skipif(not os.environ.get("MATRYOSHKA_TEST_COMPILE"),
+                    reason="torch.compile costs ~10-30 s per graph on a small CPU; set MATRYOSHKA_TEST_COMPILE=1")
+def test_compiled_engine_matches_eager(model):
+    from matryoshka_lm.speculative import speculative_decode
+
+    eager, compiled = Engine(model), Engine(model, compile=True)
+    spec = uniform_spec(model.cfg, "S")
+    for prompts in ([PROMPTS[0]], PROMPTS):  # unpadded and padded batches
+        want = [c.tokens for c in eager.generate(prompts, spec, 12)]
+        assert [c.tokens for c in compiled.generate(prompts, spec, 12)] == want
+    want = eager.generate([PROMPTS[0]], None, 16)[0].tokens
+    assert speculative_decode(model, PROMPTS[0], None, spec, 16, engine=compiled)[0].tokens == want
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+def test_cli_generate_flags(tmp_path, corpus_file, capsys):
+    from _tiny_ckpt import make_checkpoint
+
+    from matryoshka_lm.cli import main
+
+    ckpt = str(make_checkpoint(tmp_path / "ckpt", corpus_file))
+    base = ["generate", ckpt, "--prompt", "The", "--max-new-tokens", "12", "--temperature", "0", "--device", "cpu"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    assert main([*base, "--draft", "S", "--stream", "--gamma", "3"]) == 0
+    out = capsys.readouterr()
+    assert out.out == plain  # speculative + streamed == plain greedy
+    assert "accepted" in out.err
+    args = ["--temperature", "0.9", "--top-k", "20", "--top-p", "0.9", "--seed", "3", "--stop", "e", "--stop", "."]
+    assert main([*base, *args, "--size", "M"]) == 0
+    assert "e" not in capsys.readouterr().out.removeprefix("The").rstrip("\n")
+    for bad, match in ((["--draft", "XL", "--size", "S"], "larger than target"), (["--top-p", "0"], "top_p"),
+                       (["--temperature", "-1"], "temperature"), (["--max-new-tokens", "0"], "max_new_tokens"),
+                       (["--top-k", "0"], "top_k")):
+        assert main([*base, *bad]) == 2
+        err = capsys.readouterr()
+        assert err.out == "" and match in err.err and len(err.err.strip().splitlines()) == 1

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _tiny_ckpt import make_checkpoint
+
 from matryoshka_lm import checkpoint as ck
 from matryoshka_lm import extract as ex
 from matryoshka_lm.cli import main

@@ -11,11 +11,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from _tiny_ckpt import make_checkpoint  # noqa: E402
-from matryoshka_lm import checkpoint as ck  # noqa: E402
-from matryoshka_lm.cli import main  # noqa: E402
-from matryoshka_lm.hf import default_sizes, export_hf, import_hf  # noqa: E402
-from matryoshka_lm.spec import parse_spec, uniform_spec  # noqa: E402
+from _tiny_ckpt import make_checkpoint
+
+from matryoshka_lm import checkpoint as ck
+from matryoshka_lm.cli import main
+from matryoshka_lm.hf import default_sizes, export_hf, import_hf
+from matryoshka_lm.spec import parse_spec, uniform_spec
 
 EOT = "<|endoftext|>"
 
@@ -79,7 +80,8 @@ def tiny_llama(folder, ckpt, tie=True, **kw):
         for name, p in model.named_parameters():
             p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
     model.save_pretrained(str(folder))
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT, bos_token=EOT).save_pretrained(str(folder))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT, bos_token=EOT)
+    fast.save_pretrained(str(folder))
     return model.eval()
 
 
@@ -103,7 +105,8 @@ def test_import_matches_transformers_and_reorder_keeps_logits(ckpt, tmp_path, co
 def test_imported_sizes_fit_the_shape_and_train_init_fine_tunes(ckpt, tmp_path, corpus_file):
     """6 heads in 3 GQA groups and 3 layers: default sizes snap to whole groups (1/2 -> 2/3, 3/4 -> 1)."""
     tiny_llama(tmp_path / "llama", ckpt)
-    out = import_hf(tmp_path / "llama", tmp_path / "ours", data=str(corpus_file), nest=("width", "heads", "ffn", "depth"),
+    out = import_hf(tmp_path / "llama", tmp_path / "ours", data=str(corpus_file),
+                    nest=("width", "heads", "ffn", "depth"),
                     max_corpus_chars=60_000, reorder_batches=1, seq_len=32)
     cfg, _ = ck.read_config(out)
     assert cfg.sizes == default_sizes(cfg)
@@ -112,7 +115,8 @@ def test_imported_sizes_fit_the_shape_and_train_init_fine_tunes(ckpt, tmp_path, 
         spec = uniform_spec(cfg, name)
         assert all(l.heads % cfg.group_size == 0 for l in spec.layers)
     run = tmp_path / "run"
-    assert main(["train", "--preset", "tiny", "--init", str(out), "--out", str(run), "--data", str(corpus_file), "--steps", "2",
+    assert main(["train", "--preset", "tiny", "--init", str(out), "--out", str(run), "--data", str(corpus_file),
+                 "--steps", "2",
                  "--batch-size", "2", "--seq-len", "32", "--max-corpus-chars", "60000", "--lr", "1e-4",
                  "--quiet", "--device", "cpu"]) == 0
     tuned, _ = ck.read_config(run)

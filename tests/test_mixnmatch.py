@@ -5,13 +5,19 @@ import json
 from itertools import product
 
 import pytest
-
 from _tiny_ckpt import make_checkpoint
 from conftest import tiny_config
+
 from matryoshka_lm.cli import main
 from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.mixnmatch import (Budget, enumerate_candidates, granularity_levels, monotone_sequences,
-                                     parse_budget, spec_text)
+from matryoshka_lm.mixnmatch import (
+    Budget,
+    enumerate_candidates,
+    granularity_levels,
+    monotone_sequences,
+    parse_budget,
+    spec_text,
+)
 from matryoshka_lm.spec import count_params, parse_spec
 
 
@@ -22,7 +28,8 @@ def ckpt(tmp_path_factory, corpus_file):
 
 @pytest.mark.parametrize("text, want", [("params=5M", Budget("params", 5e6)), ("flops = 1.5g", Budget("flops", 1.5e9)),
                                         ("params=120000", Budget("params", 1.2e5)),
-                                        ("latency=3ms", Budget("latency", 3e-3)), ("latency=0.5s", Budget("latency", 0.5))])
+                                        ("latency=3ms", Budget("latency", 3e-3)),
+                                        ("latency=0.5s", Budget("latency", 0.5))])
 def test_parse_budget(text, want):
     got = parse_budget(text)
     assert got.metric == want.metric and got.value == pytest.approx(want.value)

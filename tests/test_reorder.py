@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_config
+
 from matryoshka_lm.errors import MatryoshkaError
 from matryoshka_lm.model import MatryoshkaLM
 from matryoshka_lm.reorder import Permutation, importance_order, measure_importance, permute_state, reorder_model

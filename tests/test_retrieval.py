@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from _embed_ckpt import embedding_checkpoints
 from matryoshka_lm.cli import main
@@ -14,6 +15,15 @@ from matryoshka_lm.retrieval import (build_index, exact_search, funnel_search, l
 
 pytest.importorskip("faiss")
 
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: on a busy 2-core machine a second torch thread only adds spin-waits (10-100x slower ops)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 @pytest.fixture
 def vectors():

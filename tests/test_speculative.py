@@ -4,14 +4,20 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_config
+
 from matryoshka_lm.engine import Engine, Sampling
 from matryoshka_lm.errors import MatryoshkaError
 from matryoshka_lm.model import KVCache, MatryoshkaLM
 from matryoshka_lm.spec import parse_spec, uniform_spec
-from matryoshka_lm.speculative import (accept_reject, best_gamma, can_share_cache, shared_cache, speculative_decode,
-                                       speculative_stream)
+from matryoshka_lm.speculative import (
+    accept_reject,
+    best_gamma,
+    can_share_cache,
+    shared_cache,
+    speculative_decode,
+    speculative_stream,
+)
 
 PROMPTS = [[5, 17, 3, 88, 41, 2, 9], [60, 1], [33, 12, 70, 70, 4, 4, 4, 19, 80]]
 DRAFTS = ["S", "M", "L", "S,M,L,XL", "f8h2,f16h2,f32h4@d24"]
@@ -79,7 +85,7 @@ def test_both_paths_run_and_stats_add_up(model):
     assert len(got.tokens) == 40
     assert 0 < stats.accepted < stats.drafted == 4 * stats.rounds
     assert 1 + stats.accepted + stats.rounds >= 40  # first token from the prefill, then n + 1 per round
-    same, s2 = speculative_decode(model, PROMPTS[0], None, None, 20, gamma=4, adaptive=False)
+    _, s2 = speculative_decode(model, PROMPTS[0], None, None, 20, gamma=4, adaptive=False)
     assert s2.acceptance == 1.0  # a draft equal to the target is always right
 
 

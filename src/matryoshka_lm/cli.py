@@ -263,12 +263,50 @@ def cmd_search(a: argparse.Namespace) -> None:
             print(f"{rank}\t{h['id']}\t{h['score']:.4f}" + (f"\t{h['text']}" if "text" in h else ""))
 
 
+def cmd_serve(a: argparse.Namespace) -> None:
+    import os
+
+    from .serve import serve
+
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    serve(a.ckpt, host=a.host, port=a.port, api_key=a.api_key or os.environ.get("MATRYOSHKA_API_KEY"),
+          device=_device(a.device), name=a.name, max_batch=a.max_batch, compile=a.compile)
+
+
+def _add_serve_parser(sub) -> None:
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server: every size of one checkpoint, per request")
+    sv.add_argument("ckpt")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MATRYOSHKA_API_KEY, else none)")
+    sv.add_argument("--name", help="model name in ids NAME:SIZE (default: the checkpoint folder's name)")
+    sv.add_argument("--max-batch", type=int, default=16, help="rows per generation batch")
+    sv.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                    help="torch.compile the decode step (pays off on CUDA)")
+    sv.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 suits a small shared CPU)")
+    sv.add_argument("--device", default="auto")
+    sv.set_defaults(func=cmd_serve)
+
+
+def cmd_export_embed(a: argparse.Namespace) -> None:
+    from .embed_hf import export_embedding
+
+    out = export_embedding(a.ckpt, a.out, size=a.size, force=a.force)
+    print(f"wrote {out} (load with sentence_transformers.SentenceTransformer, or AutoModel + mean pooling)",
+          file=sys.stderr)
+
+
 def _add_embedding_parsers(sub) -> None:
-    te = sub.add_parser("train-embed", help="MRL-train a Matryoshka embedding (nested dims, optionally sizes) from a checkpoint")
+    te = sub.add_parser("train-embed",
+                        help="MRL-train a Matryoshka embedding (nested dims, optionally sizes) from a checkpoint")
     te.add_argument("ckpt", help="LM checkpoint to start from (its tokenizer is kept), or a Hugging Face encoder "
                     "folder ('minilm' = all-MiniLM-L6-v2 from the [embed] extra)")
     te.add_argument("-o", "--out", required=True, help="embedding checkpoint directory to write")
-    te.add_argument("--pairs", help="JSONL of {\"query\": ..., \"positive\": ...} (default: two halves of corpus passages)")
+    te.add_argument("--pairs",
+                    help="JSONL of {\"query\": ..., \"positive\": ...} (default: two halves of corpus passages)")
     te.add_argument("--data", help="corpus for self-supervised pairs (default: the embedded corpus)")
     te.add_argument("--dims", help="nested dims, e.g. 12,24,48,96,192 (default: D/16,D/8,D/4,D/2,D)")
     te.add_argument("--sizes", help="extra sizes/specs trained jointly (2D Matryoshka), e.g. M,S")
@@ -296,6 +334,14 @@ def _add_embedding_parsers(sub) -> None:
     em.add_argument("--batch-size", type=int, default=64)
     em.add_argument("--device", default="auto")
     em.set_defaults(func=cmd_embed)
+
+    ee = sub.add_parser("export-embed", help="write one size of an embedding checkpoint as a sentence-transformers "
+                        "folder (config.json: is_matryoshka, matryoshka_dimensions)")
+    ee.add_argument("ckpt", help="embedding checkpoint (from train-embed)")
+    ee.add_argument("-o", "--out", required=True, help="new folder")
+    ee.add_argument("--size", help="size or spec whose layers share one granularity (default: the full model)")
+    ee.add_argument("--force", action="store_true", help="replace --out if it exists")
+    ee.set_defaults(func=cmd_export_embed)
 
     ix = sub.add_parser("index", help="build a FAISS index of Matryoshka embeddings")
     ixs = ix.add_subparsers(dest="index_command", required=True)
@@ -436,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--device", default="auto")
     st.set_defaults(func=cmd_study)
     _add_embedding_parsers(sub)
+    _add_serve_parser(sub)
     return p
 
 

@@ -226,9 +226,13 @@ def _json_field(line: str, keys: tuple, path: Path, lineno: int) -> list[str]:
     return values
 
 
-def corpus_pairs(docs: list[str], passage_chars: int = 240, min_chars: int = 24) -> list[tuple[str, str]]:
+def corpus_pairs(docs: list[str], passage_chars: int = 240, min_chars: int = 24,
+                 overlap: float = 0.0) -> list[tuple[str, str]]:
     """Self-supervised pairs: consecutive lines grouped into passages of ~`passage_chars`, each cut into two
-    halves (at the line boundary nearest the middle, else at a space): (first half, second half)."""
+    halves (at the line boundary nearest the middle, else at a space): (first half, second half).
+
+    overlap > 0 widens both halves towards each other so that they share that fraction of the passage's words
+    (an easier task, learnable from scratch by a small model)."""
     pairs = []
     for doc in docs:
         buf: list[str] = []
@@ -238,6 +242,8 @@ def corpus_pairs(docs: list[str], passage_chars: int = 240, min_chars: int = 24)
                 buf.append(line)
             if sum(len(b) for b in buf) >= passage_chars:
                 pair = _halves(buf)
+                if pair and overlap > 0:
+                    pair = _overlap(pair, overlap)
                 if pair and min(len(pair[0]), len(pair[1])) >= min_chars:
                     pairs.append(pair)
                 buf = []
@@ -253,6 +259,12 @@ def _halves(lines: list[str]) -> tuple[str, str] | None:
         return " ".join(lines[:k]), " ".join(lines[k:])
     cut = text.rfind(" ", 0, int(half) + 1)
     return (text[:cut], text[cut + 1:]) if cut > 0 else None
+
+
+def _overlap(pair: tuple[str, str], overlap: float) -> tuple[str, str]:
+    a, b = pair[0].split(), pair[1].split()
+    words, e = a + b, round(overlap * (len(a) + len(b)) / 2)
+    return " ".join(words[: len(a) + e]), " ".join(words[max(0, len(a) - e):])
 
 
 def split_pairs(pairs: list[tuple[str, str]], n_eval: int, seed: int) -> tuple[list, list]:
@@ -291,6 +303,7 @@ class EmbedTrainConfig:
     data: str | None = None       # corpus for self-supervised pairs; None -> the embedded default corpus
     max_corpus_chars: int = 2_000_000
     passage_chars: int = 240
+    pair_overlap: float = 0.0     # corpus pairs: fraction of the passage's words both halves share
     n_eval: int = 500             # held-out pairs for recall@k
     seed: int = 0
 
@@ -300,6 +313,8 @@ class EmbedTrainConfig:
                 raise MatryoshkaError(f"{name} must be positive, got {getattr(self, name)}")
         if self.batch_size < 2:
             raise MatryoshkaError("batch_size must be at least 2 (in-batch negatives)")
+        if not 0 <= self.pair_overlap < 1:
+            raise MatryoshkaError(f"pair_overlap must be in [0, 1), got {self.pair_overlap}")
         if self.temperature <= 0:
             raise MatryoshkaError(f"temperature must be positive, got {self.temperature}")
         if self.dim_weights is not None and self.dims is not None and len(self.dim_weights) != len(self.dims):
@@ -308,7 +323,7 @@ class EmbedTrainConfig:
 
 def training_specs(lm: MatryoshkaLM, sizes: list[str] | None, depths: list[int] | None) -> list[SubmodelSpec]:
     """The full model first, then each listed size and each depth cut (full width, first `depth` layers)."""
-    specs = [lm.full]
+    specs = [parse_spec(lm.cfg, format_spec(lm.full))]  # the full model, named (e.g. "XL") when a size is it
     for s in sizes or []:
         specs.append(parse_spec(lm.cfg, s))
     for d in depths or []:
@@ -362,7 +377,8 @@ def load_pairs(cfg: EmbedTrainConfig) -> tuple[list[tuple[str, str]], list[tuple
     else:
         from .data import limit_chars, read_corpus
 
-        pairs = corpus_pairs(limit_chars(read_corpus(cfg.data), cfg.max_corpus_chars), cfg.passage_chars)
+        docs = limit_chars(read_corpus(cfg.data), cfg.max_corpus_chars)
+        pairs = corpus_pairs(docs, cfg.passage_chars, overlap=cfg.pair_overlap)
         if not pairs:
             raise MatryoshkaError("the corpus yields no passage pairs (too short?)")
     return split_pairs(pairs, cfg.n_eval, cfg.seed)
@@ -410,7 +426,8 @@ def train_embedding(init: str | Path, out: str | Path, cfg: EmbedTrainConfig, de
             callback(step + 1, {"loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
     after = evaluate_pairs(model, tok, eval_pairs, specs, dims, cfg.max_tokens) if eval_pairs else {}
     trained = sorted({m for s in specs for m in (spec_dims(dims, model.out_dim(s)) if cfg.mrl else [model.out_dim(s)])})
-    meta = {"is_matryoshka": cfg.mrl, "matryoshka_dimensions": trained, "pooling": "mean", "normalize": "after_truncation",
+    meta = {"is_matryoshka": cfg.mrl, "matryoshka_dimensions": trained, "pooling": "mean",
+            "normalize": "after_truncation",
             "projection": cfg.proj_dim or None, "sizes": [format_spec(s) for s in specs], "base": str(init),
             "train": asdict(cfg), "eval_pairs": len(eval_pairs), "recall_before": before, "recall_after": after}
     save_embedding(out, model, tok.to_str(), meta)

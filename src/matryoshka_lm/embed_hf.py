@@ -179,3 +179,40 @@ def save_hf(enc: HFEncoder, out: str | Path, dims: list[int]) -> Path:
     if len(dims) > 1:
         write_matryoshka_metadata(out, dims)
     return out
+
+
+def export_embedding(ckpt: str | Path, out: str | Path, size: str | None = None, force: bool = False) -> Path:
+    """Write size `size` of an embedding checkpoint as a sentence-transformers folder: the Hugging Face Llama
+    folder of `export_hf`, mean-pooling module files, a padding token, and in config.json `is_matryoshka` and
+    `matryoshka_dimensions` (the trained dims that fit the size). Load it with `SentenceTransformer(out)`, or
+    `AutoModel` + mean pooling; truncate, then normalize (`truncate_dim=m, normalize_embeddings=True`)."""
+    from .embed import EMBEDDING_JSON
+    from .hf import export_hf
+
+    ckpt = Path(ckpt)
+    if not (ckpt / EMBEDDING_JSON).is_file():
+        raise MatryoshkaError(f"{ckpt} is not an embedding checkpoint (no {EMBEDDING_JSON}); "
+                              "make one with `matryoshka train-embed`")
+    meta = load_json(ckpt / EMBEDDING_JSON)
+    if meta.get("projection"):
+        raise MatryoshkaError("export-embed does not support embeddings with a projection (--proj-dim) yet; "
+                              "train without one to export")
+    out = export_hf(ckpt, size or meta["sizes"][0], out, force=force)
+    width = int(load_json(out / "config.json")["hidden_size"])
+    dims = [int(m) for m in meta["matryoshka_dimensions"] if m <= width]
+    write_matryoshka_metadata(out, dims)
+    tok_cfg = load_json(out / "tokenizer_config.json")
+    tok_cfg.update(pad_token=tok_cfg.get("eos_token") or "<|endoftext|>", padding_side="right")
+    ck.write_json(out / "tokenizer_config.json", tok_cfg)
+    max_len = int(meta.get("train", {}).get("max_tokens") or 64)
+    ck.write_json(out / "modules.json", [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}])
+    ck.write_json(out / "sentence_bert_config.json", {"max_seq_length": max_len, "do_lower_case": False})
+    ck.write_json(out / "1_Pooling" / "config.json", {
+        "word_embedding_dimension": width, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": False, "include_prompt": True})
+    ck.write_json(out / "config_sentence_transformers.json", {"similarity_fn_name": "cosine", "prompts": {},
+                                                               "default_prompt_name": None})
+    return out

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import logging
 import types
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -123,7 +123,7 @@ class Padding:
     valid: torch.Tensor  # (B, L) slot holds a real token of that row
 
     @classmethod
-    def build(cls, lengths: list[int], n_slots: int, device: torch.device) -> "Padding":
+    def build(cls, lengths: list[int], n_slots: int, device: torch.device) -> Padding:
         P = max(lengths)
         pad = torch.tensor([P - n for n in lengths], device=device)
         slots = torch.arange(n_slots, device=device)
@@ -273,7 +273,8 @@ class Engine:
                                       f"(at most {self.cfg.max_seq_len - 1} prompt tokens leave room to generate)")
             bad = [t for t in p if not 0 <= t < self.cfg.vocab_size]
             if bad:
-                raise MatryoshkaError(f"prompt {i}: token id {bad[0]} is outside the vocabulary 0..{self.cfg.vocab_size - 1}")
+                raise MatryoshkaError(
+                    f"prompt {i}: token id {bad[0]} is outside the vocabulary 0..{self.cfg.vocab_size - 1}")
             out.append(p)
         return out
 
@@ -336,7 +337,8 @@ class Engine:
         steps = (t.tolist() for t in self.token_steps([prompt], spec, max_new_tokens, sampling))
         yield from stream_rows(steps, self._rows(1, stop_tokens, stop_strings, decode)[0])
 
-    def _rows(self, n: int, stop_tokens: Sequence[int], stop_strings: Sequence[str], decode: Decode | None) -> list[_Row]:
+    def _rows(self, n: int, stop_tokens: Sequence[int], stop_strings: Sequence[str],
+              decode: Decode | None) -> list[_Row]:
         stop_strings = tuple(s for s in stop_strings if s)
         if stop_strings and decode is None:
             raise MatryoshkaError("stop strings need a decode function (token ids -> text)")

@@ -61,7 +61,8 @@ def from_hf_names(state: dict[str, torch.Tensor], n_layers: int, tied: bool) -> 
             want[f"model.layers.{i}.{theirs}.weight"] = f"layers.{i}.{ours}.weight"
     missing = sorted(k for k in want if k not in state)
     if missing:
-        raise MatryoshkaError(f"not a Llama checkpoint: weights {missing[:3]}{'...' if len(missing) > 3 else ''} missing")
+        more = "..." if len(missing) > 3 else ""
+        raise MatryoshkaError(f"not a Llama checkpoint: weights {missing[:3]}{more} missing")
     return {ours: state[theirs] for theirs, ours in want.items()}
 
 
@@ -183,7 +184,8 @@ def read_llama_config(src: Path) -> dict[str, Any]:
     if not isinstance(raw, dict) or (raw.get("model_type") != "llama"
                                      and "LlamaForCausalLM" not in (raw.get("architectures") or [])):
         kind = raw.get("model_type") if isinstance(raw, dict) else None
-        raise MatryoshkaError(f"{src} is not a Llama checkpoint (model_type {kind!r}); import-hf reads model_type 'llama'")
+        raise MatryoshkaError(f"{src} is not a Llama checkpoint (model_type {kind!r}); "
+                              "import-hf reads model_type 'llama'")
     if raw.get("attention_bias") or raw.get("mlp_bias"):
         raise MatryoshkaError(f"{src}: attention/MLP biases are not supported (our Llama has none)")
     if raw.get("hidden_act", "silu") != "silu":

@@ -23,13 +23,22 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 
-from .engine import GREEDY, Completion, Decode, Engine, Sampling, _Row, logits_to_probs, prefill, sample_from, \
-    stream_rows
+from .engine import (
+    GREEDY,
+    Completion,
+    Decode,
+    Engine,
+    Sampling,
+    logits_to_probs,
+    prefill,
+    sample_from,
+    stream_rows,
+)
 from .errors import MatryoshkaError
 from .model import KVCache, MatryoshkaLM
 from .spec import SubmodelSpec, count_params
@@ -96,7 +105,7 @@ class GammaController:
 
     def update(self, gamma: int, accepted: int, t_draft: float, t_verify: float) -> int:
         self.hits, self.misses = 0.9 * self.hits + accepted, 0.9 * self.misses + (accepted < gamma)
-        ema = lambda old, new: new if old is None else 0.8 * old + 0.2 * new  # noqa: E731
+        ema = lambda old, new: new if old is None else 0.8 * old + 0.2 * new
         self.t_draft, self.t_verify = ema(self.t_draft, t_draft / gamma), ema(self.t_verify, t_verify)
         cost = self.fixed_cost if self.fixed_cost is not None else self.t_draft / max(self.t_verify, 1e-9)
         return best_gamma(self.hits / (self.hits + self.misses), cost, 1.0, self.max_gamma)
@@ -123,6 +132,39 @@ def accept_reject(p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, greed
     total = residual.sum()
     dist = residual / total if total > 0 else p[n]  # total == 0 only through rounding (p == q)
     return n, draw(dist.view(1, -1), greedy, generator)
+
+
+def draft_tokens(engine: Engine, draft: SubmodelSpec, cache: KVCache, pending: torch.Tensor, pos: int, gamma: int,
+                 sampling: Sampling, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """γ draft tokens (γ,) and, when sampling, their draft distributions q (γ, V). `pending` are the tokens the
+    draft cache lacks, ending with the one that goes into slot `pos`."""
+    drafted, qs, x, start = [], [], pending, pos - pending.numel() + 1
+    for _ in range(gamma):
+        if x.numel() == 1:
+            logits = engine._decode(engine.model, x, draft, cache, start)
+        else:  # catching up on the previous round's last draft too
+            logits = engine._chunk(engine.model, x.view(1, -1), draft, cache, start)[:, -1]
+        if sampling.greedy:
+            x_next = logits.argmax(-1)
+        else:
+            qs.append(logits_to_probs(logits, sampling))
+            x_next = sample_from(qs[-1], gen)
+        start += x.numel()
+        x = x_next
+        drafted.append(x)
+    return torch.cat(drafted), (torch.cat(qs) if qs else None)
+
+
+def verify(engine: Engine, target: SubmodelSpec, cache: KVCache, last: torch.Tensor, drafted: torch.Tensor,
+           q: torch.Tensor | None, pos: int, sampling: Sampling,
+           gen: torch.Generator | None) -> tuple[int, torch.Tensor]:
+    """One target pass over [last, drafts] at slots pos.. -> (drafts accepted, the token after them (1,))."""
+    logits = engine._chunk(engine.model, torch.cat([last, drafted]).view(1, -1), target, cache, pos)[0]
+    if sampling.greedy:  # accept_reject with one-hot p and q, without building them
+        best = logits.argmax(-1).tolist()
+        n = next((i for i, (d, b) in enumerate(zip(drafted.tolist(), best)) if d != b), len(best) - 1)
+        return n, torch.tensor([best[n]], device=logits.device)
+    return accept_reject(logits_to_probs(logits, sampling), q, drafted, False, gen)
 
 
 @torch.no_grad()
@@ -154,40 +196,25 @@ def speculative_steps(model: MatryoshkaLM, prompt: Sequence[int], target: Submod
     last = draw(probs, sampling.greedy, gen)  # (1,): the first new token comes from the target alone
     yield [int(last)]
     produced, pos = 1, P         # `last` goes into slot `pos` next
-    pending = last               # tokens the draft cache still lacks, ending with `last`
+    pending = last               # tokens the draft cache lacks, ending with `last`
     if draft_cost is None and not sampling.greedy:
         draft_cost = param_ratio(cfg, target, draft)
     control = GammaController(max_gamma, draft_cost)
     while produced < n_new:
         g = min(gamma, L - pos - 1)
         t0 = time.perf_counter()
-        drafted, qs, x, start = [], [], pending, pos - pending.numel() + 1
-        for _ in range(g):
-            if x.numel() == 1:
-                logits = engine._decode(model, x, draft, d_cache, start)
-            else:
-                logits = engine._chunk(model, x.view(1, -1), draft, d_cache, start)[:, -1]
-            q = logits_to_probs(logits, sampling)
-            tok = draw(q, sampling.greedy, gen)
-            drafted.append(tok)
-            qs.append(q)
-            start += x.numel()
-            x = tok
+        drafted, q = draft_tokens(engine, draft, d_cache, pending, pos, g, sampling, gen)
         t1 = time.perf_counter()
-        drafted_t = torch.cat(drafted)
-        seq = torch.cat([last, drafted_t]).view(1, -1)  # (1, γ+1): verify every draft in one pass
-        p = logits_to_probs(engine._chunk(model, seq, target, t_cache, pos)[0], sampling)
-        n, nxt = accept_reject(p, torch.cat(qs), drafted_t, sampling.greedy, gen)
-        new = drafted_t[:n].tolist() + [int(nxt)]
+        n, nxt = verify(engine, target, t_cache, last, drafted, q, pos, sampling, gen)
         t2 = time.perf_counter()
-        # the target cache now holds `last` and the n accepted drafts; the draft cache lacks the γ-th draft
-        # when all were accepted (it was never fed back)
-        pending = torch.cat([drafted_t[-1:], nxt]) if n == g and not share else nxt
+        # the target cache now holds `last` and the n accepted drafts; the draft's own cache lacks the γ-th
+        # draft when all were accepted (it was never fed back)
+        pending = torch.cat([drafted[-1:], nxt]) if n == g and not share else nxt
         pos, last = pos + n + 1, nxt
         stats.rounds, stats.drafted, stats.accepted = stats.rounds + 1, stats.drafted + g, stats.accepted + n
         stats.gammas.append(g)
         stats.draft_s, stats.verify_s = stats.draft_s + t1 - t0, stats.verify_s + t2 - t1
-        new = new[: n_new - produced]
+        new = (drafted[:n].tolist() + [int(nxt)])[: n_new - produced]
         produced += len(new)
         yield new
         if adaptive:

@@ -1,0 +1,338 @@
+"""Dynamic batching for the server: one worker thread owns the model; requests of one size share a batch.
+
+Requests wait in a FIFO queue. Each turn of the worker loop
+  1. admits waiting requests into new batches: same spec and same sampling settings (greedy, or the same
+     temperature / top_p without a seed; a seeded request runs alone so its seed alone decides its output),
+     up to `max_batch` rows and `max_batches` batches in flight;
+  2. runs queued one-off jobs (embeddings);
+  3. advances every batch in flight by ONE token (engine.Engine.token_steps), round robin.
+So a new request starts at the next token step of the others, not after their batch ends, and a long
+generation at one size never holds up another size for more than a step. Rows that finish (stop, max_tokens,
+disconnect) drop out; a batch ends when all its rows have. What this is not: continuous batching, which would
+add new rows to a running batch's KV cache (the engine's batches are fixed at prefill).
+
+Results go back to the asyncio side with `loop.call_soon_threadsafe` into an unbounded per-request queue: the
+worker never waits for a client, so a slow reader only delays itself.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from .engine import Decode, Engine, Sampling, cut_at_stop, find_stop, held_back
+from .spec import SubmodelSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Event:
+    """What a request's queue receives: a text piece of choice `index`, its end, or an error."""
+    index: int
+    text: str = ""
+    tokens: int = 0                    # tokens generated for this choice so far
+    finish_reason: str | None = None   # set on the last event of a choice: "stop" | "length"
+    error: str | None = None           # the request failed (the message is for logs, not clients)
+
+
+class Ticket:
+    """The asyncio side of one request: an event queue filled from the worker thread, and a cancel flag."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.cancelled = False
+
+    def put(self, ev: Event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancelled = True
+
+    def cancel(self) -> None:
+        """Called when the client went away: its rows stop at the next step."""
+        self.cancelled = True
+
+
+@dataclass
+class GenRequest:
+    """One row of generation: prompt token ids, the size, and when to stop."""
+    ticket: Ticket
+    index: int                  # the choice index within its HTTP request
+    prompt: list[int]
+    spec: SubmodelSpec
+    max_tokens: int
+    sampling: Sampling
+    stop_tokens: frozenset[int] = frozenset()
+    stop_strings: tuple[str, ...] = ()
+    arrived: float = field(default_factory=time.perf_counter)
+
+    def key(self) -> tuple:
+        """Rows with equal keys may share a batch."""
+        s = self.sampling
+        if s.greedy:
+            sampling_key: Any = "greedy"
+        elif s.seed is not None:
+            sampling_key = id(self)  # alone
+        else:
+            sampling_key = (s.temperature, s.top_k, s.top_p)
+        return (self.spec.width, self.spec.layers, sampling_key)
+
+
+class RowStream:
+    """Push-mode stop handling for one row: feed it tokens, get the text that became final.
+
+    The same rules as engine.Engine.stream (a stop token ends the row and is not output; a stop string cuts the
+    text before it; text that might begin a stop string, or an unfinished UTF-8 character, is held back until
+    the next token decides), built from the engine's public helpers because engine.stream_rows pulls its tokens
+    while the batcher pushes them.
+    """
+
+    def __init__(self, req: GenRequest, budget: int, decode: Decode):
+        self.req, self.budget, self.decode = req, budget, decode
+        self.tokens: list[int] = []   # output tokens (without a stop token or a stop string's tokens)
+        self.steps = 0                # tokens the model generated for this row
+        self.text = ""                # text so far, once final at the end
+        self.sent = 0                 # characters already emitted
+        self.done = False
+        self.reason = "length"
+
+    def push(self, tok: int) -> Event | None:
+        self.steps += 1
+        if tok in self.req.stop_tokens:
+            self.done, self.reason = True, "stop"
+        else:
+            self.tokens.append(tok)
+            self.text = self.decode(self.tokens)
+            i = find_stop(self.text, self.req.stop_strings) if self.req.stop_strings else -1
+            if i >= 0:
+                self.text = self.text[:i]
+                self.tokens = cut_at_stop(self.tokens, self.text, self.decode)
+                self.done, self.reason = True, "stop"
+            elif self.steps >= self.budget:
+                self.done = True
+        end = len(self.text) if self.done else len(self.text) - held_back(self.text, self.req.stop_strings)
+        piece = self.text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        if self.done:
+            return Event(self.req.index, piece, self.steps, self.reason)
+        return Event(self.req.index, piece, self.steps) if piece else None
+
+
+@dataclass
+class _Batch:
+    spec: SubmodelSpec
+    rows: list[RowStream]
+    steps: Iterator[torch.Tensor]
+    started: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """The worker thread that runs all model work of a server.
+
+    Args:
+        engine: generation at any size of the loaded model.
+        decode: token ids -> text (the tokenizer's decode).
+        max_batch: rows per batch.
+        max_batches: batches in flight at once (each advances one token per turn).
+        window_s: when the worker was idle, wait this long for companions before the first prefill.
+        on_batch: called with (spec, rows) when a batch starts (metrics).
+    """
+
+    def __init__(self, engine: Engine, decode: Decode, max_batch: int = 16, max_batches: int = 8,
+                 window_s: float = 0.002, on_batch: Callable[[SubmodelSpec, int], None] | None = None):
+        self.engine, self.decode = engine, decode
+        self.max_batch, self.max_batches, self.window_s = max_batch, max_batches, window_s
+        self.on_batch = on_batch
+        self.ctx = engine.cfg.max_seq_len
+        self._cv = threading.Condition()
+        self._pending: deque[GenRequest] = deque()
+        self._jobs: deque[tuple[Callable[[], Any], asyncio.Future, asyncio.AbstractEventLoop]] = deque()
+        self._active: list[_Batch] = []
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.largest_batch = 0  # for tests and /health
+
+    # ---- the asyncio side
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="matryoshka-batcher", daemon=True)
+            self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker; requests still waiting or in flight get an error event."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, rows: Sequence[GenRequest]) -> None:
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            self._pending.extend(rows)
+            self._cv.notify()
+
+    def call(self, fn: Callable[[], Any]) -> asyncio.Future:
+        """Run fn() on the worker thread (between token steps); await the returned future for its result."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            self._jobs.append((fn, fut, loop))
+            self._cv.notify()
+        return fut
+
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._active)
+
+    # ---- the worker thread
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._closed or self._pending or self._jobs or self._active):
+                    self._cv.wait()
+                if self._closed:
+                    break
+                idle = not self._active
+            if idle and self.window_s > 0 and self._pending:
+                time.sleep(self.window_s)  # let requests sent together arrive together
+            with self._cv:
+                jobs = list(self._jobs)
+                self._jobs.clear()
+                new = self._admit()
+            for fn, fut, loop in jobs:
+                self._run_job(fn, fut, loop)
+            self._active.extend(new)
+            for batch in list(self._active):
+                self._step(batch)
+        self._fail_all("the server is shutting down")
+
+    def _admit(self) -> list[_Batch]:
+        """Group waiting rows (FIFO) into new batches; rows that do not fit stay queued."""
+        forming: list[tuple[tuple, list[GenRequest]]] = []
+        left: deque[GenRequest] = deque()
+        room = self.max_batches - len(self._active)
+        for req in self._pending:
+            if req.ticket.cancelled:
+                continue
+            key = req.key()
+            group = next((g for k, g in forming if k == key and self._fits(g, req)), None)
+            if group is not None:
+                group.append(req)
+            elif len(forming) < room:
+                forming.append((key, [req]))
+            else:
+                left.append(req)
+        self._pending = left
+        return [self._start(g) for _, g in forming]
+
+    def _budget(self, req: GenRequest) -> int:
+        return min(req.max_tokens, self.ctx - len(req.prompt))
+
+    def _fits(self, group: list[GenRequest], req: GenRequest) -> bool:
+        """A row may join if the batch stays small enough and no row loses tokens to a longer prompt: the batch
+        decodes into ctx - (its longest prompt) slots."""
+        if len(group) >= self.max_batch:
+            return False
+        rows = group + [req]
+        room = self.ctx - max(len(r.prompt) for r in rows)
+        return all(self._budget(r) <= room for r in rows)
+
+    def _start(self, group: list[GenRequest]) -> _Batch:
+        spec = group[0].spec
+        n = max(self._budget(r) for r in group)
+        steps = self.engine.token_steps([r.prompt for r in group], spec, n, group[0].sampling)
+        self.largest_batch = max(self.largest_batch, len(group))
+        if self.on_batch is not None:
+            self.on_batch(spec, len(group))
+        return _Batch(spec, [RowStream(r, self._budget(r), self.decode) for r in group], steps)
+
+    def _step(self, batch: _Batch) -> None:
+        try:
+            self._advance(batch)
+        except Exception as e:  # a failure ends this batch only; its handlers answer 500
+            log.exception("batch at %s failed", batch.spec)
+            self._end(batch, error=f"{type(e).__name__}: {e}")
+
+    def _advance(self, batch: _Batch) -> None:
+        try:
+            toks = next(batch.steps).tolist()
+        except StopIteration:  # the context is full; row budgets make every row finish before this
+            self._end(batch)
+            return
+        for row, tok in zip(batch.rows, toks):
+            if row.done:
+                continue
+            if row.req.ticket.cancelled:
+                row.done = True
+                continue
+            ev = row.push(tok)
+            if ev is not None:
+                row.req.ticket.put(ev)
+        if all(r.done for r in batch.rows):
+            self._end(batch)
+
+    def _end(self, batch: _Batch, error: str | None = None) -> None:
+        batch.steps.close()
+        if batch in self._active:
+            self._active.remove(batch)
+        for row in batch.rows:
+            if not row.done:
+                row.done = True
+                row.req.ticket.put(Event(row.req.index, row.text[row.sent:], row.steps, "length") if error is None
+                                   else Event(row.req.index, error=error))
+
+    def _run_job(self, fn: Callable[[], Any], fut: asyncio.Future, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            result, exc = fn(), None
+        except Exception as e:  # handed to the awaiting handler
+            result, exc = None, e
+
+        def settle() -> None:
+            if fut.cancelled():
+                return
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+
+        try:
+            loop.call_soon_threadsafe(settle)
+        except RuntimeError:
+            pass  # the loop is closed
+
+    def _fail_all(self, message: str) -> None:
+        with self._cv:
+            pending, self._pending = list(self._pending), deque()
+            jobs, self._jobs = list(self._jobs), deque()
+        for req in pending:
+            req.ticket.put(Event(req.index, error=message))
+        for batch in list(self._active):
+            self._end(batch, error=message)
+        for _, fut, loop in jobs:
+            self._run_job(_raiser(RuntimeError(message)), fut, loop)
+
+
+def _raiser(exc: Exception) -> Callable[[], Any]:
+    def fail() -> Any:
+        raise exc
+
+    return fail

@@ -1,0 +1,447 @@
+"""The OpenAI-compatible server as users meet it: a real uvicorn on a loopback port, the real `openai` client.
+
+Greedy answers must equal what the engine produces for that size directly, alone or batched with others; bad
+input must get an OpenAI-style 4xx, never a 5xx.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from _tiny_ckpt import make_checkpoint
+from matryoshka_lm.checkpoint import load_model, load_tokenizer
+from matryoshka_lm.embed import Embedder, embed_texts
+from matryoshka_lm.engine import GREEDY, Engine
+from matryoshka_lm.serve import CHAT_STOPS, chat_prompt, create_app
+from matryoshka_lm.spec import parse_spec
+
+openai = pytest.importorskip("openai")
+
+NAME = "tiny"
+KEY = "sk-test-key"
+
+
+class LoopbackServer:
+    """uvicorn serving `app` in a thread on a free 127.0.0.1 port (the socket is bound first: no port race)."""
+
+    def __init__(self, app):
+        self.app = app
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "LoopbackServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+        assert not self.thread.is_alive(), "uvicorn did not shut down"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, corpus_file) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("serve") / NAME, corpus_file)
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    # a batching window long enough that requests sent together reliably share a batch
+    app = create_app(ckpt, batch_window_s=0.05, max_body_bytes=64 * 1024)
+    with LoopbackServer(app) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def local(ckpt):
+    """The same checkpoint, loaded separately, for direct engine references."""
+    model, tok = load_model(ckpt), load_tokenizer(ckpt)
+    return Engine(model), tok
+
+
+def engine_text(local, prompt: str, size: str, max_tokens: int, stops=()) -> str:
+    engine, tok = local
+    eot = tok.token_to_id("<|endoftext|>")
+    spec = parse_spec(engine.cfg, size)
+    done = engine.generate([tok.encode(prompt).ids], spec, max_tokens, GREEDY, stop_tokens=[eot],
+                           stop_strings=stops, decode=tok.decode)
+    return done[0].text
+
+
+# ---------------------------------------------------------------- the openai client
+
+
+def test_models_lists_every_size_and_auto(client):
+    ids = [m.id for m in client.models.list()]
+    assert ids == [f"{NAME}:XL", f"{NAME}:L", f"{NAME}:M", f"{NAME}:S", f"{NAME}:auto"]
+    assert client.models.retrieve(f"{NAME}:S,M,L,XL").id.startswith(f"{NAME}:")
+
+
+@pytest.mark.parametrize("size", ["M", "S,M,L,XL"])
+def test_completion_equals_engine(client, local, size):
+    r = client.completions.create(model=f"{NAME}:{size}", prompt="The class statement", max_tokens=12,
+                                  temperature=0)
+    assert r.choices[0].text == engine_text(local, "The class statement", size, 12)
+    served = parse_spec(local[0].cfg, r.model.split(":", 1)[1])
+    assert served == parse_spec(local[0].cfg, size)
+    assert r.usage.prompt_tokens == len(local[1].encode("The class statement").ids)
+    assert r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length"
+
+
+def test_auto_is_the_full_size_and_says_so(client, local):
+    r = client.completions.create(model=f"{NAME}:auto", prompt="Lists", max_tokens=6, temperature=0)
+    assert r.model == f"{NAME}:XL"
+    assert r.choices[0].text == engine_text(local, "Lists", "XL", 6)
+
+
+def test_chat_uses_the_documented_template(client, local):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"}]
+    r = client.chat.completions.create(model=f"{NAME}:L", messages=messages, max_tokens=10, temperature=0)
+    prompt = chat_prompt([(m["role"], m["content"]) for m in messages])
+    assert prompt == "System: Be brief.\nUser: What is a list?\nAssistant:"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == engine_text(local, prompt, "L", 10, CHAT_STOPS)
+    assert r.usage.prompt_tokens == len(local[1].encode(prompt).ids)
+
+
+def test_streaming_joins_to_the_whole_answer(client):
+    kw = dict(model=f"{NAME}:S", prompt="A function", max_tokens=15, temperature=0)
+    whole = client.completions.create(**kw)
+    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 15
+
+    messages = [{"role": "user", "content": "Hello"}]
+    whole = client.chat.completions.create(model=f"{NAME}:M", messages=messages, max_tokens=8, temperature=0)
+    chunks = list(client.chat.completions.create(model=f"{NAME}:M", messages=messages, max_tokens=8, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_stop_strings_and_seeds(client, local):
+    base = engine_text(local, "The class statement", "XL", 20)
+    stop = base[4:6]  # a string the greedy answer is known to contain
+    r = client.completions.create(model=f"{NAME}:XL", prompt="The class statement", max_tokens=20, temperature=0,
+                                  stop=[stop])
+    assert r.choices[0].text == engine_text(local, "The class statement", "XL", 20, [stop])
+    assert stop not in r.choices[0].text and r.choices[0].finish_reason == "stop"
+    kw = dict(model=f"{NAME}:M", prompt="Sampling", max_tokens=12, temperature=1.0, top_p=0.9)
+    a, b = (client.completions.create(**kw, seed=7).choices[0].text for _ in range(2))
+    assert a == b
+
+
+def test_n_choices_and_prompt_arrays(client, local):
+    r = client.completions.create(model=f"{NAME}:M", prompt=["One", "Two words"], max_tokens=5, temperature=0, n=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text == r.choices[1].text == engine_text(local, "One", "M", 5)
+    assert r.choices[2].text == engine_text(local, "Two words", "M", 5)
+    ids = local[1].encode("One").ids
+    r2 = client.completions.create(model=f"{NAME}:M", prompt=ids, max_tokens=5, temperature=0)
+    assert r2.choices[0].text == r.choices[0].text
+
+
+def test_embeddings_are_truncated_unit_vectors(client, local):
+    engine, tok = local
+    texts = ["a short text", "another, somewhat longer text about classes"]
+    for fmt in ("base64", "float"):  # the client asks for base64 unless told
+        kw = {} if fmt == "base64" else {"encoding_format": "float"}
+        r = client.embeddings.create(model=f"{NAME}:M", input=texts, dimensions=8, **kw)
+        vecs = np.array([d.embedding for d in r.data])
+        assert vecs.shape == (2, 8)
+        np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1, atol=1e-5)
+        ref = embed_texts(Embedder(engine.model), tok, texts, parse_spec(engine.cfg, "M"), 8)
+        np.testing.assert_allclose(vecs, ref, atol=1e-5)
+    assert r.usage.prompt_tokens == sum(len(tok.encode(t).ids) for t in texts)
+    full = client.embeddings.create(model=f"{NAME}:S", input="x", encoding_format="float").data[0].embedding
+    assert len(full) == parse_spec(engine.cfg, "S").width
+
+
+# ---------------------------------------------------------------- concurrency
+
+
+def test_two_sizes_in_flight_at_once_equal_the_engine(client, local):
+    jobs = [("XL", "The class statement", 24), ("S", "A function definition", 24)]
+
+    def ask(job):
+        size, prompt, n = job
+        return client.completions.create(model=f"{NAME}:{size}", prompt=prompt, max_tokens=n, temperature=0)
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(ask, jobs))
+    for (size, prompt, n), r in zip(jobs, results):
+        assert r.choices[0].text == engine_text(local, prompt, size, n)
+        assert r.model == f"{NAME}:{size}"
+
+
+def test_same_size_requests_share_a_batch(server, client, local):
+    prompts = ["One", "Two words here", "Three: a longer prompt of several tokens", "Four"]
+    before = server.app.state.server.batcher.largest_batch
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        results = list(pool.map(lambda p: client.completions.create(
+            model=f"{NAME}:L", prompt=p, max_tokens=10, temperature=0), prompts))
+    assert server.app.state.server.batcher.largest_batch >= 2 or before >= 2
+    for p, r in zip(prompts, results):
+        assert r.choices[0].text == engine_text(local, p, "L", 10)
+
+
+def test_a_disconnected_stream_does_not_stall_others(server, client):
+    body = {"model": f"{NAME}:XL", "prompt": "Long", "max_tokens": 60, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", server.url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # read one event, then hang up
+        t0 = time.perf_counter()
+        other = client.completions.create(model=f"{NAME}:S", prompt="Other", max_tokens=5, temperature=0)
+        assert other.choices[0].finish_reason == "length" and time.perf_counter() - t0 < 20
+        deadline = time.monotonic() + 10
+        while "matryoshka_disconnects_total" not in http.get(server.url + "/metrics").text:
+            assert time.monotonic() < deadline, "the dropped stream was never noticed"
+            time.sleep(0.05)
+    batcher = server.app.state.server.batcher
+    deadline = time.monotonic() + 10
+    while batcher.in_flight or batcher.waiting:  # the dropped row's batch ends instead of running on
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_a_slow_stream_reader_stalls_nobody_and_loses_nothing(server, client, local):
+    body = {"model": f"{NAME}:M", "prompt": "Slow reader", "max_tokens": 30, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", server.url + "/v1/completions", json=body) as r:
+            t0 = time.perf_counter()  # this stream is not read while another request runs start to end
+            other = client.completions.create(model=f"{NAME}:S", prompt="Other", max_tokens=10, temperature=0)
+            assert other.choices[0].text == engine_text(local, "Other", "S", 10) and time.perf_counter() - t0 < 20
+            time.sleep(0.3)
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+    assert text == engine_text(local, "Slow reader", "M", 30)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _completion(**kw):
+    body = {"model": f"{NAME}:M", "prompt": "Hi", "max_tokens": 4}
+    body.update(kw)
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+BAD = [  # (id, path, raw body or JSON object, status, param)
+    ("invalid-json", "/v1/completions", b'{"model": "tiny:M", "prompt": ', 400, None),
+    ("nan", "/v1/completions", b'{"model": "tiny:M", "prompt": "a", "temperature": NaN}', 400, None),
+    ("empty-body", "/v1/completions", b"", 400, None),
+    ("not-an-object", "/v1/completions", [1, 2], 400, None),
+    ("unknown-model", "/v1/completions", _completion(model="gpt-4o"), 404, "model"),
+    ("other-name", "/v1/completions", _completion(model="llama:M"), 404, "model"),
+    ("malformed-spec", "/v1/completions", _completion(model="tiny:M,Q"), 400, "model"),
+    ("spec-too-deep", "/v1/completions", _completion(model="tiny:S,S,S,S,S,S"), 400, "model"),
+    ("missing-model", "/v1/completions", _completion(model=...), 400, "model"),
+    ("missing-prompt", "/v1/completions", _completion(prompt=...), 400, "prompt"),
+    ("max-tokens-0", "/v1/completions", _completion(max_tokens=0), 400, "max_tokens"),
+    ("max-tokens-negative", "/v1/completions", _completion(max_tokens=-3), 400, "max_tokens"),
+    ("max-tokens-over-limit", "/v1/completions", _completion(max_tokens=10_000), 400, "max_tokens"),
+    ("prompt-too-long", "/v1/completions", _completion(prompt="word " * 200), 400, "prompt"),
+    ("token-out-of-vocab", "/v1/completions", _completion(prompt=[1, 2, 99999]), 400, "prompt"),
+    ("temperature-high", "/v1/completions", _completion(temperature=2.5), 400, "temperature"),
+    ("temperature-negative", "/v1/completions", _completion(temperature=-0.1), 400, "temperature"),
+    ("top-p-high", "/v1/completions", _completion(top_p=1.5), 400, "top_p"),
+    ("top-p-negative", "/v1/completions", _completion(top_p=-1), 400, "top_p"),
+    ("max-tokens-string", "/v1/completions", _completion(max_tokens="10"), 400, "max_tokens"),
+    ("max-tokens-float", "/v1/completions", _completion(max_tokens=1.5), 400, "max_tokens"),
+    ("temperature-string", "/v1/completions", _completion(temperature="hot"), 400, "temperature"),
+    ("prompt-number", "/v1/completions", _completion(prompt=5), 400, "prompt"),
+    ("prompt-empty-array", "/v1/completions", _completion(prompt=[]), 400, "prompt"),
+    ("stream-string", "/v1/completions", _completion(stream="yes"), 400, "stream"),
+    ("model-number", "/v1/completions", _completion(model=3), 400, "model"),
+    ("stop-number", "/v1/completions", _completion(stop=7), 400, "stop"),
+    ("too-many-stops", "/v1/completions", _completion(stop=list("abcde")), 400, "stop"),
+    ("seed-string", "/v1/completions", _completion(seed="x"), 400, "seed"),
+    ("n-zero", "/v1/completions", _completion(n=0), 400, "n"),
+    ("logprobs", "/v1/completions", _completion(logprobs=2), 400, "logprobs"),
+    ("deep-nesting", "/v1/completions", b'{"model": "tiny:M", "prompt": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+     400, None),
+    ("lone-surrogate", "/v1/completions", b'{"model": "tiny:M", "prompt": "a\\ud800b"}', 400, "prompt"),
+    ("model-lone-surrogate", "/v1/completions", b'{"model": "x\\udc00", "prompt": "a"}', 404, "model"),
+    ("too-many-choices", "/v1/completions", _completion(prompt=["a"] * 100, n=8), 400, "n"),
+    ("huge-seed", "/v1/completions", _completion(seed=10 ** 30), 400, "seed"),
+    ("infinite-temperature", "/v1/completions", b'{"model": "tiny:M", "prompt": "a", "temperature": 1e400}', 400,
+     "temperature"),
+    ("oversize-body", "/v1/completions", _completion(prompt="x" * 100_000), 413, None),
+    ("chat-missing-messages", "/v1/chat/completions", {"model": "tiny:M"}, 400, "messages"),
+    ("chat-empty-messages", "/v1/chat/completions", {"model": "tiny:M", "messages": []}, 400, "messages"),
+    ("chat-bad-role", "/v1/chat/completions", {"model": "tiny:M", "messages": [{"role": "robot", "content": "x"}]},
+     400, "messages[0].role"),
+    ("chat-content-number", "/v1/chat/completions", {"model": "tiny:M", "messages": [{"role": "user", "content": 5}]},
+     400, "messages[0].content"),
+    ("chat-message-string", "/v1/chat/completions", {"model": "tiny:M", "messages": ["hi"]}, 400, "messages[0]"),
+    ("chat-max-completion-tokens-0", "/v1/chat/completions",
+     {"model": "tiny:M", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, 400,
+     "max_completion_tokens"),
+    ("chat-image", "/v1/chat/completions", {"model": "tiny:M", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400, "messages[0].content[0]"),
+    ("embed-missing-input", "/v1/embeddings", {"model": "tiny:M"}, 400, "input"),
+    ("embed-dims-too-large", "/v1/embeddings", {"model": "tiny:M", "input": "x", "dimensions": 10_000}, 400,
+     "dimensions"),
+    ("embed-dims-zero", "/v1/embeddings", {"model": "tiny:M", "input": "x", "dimensions": 0}, 400, "dimensions"),
+    ("embed-bad-format", "/v1/embeddings", {"model": "tiny:M", "input": "x", "encoding_format": "int8"}, 400,
+     "encoding_format"),
+    ("embed-unknown-model", "/v1/embeddings", {"model": "bert", "input": "x"}, 404, "model"),
+    ("embed-too-long", "/v1/embeddings", {"model": "tiny:M", "input": "word " * 200}, 400, "input"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_gets_an_openai_style_4xx(server, path, body, status, param):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server.url + path, content=content, headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param
+    assert err["type"] == "invalid_request_error"
+
+
+def test_oversize_chunked_body_is_413(server):
+    def chunks():
+        for _ in range(100):
+            yield b"x" * 1024
+
+    r = httpx.post(server.url + "/v1/completions", content=chunks(), timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_unknown_routes_and_methods(server):
+    assert httpx.get(server.url + "/v1/nothing").status_code == 404
+    r = httpx.get(server.url + "/v1/completions")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_client_raises_for_unknown_model(client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4o", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=f"{NAME}:M", messages=[{"role": "user", "content": "x"}], temperature=9)
+
+
+# ---------------------------------------------------------------- health, metrics
+
+
+def test_health_and_metrics(server, client):
+    client.completions.create(model=f"{NAME}:S", prompt="x", max_tokens=2, temperature=0)
+    h = httpx.get(server.url + "/health").json()
+    assert h["status"] == "ok" and h["sizes"] == ["XL", "L", "M", "S"]
+    text = httpx.get(server.url + "/metrics").text
+    for series in ('matryoshka_requests_total{endpoint="/v1/completions",size="S",status="200"}',
+                   'matryoshka_tokens_total{kind="completion",size="S"}',
+                   'matryoshka_request_latency_seconds_bucket{endpoint="/v1/completions",le="0.5",size="S"}',
+                   'matryoshka_time_to_first_token_seconds_count{size="S"}',
+                   'matryoshka_errors_total{', "matryoshka_batch_rows_bucket{", "matryoshka_queue_waiting "):
+        assert series in text, series
+    assert 'status="5' not in text  # nothing above ever produced a 5xx
+
+
+# ---------------------------------------------------------------- API key
+
+
+def test_api_key(ckpt):
+    app = create_app(ckpt, api_key=KEY)
+    with LoopbackServer(app) as s:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            r = httpx.get(s.url + "/v1/models", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        r = httpx.post(s.url + "/v1/completions", json={"model": "bad"})
+        assert r.status_code == 401  # authentication comes before validation
+        assert httpx.get(s.url + "/metrics").status_code == 401
+        assert httpx.get(s.url + "/health").status_code == 200
+        good = openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0)
+        assert good.completions.create(model=f"{NAME}:S", prompt="x", max_tokens=2).usage.completion_tokens >= 1
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=s.url + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_cli_serve_binds_loopback_and_stops(ckpt):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "MATRYOSHKA_API_KEY": KEY}
+    proc = subprocess.Popen([sys.executable, "-m", "matryoshka_lm.cli", "serve", str(ckpt), "--port", str(port),
+                             "--device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert httpx.get(url + "/v1/models").status_code == 401
+        r = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+        assert r.json()["data"][0]["id"] == f"{NAME}:XL"
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=20)[0].decode()
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it (exit status -15)
+    assert "Finished server process" in out and "Traceback" not in out, out
+    assert f"Uvicorn running on http://127.0.0.1:{port}" in out
+
+
+# ---------------------------------------------------------------- fuzz: never a 5xx
+
+_json = st.recursive(st.none() | st.booleans() | st.integers(-10 ** 20, 10 ** 20) | st.floats(allow_nan=False, allow_infinity=False)
+                     | st.text(max_size=20), lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=8)
+_fields = ["prompt", "messages", "input", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed",
+           "dimensions", "encoding_format", "max_completion_tokens", "stream_options", "logprobs"]
+_small = st.one_of(_json, st.integers(0, 8),
+                   st.sampled_from(["x", "ab", ["a"], [1, 2], [{"role": "user", "content": "x"}]]))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/embeddings"]),
+       model=st.sampled_from(["tiny:M", "tiny:S,M,L,XL", "tiny:auto", "S", "tiny:", "", "tiny:f8h2@d8"]),
+       body=st.dictionaries(st.sampled_from(_fields), _small, max_size=6))
+def test_fuzzed_bodies_never_get_a_5xx(server, path, model, body):
+    r = httpx.post(server.url + path, json={"model": model, **body}, timeout=60)
+    assert r.status_code < 500, r.text
+    if r.status_code != 200:
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
