@@ -89,6 +89,12 @@ def test_corpus_pairs_are_two_halves_of_a_passage():
     for a, b in pairs:
         assert a and b and a.startswith("line") and b.startswith("line")
         assert abs(len(a) - len(b)) < 60
+    unique = "\n".join(" ".join(f"w{i}x{j}" for j in range(8)) for i in range(40))  # every word distinct
+    a, b = corpus_pairs([unique], passage_chars=200)[0]
+    assert not set(a.split()) & set(b.split())
+    a, b = corpus_pairs([unique], passage_chars=200, overlap=0.5)[0]
+    n = len(set(a.split()) | set(b.split()))
+    assert len(set(a.split()) & set(b.split())) == round(0.5 * n / 2) * 2  # half the passage's words, shared
 
 
 def test_read_pairs_errors(tmp_path):
@@ -198,6 +204,8 @@ def test_train_embed_cli(lm_ckpt, corpus_file, tmp_path, capsys):
     assert main(["train-embed", *common, "-o", str(out), "--dims", "4,16", "--proj-dim", "16", "--quiet"]) == 0
     meta = json.loads((out / "embedding.json").read_text())
     assert meta["matryoshka_dimensions"] == [4, 16] and meta["projection"] == 16
+    assert main(["train-embed", *common, "-o", str(out)]) == 2
+    assert "is not empty" in capsys.readouterr().err
     assert (out / "projection.safetensors").is_file()
     model, tok, _ = load_embedder(out)
     assert embed_texts(model, tok, ["hello"], parse_spec(model.lm.cfg, "M")).shape == (1, 16)

@@ -82,7 +82,7 @@ class NewStorageBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         seen = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+            if isinstance(t, torch.Tensor) and not t.is_meta and t.untyped_storage().data_ptr() not in seen:
                 seen.add(t.untyped_storage().data_ptr())
                 self.bytes += t.untyped_storage().nbytes()
                 self.largest = max(self.largest, t.untyped_storage().nbytes())
@@ -120,6 +120,35 @@ def test_decoding_allocates_no_parameter_copy():
     smallest_slice = 4 * spec.width * min(l.ffn for l in spec.layers)
     assert mode.largest < smallest_slice  # no single allocation as big as even one sliced weight
     assert before == {n: (p.data_ptr(), p.shape) for n, p in model.named_parameters()}
+
+
+def test_engine_generation_allocates_no_parameter_copy():
+    """The whole engine path (view model built on first use, KV cache, prefill, decode) at a sliced size."""
+    torch.manual_seed(0)
+    model = MatryoshkaLM(tiny_config(d_model=128, ffn_dim=512, vocab_size=500, max_seq_len=32)).eval()
+    spec = uniform_spec(model.cfg, "M")
+    engine = Engine(model)
+    with NewStorageBytes() as mode:
+        engine.generate([[1, 2, 3]], spec, max_new_tokens=4)
+    # 8 forward passes of small activations in all, and not one allocation the size of a sliced weight
+    assert mode.bytes < 0.3 * 4 * count_params(model.cfg, spec)["total"]
+    assert mode.largest < 4 * spec.width * min(l.ffn for l in spec.layers)
+    sub, _ = engine.runner(spec)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert all(p.untyped_storage().data_ptr() in params for p in sub.parameters())
+    assert sub.rope_cos.data_ptr() == model.rope_cos.data_ptr()
+
+
+def test_slicing_once_equals_slicing_per_call(model):
+    for text in ("M", "S,M,L,XL"):
+        spec = parse_spec(model.cfg, text)
+        once = Engine(model).generate(PROMPTS, spec, 8)
+        per_call = Engine(model, slice_once=False).generate(PROMPTS, spec, 8)
+        assert [c.tokens for c in once] == [c.tokens for c in per_call]
+    x = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        sub, sub_spec = Engine(model).runner(spec)
+        torch.testing.assert_close(sub(x, sub_spec), model(x, spec), atol=1e-5, rtol=1e-5)
 
 
 def test_engine_keeps_no_weights_of_its_own(model):

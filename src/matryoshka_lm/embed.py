@@ -392,6 +392,9 @@ def train_embedding(init: str | Path, out: str | Path, cfg: EmbedTrainConfig, de
     training), projection.safetensors (with a projection) and embedding.json (dims, pooling, specs, recall@k of
     the held-out pairs before and after). Returns the embedding.json content.
     """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise MatryoshkaError(f"output directory {out} is not empty; pick a new one")
     torch.manual_seed(cfg.seed)
     lm = ck.load_model(init, device)
     tok = ck.load_tokenizer(init)

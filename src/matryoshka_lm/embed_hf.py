@@ -67,7 +67,9 @@ class HFEncoder(nn.Module):
     def __init__(self, path: str | Path = "minilm", max_tokens: int = 64, device: str | torch.device = "cpu"):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar on every load; ours report enough
         self.path = minilm_dir() if str(path) == "minilm" else Path(path)
         if not is_hf_encoder(self.path):
             raise MatryoshkaError(f"{path} is not a Hugging Face encoder folder (no config.json with a model_type)")

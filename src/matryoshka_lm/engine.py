@@ -1,7 +1,9 @@
 """Elastic inference: batched, KV-cached generation at any size, on the full model's own weights.
 
-A size (or Mix'n'Match spec) is only an argument to the forward: nested.py slices the weights as views, so one
-loaded model serves every size with no copy (tests/test_engine.py checks the storage pointers).
+A size (or Mix'n'Match spec) reads prefix views of the full model's weights, so one loaded model serves every
+size with no copy (tests/test_engine.py checks the storage pointers). `model(x, spec)` would take those views at
+every call; the engine takes them once per size instead (`view_model`: a module of the size's shape whose
+parameters ARE the views, from nested.slice_views), which saves the slicing ops of every step.
 
 The decoding loop follows gpt-fast: `prefill` the prompt into a preallocated KV cache, then `decode_one_token`
 per step; `Engine` adds batching, sampling, stop conditions and streaming around it.
@@ -24,6 +26,7 @@ import torch
 from . import nested
 from .errors import MatryoshkaError
 from .model import KVCache, MatryoshkaLM
+from .nested import submodel_config
 from .spec import SubmodelSpec, validate_spec
 
 log = logging.getLogger(__name__)
@@ -110,6 +113,19 @@ def forward_chunk(model: MatryoshkaLM, idx: torch.Tensor, spec: SubmodelSpec, ca
                   start: int) -> torch.Tensor:
     """Tokens (B, T) into slots start..start+T after a cached prefix; logits (B, T, V) (speculative verify)."""
     return model(idx, spec, cache, start)
+
+
+@torch.no_grad()
+def view_model(model: MatryoshkaLM, spec: SubmodelSpec) -> MatryoshkaLM:
+    """A standalone-shaped model of `spec` whose parameters are views of `model`'s: no weight is copied (built on
+    the meta device, then the views are assigned), and each slice is taken once instead of at every call."""
+    with torch.device("meta"):
+        sub = MatryoshkaLM(submodel_config(model.cfg, spec))
+    views = nested.slice_views(dict(model.named_parameters()), model.cfg, spec)
+    sub.load_state_dict({k: v.detach() for k, v in views.items()}, assign=True)
+    sub.requires_grad_(False)
+    sub.rope_cos, sub.rope_sin = model.rope_cos, model.rope_sin  # shared too (head_dim is the same)
+    return sub.eval()
 
 
 # ---------------------------------------------------------------- padding
@@ -235,12 +251,14 @@ class Engine:
     """Generation at any size of one loaded model. `compile=True` wraps the per-token forward in torch.compile
     (graphs per spec, compiled on first use; see BENCHMARKS.md for when it pays off on CPU)."""
 
-    def __init__(self, model: MatryoshkaLM, compile: bool = False):
+    def __init__(self, model: MatryoshkaLM, compile: bool = False, slice_once: bool = True):
         self.model = model.eval()
         self.cfg = model.cfg
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.compiled = compile
+        self.slice_once = slice_once  # False: slice at every call, model(x, spec) (for comparison)
+        self._views: dict[SubmodelSpec, MatryoshkaLM] = {}
         self._decode = decode_one_token
         self._chunk = forward_chunk
         if compile:
@@ -257,6 +275,18 @@ class Engine:
         spec = spec or self.model.full
         validate_spec(self.cfg, spec)
         return spec
+
+    def runner(self, spec: SubmodelSpec) -> tuple[MatryoshkaLM, SubmodelSpec]:
+        """The module that runs `spec` and the spec to pass it: the model itself for the full size, else the
+        size's view model (built on first use; views stay valid while the model's tensors are updated in place,
+        so build a new Engine after replacing them)."""
+        full = self.model.full
+        if not self.slice_once or (spec.width, spec.layers) == (full.width, full.layers):
+            return self.model, spec
+        sub = self._views.get(spec)
+        if sub is None:
+            sub = self._views[spec] = view_model(self.model, spec)
+        return sub, sub.full
 
     def check_prompts(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         if max_new_tokens <= 0:
@@ -285,7 +315,7 @@ class Engine:
                     max_new_tokens: int = 64, sampling: Sampling = GREEDY) -> Iterator[torch.Tensor]:
         """Yield the next token of every row, (B,), for up to max_new_tokens steps (fewer if the context fills).
         The caller decides when to stop; every row keeps decoding until then."""
-        spec = self.check_spec(spec)
+        model, spec = self.runner(self.check_spec(spec))
         prompts = self.check_prompts(prompts, max_new_tokens)
         lengths = [len(p) for p in prompts]
         B, P = len(prompts), max(lengths)
@@ -297,15 +327,15 @@ class Engine:
         padding = Padding.build(lengths, P + n_new, self.device) if len(set(lengths)) > 1 else None
         gen = sampling.generator(self.device)
         if padding is None:
-            logits = prefill(self.model, idx, spec, cache)
+            logits = prefill(model, idx, spec, cache)
         else:
-            logits = prefill(self.model, idx, spec, cache, padding.pos[:, :P], padding.prefill_mask(P))
+            logits = prefill(model, idx, spec, cache, padding.pos[:, :P], padding.prefill_mask(P))
         for i in range(n_new):
             tok = sample(logits, sampling, gen)
             yield tok
             if i + 1 < n_new:
                 pos, mask = padding.step(P + i) if padding is not None else (None, None)
-                logits = self._decode(self.model, tok, spec, cache, P + i, pos, mask)
+                logits = self._decode(model, tok, spec, cache, P + i, pos, mask)
 
     def generate(self, prompts: Sequence[Sequence[int]], spec: SubmodelSpec | None = None, max_new_tokens: int = 64,
                  sampling: Sampling = GREEDY, stop_tokens: Sequence[int] = (), stop_strings: Sequence[str] = (),

@@ -34,6 +34,11 @@ def embed(idx: torch.Tensor, table: torch.Tensor, width: int) -> torch.Tensor:
 
 def slice_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, spec: SubmodelSpec) -> dict[str, torch.Tensor]:
     """The weights a submodel reads, as contiguous copies: a standalone dense model of the spec's shape."""
+    return {k: v.contiguous().clone() for k, v in slice_views(state, cfg, spec).items()}
+
+
+def slice_views(state: dict[str, torch.Tensor], cfg: ModelConfig, spec: SubmodelSpec) -> dict[str, torch.Tensor]:
+    """The weights a submodel reads, as views of `state`'s tensors (no copy), named as in a standalone model."""
     C, hd, g = spec.width, cfg.head_dim, cfg.group_size
     out: dict[str, torch.Tensor] = {}
     out["tok_emb.weight"] = state["tok_emb.weight"][:, :C]
@@ -49,7 +54,7 @@ def slice_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, spec: Sub
             out[p + name + ".weight"] = state[p + name + ".weight"][:r, :c]
         for norm in ("attn_norm", "ffn_norm"):
             out[p + norm + ".weight"] = state[p + norm + ".weight"][:C]
-    return {k: v.contiguous().clone() for k, v in out.items()}
+    return out
 
 
 def submodel_config(cfg: ModelConfig, spec: SubmodelSpec) -> ModelConfig:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import ModelConfig
 from .engine import (
     GREEDY,
     Completion,
@@ -64,19 +65,19 @@ class SpeculativeStats:
         return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
 
 
-def check_draft(cfg, target: SubmodelSpec, draft: SubmodelSpec) -> None:
+def check_draft(cfg: ModelConfig, target: SubmodelSpec, draft: SubmodelSpec) -> None:
     t, d = count_params(cfg, target)["total"], count_params(cfg, draft)["total"]
     if d > t:
         raise MatryoshkaError(f"draft {draft} ({d:,} params) is larger than target {target} ({t:,} params); "
                               "the draft must be the smaller model")
 
 
-def can_share_cache(cfg, target: SubmodelSpec, draft: SubmodelSpec) -> bool:
+def can_share_cache(cfg: ModelConfig, target: SubmodelSpec, draft: SubmodelSpec) -> bool:
     """The draft's cache is a view of the target's when its layers and KV heads are prefixes of the target's."""
     return draft.depth <= target.depth and all(d.heads <= t.heads for d, t in zip(draft.layers, target.layers))
 
 
-def shared_cache(cfg, cache: KVCache, draft: SubmodelSpec) -> KVCache:
+def shared_cache(cfg: ModelConfig, cache: KVCache, draft: SubmodelSpec) -> KVCache:
     """The draft's view of the target's cache: its first KV heads of its first layers (no copy)."""
     kv = [l.heads // cfg.group_size for l in draft.layers]
     return KVCache([k[:, :n] for k, n in zip(cache.k, kv)], [v[:, :n] for v, n in zip(cache.v, kv)])
@@ -90,7 +91,7 @@ def best_gamma(alpha: float, t_draft: float, t_verify: float, max_gamma: int) ->
     return max(range(1, max_gamma + 1), key=rate)
 
 
-def param_ratio(cfg, target: SubmodelSpec, draft: SubmodelSpec) -> float:
+def param_ratio(cfg: ModelConfig, target: SubmodelSpec, draft: SubmodelSpec) -> float:
     return count_params(cfg, draft)["total"] / count_params(cfg, target)["total"]
 
 
@@ -134,16 +135,17 @@ def accept_reject(p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, greed
     return n, draw(dist.view(1, -1), greedy, generator)
 
 
-def draft_tokens(engine: Engine, draft: SubmodelSpec, cache: KVCache, pending: torch.Tensor, pos: int, gamma: int,
-                 sampling: Sampling, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def draft_tokens(engine: Engine, model: MatryoshkaLM, draft: SubmodelSpec, cache: KVCache, pending: torch.Tensor,
+                 pos: int, gamma: int, sampling: Sampling,
+                 gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """γ draft tokens (γ,) and, when sampling, their draft distributions q (γ, V). `pending` are the tokens the
-    draft cache lacks, ending with the one that goes into slot `pos`."""
+    draft cache lacks, ending with the one that goes into slot `pos`; (model, draft) from Engine.runner."""
     drafted, qs, x, start = [], [], pending, pos - pending.numel() + 1
     for _ in range(gamma):
         if x.numel() == 1:
-            logits = engine._decode(engine.model, x, draft, cache, start)
+            logits = engine._decode(model, x, draft, cache, start)
         else:  # catching up on the previous round's last draft too
-            logits = engine._chunk(engine.model, x.view(1, -1), draft, cache, start)[:, -1]
+            logits = engine._chunk(model, x.view(1, -1), draft, cache, start)[:, -1]
         if sampling.greedy:
             x_next = logits.argmax(-1)
         else:
@@ -155,11 +157,11 @@ def draft_tokens(engine: Engine, draft: SubmodelSpec, cache: KVCache, pending: t
     return torch.cat(drafted), (torch.cat(qs) if qs else None)
 
 
-def verify(engine: Engine, target: SubmodelSpec, cache: KVCache, last: torch.Tensor, drafted: torch.Tensor,
-           q: torch.Tensor | None, pos: int, sampling: Sampling,
+def verify(engine: Engine, model: MatryoshkaLM, target: SubmodelSpec, cache: KVCache, last: torch.Tensor,
+           drafted: torch.Tensor, q: torch.Tensor | None, pos: int, sampling: Sampling,
            gen: torch.Generator | None) -> tuple[int, torch.Tensor]:
     """One target pass over [last, drafts] at slots pos.. -> (drafts accepted, the token after them (1,))."""
-    logits = engine._chunk(engine.model, torch.cat([last, drafted]).view(1, -1), target, cache, pos)[0]
+    logits = engine._chunk(model, torch.cat([last, drafted]).view(1, -1), target, cache, pos)[0]
     if sampling.greedy:  # accept_reject with one-hot p and q, without building them
         best = logits.argmax(-1).tolist()
         n = next((i for i, (d, b) in enumerate(zip(drafted.tolist(), best)) if d != b), len(best) - 1)
@@ -188,11 +190,12 @@ def speculative_steps(model: MatryoshkaLM, prompt: Sequence[int], target: Submod
     t_cache = KVCache.allocate(cfg, target, 1, L, dev, engine.dtype)
     share = share_cache and can_share_cache(cfg, target, draft)
     d_cache = shared_cache(cfg, t_cache, draft) if share else KVCache.allocate(cfg, draft, 1, L, dev, engine.dtype)
+    (t_model, t_spec), (d_model, d_spec) = engine.runner(target), engine.runner(draft)
     gen = sampling.generator(dev)
     idx = torch.tensor([prompt], device=dev)
-    probs = logits_to_probs(prefill(model, idx, target, t_cache), sampling)
+    probs = logits_to_probs(prefill(t_model, idx, t_spec, t_cache), sampling)
     if not share:
-        prefill(model, idx, draft, d_cache)
+        prefill(d_model, idx, d_spec, d_cache)
     last = draw(probs, sampling.greedy, gen)  # (1,): the first new token comes from the target alone
     yield [int(last)]
     produced, pos = 1, P         # `last` goes into slot `pos` next
@@ -203,9 +206,9 @@ def speculative_steps(model: MatryoshkaLM, prompt: Sequence[int], target: Submod
     while produced < n_new:
         g = min(gamma, L - pos - 1)
         t0 = time.perf_counter()
-        drafted, q = draft_tokens(engine, draft, d_cache, pending, pos, g, sampling, gen)
+        drafted, q = draft_tokens(engine, d_model, d_spec, d_cache, pending, pos, g, sampling, gen)
         t1 = time.perf_counter()
-        n, nxt = verify(engine, target, t_cache, last, drafted, q, pos, sampling, gen)
+        n, nxt = verify(engine, t_model, t_spec, t_cache, last, drafted, q, pos, sampling, gen)
         t2 = time.perf_counter()
         # the target cache now holds `last` and the n accepted drafts; the draft's own cache lacks the γ-th
         # draft when all were accepted (it was never fed back)

@@ -107,6 +107,7 @@ def train_all(runs: dict[str, tuple[ModelConfig, TrainConfig]], work: Path, data
         out = work / name
         if _complete(out, tcfg.steps):
             on_run and on_run(name, "cached")
+            seconds[name] = _logged_seconds(out, tcfg)
             continue
         if out.exists():  # an interrupted run: continue it if it has state, else start over
             resume = (out / ck.STATE).is_file()
@@ -120,6 +121,12 @@ def train_all(runs: dict[str, tuple[ModelConfig, TrainConfig]], work: Path, data
         train(mcfg, tcfg, out, data=data, resume=resume, device=device)
         seconds[name] = time.perf_counter() - t0
     return seconds
+
+
+def _logged_seconds(out: Path, tcfg: TrainConfig) -> float:
+    """Training time of a finished run, from the throughput its last logged step reports."""
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    return tcfg.steps * tcfg.batch_size * tcfg.seq_len / last["tokens_per_s"]
 
 
 @torch.no_grad()
@@ -182,7 +189,7 @@ def evaluate_study(runs: dict[str, tuple[ModelConfig, TrainConfig]], p: StudyPre
     first = next(iter(runs))
     _, _, val = checkpoint_val_split(work / first)
     tok0 = (work / first / ck.TOKENIZER).read_text()
-    res: dict[str, Any] = {"matryoshka": {}, "baseline": {}, "ablation": {}, "mixnmatch": [], "consistency": {}}
+    res: dict[str, Any] = {"matryoshka": {}, "baseline": {}, "ablation": {}, "mixnmatch": {}, "consistency": {}}
     models = {}
     for name in runs:
         if (work / name / ck.TOKENIZER).read_text() != tok0:
@@ -208,9 +215,11 @@ def evaluate_study(runs: dict[str, tuple[ModelConfig, TrainConfig]], p: StudyPre
                 sp = {s: uniform_spec(m.cfg, s) for s in SIZES}
                 ra = ev(m, sp)
                 res["ablation"][name] = {s: _point(m.cfg, sp[s], ra[s]) for s in SIZES}
-            mix = mixnmatch_specs(mat.cfg, p.mixnmatch, seed)
-            rm = ev(mat, {format_spec(s): s for s in mix})
-            res["mixnmatch"] = [{"spec": format_spec(s), **_point(mat.cfg, s, rm[format_spec(s)])} for s in mix]
+                # Mix'n'Match on every design: mixing per-layer granularities is MatFormer's setting (FFN), and
+                # with width and depth nested a mix also combines widths and layers never trained together
+                mix = mixnmatch_specs(m.cfg, p.mixnmatch, seed)
+                rm = ev(m, {format_spec(s): s for s in mix})
+                res["mixnmatch"][name] = [{"spec": format_spec(s), **_point(m.cfg, s, rm[format_spec(s)])} for s in mix]
     for d in p.scales:  # Matryoshka consistency is the agree/KL columns of its own eval
         for s in SIZES:
             m = res["matryoshka"][d][s]
@@ -248,7 +257,8 @@ def run_study(preset_name: str, report: str | Path, work: str | Path | None = No
     res = evaluate_study(runs, p, work, seed, device)
     res["meta"] = {"preset": preset_name, "settings": p.__dict__, "seed": seed, "data": data or "default corpus",
                    "tokens_per_run": p.steps * p.batch_size * p.seq_len, "machine": describe_machine(device),
-                   "train_seconds": seconds, "wall_seconds": time.perf_counter() - t0, "torch": torch.__version__,
+                   "train_seconds": seconds, "wall_seconds": time.perf_counter() - t0,
+                   "train_seconds_total": sum(seconds.values()), "torch": torch.__version__,
                    "command": f"matryoshka study --preset {preset_name} -o {report} --seed {seed}"}
     from .study_report import write_report
 
