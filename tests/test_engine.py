@@ -10,6 +10,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from matryoshka_lm import model as model_module
 from matryoshka_lm.engine import Engine, Sampling, held_back, logits_to_probs
 from matryoshka_lm.errors import MatryoshkaError
 from matryoshka_lm.model import KVCache, MatryoshkaLM
@@ -128,8 +129,10 @@ def test_engine_generation_allocates_no_parameter_copy():
     model = MatryoshkaLM(tiny_config(d_model=128, ffn_dim=512, vocab_size=500, max_seq_len=32)).eval()
     spec = uniform_spec(model.cfg, "M")
     engine = Engine(model)
+    init, rope = torch.nn.init.normal_, model_module.rope_tables
     with NewStorageBytes() as mode:
         engine.generate([[1, 2, 3]], spec, max_new_tokens=4)
+    assert (torch.nn.init.normal_, model_module.rope_tables) == (init, rope)  # the bare build restored them
     # 8 forward passes of small activations in all, and not one allocation the size of a sliced weight
     assert mode.bytes < 0.3 * 4 * count_params(model.cfg, spec)["total"]
     assert mode.largest < 4 * spec.width * min(l.ffn for l in spec.layers)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import types
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -115,17 +116,38 @@ def forward_chunk(model: MatryoshkaLM, idx: torch.Tensor, spec: SubmodelSpec, ca
     return model(idx, spec, cache, start)
 
 
+@contextmanager
+def _bare_construction(rope: tuple[torch.Tensor, torch.Tensor]) -> Iterator[None]:
+    """Build modules without computing anything: no weight initialisation (transformers' `no_init_weights`
+    trick) and the given RoPE tables. On the meta device this allocates nothing; computing on meta tensors
+    would also import sympy & co. (~70 MB resident), for values that are replaced at once."""
+    from . import model as model_module
+
+    names = ("normal_", "ones_", "zeros_", "uniform_", "kaiming_uniform_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    saved_rope = model_module.rope_tables
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda t, *args, **kwargs: t)
+        model_module.rope_tables = lambda *args: rope
+        with torch.device("meta"):
+            yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
+        model_module.rope_tables = saved_rope
+
+
 @torch.no_grad()
 def view_model(model: MatryoshkaLM, spec: SubmodelSpec) -> MatryoshkaLM:
-    """A standalone-shaped model of `spec` whose parameters are views of `model`'s: no weight is copied (built on
-    the meta device, then the views are assigned), and each slice is taken once instead of at every call."""
-    with torch.device("meta"):
+    """A standalone-shaped model of `spec` whose parameters are views of `model`'s: no weight is copied (built
+    bare on the meta device, then the views are assigned), and each slice is taken once instead of at every call.
+    It shares the model's RoPE tables too."""
+    with _bare_construction((model.rope_cos, model.rope_sin)):
         sub = MatryoshkaLM(submodel_config(model.cfg, spec))
     views = nested.slice_views(dict(model.named_parameters()), model.cfg, spec)
     sub.load_state_dict({k: v.detach() for k, v in views.items()}, assign=True)
-    sub.requires_grad_(False)
-    sub.rope_cos, sub.rope_sin = model.rope_cos, model.rope_sin  # shared too (head_dim is the same)
-    return sub.eval()
+    return sub.requires_grad_(False).eval()
 
 
 # ---------------------------------------------------------------- padding
