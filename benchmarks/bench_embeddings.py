@@ -335,11 +335,12 @@ def run_funnel(index, Q: np.ndarray, positives: np.ndarray, n_latency: int, buil
         return float(np.mean([p in row for p, row in zip(positives, ids)]))
 
     def measure(fn) -> dict:
+        threads = torch.get_num_threads()  # FAISS and torch share one OpenMP runtime: restore torch's setting
         faiss.omp_set_num_threads(2)
         t_batch, (_, ids) = timed(lambda: fn(Q))
         faiss.omp_set_num_threads(1)  # one query at a time, one thread each: how a server would run it
         lat = 1000 * timed(lambda: [fn(q[None]) for q in Q[:n_latency]], 3)[0] / n_latency
-        faiss.omp_set_num_threads(2)
+        torch.set_num_threads(threads)
         return {"batch_s": t_batch, "latency_ms": lat, "ids": ids}
 
     res = {"build_s": build_s}
@@ -443,6 +444,16 @@ def plot_funnel(funnel: dict | None) -> list[str]:
     return [str(path.relative_to(ROOT))]
 
 
+def off_diagonal(ours: dict, agg) -> float:
+    m = ours["runs"]["plain (full size, full dims)"]["cross_size_r@10"]
+    return agg(m[a][b] for a in m for b in m if a != b)
+
+
+def gain(curves: dict, m: int) -> float:
+    a, b = curves["MRL fine-tuned (ours)"][str(m)]["r@10"], curves["original (truncated)"][str(m)]["r@10"]
+    return a / b - 1
+
+
 def table(curves: dict, dims: list[int], key: str = "r@10") -> list[str]:
     lines = ["| embedding | " + " | ".join(str(m) for m in dims) + " |", "|---|" + "---:|" * len(dims)]
     for name, c in curves.items():
@@ -453,7 +464,10 @@ def table(curves: dict, dims: list[int], key: str = "r@10") -> list[str]:
 def report() -> str:
     parity, minilm, ours, funnel = load("parity"), load("minilm"), load("ours"), load("funnel")
     pngs = plot(minilm, ours) + plot_funnel(funnel)
-    L = ["## Matryoshka embeddings", "", f"Machine: {machine()}. Script: `benchmarks/bench_embeddings.py`.",
+    L = ["## Matryoshka embeddings", "",
+         f"Machine: {machine()} (training and encoding ran on 1 torch thread: on this shared 2-core machine a second "
+         "thread spin-waits and small ops slow down 10-100x; FAISS batch timings use 2 threads). "
+         "Script: `benchmarks/bench_embeddings.py`.",
          "Retrieval task: passages of the default corpus (Shakespeare + KJV) cut in two; a query is the first half, "
          "its positive the second; recall@k = the positive ranks in the top k among all held-out second halves "
          "(cosine). Every truncated vector is re-normalized (truncate, then L2-normalize).", ""]
@@ -470,6 +484,10 @@ def report() -> str:
               f"Adapters: a 384x384 linear map on the frozen encoder (identity init), trained on "
               f"{minilm['n_adapter_pairs']} pairs with the same loss at the full dims only (plain) or at the MRL dims.",
               "", *table(minilm["curves"], EVAL_DIMS), "",
+              "Relative recall@10 change, MRL fine-tune vs the original truncated: " + ", ".join(
+                  f"{m} dims {gain(minilm['curves'], m):+.0%}" for m in (16, 24, 48, 96, 384)) + ". The adapters, "
+              "fit to a few thousand pairs, overfit (both lose at 384 dims), so compare them with each other: the "
+              "same map trained with the MRL loss instead of the full-dims loss is better at the low dims.", "",
               "recall@1:", "", *table(minilm["curves"], EVAL_DIMS, "r@1"), ""]
         io = minilm.get("interop", {})
         L += ["Interop: the fine-tuned folder's config.json has "
@@ -492,7 +510,12 @@ def report() -> str:
               "Sizes: " + ", ".join(f"{s} width {v['width']} depth {v['depth']} ({v['params'] / 1e6:.2f} M params)"
                                     for s, v in sizes.items()) + ".", "",
               "recall@10 of the full size by dims kept:", "",
-              *table({k: v["curve_full"] for k, v in ours["runs"].items()}, ours_dims()), ""]
+              *table({k: v["curve_full"] for k, v in ours["runs"].items()}, ours_dims()), "",
+              "In this small, short run the 2D objective (4 sizes x 6 dims, plus cross-size terms: 35 loss terms "
+              "sharing 400 steps) helps the lowest dims and costs the full size's full dims, which the plain run "
+              "spends all its steps on. What it buys is the cross-size matrix: every (index size, query size) pair "
+              "works, while in the plain run the pairs of different sizes drop to "
+              f"{off_diagonal(ours, min):.2f}-{off_diagonal(ours, max):.2f}.", ""]
         for name, run in ours["runs"].items():
             m = run["cross_size_r@10"]
             L += [f"Cross-size recall@10, `{name}`: rows = size that embedded the index (passages), columns = size "
@@ -529,7 +552,8 @@ def funnel_report(funnel: dict) -> list[str]:
             L.append(f"| {r['first_stage']} | {'→'.join(map(str, r['dims']))} | {','.join(map(str, r['shortlist']))} | "
                      f"{r['latency_ms']:.2f} | {ex['latency_ms'] / r['latency_ms']:.1f}x | {r['batch_s']:.2f} | "
                      f"{ex['batch_s'] / r['batch_s']:.1f}x | {r['r@10_vs_exact']:.4f} | {r['task_r@10']:.3f} |")
-        for what, ok_fn in (("task r@10 >= 0.99 x exact's", lambda r: r["task_r@10"] >= 0.99 * ex["task_r@10"]),
+        for what, ok_fn in (("task r@10 >= 0.99 x exact's",
+                             lambda r, ex=ex: r["task_r@10"] >= 0.99 * ex["task_r@10"]),
                             ("recall@10 vs exact >= 0.99", lambda r: r["r@10_vs_exact"] >= 0.99)):
             ok = [r for r in res["funnel"] if ok_fn(r)]
             if not ok:
@@ -541,6 +565,12 @@ def funnel_report(funnel: dict) -> list[str]:
                   f"**{ex['latency_ms'] / best['latency_ms']:.1f}x**; best batched {best_b['first_stage']} "
                   f"{best_b['dims']} {best_b['shortlist']}: {ex['batch_s'] / best_b['batch_s']:.1f}x."]
         L.append("")
+    L += ["Reading the table: the funnel pays off for queries served one at a time (memory-bound scans: a 24-dim "
+          "prefix is 1/16 of the bytes). Batched, exact search is one BLAS matrix product (~70 GFLOP/s here) and "
+          "beats the funnel, whose shortlist selection is per-query work. Neighbor identity (recall@10 vs exact) "
+          "stays far below 0.99 because the top-10 similarities are nearly tied, while the retrieval task's recall "
+          "holds; the goal (>= 10x at >= 0.99 of exact search's recall@10) is judged on it, in the lines above.",
+          ""]
     return L
 
 

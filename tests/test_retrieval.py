@@ -129,12 +129,21 @@ def test_cli_index_from_vectors_and_errors(tmp_path, vectors, capsys):
     assert main(["index", "build", "--vectors", str(tmp_path / "v.npy"), "--dims", "8,16,64", "-o", str(idx)]) == 0
     assert main(["search", str(idx), "--vectors", str(tmp_path / "q.npy"), "-k", "1", "--json"]) == 0
     assert [h[0]["id"] for h in json.loads(capsys.readouterr().out)] == [0, 1]
+    hidx = tmp_path / "hidx"
+    assert main(["index", "build", "--vectors", str(tmp_path / "v.npy"), "--dims", "8,16,64", "--hnsw-dim", "8",
+                 "-o", str(hidx)]) == 0
+    assert load_index(hidx).meta["hnsw_dims"] == [8]
+    assert main(["search", str(hidx), "--vectors", str(tmp_path / "v.npy"), "-k", "1", "--json", "--hnsw-ef", "32",
+                 "--funnel", "8,64", "--shortlist", "50"]) == 0
+    assert [h[0]["id"] for h in json.loads(capsys.readouterr().out)] == list(range(500))
     for args, message in (
         (["search", str(idx), "--vectors", str(tmp_path / "bad.npy")], "queries have 80 dims but the index has 64"),
         (["search", str(tmp_path / "nope"), "--vectors", str(tmp_path / "q.npy")], "does not exist"),
         (["search", str(idx), "some text"], "pass --ckpt"),
         (["index", "build", "-o", str(tmp_path / "x")], "needs CKPT FILE"),
         (["index", "build", "--vectors", str(tmp_path / "v.npy"), "-o", str(idx)], "already exists"),
+        (["index", "build", "--vectors", str(tmp_path / "v.npy"), "--dims", "8,64", "--hnsw-dim", "12", "-o",
+          str(tmp_path / "h2")], "--hnsw-dim 12 must be one of the index's dims"),
     ):
         assert main(args) == 2, args
         err = capsys.readouterr().err

@@ -225,12 +225,12 @@ def cmd_index_build(a: argparse.Namespace) -> None:
         except (OSError, ValueError) as e:
             raise MatryoshkaError(f"cannot read vectors {a.vectors}: {e}") from None
         out = build_index(vecs, a.out, _int_list(a.dims, "--dims"), read_texts(a.texts) if a.texts else None,
-                          force=a.force)
+                          force=a.force, hnsw_dim=a.hnsw_dim)
     else:
         if not (a.ckpt and a.file):
             raise MatryoshkaError("index build needs CKPT FILE (an embedding checkpoint and a text file) or --vectors")
         out = index_texts(a.ckpt, a.file, a.out, size=a.size, batch_size=a.batch_size, force=a.force,
-                          device=_device(a.device))
+                          device=_device(a.device), hnsw_dim=a.hnsw_dim)
     print(f"index written to {out}", file=sys.stderr)
 
 
@@ -252,7 +252,7 @@ def cmd_search(a: argparse.Namespace) -> None:
             raise MatryoshkaError(f"cannot read vectors {a.vectors}: {e}") from None
     results = search_texts(a.index, queries, vectors, ckpt=a.ckpt, size=a.size, dims=a.dims, k=a.k,
                            funnel=_int_list(a.funnel, "--funnel"), shortlist=_int_list(a.shortlist, "--shortlist"),
-                           exact=a.exact, device=_device(a.device))
+                           exact=a.exact, device=_device(a.device), hnsw_ef=a.hnsw_ef)
     if a.json:
         print(json.dumps(results))
         return
@@ -353,6 +353,7 @@ def _add_embedding_parsers(sub) -> None:
     ib.add_argument("--vectors", help="index this .npy instead of embedding texts")
     ib.add_argument("--texts", help="with --vectors: the texts of the rows, one per line")
     ib.add_argument("--dims", help="with --vectors: the Matryoshka dims the vectors were trained at")
+    ib.add_argument("--hnsw-dim", type=int, help="also store an HNSW graph over this prefix (a fast first stage)")
     ib.add_argument("--batch-size", type=int, default=64)
     ib.add_argument("--force", action="store_true", help="replace an existing index")
     ib.add_argument("--device", default="auto")
@@ -370,6 +371,8 @@ def _add_embedding_parsers(sub) -> None:
     se.add_argument("--funnel", help="stage dims, e.g. 24,96,384 (default: about D/8 then D)")
     se.add_argument("--shortlist", help="candidates kept after each stage but the last, e.g. 2000,200")
     se.add_argument("--exact", action="store_true", help="exhaustive search at the query dims")
+    se.add_argument("--hnsw-ef", type=int, default=0,
+                    help="first funnel stage on the index's HNSW graph with this efSearch (0: flat scan)")
     se.add_argument("--json", action="store_true", help="print results as JSON")
     se.add_argument("--device", default="auto")
     se.set_defaults(func=cmd_search)

@@ -291,7 +291,7 @@ def overlap_at_k(ids: np.ndarray, truth: np.ndarray) -> float:
 
 
 def index_texts(ckpt: str | Path, path: str | Path, out: str | Path, size: str | None = None,
-                batch_size: int = 64, force: bool = False, device: str = "cpu") -> Path:
+                batch_size: int = 64, force: bool = False, device: str = "cpu", hnsw_dim: int | None = None) -> Path:
     """Embed every line of `path` with size `size` of embedding checkpoint `ckpt` (all its dims) and index them."""
     from .embed import load_encoder, read_texts
 
@@ -301,13 +301,13 @@ def index_texts(ckpt: str | Path, path: str | Path, out: str | Path, size: str |
     encoder = load_encoder(ckpt, device)
     vecs = encoder.encode(texts, size, None, batch_size)
     meta = {"checkpoint": str(Path(ckpt).resolve()), "size": encoder.size_name(size)}
-    return build_index(vecs, out, encoder.trained_dims, texts, meta, force)
+    return build_index(vecs, out, encoder.trained_dims, texts, meta, force, hnsw_dim)
 
 
 def search_texts(index_path: str | Path, queries: list[str] | None = None, vectors: np.ndarray | None = None,
                  ckpt: str | Path | None = None, size: str | None = None, dims: int | None = None, k: int = 10,
                  funnel: list[int] | None = None, shortlist: list[int] | None = None, exact: bool = False,
-                 device: str = "cpu") -> list[list[dict[str, Any]]]:
+                 device: str = "cpu", hnsw_ef: int = 0) -> list[list[dict[str, Any]]]:
     """Search an index with query texts (embedded by `ckpt` at `size`, default: the index's encoder) or with
     query vectors; per query a list of {"id", "score", "text"} best first."""
     index = load_index(index_path)
@@ -320,7 +320,7 @@ def search_texts(index_path: str | Path, queries: list[str] | None = None, vecto
     if exact:
         scores, ids = exact_search(index, vectors, k)
     else:
-        scores, ids = funnel_search(index, vectors, k, funnel, shortlist)
+        scores, ids = funnel_search(index, vectors, k, funnel, shortlist, hnsw_ef=hnsw_ef)
     texts = index.texts
     return [[{"id": int(i), "score": float(s), **({"text": texts[i]} if texts else {})}
              for s, i in zip(srow, irow) if i >= 0] for srow, irow in zip(scores, ids)]
