@@ -18,13 +18,6 @@ from matryoshka_lm.spec import parse_spec
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: on a busy 2-core machine a second torch thread only adds spin-waits (10-100x slower ops)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def test_shrink_is_truncate_then_normalize():
     t = torch.randn(5, 32)

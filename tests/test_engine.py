@@ -20,13 +20,6 @@ SPECS = ["XL", "L", "M", "S", "S,M,L,XL", "f16h2,f64h4,f8h2@d24"]
 PROMPTS = [[5, 17, 3, 88, 41, 2, 9], [60, 1], [33, 12, 70, 70, 4], [8]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Batch-1 decoding of a tiny model is pure dispatch overhead; a second thread only adds contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,6 @@ pytest.importorskip("faiss")
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: on a busy 2-core machine a second torch thread only adds spin-waits (10-100x slower ops)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 @pytest.fixture
 def vectors():

@@ -23,12 +23,6 @@ PROMPTS = [[5, 17, 3, 88, 41, 2, 9], [60, 1], [33, 12, 70, 70, 4, 4, 4, 19, 80]]
 DRAFTS = ["S", "M", "L", "S,M,L,XL", "f8h2,f16h2,f32h4@d24"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -94,14 +94,19 @@ def load_model(ckpt: Path, device: str | torch.device = "cpu") -> MatryoshkaLM:
     return model.to(device).eval()
 
 
-def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
-    expected = model.state_dict()
+def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], where: Path) -> None:
+    """Every expected weight is in `state` with its shape; the error names the first problem."""
     missing = sorted(set(expected) - set(state))
     if missing:
         raise MatryoshkaError(f"{where} lacks weights {missing[:3]}{'...' if len(missing) > 3 else ''}")
     for k, v in expected.items():
         if state[k].shape != v.shape:
             raise MatryoshkaError(f"{where}: {k} has shape {tuple(state[k].shape)}, config says {tuple(v.shape)}")
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    expected = model.state_dict()
+    check_state(expected, state, where)
     model.load_state_dict({k: state[k] for k in expected})
 
 

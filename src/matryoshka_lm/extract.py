@@ -75,12 +75,7 @@ def check_shapes(cfg: ModelConfig, state: dict[str, torch.Tensor], where: Path) 
     """Every weight the config implies is present with its shape (checked on the meta device: no memory)."""
     with torch.device("meta"):
         expected = MatryoshkaLM(cfg).state_dict()
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise MatryoshkaError(f"{where} lacks weights {missing[:3]}{'...' if len(missing) > 3 else ''}")
-    for k, v in expected.items():
-        if state[k].shape != v.shape:
-            raise MatryoshkaError(f"{where}: {k} has shape {tuple(state[k].shape)}, config says {tuple(v.shape)}")
+    ck.check_state(expected, state, where)
 
 
 def extract_submodel(ckpt: str | Path, size: str, out: str | Path, force: bool = False) -> Path:
