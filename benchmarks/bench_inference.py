@@ -25,13 +25,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import ROOT, machine, write_section
 
-from matryoshka_lm.checkpoint import load_model, load_tokenizer
+from matryoshka_lm.core.checkpoint import load_model, load_tokenizer
 from matryoshka_lm.config import ModelConfig, preset
-from matryoshka_lm.engine import Engine, prefill
-from matryoshka_lm.model import KVCache, MatryoshkaLM
-from matryoshka_lm.nested import slice_state_dict, submodel_config
-from matryoshka_lm.spec import count_params, uniform_spec
-from matryoshka_lm.speculative import SpeculativeStats, speculative_decode
+from matryoshka_lm.infer.engine import Engine, prefill
+from matryoshka_lm.core.model import KVCache, MatryoshkaLM
+from matryoshka_lm.core.nested import slice_state_dict, submodel_config
+from matryoshka_lm.core.spec import count_params, uniform_spec
+from matryoshka_lm.infer.speculative import SpeculativeStats, speculative_decode
 
 THREADS = 1  # see the notes in the section: the 2-core machine is shared, and 2 threads make small ops erratic
 MODEL_DIR = ROOT / "runs" / "bench-inference"
@@ -47,7 +47,7 @@ PROMPTS = ["ROMEO: ", "And God said, Let there be", "KING HENRY:\nNow, lords,", 
 
 def demo_model() -> tuple[MatryoshkaLM, object, str]:
     if not (MODEL_DIR / "model.safetensors").is_file():
-        from matryoshka_lm.train import train
+        from matryoshka_lm.train.loop import train
 
         cfg, tcfg = preset("demo")
         tcfg.steps, tcfg.eval_every, tcfg.save_every = TRAIN_STEPS, TRAIN_STEPS, TRAIN_STEPS
@@ -76,7 +76,7 @@ def hf_llama(model: MatryoshkaLM):
     """transformers LlamaForCausalLM holding copies of the full model's weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from matryoshka_lm.hf import llama_config, to_hf_names
+    from matryoshka_lm.convert.hf import llama_config, to_hf_names
 
     hf = LlamaForCausalLM(LlamaConfig(**llama_config(model.cfg, None)))
     state = to_hf_names(model.state_dict())
@@ -189,7 +189,7 @@ def elastic_vs_extracted(name: str, model: MatryoshkaLM, n: int, repeats: int) -
 def layout_rows(model: MatryoshkaLM, size: str, repeats: int, calls: int = 200) -> list[str]:
     """Layer 0's weights at `size`, batch-1 matmul: the prefix view of the full weight (what elastic inference
     reads) vs a contiguous copy of the same slice (what an extracted model reads)."""
-    from matryoshka_lm import nested
+    from matryoshka_lm.core import nested
 
     spec = uniform_spec(model.cfg, size)
     copies = slice_state_dict(model.state_dict(), model.cfg, spec)

@@ -67,7 +67,7 @@ def checkpoint(path: str | None) -> Path:
     if (demo / "model.safetensors").is_file():
         return demo
     from matryoshka_lm.config import preset
-    from matryoshka_lm.train import train
+    from matryoshka_lm.train.loop import train
 
     cfg, tcfg = preset("tiny")
     out = Path(tempfile.mkdtemp(prefix="soak-")) / "tiny"

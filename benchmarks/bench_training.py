@@ -13,10 +13,10 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from common import interleaved_times, machine, write_section  # noqa: E402
 
 from matryoshka_lm.config import preset
-from matryoshka_lm.model import MatryoshkaLM
-from matryoshka_lm.nested import submodel_config
-from matryoshka_lm.spec import count_params, uniform_spec
-from matryoshka_lm.train import JointLoss, make_optimizer
+from matryoshka_lm.core.model import MatryoshkaLM
+from matryoshka_lm.core.nested import submodel_config
+from matryoshka_lm.core.spec import count_params, uniform_spec
+from matryoshka_lm.train.loop import JointLoss, make_optimizer
 
 
 def main(preset_name: str = "demo", repeats: int = 5) -> str:

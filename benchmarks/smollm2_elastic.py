@@ -28,13 +28,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import ROOT, machine, write_section
 
-from matryoshka_lm import checkpoint as ck
+from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.config import ModelConfig, TrainConfig
-from matryoshka_lm.evaluate import evaluate_specs, human
-from matryoshka_lm.hf import import_hf
-from matryoshka_lm.report import checkpoint_val_split
-from matryoshka_lm.spec import count_params, size_names, uniform_spec
-from matryoshka_lm.train import JointLoss, make_optimizer, prepare_data, step_sizes, trained_sizes
+from matryoshka_lm.train.evaluate import evaluate_specs, human
+from matryoshka_lm.convert.hf import import_hf
+from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
+from matryoshka_lm.core.spec import count_params, size_names, uniform_spec
+from matryoshka_lm.train.loop import JointLoss, make_optimizer, prepare_data, step_sizes, trained_sizes
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -178,7 +178,7 @@ def main() -> None:
     tcfg.eval_every = tcfg.save_every = steps
     log(f"{per_step:.1f} s/step -> {steps} steps")
 
-    from matryoshka_lm.train import train
+    from matryoshka_lm.train.loop import train
 
     elastic = root / "elastic"
     shutil.rmtree(elastic, ignore_errors=True)

@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from matryoshka_lm.config import ModelConfig, TrainConfig
-from matryoshka_lm.model import MatryoshkaLM
+from matryoshka_lm.core.model import MatryoshkaLM
 
 torch.set_num_threads(1)
 

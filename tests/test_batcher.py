@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from matryoshka_lm.batcher import Batcher, GenRequest, Ticket
-from matryoshka_lm.engine import GREEDY, Engine, Sampling
-from matryoshka_lm.model import MatryoshkaLM
-from matryoshka_lm.spec import uniform_spec
+from matryoshka_lm.serve.batcher import Batcher, GenRequest, Ticket
+from matryoshka_lm.infer.engine import GREEDY, Engine, Sampling
+from matryoshka_lm.core.model import MatryoshkaLM
+from matryoshka_lm.core.spec import uniform_spec
 
 CFG = tiny_config()
 

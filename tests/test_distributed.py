@@ -37,6 +37,6 @@ def test_two_gloo_processes_match_one_process(tmp_path, corpus_file, mode):
         for size in ra:
             assert abs(ra[size] - rb[size]) < 1e-4, (size, ra[size], rb[size])
     # rank 0 alone wrote the checkpoint, and it loads
-    from matryoshka_lm.checkpoint import load_model
+    from matryoshka_lm.core.checkpoint import load_model
 
     load_model(tmp_path / "two")

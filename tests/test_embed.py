@@ -10,11 +10,11 @@ import torch.nn as nn
 
 from _embed_ckpt import embedding_checkpoints
 from matryoshka_lm.cli import main
-from matryoshka_lm.embed import (corpus_pairs, default_dims, embed_file, embed_texts, load_embedder,
+from matryoshka_lm.embed.model import (corpus_pairs, default_dims, embed_file, embed_texts, load_embedder,
                                  mrl_contrastive_loss, read_pairs, shrink)
 from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.retrieval import pair_recall
-from matryoshka_lm.spec import parse_spec
+from matryoshka_lm.embed.retrieval import pair_recall
+from matryoshka_lm.core.spec import parse_spec
 
 
 

@@ -10,11 +10,11 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from matryoshka_lm import model as model_module
-from matryoshka_lm.engine import Engine, Sampling, held_back, logits_to_probs
+from matryoshka_lm.core import model as model_module
+from matryoshka_lm.infer.engine import Engine, Sampling, held_back, logits_to_probs
 from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.model import KVCache, MatryoshkaLM
-from matryoshka_lm.spec import count_params, parse_spec, uniform_spec
+from matryoshka_lm.core.model import KVCache, MatryoshkaLM
+from matryoshka_lm.core.spec import count_params, parse_spec, uniform_spec
 
 SPECS = ["XL", "L", "M", "S", "S,M,L,XL", "f16h2,f64h4,f8h2@d24"]
 PROMPTS = [[5, 17, 3, 88, 41, 2, 9], [60, 1], [33, 12, 70, 70, 4], [8]]
@@ -183,7 +183,7 @@ def test_batched_logits_match_unpadded_logits(model):
     engine = Engine(model)
     steps = engine.token_steps(PROMPTS, spec, max_new_tokens=1, sampling=Sampling(temperature=1.0, seed=0))
     next(steps)  # runs the padded prefill
-    from matryoshka_lm.engine import Padding, prefill
+    from matryoshka_lm.infer.engine import Padding, prefill
 
     P = max(map(len, PROMPTS))
     idx = torch.zeros(len(PROMPTS), P, dtype=torch.long)
@@ -307,7 +307,7 @@ def test_bad_sampling_raises(kwargs, match):
 
 
 def test_bad_spec_raises(model):
-    from matryoshka_lm.spec import LayerSpec, SubmodelSpec
+    from matryoshka_lm.core.spec import LayerSpec, SubmodelSpec
 
     with pytest.raises(MatryoshkaError, match="width"):
         Engine(model).generate([[1]], SubmodelSpec(width=999, layers=(LayerSpec(8, 2),)), 2)
@@ -316,7 +316,7 @@ def test_bad_spec_raises(model):
 @pytest.mark.skipif(not os.environ.get("MATRYOSHKA_TEST_COMPILE"),
                     reason="torch.compile costs ~10-30 s per graph on a small CPU; set MATRYOSHKA_TEST_COMPILE=1")
 def test_compiled_engine_matches_eager(model):
-    from matryoshka_lm.speculative import speculative_decode
+    from matryoshka_lm.infer.speculative import speculative_decode
 
     eager, compiled = Engine(model), Engine(model, compile=True)
     spec = uniform_spec(model.cfg, "S")

@@ -13,10 +13,10 @@ transformers = pytest.importorskip("transformers")
 
 from _tiny_ckpt import make_checkpoint
 
-from matryoshka_lm import checkpoint as ck
+from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.cli import main
-from matryoshka_lm.hf import default_sizes, export_hf, import_hf
-from matryoshka_lm.spec import parse_spec, uniform_spec
+from matryoshka_lm.convert.hf import default_sizes, export_hf, import_hf
+from matryoshka_lm.core.spec import parse_spec, uniform_spec
 
 EOT = "<|endoftext|>"
 
@@ -128,7 +128,7 @@ def test_export_import_round_trip(ckpt, tmp_path):
     back = import_hf(tmp_path / "hf", tmp_path / "back", reorder=False)
     a = ck.load_tensors(back / ck.WEIGHTS)
     full = ck.load_model(ckpt)
-    from matryoshka_lm.nested import slice_state_dict
+    from matryoshka_lm.core.nested import slice_state_dict
 
     b = slice_state_dict(full.state_dict(), full.cfg, uniform_spec(full.cfg, "M"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

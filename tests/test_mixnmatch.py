@@ -10,7 +10,7 @@ from conftest import tiny_config
 
 from matryoshka_lm.cli import main
 from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.mixnmatch import (
+from matryoshka_lm.study.mixnmatch import (
     Budget,
     enumerate_candidates,
     granularity_levels,
@@ -18,7 +18,7 @@ from matryoshka_lm.mixnmatch import (
     parse_budget,
     spec_text,
 )
-from matryoshka_lm.spec import count_params, parse_spec
+from matryoshka_lm.core.spec import count_params, parse_spec
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_search_cli_writes_frontier(ckpt, tmp_path, capsys):
     best = out.strip().splitlines()[-1].split(": ", 1)[1]
     report = json.loads((tmp_path / "f.json").read_text())
     assert report["best"] == best
-    from matryoshka_lm import checkpoint as ck
+    from matryoshka_lm.core import checkpoint as ck
 
     cfg, _ = ck.read_config(ckpt)
     assert count_params(cfg, parse_spec(cfg, best))["total"] <= 30_000

@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from conftest import tiny_config
-from matryoshka_lm.model import MatryoshkaLM
-from matryoshka_lm.nested import slice_state_dict, submodel_config
-from matryoshka_lm.spec import LayerSpec, SubmodelSpec, count_params, full_spec, uniform_spec
+from matryoshka_lm.core.model import MatryoshkaLM
+from matryoshka_lm.core.nested import slice_state_dict, submodel_config
+from matryoshka_lm.core.spec import LayerSpec, SubmodelSpec, count_params, full_spec, uniform_spec
 
 
 def standalone(model: MatryoshkaLM, spec: SubmodelSpec) -> MatryoshkaLM:
@@ -83,7 +83,7 @@ def test_param_count_formula_matches_standalone_model(tiny_model):
 
 def test_kv_cached_decoding_matches_full_forward(tiny_model):
     """Prefill + one-token steps through the cache give the same logits as one uncached pass."""
-    from matryoshka_lm.model import KVCache
+    from matryoshka_lm.core.model import KVCache
 
     spec = uniform_spec(tiny_model.cfg, "M")
     idx = torch.randint(0, 97, (1, 12))

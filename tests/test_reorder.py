@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from conftest import tiny_config
 
 from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.model import MatryoshkaLM
-from matryoshka_lm.reorder import Permutation, importance_order, measure_importance, permute_state, reorder_model
-from matryoshka_lm.spec import uniform_spec
+from matryoshka_lm.core.model import MatryoshkaLM
+from matryoshka_lm.convert.reorder import Permutation, importance_order, measure_importance, permute_state, reorder_model
+from matryoshka_lm.core.spec import uniform_spec
 
 
 def random_model(seed: int = 0, **kw) -> MatryoshkaLM:

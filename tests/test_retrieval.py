@@ -10,7 +10,7 @@ import torch
 from _embed_ckpt import embedding_checkpoints
 from matryoshka_lm.cli import main
 from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.retrieval import (build_index, exact_search, funnel_search, load_index, overlap_at_k, search_texts,
+from matryoshka_lm.embed.retrieval import (build_index, exact_search, funnel_search, load_index, overlap_at_k, search_texts,
                                      unit_rows)
 
 pytest.importorskip("faiss")

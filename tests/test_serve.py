@@ -23,11 +23,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from _tiny_ckpt import make_checkpoint
-from matryoshka_lm.checkpoint import load_model, load_tokenizer
-from matryoshka_lm.embed import Embedder, embed_texts
-from matryoshka_lm.engine import GREEDY, Engine
-from matryoshka_lm.serve import CHAT_STOPS, chat_prompt, create_app
-from matryoshka_lm.spec import parse_spec
+from matryoshka_lm.core.checkpoint import load_model, load_tokenizer
+from matryoshka_lm.embed.model import Embedder, embed_texts
+from matryoshka_lm.infer.engine import GREEDY, Engine
+from matryoshka_lm.serve.app import CHAT_STOPS, chat_prompt, create_app
+from matryoshka_lm.core.spec import parse_spec
 
 openai = pytest.importorskip("openai")
 

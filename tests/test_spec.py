@@ -5,7 +5,7 @@ import pytest
 from conftest import tiny_config
 from matryoshka_lm.config import ModelConfig, preset
 from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.spec import LayerSpec, count_params, format_spec, parse_spec, size_names, uniform_spec
+from matryoshka_lm.core.spec import LayerSpec, count_params, format_spec, parse_spec, size_names, uniform_spec
 
 
 def test_default_sizes_span_halvings_of_non_embedding_params():

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
-from matryoshka_lm.engine import Engine, Sampling
+from matryoshka_lm.infer.engine import Engine, Sampling
 from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.model import KVCache, MatryoshkaLM
-from matryoshka_lm.spec import parse_spec, uniform_spec
-from matryoshka_lm.speculative import (
+from matryoshka_lm.core.model import KVCache, MatryoshkaLM
+from matryoshka_lm.core.spec import parse_spec, uniform_spec
+from matryoshka_lm.infer.speculative import (
     accept_reject,
     best_gamma,
     can_share_cache,

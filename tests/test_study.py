@@ -8,9 +8,9 @@ import pytest
 
 from conftest import tiny_config
 from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.spec import count_params
-from matryoshka_lm.study import STUDY_PRESETS, fit_scaling, mixnmatch_specs, plan_runs, run_study
-from matryoshka_lm.study_report import line_through
+from matryoshka_lm.core.spec import count_params
+from matryoshka_lm.study.study import STUDY_PRESETS, fit_scaling, mixnmatch_specs, plan_runs, run_study
+from matryoshka_lm.study.report import line_through
 
 
 @pytest.fixture(scope="module")

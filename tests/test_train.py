@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import tiny_config, tiny_train_config
-from matryoshka_lm import checkpoint as ck
-from matryoshka_lm.model import MatryoshkaLM
-from matryoshka_lm.spec import uniform_spec
-from matryoshka_lm.train import JointLoss, lr_at, step_sizes, train
+from matryoshka_lm.core import checkpoint as ck
+from matryoshka_lm.core.model import MatryoshkaLM
+from matryoshka_lm.core.spec import uniform_spec
+from matryoshka_lm.train.loop import JointLoss, lr_at, step_sizes, train
 
 
 def read_metrics(out):

@@ -8,7 +8,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from .errors import MatryoshkaError
+from matryoshka_lm.errors import MatryoshkaError
 
 AXES = ("width", "heads", "ffn", "depth")
 

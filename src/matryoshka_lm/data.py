@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import MatryoshkaError
+from matryoshka_lm.errors import MatryoshkaError
 
 log = logging.getLogger(__name__)
 

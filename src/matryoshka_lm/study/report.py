@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import write_json
-from .evaluate import human
+from matryoshka_lm.core.checkpoint import write_json
+from matryoshka_lm.train.evaluate import human
 
 SIZES = ["XL", "L", "M", "S"]
 BAR = 0.04  # MatFormer's bar: each Matryoshka size within 0.04 nats of its independently trained baseline

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import nested
-from .errors import MatryoshkaError
-from .model import KVCache, MatryoshkaLM
-from .nested import submodel_config
-from .spec import SubmodelSpec, validate_spec
+from matryoshka_lm.core import nested
+from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.core.model import KVCache, MatryoshkaLM
+from matryoshka_lm.core.nested import submodel_config
+from matryoshka_lm.core.spec import SubmodelSpec, validate_spec
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def _bare_construction(rope: tuple[torch.Tensor, torch.Tensor]) -> Iterator[None
     """Build modules without computing anything: no weight initialisation (transformers' `no_init_weights`
     trick) and the given RoPE tables. On the meta device this allocates nothing; computing on meta tensors
     would also import sympy & co. (~70 MB resident), for values that are replaced at once."""
-    from . import model as model_module
+    from matryoshka_lm.core import model as model_module
 
     names = ("normal_", "ones_", "zeros_", "uniform_", "kaiming_uniform_")
     saved = {n: getattr(torch.nn.init, n) for n in names}

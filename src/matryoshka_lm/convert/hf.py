@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 
-from . import checkpoint as ck
-from .config import DEFAULT_SIZES, ModelConfig, load_json
-from .errors import MatryoshkaError
+from matryoshka_lm.core import checkpoint as ck
+from matryoshka_lm.config import DEFAULT_SIZES, ModelConfig, load_json
+from matryoshka_lm.errors import MatryoshkaError
 from .extract import check_shapes, sliced_checkpoint, staged_dir
-from .spec import count_params, format_spec, size_names
+from matryoshka_lm.core.spec import count_params, format_spec, size_names
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def import_hf(src: str | Path, out: str | Path, force: bool = False, nest: tuple
     """
     from tokenizers import Tokenizer
 
-    from .model import MatryoshkaLM
+    from matryoshka_lm.core.model import MatryoshkaLM
 
     src = Path(src)
     _check_output(out, force, src)
@@ -319,8 +319,8 @@ def _llama_tokenizer(src: Path) -> str:
 
 def _train_tokens(tok, data: str | None, max_corpus_chars: int):
     """The training split of the corpus the fine-tune will read (importance never sees validation tokens)."""
-    from .config import TrainConfig
-    from .data import encode_corpus, limit_chars, read_corpus, split_tokens
+    from matryoshka_lm.config import TrainConfig
+    from matryoshka_lm.data import encode_corpus, limit_chars, read_corpus, split_tokens
 
     docs = limit_chars(read_corpus(data), max_corpus_chars)
     train, _ = split_tokens(encode_corpus(tok, docs), TrainConfig().val_fraction)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import ModelConfig
+from matryoshka_lm.config import ModelConfig
 from .engine import (
     GREEDY,
     Completion,
@@ -40,9 +40,9 @@ from .engine import (
     sample_from,
     stream_rows,
 )
-from .errors import MatryoshkaError
-from .model import KVCache, MatryoshkaLM
-from .spec import SubmodelSpec, count_params
+from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.core.model import KVCache, MatryoshkaLM
+from matryoshka_lm.core.spec import SubmodelSpec, count_params
 
 log = logging.getLogger(__name__)
 

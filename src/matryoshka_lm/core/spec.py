@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
-from .config import ModelConfig
-from .errors import MatryoshkaError
+from matryoshka_lm.config import ModelConfig
+from matryoshka_lm.errors import MatryoshkaError
 
 
 @dataclass(frozen=True)

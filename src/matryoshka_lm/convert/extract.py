@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ck
-from .config import ModelConfig, TrainConfig
-from .errors import MatryoshkaError
-from .model import MatryoshkaLM
-from .nested import slice_state_dict, submodel_config
-from .spec import SubmodelSpec, count_params, format_spec, parse_spec
+from matryoshka_lm.core import checkpoint as ck
+from matryoshka_lm.config import ModelConfig, TrainConfig
+from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.core.model import MatryoshkaLM
+from matryoshka_lm.core.nested import slice_state_dict, submodel_config
+from matryoshka_lm.core.spec import SubmodelSpec, count_params, format_spec, parse_spec
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import MatryoshkaError
+from matryoshka_lm.errors import MatryoshkaError
 
 
 def _device(name: str) -> str:
@@ -21,8 +21,8 @@ def _device(name: str) -> str:
 def cmd_train(a: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from .config import preset
-    from .train import train
+    from matryoshka_lm.config import preset
+    from matryoshka_lm.train.loop import train
 
     model_cfg, tcfg = preset(a.preset)
     overrides = {"steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len, "grad_accum": a.grad_accum,
@@ -64,7 +64,7 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
-    from .report import evaluate_checkpoint
+    from matryoshka_lm.train.eval_checkpoint import evaluate_checkpoint
 
     rows, text = evaluate_checkpoint(a.ckpt, sizes=a.sizes, data=a.data, n_batches=a.batches,
                                      json_path=a.json, plot_path=a.plot, device=_device(a.device))
@@ -72,10 +72,10 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
-    from .checkpoint import load_model, load_tokenizer
-    from .engine import Engine, Sampling
-    from .spec import parse_spec, size_names
-    from .speculative import SpeculativeStats, check_draft, speculative_decode, speculative_stream
+    from matryoshka_lm.core.checkpoint import load_model, load_tokenizer
+    from matryoshka_lm.infer.engine import Engine, Sampling
+    from matryoshka_lm.core.spec import parse_spec, size_names
+    from matryoshka_lm.infer.speculative import SpeculativeStats, check_draft, speculative_decode, speculative_stream
 
     device = _device(a.device)
     model = load_model(a.ckpt, device)
@@ -118,21 +118,21 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 
 def cmd_extract(a: argparse.Namespace) -> None:
-    from .extract import extract_submodel
+    from matryoshka_lm.convert.extract import extract_submodel
 
     out = extract_submodel(a.ckpt, a.size, a.out, force=a.force)
     print(f"wrote {out}", file=sys.stderr)
 
 
 def cmd_export_hf(a: argparse.Namespace) -> None:
-    from .hf import export_hf
+    from matryoshka_lm.convert.hf import export_hf
 
     out = export_hf(a.ckpt, a.size, a.out, force=a.force, pad=a.pad)
     print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)", file=sys.stderr)
 
 
 def cmd_import_hf(a: argparse.Namespace) -> None:
-    from .hf import describe, import_hf
+    from matryoshka_lm.convert.hf import describe, import_hf
 
     nest = tuple(x.strip() for x in a.nest.split(",") if x.strip())
     out = import_hf(a.src, a.out, force=a.force, nest=nest, reorder=not a.no_reorder, data=a.data,
@@ -142,7 +142,7 @@ def cmd_import_hf(a: argparse.Namespace) -> None:
 
 
 def cmd_mixnmatch(a: argparse.Namespace) -> None:
-    from .mixnmatch import run_mixnmatch
+    from matryoshka_lm.study.mixnmatch import run_mixnmatch
 
     best, table = run_mixnmatch(a.ckpt, a.budget, n_batches=a.batches, max_evals=a.max_evals, plot_path=a.plot,
                                 json_path=a.json, latency_tokens=a.latency_tokens, device=_device(a.device))
@@ -151,7 +151,7 @@ def cmd_mixnmatch(a: argparse.Namespace) -> None:
 
 
 def cmd_study(a: argparse.Namespace) -> None:
-    from .study import run_study
+    from matryoshka_lm.study.study import run_study
 
     res = run_study(a.preset, a.out, work=a.work, data=a.data, seed=a.seed, device=_device(a.device),
                     on_run=lambda name, state: print(f"[study] {name}: {state}", file=sys.stderr, flush=True))
@@ -175,7 +175,7 @@ def _spec_list(text: str | None) -> list[str] | None:
 
 
 def cmd_train_embed(a: argparse.Namespace) -> None:
-    from .embed import EmbedTrainConfig, train_embedding
+    from matryoshka_lm.embed.model import EmbedTrainConfig, train_embedding
 
     cfg = EmbedTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, temperature=a.temperature,
                            dims=_int_list(a.dims, "--dims"), mrl=not a.no_mrl, sizes=_spec_list(a.sizes),
@@ -187,7 +187,7 @@ def cmd_train_embed(a: argparse.Namespace) -> None:
         if not a.quiet and (step % 10 == 0 or step == cfg.steps):
             print(f"step {step}/{cfg.steps} loss {m['loss']:.4f} lr {m['lr']:.2e}", file=sys.stderr)
 
-    from .embed_hf import finetune_hf, is_hf_encoder
+    from matryoshka_lm.embed.hf_encoder import finetune_hf, is_hf_encoder
 
     if is_hf_encoder(a.ckpt):
         finetune_hf(a.ckpt, a.out, cfg, device=_device(a.device), callback=on_step)
@@ -203,7 +203,7 @@ def cmd_train_embed(a: argparse.Namespace) -> None:
 
 
 def cmd_embed(a: argparse.Namespace) -> None:
-    from .embed import embed_file
+    from matryoshka_lm.embed.model import embed_file
 
     vecs = embed_file(a.ckpt, a.file, a.out, size=a.size, dims=a.dims, batch_size=a.batch_size,
                       device=_device(a.device))
@@ -211,14 +211,14 @@ def cmd_embed(a: argparse.Namespace) -> None:
 
 
 def cmd_index_build(a: argparse.Namespace) -> None:
-    from .retrieval import build_index, index_texts
+    from matryoshka_lm.embed.retrieval import build_index, index_texts
 
     if a.vectors:
         if a.ckpt or a.file:
             raise MatryoshkaError("give either CKPT FILE or --vectors, not both")
         import numpy as np
 
-        from .embed import read_texts
+        from matryoshka_lm.embed.model import read_texts
 
         try:
             vecs = np.load(a.vectors, allow_pickle=False)
@@ -235,11 +235,11 @@ def cmd_index_build(a: argparse.Namespace) -> None:
 
 
 def cmd_search(a: argparse.Namespace) -> None:
-    from .retrieval import search_texts
+    from matryoshka_lm.embed.retrieval import search_texts
 
     queries = list(a.query) or None
     if a.queries:
-        from .embed import read_texts
+        from matryoshka_lm.embed.model import read_texts
 
         queries = (queries or []) + read_texts(a.queries)
     vectors = None
@@ -266,7 +266,7 @@ def cmd_search(a: argparse.Namespace) -> None:
 def cmd_serve(a: argparse.Namespace) -> None:
     import os
 
-    from .serve import serve
+    from matryoshka_lm.serve.app import serve
 
     if a.threads:
         import torch
@@ -292,7 +292,7 @@ def _add_serve_parser(sub) -> None:
 
 
 def cmd_export_embed(a: argparse.Namespace) -> None:
-    from .embed_hf import export_embedding
+    from matryoshka_lm.embed.hf_encoder import export_embedding
 
     out = export_embedding(a.ckpt, a.out, size=a.size, force=a.force)
     print(f"wrote {out} (load with sentence_transformers.SentenceTransformer, or AutoModel + mean pooling)",

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import nested
-from .config import ModelConfig
+from matryoshka_lm.config import ModelConfig
 from .spec import LayerSpec, SubmodelSpec, full_spec
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint as ck
-from .config import TrainConfig, load_json
-from .data import encode_corpus, limit_chars, read_corpus, split_tokens, unigram_loss
+from matryoshka_lm.core import checkpoint as ck
+from matryoshka_lm.config import TrainConfig, load_json
+from matryoshka_lm.data import encode_corpus, limit_chars, read_corpus, split_tokens, unigram_loss
 from .evaluate import evaluate_specs, format_table, plot_size_vs_loss, size_table, write_json_report
-from .spec import parse_spec, size_names
+from matryoshka_lm.core.spec import parse_spec, size_names
 
 
 def checkpoint_val_split(ckpt: Path, data: str | None = None):

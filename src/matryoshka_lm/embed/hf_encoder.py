@@ -19,11 +19,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import checkpoint as ck
-from .config import load_json
-from .embed import (EmbedTrainConfig, check_dims, default_dims, load_pairs, lr_at, mean_pool, mrl_contrastive_loss,
+from matryoshka_lm.core import checkpoint as ck
+from matryoshka_lm.config import load_json
+from .model import (EmbedTrainConfig, check_dims, default_dims, load_pairs, lr_at, mean_pool, mrl_contrastive_loss,
                     resolve_dims, shrink)
-from .errors import MatryoshkaError
+from matryoshka_lm.errors import MatryoshkaError
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +188,8 @@ def export_embedding(ckpt: str | Path, out: str | Path, size: str | None = None,
     folder of `export_hf`, mean-pooling module files, a padding token, and in config.json `is_matryoshka` and
     `matryoshka_dimensions` (the trained dims that fit the size). Load it with `SentenceTransformer(out)`, or
     `AutoModel` + mean pooling; truncate, then normalize (`truncate_dim=m, normalize_embeddings=True`)."""
-    from .embed import EMBEDDING_JSON
-    from .hf import export_hf
+    from .model import EMBEDDING_JSON
+    from matryoshka_lm.convert.hf import export_hf
 
     ckpt = Path(ckpt)
     if not (ckpt / EMBEDDING_JSON).is_file():

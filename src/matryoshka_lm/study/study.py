@@ -18,16 +18,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint as ck
-from .config import ModelConfig, TrainConfig
-from .data import eval_batches
-from .errors import MatryoshkaError
-from .evaluate import evaluate_specs
-from .machine import describe_machine
-from .model import MatryoshkaLM
-from .report import checkpoint_val_split
-from .spec import SubmodelSpec, count_params, flops_per_token, format_spec, parse_spec, uniform_spec
-from .train import train
+from matryoshka_lm.core import checkpoint as ck
+from matryoshka_lm.config import ModelConfig, TrainConfig
+from matryoshka_lm.data import eval_batches
+from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.train.evaluate import evaluate_specs
+from matryoshka_lm.machine import describe_machine
+from matryoshka_lm.core.model import MatryoshkaLM
+from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
+from matryoshka_lm.core.spec import SubmodelSpec, count_params, flops_per_token, format_spec, parse_spec, uniform_spec
+from matryoshka_lm.train.loop import train
 
 log = logging.getLogger(__name__)
 SIZES = ["XL", "L", "M", "S"]
@@ -260,7 +260,7 @@ def run_study(preset_name: str, report: str | Path, work: str | Path | None = No
                    "train_seconds": seconds, "wall_seconds": time.perf_counter() - t0,
                    "train_seconds_total": sum(seconds.values()), "torch": torch.__version__,
                    "command": f"matryoshka study --preset {preset_name} -o {report} --seed {seed}"}
-    from .study_report import write_report
+    from .report import write_report
 
     write_report(res, p, report)
     return res

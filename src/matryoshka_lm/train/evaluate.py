@@ -10,10 +10,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
-from .data import eval_batches
-from .model import MatryoshkaLM
-from .spec import SubmodelSpec, count_params, flops_per_token
+from matryoshka_lm.config import ModelConfig
+from matryoshka_lm.data import eval_batches
+from matryoshka_lm.core.model import MatryoshkaLM
+from matryoshka_lm.core.spec import SubmodelSpec, count_params, flops_per_token
 
 
 @torch.no_grad()
@@ -99,6 +99,6 @@ def plot_size_vs_loss(rows: list[dict[str, Any]], path: Path, title: str = "size
 
 
 def write_json_report(path: Path, rows: list[dict[str, Any]], extra: dict[str, Any]) -> None:
-    from .checkpoint import write_json
+    from matryoshka_lm.core.checkpoint import write_json
 
     write_json(path, {"sizes": rows, **extra})

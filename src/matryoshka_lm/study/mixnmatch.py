@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ModelConfig
-from .errors import MatryoshkaError
-from .evaluate import human
-from .model import MatryoshkaLM
-from .spec import LayerSpec, SubmodelSpec, count_params, flops_per_token, format_spec, parse_spec, size_names
+from matryoshka_lm.config import ModelConfig
+from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.train.evaluate import human
+from matryoshka_lm.core.model import MatryoshkaLM
+from matryoshka_lm.core.spec import LayerSpec, SubmodelSpec, count_params, flops_per_token, format_spec, parse_spec, size_names
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def mixnmatch_search(model: MatryoshkaLM, val: np.ndarray, budget: Budget, seq_l
 
     Raises MatryoshkaError when no submodel fits, naming the smallest possible cost.
     """
-    from .evaluate import evaluate_specs
+    from matryoshka_lm.train.evaluate import evaluate_specs
 
     cfg = model.cfg
     cands = enumerate_candidates(cfg)
@@ -343,9 +343,9 @@ def run_mixnmatch(ckpt: str | Path, budget: str, n_batches: int = 4, max_evals: 
                   plot_path: str | Path | None = None, json_path: str | Path | None = None,
                   latency_tokens: int = 128, device: str = "cpu") -> tuple[Candidate, str]:
     """`matryoshka mixnmatch`: search the checkpoint, write the PNG and JSON, return (best, Markdown table)."""
-    from . import checkpoint as ck
-    from .checkpoint import write_json
-    from .report import checkpoint_val_split
+    from matryoshka_lm.core import checkpoint as ck
+    from matryoshka_lm.core.checkpoint import write_json
+    from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
 
     ckpt = Path(ckpt)
     b = parse_budget(budget)  # bad input fails before anything is loaded

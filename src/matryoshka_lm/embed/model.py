@@ -29,11 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import checkpoint as ck
-from . import nested
-from .errors import MatryoshkaError
-from .model import MatryoshkaLM
-from .spec import SubmodelSpec, format_spec, parse_spec, validate_spec
+from matryoshka_lm.core import checkpoint as ck
+from matryoshka_lm.core import nested
+from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.core.model import MatryoshkaLM
+from matryoshka_lm.core.spec import SubmodelSpec, format_spec, parse_spec, validate_spec
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +375,7 @@ def load_pairs(cfg: EmbedTrainConfig) -> tuple[list[tuple[str, str]], list[tuple
     if cfg.pairs:
         pairs = read_pairs(cfg.pairs)
     else:
-        from .data import limit_chars, read_corpus
+        from matryoshka_lm.data import limit_chars, read_corpus
 
         docs = limit_chars(read_corpus(cfg.data), cfg.max_corpus_chars)
         pairs = corpus_pairs(docs, cfg.passage_chars, overlap=cfg.pair_overlap)
@@ -481,7 +481,7 @@ def load_embedder(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple
             raise MatryoshkaError(f"{ckpt} is not an embedding checkpoint (no {EMBEDDING_JSON}); "
                                   "make one with `matryoshka train-embed`")
         raise MatryoshkaError(f"checkpoint {ckpt} does not exist")
-    from .config import load_json
+    from matryoshka_lm.config import load_json
 
     meta = load_json(ckpt / EMBEDDING_JSON)
     lm = ck.load_model(ckpt, device)
@@ -536,7 +536,7 @@ class TextEncoder:
 
 def load_encoder(ckpt: str | Path, device: str = "cpu") -> Any:
     """A TextEncoder for an embedding checkpoint, or an HFEncoder for a Hugging Face encoder folder."""
-    from .embed_hf import HFEncoder, is_hf_encoder
+    from .hf_encoder import HFEncoder, is_hf_encoder
 
     if is_hf_encoder(ckpt):
         return HFEncoder(ckpt, device=device)

@@ -20,8 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig, TrainConfig, load_json
-from .errors import MatryoshkaError
+from matryoshka_lm.config import ModelConfig, TrainConfig, load_json
+from matryoshka_lm.errors import MatryoshkaError
 from .model import MatryoshkaLM
 
 CONFIG, TOKENIZER, WEIGHTS, STATE = "config.json", "tokenizer.json", "model.safetensors", "trainer_state.safetensors"

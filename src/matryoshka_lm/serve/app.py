@@ -50,10 +50,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import Batcher, Event, GenRequest, Ticket
-from .engine import Engine, Sampling
-from .errors import MatryoshkaError
-from .model import MatryoshkaLM
-from .spec import SubmodelSpec, count_params, format_spec, parse_spec, size_names, uniform_spec
+from matryoshka_lm.infer.engine import Engine, Sampling
+from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.core.model import MatryoshkaLM
+from matryoshka_lm.core.spec import SubmodelSpec, count_params, format_spec, parse_spec, size_names, uniform_spec
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +322,7 @@ class Server:
                  api_key: str | None = None, compile: bool = False, max_batch: int = 16, max_batches: int = 8,
                  batch_window_s: float = 0.002, max_body_bytes: int = 1 << 20, max_tokens_limit: int | None = None,
                  max_waiting: int = 4096):
-        from .embed import Embedder
+        from matryoshka_lm.embed.model import Embedder
 
         self.model, self.tok, self.name, self.api_key = model.eval(), tokenizer, name, api_key
         self.cfg = model.cfg
@@ -474,8 +474,8 @@ class Server:
 
 
 def _load(ckpt: str | Path, device: str) -> tuple[MatryoshkaLM, Any, Any, str]:
-    from . import checkpoint as ck
-    from .embed import EMBEDDING_JSON, load_embedder
+    from matryoshka_lm.core import checkpoint as ck
+    from matryoshka_lm.embed.model import EMBEDDING_JSON, load_embedder
 
     ckpt = Path(ckpt)
     if (ckpt / EMBEDDING_JSON).is_file():  # an embedding checkpoint: its projection serves /v1/embeddings
@@ -626,7 +626,7 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
 def embed_ids(embedder: Any, ids: list[list[int]], spec: SubmodelSpec, dims: int, batch_size: int = 64) -> np.ndarray:
     """embed.embed_texts for token ids (the server tokenizes first, to check lengths and count usage):
     right-padded batches sorted by length, mean-pooled, cut to `dims` and L2-normalized (embed.shrink)."""
-    from .embed import shrink
+    from matryoshka_lm.embed.model import shrink
 
     device = next(embedder.parameters()).device
     order = np.argsort([len(x) for x in ids], kind="stable")

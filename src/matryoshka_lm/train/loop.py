@@ -22,14 +22,14 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import checkpoint as ck
-from .config import ModelConfig, TrainConfig
-from .data import limit_chars, read_corpus, encode_corpus, sample_batch, split_tokens, train_tokenizer, unigram_loss
-from .errors import MatryoshkaError
+from matryoshka_lm.core import checkpoint as ck
+from matryoshka_lm.config import ModelConfig, TrainConfig
+from matryoshka_lm.data import limit_chars, read_corpus, encode_corpus, sample_batch, split_tokens, train_tokenizer, unigram_loss
+from matryoshka_lm.errors import MatryoshkaError
 from .evaluate import evaluate_specs
-from .model import MatryoshkaLM
-from .nested import submodel_config
-from .spec import SubmodelSpec, size_names, uniform_spec
+from matryoshka_lm.core.model import MatryoshkaLM
+from matryoshka_lm.core.nested import submodel_config
+from matryoshka_lm.core.spec import SubmodelSpec, size_names, uniform_spec
 
 log = logging.getLogger(__name__)
 

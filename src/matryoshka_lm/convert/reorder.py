@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
-from .data import eval_batches
-from .errors import MatryoshkaError
-from .model import MatryoshkaLM, apply_rope
+from matryoshka_lm.config import ModelConfig
+from matryoshka_lm.data import eval_batches
+from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.core.model import MatryoshkaLM, apply_rope
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from matryoshka_lm.config import ModelConfig
 from .spec import SubmodelSpec
 
 

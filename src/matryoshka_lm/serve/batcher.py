@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .engine import Decode, Engine, Sampling, cut_at_stop, find_stop, held_back
-from .spec import SubmodelSpec
+from matryoshka_lm.infer.engine import Decode, Engine, Sampling, cut_at_stop, find_stop, held_back
+from matryoshka_lm.core.spec import SubmodelSpec
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from . import checkpoint as ck
-from .config import load_json
-from .errors import MatryoshkaError
+from matryoshka_lm.core import checkpoint as ck
+from matryoshka_lm.config import load_json
+from matryoshka_lm.errors import MatryoshkaError
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ def overlap_at_k(ids: np.ndarray, truth: np.ndarray) -> float:
 def index_texts(ckpt: str | Path, path: str | Path, out: str | Path, size: str | None = None,
                 batch_size: int = 64, force: bool = False, device: str = "cpu", hnsw_dim: int | None = None) -> Path:
     """Embed every line of `path` with size `size` of embedding checkpoint `ckpt` (all its dims) and index them."""
-    from .embed import load_encoder, read_texts
+    from .model import load_encoder, read_texts
 
     texts = read_texts(path)
     if Path(out).exists() and not force:  # fail before the slow part
@@ -328,7 +328,7 @@ def search_texts(index_path: str | Path, queries: list[str] | None = None, vecto
 
 def embed_queries(index: VectorIndex, queries: list[str], ckpt: str | Path | None, size: str | None,
                   dims: int | None, device: str) -> np.ndarray:
-    from .embed import load_encoder
+    from .model import load_encoder
 
     if not queries or not all(q.strip() for q in queries):
         raise MatryoshkaError("empty query")

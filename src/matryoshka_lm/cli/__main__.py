@@ -1,0 +1,3 @@
+from matryoshka_lm.cli.main import main
+
+raise SystemExit(main())
