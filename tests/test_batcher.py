@@ -10,7 +10,8 @@ import torch
 
 from conftest import tiny_config
 from matryoshka_lm.serve.batcher import Batcher, GenRequest, Ticket
-from matryoshka_lm.infer.engine import GREEDY, Engine, Sampling
+from matryoshka_lm.infer.engine import Engine
+from matryoshka_lm.infer.sampling import GREEDY, Sampling
 from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.spec import uniform_spec
 

@@ -11,7 +11,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from matryoshka_lm.core import model as model_module
-from matryoshka_lm.infer.engine import Engine, Sampling, held_back, logits_to_probs
+from matryoshka_lm.infer.engine import Engine
+from matryoshka_lm.infer.sampling import Sampling, logits_to_probs
+from matryoshka_lm.infer.stops import held_back
 from matryoshka_lm.errors import MatryoshkaError
 from matryoshka_lm.core.model import KVCache, MatryoshkaLM
 from matryoshka_lm.core.spec import count_params, parse_spec, uniform_spec

@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 from _tiny_ckpt import make_checkpoint
 from matryoshka_lm.core.checkpoint import load_model, load_tokenizer
 from matryoshka_lm.embed.model import Embedder, embed_texts
-from matryoshka_lm.infer.engine import GREEDY, Engine
+from matryoshka_lm.infer.engine import Engine
+from matryoshka_lm.infer.sampling import GREEDY
 from matryoshka_lm.serve.app import CHAT_STOPS, chat_prompt, create_app
 from matryoshka_lm.core.spec import parse_spec
 

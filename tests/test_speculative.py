@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
-from matryoshka_lm.infer.engine import Engine, Sampling
+from matryoshka_lm.infer.engine import Engine
+from matryoshka_lm.infer.sampling import Sampling
 from matryoshka_lm.errors import MatryoshkaError
 from matryoshka_lm.core.model import KVCache, MatryoshkaLM
 from matryoshka_lm.core.spec import parse_spec, uniform_spec

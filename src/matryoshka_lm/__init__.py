@@ -16,7 +16,9 @@ from matryoshka_lm.core.model import KVCache, MatryoshkaLM
 from matryoshka_lm.core.spec import (LayerSpec, SubmodelSpec, count_params, flops_per_token, format_spec, parse_spec,
                                      uniform_spec)
 from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.infer.engine import Completion, Engine, Sampling
+from matryoshka_lm.infer.engine import Engine
+from matryoshka_lm.infer.sampling import Sampling
+from matryoshka_lm.infer.stops import Completion
 from matryoshka_lm.infer.speculative import speculative_decode
 
 __version__ = "0.1.0"

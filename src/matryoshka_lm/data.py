@@ -14,7 +14,8 @@ from matryoshka_lm.errors import MatryoshkaError
 log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
-SPECIAL = ["<|endoftext|>"]
+EOT = "<|endoftext|>"  # separates documents; generation stops at it
+SPECIAL = [EOT]
 
 
 def shakespeare_text() -> str:

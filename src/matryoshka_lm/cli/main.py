@@ -73,7 +73,9 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 def cmd_generate(a: argparse.Namespace) -> None:
     from matryoshka_lm.core.checkpoint import load_model, load_tokenizer
-    from matryoshka_lm.infer.engine import Engine, Sampling
+    from matryoshka_lm.data import EOT
+    from matryoshka_lm.infer.engine import Engine
+    from matryoshka_lm.infer.sampling import Sampling
     from matryoshka_lm.core.spec import parse_spec, size_names
     from matryoshka_lm.infer.speculative import SpeculativeStats, check_draft, speculative_decode, speculative_stream
 
@@ -86,7 +88,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     sampling = Sampling(a.temperature, a.top_k, a.top_p, a.seed)
     # compiling costs tens of seconds per size on CPU, more than a CLI run gains; on CUDA it pays at once
     engine = Engine(model, compile=device.startswith("cuda") if a.compile is None else a.compile)
-    eot = tok.token_to_id("<|endoftext|>")
+    eot = tok.token_to_id(EOT)
     stops = dict(stop_tokens=[] if eot is None else [eot], stop_strings=a.stop or [], decode=tok.decode)
     draft = parse_spec(model.cfg, a.draft) if a.draft else None
     sizes = size_names(model.cfg) if a.size == "all" else [a.size]

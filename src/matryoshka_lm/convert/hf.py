@@ -27,14 +27,15 @@ from typing import Any
 import torch
 
 from matryoshka_lm.core import checkpoint as ck
+from matryoshka_lm.core.nested import kv_heads
 from matryoshka_lm.config import DEFAULT_SIZES, ModelConfig, load_json
+from matryoshka_lm.data import EOT
 from matryoshka_lm.errors import MatryoshkaError
 from .extract import check_shapes, sliced_checkpoint, staged_dir
 from matryoshka_lm.core.spec import count_params, format_spec, size_names
 
 log = logging.getLogger(__name__)
 
-EOT = "<|endoftext|>"
 _LAYER_NAMES = {"attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
                 "attn.wo": "self_attn.o_proj", "ffn.w_gate": "mlp.gate_proj", "ffn.w_up": "mlp.up_proj",
                 "ffn.w_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
@@ -85,10 +86,10 @@ def pad_layers(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> tuple[ModelC
         s[p + "ffn.w_down.weight"] = _pad(s[p + "ffn.w_down.weight"], 1, F_max)
         s[p + "attn.wq.weight"] = _pad(s[p + "attn.wq.weight"], 0, H_max * hd)
         for name in ("attn.wk", "attn.wv"):
-            s[p + name + ".weight"] = _pad(s[p + name + ".weight"], 0, H_max // g * hd)
+            s[p + name + ".weight"] = _pad(s[p + name + ".weight"], 0, kv_heads(H_max, g) * hd)
         s[p + "attn.wo.weight"] = _pad(s[p + "attn.wo.weight"], 1, H_max * hd)
     d = cfg.to_dict()
-    d.update(ffn_dim=F_max, n_heads=H_max, n_kv_heads=H_max // g)
+    d.update(ffn_dim=F_max, n_heads=H_max, n_kv_heads=kv_heads(H_max, g))
     return ModelConfig.from_dict(d), s
 
 

@@ -29,6 +29,7 @@ from matryoshka_lm.config import ModelConfig
 from matryoshka_lm.data import eval_batches
 from matryoshka_lm.errors import MatryoshkaError
 from matryoshka_lm.core.model import MatryoshkaLM, apply_rope
+from matryoshka_lm.core.nested import kv_head_of
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,8 @@ def permute_state(state: dict[str, torch.Tensor], cfg: ModelConfig, perm: Permut
             s[p + "ffn.w_down.weight"] = s[p + "ffn.w_down.weight"][:, idx]
         if perm.heads is not None:
             q_heads = perm.heads[i]
-            kv_heads = q_heads[::g] // g
-            if not torch.equal(q_heads.view(-1, g) // g, kv_heads[:, None].expand(-1, g)):
+            kv_heads = kv_head_of(q_heads[::g], g)
+            if not torch.equal(kv_head_of(q_heads.view(-1, g), g), kv_heads[:, None].expand(-1, g)):
                 raise MatryoshkaError(f"layer {i}: a head permutation must move whole GQA groups of {g}")
             q_rows, kv_rows = _rows(q_heads, hd), _rows(kv_heads, hd)
             s[p + "attn.wq.weight"] = s[p + "attn.wq.weight"][q_rows]

@@ -42,7 +42,7 @@ class KVCache:
     @classmethod
     def allocate(cls, cfg: ModelConfig, spec: SubmodelSpec, batch: int, max_len: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "KVCache":
-        shapes = [(batch, l.heads // cfg.group_size, max_len, cfg.head_dim) for l in spec.layers]
+        shapes = [(batch, nested.kv_heads(l.heads, cfg.group_size), max_len, cfg.head_dim) for l in spec.layers]
         return cls([torch.zeros(s, device=device, dtype=dtype) for s in shapes],
                    [torch.zeros(s, device=device, dtype=dtype) for s in shapes])
 
@@ -72,11 +72,12 @@ class Attention(nn.Module):
         self.wk = nn.Linear(C, n_kv_heads * hd, bias=False)
         self.wv = nn.Linear(C, n_kv_heads * hd, bias=False)
         self.wo = nn.Linear(n_heads * hd, C, bias=False)
+        self.heads_out = nn.Identity()  # (B, T, h*hd) per-head outputs before wo: a hook point (reorder.py)
 
     def forward(self, x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None, layer_idx: int, start: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        hd, kv = self.hd, heads // self.group
+        hd, kv = self.hd, nested.kv_heads(heads, self.group)
         q = nested.linear(x, self.wq.weight, heads * hd).view(B, T, heads, hd).transpose(1, 2)
         k = nested.linear(x, self.wk.weight, kv * hd).view(B, T, kv, hd).transpose(1, 2)
         v = nested.linear(x, self.wv.weight, kv * hd).view(B, T, kv, hd).transpose(1, 2)
@@ -91,7 +92,7 @@ class Attention(nn.Module):
         else:  # a chunk after a cached prefix (speculative verification): causal with an offset
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv != heads)
-        y = y.transpose(1, 2).reshape(B, T, heads * hd)
+        y = self.heads_out(y.transpose(1, 2).reshape(B, T, heads * hd))
         return nested.linear(y, self.wo.weight, C)
 
 
@@ -103,9 +104,10 @@ class FeedForward(nn.Module):
         self.w_gate = nn.Linear(dim, hidden, bias=False)
         self.w_up = nn.Linear(dim, hidden, bias=False)
         self.w_down = nn.Linear(hidden, dim, bias=False)
+        self.hidden = nn.Identity()  # (B, T, ffn) activations before w_down: a hook point (reorder.py)
 
     def forward(self, x: torch.Tensor, ffn: int) -> torch.Tensor:
-        a = F.silu(nested.linear(x, self.w_gate.weight, ffn)) * nested.linear(x, self.w_up.weight, ffn)
+        a = self.hidden(F.silu(nested.linear(x, self.w_gate.weight, ffn)) * nested.linear(x, self.w_up.weight, ffn))
         return nested.linear(a, self.w_down.weight, x.shape[-1])
 
 

@@ -4,15 +4,32 @@ Every weight is laid out so that a submodel reads the leading rows/columns:
   Linear weight (out, in): a size keeps weight[:out_k, :in_k]  (zero-copy views)
   RMSNorm weight (C,):     weight[:C_k]; the norm is taken over those C_k features only
   Embedding (V, C):        table[:, :C_k]
-Query heads are grouped so that the first k heads use the first k / group KV heads.
+Query heads are grouped (GQA): query head j reads KV head j // group, so the first k query heads use the first
+k / group KV heads, and a size keeps whole groups only (kv_heads).
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from matryoshka_lm.config import ModelConfig
-from .spec import SubmodelSpec
+
+if TYPE_CHECKING:  # spec.py counts parameters with kv_heads below, so nested.py only names its type
+    from matryoshka_lm.core.spec import SubmodelSpec
+
+
+def kv_heads(heads: int, group: int) -> int:
+    """KV heads that the first `heads` query heads read: heads / group (heads must be whole GQA groups)."""
+    if heads % group:
+        raise ValueError(f"{heads} query heads is not a whole number of GQA groups of {group}")
+    return heads // group
+
+
+def kv_head_of(q_head: torch.Tensor, group: int) -> torch.Tensor:
+    """The KV head each query head reads (GQA): query head j -> KV head j // group."""
+    return q_head // group
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -47,7 +64,7 @@ def slice_views(state: dict[str, torch.Tensor], cfg: ModelConfig, spec: Submodel
         out["lm_head.weight"] = state["lm_head.weight"][:, :C]
     for i, layer in enumerate(spec.layers):
         p = f"layers.{i}."
-        q, kv, f = layer.heads * hd, layer.heads // g * hd, layer.ffn
+        q, kv, f = layer.heads * hd, kv_heads(layer.heads, g) * hd, layer.ffn
         rows = {"attn.wq": (q, C), "attn.wk": (kv, C), "attn.wv": (kv, C), "attn.wo": (C, q),
                 "ffn.w_gate": (f, C), "ffn.w_up": (f, C), "ffn.w_down": (C, f)}
         for name, (r, c) in rows.items():
@@ -61,10 +78,11 @@ def submodel_config(cfg: ModelConfig, spec: SubmodelSpec) -> ModelConfig:
     """Config of a standalone dense model with exactly the spec's shape (per-layer widths where they differ)."""
     heads = [l.heads for l in spec.layers]
     ffn = [l.ffn for l in spec.layers]
+    kv = [kv_heads(h, cfg.group_size) for h in heads]
     d = cfg.to_dict()
     d.update(d_model=spec.width, n_layers=spec.depth, head_dim=cfg.head_dim,
              n_heads=heads[0] if len(set(heads)) == 1 else heads,
-             n_kv_heads=heads[0] // cfg.group_size if len(set(heads)) == 1 else [h // cfg.group_size for h in heads],
+             n_kv_heads=kv[0] if len(set(kv)) == 1 else kv,
              ffn_dim=ffn[0] if len(set(ffn)) == 1 else ffn,
              nest_width=False, nest_heads=False, nest_ffn=False, nest_depth=False,
              sizes={"XL": {a: "1" for a in ("width", "heads", "ffn", "depth")}})

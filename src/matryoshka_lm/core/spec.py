@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from matryoshka_lm.config import ModelConfig
+from matryoshka_lm.core.nested import kv_heads
 from matryoshka_lm.errors import MatryoshkaError
 
 
@@ -163,7 +164,7 @@ def count_params(cfg: ModelConfig, spec: SubmodelSpec) -> dict[str, int]:
     body = C  # final norm
     for layer in spec.layers:
         q = layer.heads * hd
-        kv = (layer.heads // g) * hd
+        kv = kv_heads(layer.heads, g) * hd
         body += 2 * C                   # two RMSNorms
         body += C * q + 2 * C * kv + q * C  # wq, wk, wv, wo
         body += 3 * C * layer.ffn          # gate, up, down

@@ -23,6 +23,7 @@ from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.config import load_json
 from .model import (EmbedTrainConfig, check_dims, default_dims, load_pairs, lr_at, mean_pool, mrl_contrastive_loss,
                     resolve_dims, shrink)
+from matryoshka_lm.data import EOT
 from matryoshka_lm.errors import MatryoshkaError
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ def export_embedding(ckpt: str | Path, out: str | Path, size: str | None = None,
     dims = [int(m) for m in meta["matryoshka_dimensions"] if m <= width]
     write_matryoshka_metadata(out, dims)
     tok_cfg = load_json(out / "tokenizer_config.json")
-    tok_cfg.update(pad_token=tok_cfg.get("eos_token") or "<|endoftext|>", padding_side="right")
+    tok_cfg.update(pad_token=tok_cfg.get("eos_token") or EOT, padding_side="right")
     ck.write_json(out / "tokenizer_config.json", tok_cfg)
     max_len = int(meta.get("train", {}).get("max_tokens") or 64)
     ck.write_json(out / "modules.json", [

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core import nested
+from matryoshka_lm.data import EOT
 from matryoshka_lm.errors import MatryoshkaError
 from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.spec import SubmodelSpec, format_spec, parse_spec, validate_spec
@@ -140,7 +141,7 @@ def tokenize(tok, texts: list[str], max_tokens: int, device: str | torch.device 
         if not row:
             raise MatryoshkaError(f"text {i} ({texts[i][:40]!r}) has no tokens")
     T = max(len(r) for r in ids)
-    pad = tok.token_to_id("<|endoftext|>") or 0
+    pad = tok.token_to_id(EOT) or 0
     idx = torch.full((len(ids), T), pad, dtype=torch.long)
     mask = torch.zeros(len(ids), T)
     for i, row in enumerate(ids):

@@ -29,70 +29,10 @@ from matryoshka_lm.errors import MatryoshkaError
 from matryoshka_lm.core.model import KVCache, MatryoshkaLM
 from matryoshka_lm.core.nested import submodel_config
 from matryoshka_lm.core.spec import SubmodelSpec, validate_spec
+from matryoshka_lm.infer.sampling import GREEDY, Sampling, sample
+from matryoshka_lm.infer.stops import Completion, Decode, StopRow, stream_rows
 
 log = logging.getLogger(__name__)
-
-Decode = Callable[[list[int]], str]
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How the next token is picked from the logits; temperature 0 is greedy (top_k / top_p then ignored)."""
-    temperature: float = 0.0
-    top_k: int | None = None   # keep the k most likely tokens
-    top_p: float = 1.0         # nucleus: the smallest set of tokens whose probability reaches top_p
-    seed: int | None = None    # seeds a torch.Generator: same seed, same output
-
-    def __post_init__(self) -> None:
-        if not self.temperature >= 0:  # also rejects NaN
-            raise MatryoshkaError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k <= 0:
-            raise MatryoshkaError(f"top_k must be positive, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise MatryoshkaError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def generator(self, device: torch.device | str) -> torch.Generator | None:
-        return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
-
-
-GREEDY = Sampling()
-
-
-def logits_to_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
-    """(..., V) logits -> the distribution sampling draws from: one-hot argmax when greedy, else
-    softmax(logits / T) restricted to the top-k and then the top-p nucleus."""
-    logits = logits.float()
-    if s.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits / s.temperature
-    if s.top_k is not None and s.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, s.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, -1)
-    if s.top_p < 1:
-        sorted_p, order = probs.sort(-1, descending=True)
-        before = sorted_p.cumsum(-1) - sorted_p  # mass of the strictly more likely tokens
-        sorted_p = sorted_p.masked_fill(before >= s.top_p, 0.0)  # the most likely token always stays
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
-
-
-def sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) probabilities -> (B,) token ids."""
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids."""
-    if s.greedy:
-        return logits.argmax(-1)
-    return sample_from(logits_to_probs(logits, s), generator)
-
 
 # ---------------------------------------------------------------- the forward passes a decoder needs
 
@@ -176,73 +116,6 @@ class Padding:
     def step(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """pos (B, 1) and mask (B, 1, 1, start + 1) for a decode step writing slot `start`."""
         return self.pos[:, start:start + 1], self.valid[:, None, None, :start + 1]
-
-
-# ---------------------------------------------------------------- stop conditions
-
-
-@dataclass
-class Completion:
-    tokens: list[int]          # new tokens, without a stop token / the tokens of a stop string
-    text: str | None = None    # decoded, cut before a stop string (None when no decode function was given)
-    finish_reason: str = "length"  # "stop" (stop token or string) | "length" (max_new_tokens or the context)
-
-
-def find_stop(text: str, stops: Sequence[str]) -> int:
-    """Index of the earliest stop string in text, -1 if none."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else -1
-
-
-def held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters might begin a stop string (or an unfinished UTF-8 character): a stream
-    holds them back until the next token decides."""
-    n = len(text) - len(text.rstrip("\ufffd"))
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                n = max(n, k)
-                break
-    return n
-
-
-def cut_at_stop(tokens: list[int], text: str, decode: Decode) -> list[int]:
-    """The longest prefix of `tokens` whose text lies within `text` (the text before a stop string)."""
-    k = len(tokens)
-    while k > 0 and not text.startswith(decode(tokens[:k])):
-        k -= 1
-    return tokens[:k]
-
-
-@dataclass
-class _Row:
-    """One sequence's output and stop state."""
-    stop_tokens: frozenset[int]
-    stop_strings: tuple[str, ...]
-    decode: Decode | None
-    tokens: list[int] = field(default_factory=list)
-    text: str | None = None
-    done: bool = False
-    reason: str = "length"
-
-    def add(self, tok: int) -> None:
-        if self.done:
-            return
-        if tok in self.stop_tokens:
-            self.done, self.reason = True, "stop"
-            return
-        self.tokens.append(tok)
-        if self.stop_strings:
-            text = self.decode(self.tokens)
-            i = find_stop(text, self.stop_strings)
-            if i >= 0:
-                self.text = text[:i]
-                self.tokens = cut_at_stop(self.tokens, self.text, self.decode)
-                self.done, self.reason = True, "stop"
-
-    def completion(self) -> Completion:
-        text = self.text if self.text is not None else (self.decode(self.tokens) if self.decode else None)
-        return Completion(self.tokens, text, self.reason)
 
 
 # ---------------------------------------------------------------- the engine
@@ -390,42 +263,11 @@ class Engine:
         yield from stream_rows(steps, self._rows(1, stop_tokens, stop_strings, decode)[0])
 
     def _rows(self, n: int, stop_tokens: Sequence[int], stop_strings: Sequence[str],
-              decode: Decode | None) -> list[_Row]:
+              decode: Decode | None) -> list[StopRow]:
         stop_strings = tuple(s for s in stop_strings if s)
         if stop_strings and decode is None:
             raise MatryoshkaError("stop strings need a decode function (token ids -> text)")
-        return [_Row(frozenset(int(t) for t in stop_tokens), stop_strings, decode) for _ in range(n)]
-
-    def speculative(self, prompt: Sequence[int], target: SubmodelSpec | None, draft: SubmodelSpec, **kw):
-        """speculative.speculative_decode on this engine's model (and its compiled forwards)."""
-        from .speculative import speculative_decode
-
-        return speculative_decode(self.model, prompt, target, draft, engine=self, **kw)
-
-
-def stream_rows(steps: Iterator[list[int]], row: _Row) -> Iterator[int | str]:
-    """Feed one row token batches (lists of ids) and yield what becomes final: ids, or text pieces if it decodes."""
-    sent = 0
-    for toks in steps:
-        before = len(row.tokens)
-        for t in toks:
-            row.add(t)
-            if row.done:
-                break
-        if row.decode is None:
-            yield from row.tokens[before:]
-        else:
-            text = row.text if row.text is not None else row.decode(row.tokens)
-            end = len(text) if row.done else len(text) - held_back(text, row.stop_strings)
-            if end > sent:
-                yield text[sent:end]
-                sent = end
-        if row.done:
-            return
-    if row.decode is not None:
-        text = row.decode(row.tokens)
-        if len(text) > sent:
-            yield text[sent:]
+        return [StopRow(frozenset(int(t) for t in stop_tokens), stop_strings, decode) for _ in range(n)]
 
 
 def generate(model: MatryoshkaLM, prompts: Sequence[Sequence[int]], spec: SubmodelSpec | None = None,

@@ -29,17 +29,10 @@ from dataclasses import dataclass, field
 import torch
 
 from matryoshka_lm.config import ModelConfig
-from .engine import (
-    GREEDY,
-    Completion,
-    Decode,
-    Engine,
-    Sampling,
-    logits_to_probs,
-    prefill,
-    sample_from,
-    stream_rows,
-)
+from matryoshka_lm.core.nested import kv_heads
+from .engine import Engine, prefill
+from .sampling import GREEDY, Sampling, logits_to_probs, sample_from
+from .stops import Completion, Decode, stream_rows
 from matryoshka_lm.errors import MatryoshkaError
 from matryoshka_lm.core.model import KVCache, MatryoshkaLM
 from matryoshka_lm.core.spec import SubmodelSpec, count_params
@@ -79,7 +72,7 @@ def can_share_cache(cfg: ModelConfig, target: SubmodelSpec, draft: SubmodelSpec)
 
 def shared_cache(cfg: ModelConfig, cache: KVCache, draft: SubmodelSpec) -> KVCache:
     """The draft's view of the target's cache: its first KV heads of its first layers (no copy)."""
-    kv = [l.heads // cfg.group_size for l in draft.layers]
+    kv = [kv_heads(l.heads, cfg.group_size) for l in draft.layers]
     return KVCache([k[:, :n] for k, n in zip(cache.k, kv)], [v[:, :n] for v, n in zip(cache.v, kv)])
 
 

@@ -50,14 +50,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import Batcher, Event, GenRequest, Ticket
-from matryoshka_lm.infer.engine import Engine, Sampling
+from matryoshka_lm.infer.engine import Engine
+from matryoshka_lm.infer.sampling import Sampling
+from matryoshka_lm.data import EOT
 from matryoshka_lm.errors import MatryoshkaError
 from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.spec import SubmodelSpec, count_params, format_spec, parse_spec, size_names, uniform_spec
 
 log = logging.getLogger(__name__)
 
-EOT = "<|endoftext|>"
 MAX_STOPS = 4
 MAX_CHOICES = 8
 MAX_INPUTS = 256  # prompts per completion request, texts per embedding request

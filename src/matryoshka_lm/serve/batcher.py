@@ -26,7 +26,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from matryoshka_lm.infer.engine import Decode, Engine, Sampling, cut_at_stop, find_stop, held_back
+from matryoshka_lm.infer.engine import Engine
+from matryoshka_lm.infer.sampling import Sampling
+from matryoshka_lm.infer.stops import Decode, cut_at_stop, find_stop, held_back
 from matryoshka_lm.core.spec import SubmodelSpec
 
 log = logging.getLogger(__name__)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from matryoshka_lm.config import ModelConfig
+from matryoshka_lm.core.nested import kv_heads
 from matryoshka_lm.errors import MatryoshkaError
 from matryoshka_lm.train.evaluate import human
 from matryoshka_lm.core.model import MatryoshkaLM
@@ -103,7 +104,7 @@ def granularity_levels(cfg: ModelConfig) -> tuple[list[str], list[tuple[LayerSpe
 
 
 def _layer_cost(cfg: ModelConfig, layer: LayerSpec) -> int:
-    return 3 * layer.ffn + 2 * layer.heads * cfg.head_dim + 2 * (layer.heads // cfg.group_size) * cfg.head_dim
+    return 3 * layer.ffn + 2 * layer.heads * cfg.head_dim + 2 * kv_heads(layer.heads, cfg.group_size) * cfg.head_dim
 
 
 def monotone_sequences(depth: int, n_levels: int):

@@ -7,10 +7,11 @@ from typing import Any
 
 import numpy as np
 
+from matryoshka_lm.config import DEFAULT_SIZES
 from matryoshka_lm.core.checkpoint import write_json
 from matryoshka_lm.train.evaluate import human
 
-SIZES = ["XL", "L", "M", "S"]
+SIZES = list(DEFAULT_SIZES)  # the study trains the default sizes
 BAR = 0.04  # MatFormer's bar: each Matryoshka size within 0.04 nats of its independently trained baseline
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from matryoshka_lm.core import checkpoint as ck
-from matryoshka_lm.config import ModelConfig, TrainConfig
+from matryoshka_lm.config import DEFAULT_SIZES, ModelConfig, TrainConfig
 from matryoshka_lm.data import eval_batches
 from matryoshka_lm.errors import MatryoshkaError
 from matryoshka_lm.train.evaluate import evaluate_specs
@@ -30,7 +30,7 @@ from matryoshka_lm.core.spec import SubmodelSpec, count_params, flops_per_token,
 from matryoshka_lm.train.loop import train
 
 log = logging.getLogger(__name__)
-SIZES = ["XL", "L", "M", "S"]
+SIZES = list(DEFAULT_SIZES)  # the study trains the default sizes
 ABLATIONS = {"ffn": ("ffn",), "ffn+heads": ("ffn", "heads"), "all": ("width", "heads", "ffn", "depth")}
 
 
