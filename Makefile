@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo lint test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,7 +26,11 @@ demo: install
 	$(BIN)/matryoshka eval runs/demo --plot runs/demo/eval.png
 	$(BIN)/matryoshka generate runs/demo --size all --prompt "ROMEO: " --max-new-tokens 40 --temperature 0.8 --seed 0
 
-test: install
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+test: lint
 	$(BIN)/python -m pytest tests
 
 bench: install

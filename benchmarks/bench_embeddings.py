@@ -31,8 +31,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from common import ROOT, machine, write_section  # noqa: E402
 
-from matryoshka_lm.embed.model import EmbedTrainConfig, corpus_pairs, default_dims, mrl_contrastive_loss, split_pairs  # noqa: E402
-from matryoshka_lm.embed.retrieval import pair_recall  # noqa: E402
+from matryoshka_lm.embed import EmbedTrainConfig, corpus_pairs, default_dims, mrl_contrastive_loss, split_pairs  # noqa: E402
+from matryoshka_lm.embed import pair_recall  # noqa: E402
 
 OUT = ROOT / "runs" / "bench_embeddings"
 DOCS = ROOT / "docs"
@@ -79,7 +79,7 @@ def part_parity() -> dict:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
 
-    from matryoshka_lm.embed.hf_encoder import minilm_dir
+    from matryoshka_lm.embed import minilm_dir
 
     model = SentenceTransformer(str(minilm_dir()), device="cpu")
     pairs = corpus_pairs(corpus(200_000), 160)[:16]
@@ -127,7 +127,7 @@ def apply(lin: torch.nn.Linear, x: np.ndarray) -> np.ndarray:
 
 
 def part_minilm(steps: int, n_eval: int, n_adapter: int) -> dict:
-    from matryoshka_lm.embed.hf_encoder import HFEncoder, finetune_hf
+    from matryoshka_lm.embed import HFEncoder, finetune_hf
 
     t0 = time.time()
     cfg = EmbedTrainConfig(steps=steps, batch_size=32, lr=1e-4, warmup_steps=max(1, steps // 10), max_tokens=32,
@@ -171,7 +171,7 @@ def part_interop() -> dict:
 def check_interop(folder: Path, texts: list[str], dims: int = 48) -> dict:
     """config.json carries the Matryoshka keys; sentence-transformers loads the folder offline, and its
     truncate_dim + normalize_embeddings output equals ours."""
-    from matryoshka_lm.embed.model import load_encoder
+    from matryoshka_lm.embed import load_encoder
 
     ours = load_encoder(folder)
     cfg = json.loads((folder / "config.json").read_text())
@@ -196,7 +196,7 @@ def check_interop(folder: Path, texts: list[str], dims: int = 48) -> dict:
 
 def part_ours(lm_steps: int, emb_steps: int, n_eval: int) -> dict:
     from matryoshka_lm.config import ModelConfig, TrainConfig
-    from matryoshka_lm.embed.model import embed_texts, load_embedder, train_embedding
+    from matryoshka_lm.embed import embed_texts, load_embedder, train_embedding
     from matryoshka_lm.core.spec import count_params, uniform_spec
     from matryoshka_lm.train.loop import train
 
@@ -294,8 +294,8 @@ def timed(fn, repeats: int = 3) -> tuple[float, object]:
 
 
 def part_funnel(n_queries: int, n_latency: int) -> dict:
-    from matryoshka_lm.embed.hf_encoder import minilm_dir
-    from matryoshka_lm.embed.retrieval import build_index, load_index
+    from matryoshka_lm.embed import minilm_dir
+    from matryoshka_lm.embed import build_index, load_index
 
     t0 = time.time()
     pairs = corpus_pairs(corpus(10**9), 100, min_chars=16)
@@ -329,7 +329,7 @@ def run_funnel(index, Q: np.ndarray, positives: np.ndarray, n_latency: int, buil
     """Exact vs funnel configurations: batched time (2 threads), per-query latency (1 thread), recalls."""
     import faiss
 
-    from matryoshka_lm.embed.retrieval import exact_search, funnel_search, overlap_at_k
+    from matryoshka_lm.embed import exact_search, funnel_search, overlap_at_k
 
     def task_recall(ids):
         return float(np.mean([p in row for p, row in zip(positives, ids)]))

@@ -279,20 +279,20 @@ def step_costs(engine: Engine, repeats: int, calls: int = 50) -> dict[str, float
     model = engine.model
 
     def loop(size: str, T: int) -> Callable[[], float]:
-        spec = uniform_spec(model.cfg, size)
+        runner, spec = engine.runner(uniform_spec(model.cfg, size))  # the module and spec decoding runs
         cache = KVCache.allocate(model.cfg, spec, 1, 64)
         x = torch.randint(0, model.cfg.vocab_size, (1, 40 + T), generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
-            prefill(model, x[:, :40], spec, cache)
+            prefill(runner, x[:, :40], spec, cache)
 
         @torch.no_grad()
         def run() -> float:
             t0 = clock()
             for _ in range(calls):
                 if T == 1:
-                    engine._decode(model, x[0, 40:], spec, cache, 40)
+                    engine.decode_step(runner, x[0, 40:], spec, cache, 40)
                 else:
-                    engine._chunk(model, x[:, 40:], spec, cache, 40)
+                    engine.forward_chunk(runner, x[:, 40:], spec, cache, 40)
             return (clock() - t0) / calls
         return run
     return interleaved({"XL step": loop("XL", 1), "M step": loop("M", 1), "S step": loop("S", 1),
@@ -379,14 +379,7 @@ def main(quick: bool = False) -> str:
 
     # compile once, timed: the graphs every later compiled figure uses
     log("torch.compile")
-    compiled = Engine(demo, compile=True)
-    t0 = time.perf_counter()
-    for size, batch in (("XL", 1), ("S", 1), ("XL", 8)):  # decode graphs: static, then dynamic position
-        decode_seconds(compiled, size, [list(range(1, 17))] * batch, 8)()
-        decode_seconds(compiled, size, [list(range(1, 17))] * batch, 8)()
-    for prompt in (list(range(1, 17)), list(range(1, 9))):  # verify and catch-up graphs
-        speculative_decode(demo, prompt, None, uniform_spec(demo.cfg, "S"), 24, engine=compiled)
-    compile_s = time.perf_counter() - t0
+    compiled, compile_s = compile_engine(demo)
 
     # 3. vs transformers
     log("vs transformers")
@@ -414,9 +407,7 @@ def main(quick: bool = False) -> str:
     sections.append(speculative_table("eager", t_spec, st_spec, same_spec, len(prompts), n_spec, costs))
 
     # 5. torch.compile
-    eager = Engine(demo)
-    t_c = interleaved({f"{s} {k}": decode_seconds(e, s, [prompts[0]], n) for s in ("XL", "S")
-                       for k, e in (("eager", eager), ("compiled", compiled))}, reps)
+    t_c = compiled_vs_eager(demo, compiled, prompts[0], n, reps)
     c_configs = {"draft S (compiled)": dict(draft=uniform_spec(demo.cfg, "S"))}
     t_cs, st_cs, same_cs = speculative_runs(demo, prompts, n_spec, max(1, reps - 2), compiled, c_configs)
     c_costs = step_costs(compiled, reps)
@@ -435,6 +426,42 @@ def main(quick: bool = False) -> str:
     if not quick:
         write_section("inference", body)
     return body
+
+
+def compile_engine(model: MatryoshkaLM) -> tuple[Engine, float]:
+    """A compiled engine with its graphs compiled (decode: XL at batch 1 and 8, S at batch 1; speculative verify
+    and catch-up), and the wall-clock seconds that took."""
+    compiled = Engine(model, compile=True)
+    t0 = time.perf_counter()
+    for size, batch in (("XL", 1), ("S", 1), ("XL", 8)):
+        decode_seconds(compiled, size, [list(range(1, 17))] * batch, 8)()
+        decode_seconds(compiled, size, [list(range(1, 17))] * batch, 8)()
+    for prompt in (list(range(1, 17)), list(range(1, 9))):  # verify and catch-up graphs
+        speculative_decode(model, prompt, None, uniform_spec(model.cfg, "S"), 24, engine=compiled)
+    return compiled, time.perf_counter() - t0
+
+
+def compiled_vs_eager(model: MatryoshkaLM, compiled: Engine, prompt: list[int], n: int,
+                      repeats: int) -> dict[str, float]:
+    """Seconds of n - 1 batch-1 decode steps of XL and S, eager and compiled (interleaved medians)."""
+    eager = Engine(model)
+    return interleaved({f"{s} {k}": decode_seconds(e, s, [prompt], n) for s in ("XL", "S")
+                        for k, e in (("eager", eager), ("compiled", compiled))}, repeats)
+
+
+def compile_only(quick: bool) -> str:
+    """The torch.compile comparison alone (`--compile-only`): the demo model if bench_inference trained it
+    before, else the demo preset with random weights (decode speed does not depend on the weights)."""
+    torch.set_num_threads(THREADS)
+    reps, n = (1, 8) if quick else (5, 64)
+    if (MODEL_DIR / "model.safetensors").is_file():
+        model, tok, _ = demo_model()
+        prompt = tok.encode(PROMPTS[0]).ids
+    else:
+        torch.manual_seed(0)
+        model, prompt = MatryoshkaLM(preset("demo")[0]).eval(), [5, 9, 31, 2]
+    compiled, compile_s = compile_engine(model)
+    return compile_section(compile_s, compiled_vs_eager(model, compiled, prompt, n, reps), n)
 
 
 def speculative_table(kind: str, t: dict[str, float], stats: dict[str, SpeculativeStats], same: bool,
@@ -522,8 +549,12 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny repeats, BENCHMARKS.md untouched")
     ap.add_argument("--memory-probe", choices=["full", "all", "separate"], help=argparse.SUPPRESS)
+    ap.add_argument("--compile-only", action="store_true",
+                    help="only the torch.compile decode comparison, printed (BENCHMARKS.md untouched)")
     args = ap.parse_args()
-    if args.memory_probe:
+    if args.compile_only:
+        print(compile_only(args.quick))
+    elif args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe)))
     else:
         print(main(args.quick))

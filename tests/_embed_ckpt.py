@@ -7,9 +7,9 @@ import torch
 
 from conftest import tiny_config
 from matryoshka_lm.core.checkpoint import save_model
-from matryoshka_lm.data import limit_chars, read_corpus, train_tokenizer
-from matryoshka_lm.embed.model import EmbedTrainConfig, train_embedding
 from matryoshka_lm.core.model import MatryoshkaLM
+from matryoshka_lm.data import limit_chars, read_corpus, train_tokenizer
+from matryoshka_lm.embed import EmbedTrainConfig, train_embedding
 
 _CACHE: dict[str, tuple[Path, Path]] = {}
 

@@ -6,11 +6,14 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pydoc_data.topics  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from matryoshka_lm.config import ModelConfig, TrainConfig
 from matryoshka_lm.core.model import MatryoshkaLM
+from matryoshka_lm.core.spec import LayerSpec, SubmodelSpec
 
 torch.set_num_threads(1)
 
@@ -19,6 +22,17 @@ def tiny_config(**kw) -> ModelConfig:
     base = dict(vocab_size=97, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
     base.update(kw)
     return ModelConfig(**base)
+
+
+@st.composite
+def submodel_specs(draw, cfg: ModelConfig) -> SubmodelSpec:
+    """Any valid spec of `cfg`, drawn by its structure (depth, then each layer's FFN units and whole GQA groups,
+    then the residual width), so that a failure shrinks to the shallowest, narrowest spec that still fails."""
+    g = cfg.group_size
+    depth = draw(st.integers(1, cfg.n_layers))
+    layers = tuple(LayerSpec(ffn=draw(st.integers(1, cfg.layer_ffn[i])),
+                             heads=g * draw(st.integers(1, cfg.layer_heads[i] // g))) for i in range(depth))
+    return SubmodelSpec(width=draw(st.integers(1, cfg.d_model)), layers=layers)
 
 
 @pytest.fixture

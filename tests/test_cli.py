@@ -35,8 +35,12 @@ def test_eval_and_generate_work(ckpt, capsys):
     out = capsys.readouterr().out
     assert "| XL |" in out and "| S |" in out and "unigram" in out
     assert (ckpt / "eval.json").is_file() and (ckpt / "eval.png").stat().st_size > 1000
-    assert main(["generate", str(ckpt), "--size", "all", "--prompt", "The", "--max-new-tokens", "4", "--device", "cpu"]) == 0
-    assert capsys.readouterr().out.count("[") == 4
+    assert main(["generate", str(ckpt), "--size", "all", "--prompt", "The", "--max-new-tokens", "4",
+                 "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # one line per size, largest first, each the size's tag, the prompt, then the continuation
+    assert [line.partition(" ")[0] for line in lines] == ["[XL]", "[L]", "[M]", "[S]"], lines
+    assert all(line.partition(" ")[2].startswith("The") for line in lines), lines
 
 
 def test_unknown_size(ckpt, capsys):
@@ -89,8 +93,6 @@ def test_missing_data_and_bad_options(tmp_path, capsys):
     assert "unknown size" in error_line(capsys)
     assert main(["train", *TINY, "--nest", "ffn,bogus", "--out", str(tmp_path / "o3")]) == 2
     assert "unknown axes" in error_line(capsys)
-    assert main(["train", *TINY, "--steps", "0", "--out", str(tmp_path / "o4")]) == 2
-    assert "steps must be positive" in error_line(capsys)
 
 
 def test_refuses_to_overwrite_a_run(ckpt, capsys):
@@ -101,3 +103,83 @@ def test_refuses_to_overwrite_a_run(ckpt, capsys):
 def test_resume_without_state(tmp_path, capsys):
     assert main(["train", *TINY, "--resume", "--out", str(tmp_path / "none")]) == 2
     assert "cannot resume" in error_line(capsys)
+
+
+# ---------------------------------------------------------------- counts checked at parse time
+
+def usage_error(capsys, argv: list[str]) -> str:
+    """argparse's usage error: exit 2, the last stderr line names the option; no traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("usage: matryoshka")
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["embed", "ck", "f.txt", "-o", "x.npy", "--batch-size", "0"], "--batch-size"),
+    (["embed", "ck", "f.txt", "-o", "x.npy", "--dims", "-4"], "--dims"),
+    (["train", "--steps", "0"], "--steps"),
+    (["train", "--seq-len", "0"], "--seq-len"),
+    (["train", "--grad-accum", "-1"], "--grad-accum"),
+    (["train", "--save-every", "0"], "--save-every"),
+    (["train-embed", "ck", "-o", "o", "--max-tokens", "0"], "--max-tokens"),
+    (["search", "idx", "-k", "0"], "-k"),
+    (["index", "build", "-o", "o", "--hnsw-dim", "0"], "--hnsw-dim"),
+    (["serve", "ck", "--max-batch", "0"], "--max-batch"),
+    (["mixnmatch", "ck", "--budget", "params=1M", "--batches", "0"], "--batches"),
+])
+def test_counts_must_be_positive(argv, option, capsys):
+    line = usage_error(capsys, argv)
+    assert line.endswith(f"error: argument {option}: must be a positive integer, got {int(argv[-1])}"), line
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["train-embed", "ck", "-o", "o", "--proj-dim", "-1"], "--proj-dim"),
+    (["search", "idx", "--hnsw-ef", "-2"], "--hnsw-ef"),
+    (["train", "--max-corpus-chars", "-5"], "--max-corpus-chars"),
+])
+def test_counts_that_may_be_zero_refuse_negatives(argv, option, capsys):
+    line = usage_error(capsys, argv)
+    assert line.endswith(f"error: argument {option}: must be 0 or a positive integer, got {int(argv[-1])}"), line
+
+
+def test_zero_where_zero_means_off():
+    from matryoshka_lm.cli.main import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["train-embed", "ck", "-o", "o", "--proj-dim", "0"]).proj_dim == 0
+    assert p.parse_args(["search", "idx", "--hnsw-ef", "0"]).hnsw_ef == 0
+    assert p.parse_args(["embed", "ck", "f", "-o", "x", "--batch-size", "3"]).batch_size == 3
+
+
+def test_bad_port_and_non_integer(capsys):
+    assert usage_error(capsys, ["serve", "ck", "--port", "70000"]).endswith(
+        "argument --port: must be a port number in 1..65535, got 70000")
+    assert usage_error(capsys, ["embed", "ck", "f", "-o", "x", "--batch-size", "many"]).endswith(
+        "argument --batch-size: must be an integer, got 'many'")
+
+
+# ---------------------------------------------------------------- unexpected errors
+
+@pytest.fixture
+def broken_embed(monkeypatch):
+    """embed_file failing the way a library bug would: not a MatryoshkaError, a multi-line message."""
+    import matryoshka_lm.embed as embed
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom: tensor shapes disagree\nsecond line of detail")
+
+    monkeypatch.setattr(embed, "embed_file", boom)
+
+
+def test_unexpected_error_is_one_line(broken_embed, tmp_path, capsys):
+    code = main(["embed", "ck", "f.txt", "-o", str(tmp_path / "x.npy"), "--device", "cpu"])
+    assert code not in (0, 2)
+    assert error_line(capsys) == "error: RuntimeError: boom: tensor shapes disagree (rerun with -v for the traceback)"
+
+
+def test_verbose_shows_the_traceback(broken_embed, tmp_path):
+    with pytest.raises(RuntimeError, match="tensor shapes disagree"):
+        main(["-v", "embed", "ck", "f.txt", "-o", str(tmp_path / "x.npy"), "--device", "cpu"])

@@ -10,13 +10,21 @@ import torch.nn as nn
 
 from _embed_ckpt import embedding_checkpoints
 from matryoshka_lm.cli import main
-from matryoshka_lm.embed.model import (corpus_pairs, default_dims, embed_file, embed_texts, load_embedder,
-                                 mrl_contrastive_loss, read_pairs, shrink)
-from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.embed.retrieval import pair_recall
 from matryoshka_lm.core.spec import parse_spec
-
-
+from matryoshka_lm.embed import (
+    EmbedTrainConfig,
+    corpus_pairs,
+    default_dims,
+    embed_file,
+    embed_ids,
+    embed_texts,
+    load_embedder,
+    mrl_contrastive_loss,
+    pair_recall,
+    read_pairs,
+    shrink,
+)
+from matryoshka_lm.errors import MatryoshkaError
 
 
 def test_shrink_is_truncate_then_normalize():
@@ -141,6 +149,42 @@ def test_embed_texts_unit_norm_and_prefix_consistent(emb_ckpt):
     np.testing.assert_allclose(one[0], full[0], atol=1e-5)
     m = embed_texts(model, tok, texts, parse_spec(model.lm.cfg, "M"))
     assert m.shape == (3, 24)
+
+
+def test_embed_ids_is_what_embed_texts_computes(emb_ckpt):
+    """The id-level entry point (the server tokenizes itself) gives embed_texts' vectors, whatever the pad id."""
+    model, tok, _ = load_embedder(emb_ckpt)
+    texts = ["to be or not to be", "x", "the quick brown fox jumps"]
+    ids = [e.ids for e in tok.encode_batch(texts)]
+    spec = parse_spec(model.lm.cfg, "M")
+    expected = embed_texts(model, tok, texts, spec, dims=8)
+    for pad_id in (0, 5):
+        np.testing.assert_allclose(embed_ids(model, ids, spec, 8, batch_size=2, pad_id=pad_id), expected, atol=1e-5)
+    with pytest.raises(MatryoshkaError, match="batch_size must be positive"):
+        embed_ids(model, ids, spec, 8, batch_size=0)
+    with pytest.raises(MatryoshkaError, match="no tokens"):
+        embed_ids(model, [[1], []])
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("n_eval", -1, "n_eval must be >= 0, got -1"),
+    ("warmup_steps", -2, "warmup_steps must be >= 0, got -2"),
+    ("proj_dim", -8, "proj_dim must be >= 0, got -8"),
+    ("max_corpus_chars", -1, "max_corpus_chars must be >= 0"),
+    ("lr", 0.0, "lr must be positive"),
+    ("batch_size", 0, "batch_size must be positive, got 0"),
+])
+def test_embed_train_config_rejects_bad_numbers(field, value, message):
+    with pytest.raises(MatryoshkaError, match=message):
+        EmbedTrainConfig(**{field: value})
+
+
+def test_embed_file_rejects_a_bad_batch_size(emb_ckpt, tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("hello\n")
+    for bad in (0, -3):
+        with pytest.raises(MatryoshkaError, match=f"batch_size must be a positive integer, got {bad}"):
+            embed_file(emb_ckpt, f, batch_size=bad)
 
 
 def test_embed_file_and_cli(emb_ckpt, tmp_path, capsys):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 import torch
@@ -10,8 +11,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from matryoshka_lm.core import model as model_module
-from matryoshka_lm.infer.engine import Engine
+from matryoshka_lm.infer.engine import Engine, decode_one_token, left_padded, prefill
 from matryoshka_lm.infer.sampling import Sampling, logits_to_probs
 from matryoshka_lm.infer.stops import held_back
 from matryoshka_lm.errors import MatryoshkaError
@@ -124,10 +124,8 @@ def test_engine_generation_allocates_no_parameter_copy():
     model = MatryoshkaLM(tiny_config(d_model=128, ffn_dim=512, vocab_size=500, max_seq_len=32)).eval()
     spec = uniform_spec(model.cfg, "M")
     engine = Engine(model)
-    init, rope = torch.nn.init.normal_, model_module.rope_tables
     with NewStorageBytes() as mode:
         engine.generate([[1, 2, 3]], spec, max_new_tokens=4)
-    assert (torch.nn.init.normal_, model_module.rope_tables) == (init, rope)  # the bare build restored them
     # 8 forward passes of small activations in all, and not one allocation the size of a sliced weight
     assert mode.bytes < 0.3 * 4 * count_params(model.cfg, spec)["total"]
     assert mode.largest < 4 * spec.width * min(l.ffn for l in spec.layers)
@@ -180,24 +178,23 @@ def test_batch_of_different_lengths_equals_one_at_a_time(model, text):
 
 
 def test_batched_logits_match_unpadded_logits(model):
-    """Left padding changes nothing: the padded rows' next-token logits equal each prompt's own."""
+    """Left padding changes nothing: the padded rows' next-token logits, after the prefill and after a decode
+    step, equal each prompt's own; the engine's first tokens are the argmax of those logits."""
     spec = uniform_spec(model.cfg, "M")
-    engine = Engine(model)
-    steps = engine.token_steps(PROMPTS, spec, max_new_tokens=1, sampling=Sampling(temperature=1.0, seed=0))
-    next(steps)  # runs the padded prefill
-    from matryoshka_lm.infer.engine import Padding, prefill
-
-    P = max(map(len, PROMPTS))
-    idx = torch.zeros(len(PROMPTS), P, dtype=torch.long)
-    for b, p in enumerate(PROMPTS):
-        idx[b, P - len(p):] = torch.tensor(p)
-    pad = Padding.build([len(p) for p in PROMPTS], P, idx.device)
+    idx, pad = left_padded(PROMPTS, torch.device("cpu"))
+    P = idx.shape[1]
     with torch.no_grad():
-        cache = KVCache.allocate(model.cfg, spec, len(PROMPTS), P)
-        padded = prefill(model, idx, spec, cache, pad.pos, pad.prefill_mask(P))
+        cache = KVCache.allocate(model.cfg, spec, len(PROMPTS), 16, pad=pad)
+        padded = prefill(model, idx, spec, cache)
+        nxt = padded.argmax(-1)
+        stepped = decode_one_token(model, nxt, spec, cache, torch.tensor([P]))
         for b, p in enumerate(PROMPTS):
-            alone = model(torch.tensor([p]), spec)[0, -1]
-            torch.testing.assert_close(padded[b], alone, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(padded[b], model(torch.tensor([p]), spec)[0, -1], atol=1e-5, rtol=1e-5)
+            alone = model(torch.tensor([p + [int(nxt[b])]]), spec)[0, -1]
+            torch.testing.assert_close(stepped[b], alone, atol=1e-5, rtol=1e-5)
+    steps = Engine(model).token_steps(PROMPTS, spec, max_new_tokens=2)
+    assert next(steps).tolist() == nxt.tolist()
+    assert next(steps).tolist() == stepped.argmax(-1).tolist()
 
 
 def test_context_end_stops_generation(model):
@@ -315,9 +312,42 @@ def test_bad_spec_raises(model):
         Engine(model).generate([[1]], SubmodelSpec(width=999, layers=(LayerSpec(8, 2),)), 2)
 
 
+# ---------------------------------------------------------------- torch.compile
+
+
+def widened(model: MatryoshkaLM) -> MatryoshkaLM:
+    """The weights spread wider than the init (as in the `model` fixture), so greedy tokens vary."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+def test_compiled_decoding_equals_eager():
+    """Engine(compile=True): plain torch.compile of the static-shape step, with no graph break, gives eager's
+    greedy tokens for the full size at batch 1 and a smaller size on a left-padded batch; another generation
+    of a different length (same cache length) compiles nothing new. Two graphs of a 2-layer model: about 40 s
+    of compiling on a loaded 2-core CPU with a cold inductor cache, a few seconds with a warm one."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = widened(MatryoshkaLM(tiny_config(n_layers=2)))
+    eager, compiled = Engine(model), Engine(model, compile=True)
+    counters.clear()
+    for spec, prompts in ((None, [PROMPTS[0]]), (uniform_spec(model.cfg, "M"), PROMPTS)):
+        want = [c.tokens for c in eager.generate(prompts, spec, 8)]
+        assert [c.tokens for c in compiled.generate(prompts, spec, 8)] == want
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 2 and not counters["graph_break"], (graphs, dict(counters["graph_break"]))
+    want = eager.generate([PROMPTS[2]], None, 5)[0].tokens
+    assert compiled.generate([PROMPTS[2]], None, 5)[0].tokens == want
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 @pytest.mark.skipif(not os.environ.get("MATRYOSHKA_TEST_COMPILE"),
-                    reason="torch.compile costs ~10-30 s per graph on a small CPU; set MATRYOSHKA_TEST_COMPILE=1")
-def test_compiled_engine_matches_eager(model):
+                    reason="compiles several more graphs (~10-30 s each on a small CPU); set MATRYOSHKA_TEST_COMPILE=1")
+def test_compiled_engine_matches_eager_everywhere(model):
     from matryoshka_lm.infer.speculative import speculative_decode
 
     eager, compiled = Engine(model), Engine(model, compile=True)
@@ -326,7 +356,44 @@ def test_compiled_engine_matches_eager(model):
         want = [c.tokens for c in eager.generate(prompts, spec, 12)]
         assert [c.tokens for c in compiled.generate(prompts, spec, 12)] == want
     want = eager.generate([PROMPTS[0]], None, 16)[0].tokens
-    assert speculative_decode(model, PROMPTS[0], None, spec, 16, engine=compiled)[0].tokens == want
+    for share in (False, True):
+        got = speculative_decode(model, PROMPTS[0], None, spec, 16, engine=compiled, share_cache=share)[0]
+        assert got.tokens == want
+
+
+# ---------------------------------------------------------------- view models
+
+
+def test_building_a_view_model_leaves_other_threads_alone(model):
+    """While a view model is being built (stopped at its first submodule, from a module-registration hook),
+    another thread builds a model from a fixed seed: it must get exactly the weights and RoPE tables it gets
+    on its own. (View models used to be built by swapping torch.nn.init.* and model.rope_tables for the whole
+    process, which left that model's weights uninitialised and gave it the wrong RoPE tables.)"""
+    cfg = tiny_config(n_layers=2, max_seq_len=32)
+
+    def build() -> MatryoshkaLM:
+        torch.manual_seed(123)
+        return MatryoshkaLM(cfg)
+
+    want, got = build(), {}
+
+    def meanwhile(module, name, submodule):
+        if not got:  # once: the first submodule of the view model
+            got["thread"] = None
+            worker = threading.Thread(target=lambda: got.update(thread=build()))
+            worker.start()
+            worker.join()
+
+    handle = torch.nn.modules.module.register_module_module_registration_hook(meanwhile)
+    try:
+        sub, _ = Engine(model).runner(uniform_spec(model.cfg, "M"))
+    finally:
+        handle.remove()
+    other = got["thread"]
+    assert other is not None and sub.cfg.d_model < model.cfg.d_model
+    for (name, w), (_, o) in zip(want.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(w, o), name
+    assert torch.equal(want.rope_cos, other.rope_cos) and torch.equal(want.rope_sin, other.rope_sin)
 
 
 # ---------------------------------------------------------------- the CLI

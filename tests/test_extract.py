@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny_ckpt import make_checkpoint
 
-from matryoshka_lm.core import checkpoint as ck
-from matryoshka_lm.convert import extract as ex
+from _tiny_ckpt import make_checkpoint
 from matryoshka_lm.cli import main
+from matryoshka_lm.convert import extract as ex
+from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.spec import count_params, parse_spec
 
 SPECS = ["M", "S", "S,M,M,L", "f8h2,f64h4,f16h2@d16"]

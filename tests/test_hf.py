@@ -11,12 +11,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from _tiny_ckpt import make_checkpoint
-
-from matryoshka_lm.core import checkpoint as ck
-from matryoshka_lm.cli import main
-from matryoshka_lm.convert.hf import default_sizes, export_hf, import_hf
-from matryoshka_lm.core.spec import parse_spec, uniform_spec
+from _tiny_ckpt import make_checkpoint  # noqa: E402
+from matryoshka_lm.cli import main  # noqa: E402
+from matryoshka_lm.convert.hf import default_sizes, export_hf, import_hf  # noqa: E402
+from matryoshka_lm.core import checkpoint as ck  # noqa: E402
+from matryoshka_lm.core.spec import parse_spec, uniform_spec  # noqa: E402
 
 EOT = "<|endoftext|>"
 
@@ -52,6 +51,20 @@ def test_export_loads_in_transformers_with_our_logits(ckpt, tmp_path, size):
     text = "def f(x):\n    return x + 1"
     assert tok(text)["input_ids"] == ck.load_tokenizer(ckpt).encode(text).ids
     assert tok.eos_token == EOT
+
+
+@pytest.mark.parametrize("size", ["XL", "M"])
+def test_untied_head_exports_with_our_logits(tmp_path, corpus_file, size):
+    """A separate lm_head (sliced to the size's width) reaches transformers as its own weight, not the embedding."""
+    ckpt = make_checkpoint(tmp_path / "untied", corpus_file, seed=2, tie_embeddings=False)
+    out = export_hf(ckpt, size, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    ours = ck.load_model(ckpt)
+    assert not torch.equal(ours.lm_head.weight, ours.tok_emb.weight)
+    x = torch.randint(0, ours.cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        want = ours(x, parse_spec(ours.cfg, size))
+    assert (hf_logits(out, x) - want).abs().max() <= 1e-4
 
 
 def test_per_layer_widths_need_pad(ckpt, tmp_path, capsys):

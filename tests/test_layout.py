@@ -10,7 +10,7 @@ import matryoshka_lm
 
 PKG = Path(matryoshka_lm.__file__).parent
 # each unit may import units of strictly lower rank, and itself
-RANK = {"errors": 0, "config": 1, "data": 2, "machine": 2, "core": 3, "train": 4, "infer": 4, "convert": 4,
+RANK = {"errors": 0, "config": 1, "data": 2, "machine": 2, "plots": 2, "core": 3, "train": 4, "infer": 4, "convert": 4,
         "embed": 5, "study": 5, "serve": 6, "cli": 7}
 
 

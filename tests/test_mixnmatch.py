@@ -5,10 +5,13 @@ import json
 from itertools import product
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from _tiny_ckpt import make_checkpoint
 from conftest import tiny_config
-
 from matryoshka_lm.cli import main
+from matryoshka_lm.core.spec import count_params, parse_spec
 from matryoshka_lm.errors import MatryoshkaError
 from matryoshka_lm.study.mixnmatch import (
     Budget,
@@ -18,7 +21,6 @@ from matryoshka_lm.study.mixnmatch import (
     parse_budget,
     spec_text,
 )
-from matryoshka_lm.core.spec import count_params, parse_spec
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +43,16 @@ def test_bad_budget(text):
         parse_budget(text)
 
 
-def test_sequences_grow_monotonically_in_steps_of_one_level():
-    seqs = list(monotone_sequences(4, 4))
-    brute = [s for s in product(range(4), repeat=4) if all(0 <= b - a <= 1 for a, b in zip(s, s[1:]))]
-    assert sorted(seqs) == sorted(brute) and len(seqs) == 20
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 5))
+def test_sequences_grow_monotonically_in_steps_of_one_level(depth, levels):
+    seqs = list(monotone_sequences(depth, levels))
+    brute = [s for s in product(range(levels), repeat=depth) if all(0 <= b - a <= 1 for a, b in zip(s, s[1:]))]
+    assert len(seqs) == len(set(seqs)) and sorted(seqs) == brute
+
+
+def test_four_layers_four_levels_count():
+    assert len(list(monotone_sequences(4, 4))) == 20  # 4 starts x 2^3 step patterns, minus those above level 3
 
 
 def test_candidates_include_the_trained_sizes_and_name_round_trips():

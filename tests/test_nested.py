@@ -1,13 +1,14 @@
 """The defining invariant: a sliced submodel computes exactly what a standalone dense model of its shape does."""
 from __future__ import annotations
 
-import random
+from functools import cache
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from conftest import tiny_config
+from conftest import submodel_specs, tiny_config
 from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.nested import slice_state_dict, submodel_config
 from matryoshka_lm.core.spec import LayerSpec, SubmodelSpec, count_params, full_spec, uniform_spec
@@ -55,30 +56,43 @@ def test_untied_head_matches_standalone():
     assert_same_logits(model, uniform_spec(model.cfg, "M"))
 
 
-@settings(max_examples=15, deadline=None)
-@given(st.integers(0, 10_000))
-def test_random_mix_n_match_matches_standalone(seed):
+@cache
+def shared_model() -> MatryoshkaLM:
+    """One model for every hypothesis example (a function-scoped fixture would not be reset between them)."""
     torch.manual_seed(0)
-    model = MatryoshkaLM(tiny_config()).eval()
-    rng = random.Random(seed)
-    depth = rng.randint(1, 4)
-    layers = tuple(LayerSpec(rng.choice([8, 16, 32, 64]), rng.choice([2, 4])) for _ in range(depth))
-    spec = SubmodelSpec(rng.choice([8, 16, 24, 32]), layers)
-    assert_same_logits(model, spec, T=8)
+    return MatryoshkaLM(tiny_config()).eval()
 
 
-def test_full_spec_is_plain_forward(tiny_model):
+@settings(max_examples=15, deadline=None)
+@given(submodel_specs(tiny_config()))
+def test_any_mix_n_match_matches_standalone(spec):
+    assert_same_logits(shared_model(), spec, T=8)
+
+
+def test_largest_size_is_the_full_model(tiny_model):
+    """XL (all fractions 1) is the full spec, so naming it changes nothing."""
+    xl = uniform_spec(tiny_model.cfg, "XL")
+    assert (xl.width, xl.layers) == (tiny_model.cfg.d_model, full_spec(tiny_model.cfg).layers)
     idx = torch.randint(0, 97, (1, 10))
     with torch.no_grad():
-        assert torch.equal(tiny_model(idx), tiny_model(idx, full_spec(tiny_model.cfg)))
+        assert torch.equal(tiny_model(idx), tiny_model(idx, xl))
 
 
-def test_param_count_formula_matches_standalone_model(tiny_model):
-    spec = SubmodelSpec(24, (LayerSpec(8, 2), LayerSpec(64, 4), LayerSpec(16, 2)))
-    n = sum(p.numel() for p in standalone(tiny_model, spec).parameters())
-    assert count_params(tiny_model.cfg, spec)["total"] == n
-    full = sum(p.numel() for p in tiny_model.parameters())
-    assert count_params(tiny_model.cfg, full_spec(tiny_model.cfg))["total"] == full
+def n_params(model: MatryoshkaLM) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_param_count_formula_matches_the_full_model(tie):
+    cfg = tiny_config(tie_embeddings=tie)
+    assert count_params(cfg, full_spec(cfg))["total"] == n_params(MatryoshkaLM(cfg))
+
+
+@settings(max_examples=25, deadline=None)
+@given(submodel_specs(tiny_config()), st.booleans())
+def test_param_count_formula_matches_standalone_model(spec, tie):
+    cfg = tiny_config(tie_embeddings=tie)
+    assert count_params(cfg, spec)["total"] == n_params(MatryoshkaLM(submodel_config(cfg, spec)))
 
 
 def test_kv_cached_decoding_matches_full_forward(tiny_model):

@@ -5,12 +5,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
 
-from matryoshka_lm.errors import MatryoshkaError
+from conftest import tiny_config
+from matryoshka_lm.convert.reorder import (
+    Permutation,
+    importance_order,
+    measure_importance,
+    permute_state,
+    reorder_model,
+)
 from matryoshka_lm.core.model import MatryoshkaLM
-from matryoshka_lm.convert.reorder import Permutation, importance_order, measure_importance, permute_state, reorder_model
 from matryoshka_lm.core.spec import uniform_spec
+from matryoshka_lm.data import eval_batches
+from matryoshka_lm.errors import MatryoshkaError
 
 
 def random_model(seed: int = 0, **kw) -> MatryoshkaLM:
@@ -66,10 +73,64 @@ def test_heads_move_as_whole_gqa_groups():
     g = model.cfg.group_size
     for o in order:  # each block of g query heads comes from one old group
         assert all(len(set((b // g).tolist())) == 1 for b in o.view(-1, g))
-    bad = Permutation(heads=[torch.tensor([1, 0, 2, 3, 4, 5])] + [torch.arange(6)] * 3)
-    bad.heads[0] = torch.tensor([0, 2, 1, 3, 4, 5])  # swaps heads across groups 0 and 1
+    within = Permutation(heads=[torch.tensor([1, 0, 4, 5, 2, 3])] + [torch.arange(6)] * 3)  # allowed
+    permute_state(model.state_dict(), model.cfg, within)
+    across = Permutation(heads=[torch.tensor([0, 2, 1, 3, 4, 5])] + [torch.arange(6)] * 3)  # groups 0 and 1 mixed
     with pytest.raises(MatryoshkaError, match="whole GQA groups"):
-        permute_state(model.state_dict(), model.cfg, bad)
+        permute_state(model.state_dict(), model.cfg, across)
+
+
+def reference_importance(model: MatryoshkaLM, x: torch.Tensor):
+    """The module doc's scores from the weights alone: an explicit Llama forward (softmax attention written out,
+    not the model's code path), returning (ffn, heads, width, logits) summed over every token of `x`."""
+    cfg, w = model.cfg, {k: v.double() for k, v in model.state_dict().items()}
+    hd, g, T = cfg.head_dim, cfg.group_size, x.shape[1]
+    cos, sin = model.rope_cos[:T].double(), model.rope_sin[:T].double()
+
+    def norm(h, weight):
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * weight
+
+    def rope(t):
+        t1, t2 = t.chunk(2, dim=-1)
+        return t * cos + torch.cat([-t2, t1], -1) * sin
+
+    h = w["tok_emb.weight"][x]
+    ffn, heads, width = [], [], torch.zeros(cfg.d_model, dtype=torch.float64)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        width += h.pow(2).sum((0, 1))
+        a = norm(h, w[p + "attn_norm.weight"])
+        split = lambda t: t.unflatten(-1, (-1, hd)).transpose(1, 2)                  # (B, n, T, hd)
+        q, k, v = (split(a @ w[p + f"attn.{n}.weight"].T) for n in ("wq", "wk", "wv"))
+        q, k = rope(q), rope(k)
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)                   # query head j reads kv j // g
+        att = (q @ k.transpose(-1, -2) / hd ** 0.5).masked_fill(~causal, float("-inf")).softmax(-1)
+        y = att @ v                                                                    # (B, h, T, hd)
+        wo = w[p + "attn.wo.weight"].unflatten(1, (-1, hd))                            # (C, h, hd)
+        contrib = torch.einsum("bhtd,chd->bhtc", y, wo)
+        heads.append(contrib.norm(dim=-1).sum((0, 2)))
+        h = h + contrib.sum(1)
+        b = norm(h, w[p + "ffn_norm.weight"])
+        act = torch.nn.functional.silu(b @ w[p + "ffn.w_gate.weight"].T) * (b @ w[p + "ffn.w_up.weight"].T)
+        ffn.append(act.abs().sum((0, 1)) * w[p + "ffn.w_down.weight"].norm(dim=0))
+        h = h + act @ w[p + "ffn.w_down.weight"].T
+    width += h.pow(2).sum((0, 1))
+    logits = norm(h, w["norm.weight"]) @ w["tok_emb.weight"].T
+    return ffn, heads, width, logits
+
+
+def test_importance_equals_the_formulas_computed_from_the_weights():
+    model = random_model(2)
+    toks = tokens()
+    imp = measure_importance(model, toks, seq_len=16, batch=3, n_batches=2)
+    x = torch.cat([b for b, _ in eval_batches(toks, 3, 16, 2)])
+    ffn, heads, width, logits = reference_importance(model, x)
+    with torch.no_grad():  # the reference forward is the model's forward
+        torch.testing.assert_close(logits.float(), model(x), rtol=0, atol=1e-5)
+    for got, want in zip(imp.ffn + imp.heads, ffn + heads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(imp.width, width, rtol=1e-5, atol=1e-5)
 
 
 def kl_from_full(model: MatryoshkaLM, size: str, x: torch.Tensor) -> float:

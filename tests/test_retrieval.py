@@ -5,13 +5,19 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from _embed_ckpt import embedding_checkpoints
 from matryoshka_lm.cli import main
+from matryoshka_lm.embed import (
+    build_index,
+    exact_search,
+    funnel_search,
+    load_index,
+    overlap_at_k,
+    search_texts,
+    unit_rows,
+)
 from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.embed.retrieval import (build_index, exact_search, funnel_search, load_index, overlap_at_k, search_texts,
-                                     unit_rows)
 
 pytest.importorskip("faiss")
 
@@ -43,7 +49,18 @@ def test_funnel_with_whole_set_shortlist_equals_exact(index, vectors):
         truth_s, truth_i = exact_search(index, q[:, : dims[-1]], k=10)
         np.testing.assert_array_equal(i, truth_i)
         np.testing.assert_allclose(s, truth_s, atol=1e-5)
-    assert overlap_at_k(i_exact, i_exact) == 1.0
+    # at the full dims, the funnel's top 10 are the exact top 10; a shortlist of k at 4 dims loses some of them
+    whole = funnel_search(index, q, k=10, dims=[4, 64], shortlist=[500])[1]
+    narrow = funnel_search(index, q, k=10, dims=[4, 64], shortlist=[10])[1]
+    assert overlap_at_k(whole, i_exact) == 1.0
+    assert overlap_at_k(narrow, i_exact) < 1.0
+
+
+def test_overlap_at_k_is_the_fraction_of_the_true_top_k_found():
+    truth = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    found = np.array([[4, 3, 9, 9], [5, 6, 7, 8]])  # row 0: 2 of 4 (order ignored), row 1: all
+    assert overlap_at_k(found, truth) == pytest.approx(0.75)
+    assert overlap_at_k(truth[:, ::-1], truth) == 1.0
 
 
 def test_funnel_shortlist_recall_grows_with_shortlist(index, vectors):

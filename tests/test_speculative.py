@@ -7,11 +7,12 @@ import torch.nn.functional as F
 from conftest import tiny_config
 
 from matryoshka_lm.infer.engine import Engine
-from matryoshka_lm.infer.sampling import Sampling
+from matryoshka_lm.infer.sampling import Sampling, logits_to_probs
 from matryoshka_lm.errors import MatryoshkaError
 from matryoshka_lm.core.model import KVCache, MatryoshkaLM
 from matryoshka_lm.core.spec import parse_spec, uniform_spec
 from matryoshka_lm.infer.speculative import (
+    SpeculativeStats,
     accept_reject,
     best_gamma,
     can_share_cache,
@@ -166,3 +167,47 @@ def test_bad_speculative_input_raises(model, kwargs, match):
     target, draft = (parse_spec(model.cfg, args.pop(k)) for k in ("target", "draft"))
     with pytest.raises(MatryoshkaError, match=match):
         speculative_decode(model, args.pop("prompt"), target, draft, **args)
+
+
+# ---------------------------------------------------------------- sampled output ~ the target's distribution
+
+
+def exact_joint(model, prompt, sampling, n):
+    """The target's own sampling distribution of its first n tokens: {token tuple: probability}."""
+    joint = {(): 1.0}
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = {}
+            for prefix, p in joint.items():
+                probs = logits_to_probs(model(torch.tensor([prompt + list(prefix)]))[0, -1], sampling)
+                for t in probs.nonzero().flatten().tolist():
+                    nxt[prefix + (t,)] = p * float(probs[t])
+            joint = nxt
+    return joint
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_sampled_speculative_is_distributed_as_the_target(model, share):
+    """The first three sampled tokens (the first from the target's prefill, then one draft-and-verify round of
+    gamma 2: accepted drafts, a resampled rejection or the bonus token) over many seeds follow the target's
+    exact joint distribution (top-k 3: 27 outcomes); chi-square, cells with expected counts under 5 merged."""
+    from scipy.stats import chisquare
+
+    prompt, n, N = PROMPTS[1], 3, 600
+    draft, engine = uniform_spec(model.cfg, "S"), Engine(model)
+    exact = exact_joint(model, prompt, Sampling(temperature=1.5, top_k=3), n)
+    counts = dict.fromkeys(exact, 0)
+    rounds = SpeculativeStats()
+    for seed in range(N):
+        s = Sampling(temperature=1.5, top_k=3, seed=seed)
+        got, stats = speculative_decode(model, prompt, None, draft, n, s, gamma=2, adaptive=False,
+                                        share_cache=share, engine=engine)
+        counts[tuple(got.tokens)] += 1
+        rounds.accepted, rounds.drafted = rounds.accepted + stats.accepted, rounds.drafted + stats.drafted
+    assert 0.2 < rounds.acceptance < 0.95  # both the accept and the reject paths ran often
+    cells = sorted(exact, key=exact.get, reverse=True)
+    big = [c for c in cells if exact[c] * N >= 5]
+    observed = [counts[c] for c in big] + [N - sum(counts[c] for c in big)]
+    expected = [exact[c] * N for c in big] + [N - sum(exact[c] * N for c in big)]
+    assert len(big) >= 8
+    assert chisquare(observed, expected).pvalue > 1e-3, (observed, [round(e) for e in expected])

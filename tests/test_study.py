@@ -5,12 +5,19 @@ import json
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from conftest import tiny_config
+from matryoshka_lm.core import checkpoint as ck
+from matryoshka_lm.core.model import MatryoshkaLM
+from matryoshka_lm.core.nested import submodel_config
+from matryoshka_lm.core.spec import count_params, format_spec, parse_spec, uniform_spec
+from matryoshka_lm.data import eval_batches
 from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.core.spec import count_params
-from matryoshka_lm.study.study import STUDY_PRESETS, fit_scaling, mixnmatch_specs, plan_runs, run_study
 from matryoshka_lm.study.report import line_through
+from matryoshka_lm.study.study import STUDY_PRESETS, fit_scaling, mixnmatch_specs, plan_runs, run_study
+from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +37,48 @@ def test_report_files_and_tables(study):
     for heading in ("Quality per size", "Consistency", "Which axes to nest", "Mix'n'Match", "Scaling"):
         assert heading in text
     saved = json.loads((rep / "results.json").read_text())
-    assert set(saved["matryoshka"]) == {"32", "48"} and set(saved["ablation"]) == set(saved["mixnmatch"]) == {"ffn", "ffn+heads", "all"}
+    assert set(saved["matryoshka"]) == {"32", "48"}
+    assert set(saved["ablation"]) == set(saved["mixnmatch"]) == {"ffn", "ffn+heads", "all"}
     assert saved["meta"]["seed"] == 0 and saved["meta"]["tokens_per_run"] == 6 * 4 * 32
-    # Matryoshka consistency of XL with itself is perfect; baselines' XL too
+    assert saved["matryoshka"]["48"]["M"] == pytest.approx(res["matryoshka"][48]["M"])
+
+
+def log_probs(model: MatryoshkaLM, x: torch.Tensor, spec=None) -> torch.Tensor:
+    with torch.no_grad():
+        return F.log_softmax(model(x, spec), -1)
+
+
+def test_numbers_match_an_independent_evaluation(study):
+    """Loss, agreement and KL of a smaller size, recomputed here in one batch over the study's windows."""
+    root, res = study
+    p, work = STUDY_PRESETS["micro"], root / "work"
+    _, _, val = checkpoint_val_split(work / "d32-matryoshka-all")
+    x, y = (torch.cat(t) for t in zip(*eval_batches(val, 8, p.seq_len, p.eval_batches)))
+    mat = ck.load_model(work / "d32-matryoshka-all")
+    full, small = log_probs(mat, x), log_probs(mat, x, uniform_spec(mat.cfg, "M"))
+    got = res["matryoshka"][32]["M"]
+    assert got["val_loss"] == pytest.approx(F.nll_loss(small.flatten(0, 1), y.flatten()).item(), rel=1e-5)
+    assert got["agree"] == pytest.approx((small.argmax(-1) == full.argmax(-1)).double().mean().item())
+    assert got["kl"] == pytest.approx((full.exp() * (full - small)).sum(-1).mean().item(), rel=1e-4, abs=1e-7)
+    assert 0 < got["agree"] < 1 and got["kl"] > 0  # the check compares a real difference
+    base_xl, base_m = (ck.load_model(work / f"d32-baseline-{s}") for s in ("XL", "M"))
+    ref, other = log_probs(base_xl, x), log_probs(base_m, x)
+    b = res["baseline"][32]["M"]
+    assert b["val_loss"] == pytest.approx(F.nll_loss(other.flatten(0, 1), y.flatten()).item(), rel=1e-5)
+    assert b["top1_agreement"] == pytest.approx((other.argmax(-1) == ref.argmax(-1)).double().mean().item())
+    assert b["kl"] == pytest.approx((ref.exp() * (ref - other)).sum(-1).mean().item(), rel=1e-4, abs=1e-7)
+    assert b["agree"] == b["top1_agreement"]  # one agreement per baseline: with the baseline XL, not with itself
+
+
+def test_params_are_those_of_the_extracted_model(study):
+    root, res = study
     for d in res["matryoshka"]:
-        assert res["matryoshka"][d]["XL"]["agree"] == 1.0
-        assert res["baseline"][d]["XL"]["top1_agreement"] == 1.0
+        mat = ck.load_model(root / "work" / f"d{d}-matryoshka-all")
+        for s, point in res["matryoshka"][d].items():
+            extracted = MatryoshkaLM(submodel_config(mat.cfg, uniform_spec(mat.cfg, s)))
+            assert point["params"] == sum(t.numel() for t in extracted.parameters()), (d, s)
+            base = ck.load_model(root / "work" / f"d{d}-baseline-{s}")
+            assert res["baseline"][d][s]["params"] == sum(t.numel() for t in base.parameters()), (d, s)
 
 
 def test_baselines_have_the_shape_of_their_size(study):
@@ -76,10 +119,12 @@ def test_mixnmatch_specs_grow_with_depth():
     cfg = tiny_config()
     specs = mixnmatch_specs(cfg, 5, seed=0)
     assert len(specs) == 5 and len({str(s) for s in specs}) == 5
+    smallest, largest = (count_params(cfg, uniform_spec(cfg, n))["total"] for n in ("S", "XL"))
     for s in specs:
         ffn = [l.ffn for l in s.layers]
         assert ffn == sorted(ffn) and len(set(ffn)) > 1
-        assert count_params(cfg, s)["total"] > 0
+        assert parse_spec(cfg, format_spec(s)) == s
+        assert smallest < count_params(cfg, s)["total"] < largest  # a true mix: neither end
 
 
 def test_line_through_interpolates_in_log_n():

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from conftest import tiny_config, tiny_train_config
+from matryoshka_lm.cli import main
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.spec import uniform_spec
+from matryoshka_lm.errors import MatryoshkaError
 from matryoshka_lm.train.loop import JointLoss, lr_at, step_sizes, train
 
 
@@ -75,6 +77,31 @@ def test_only_mode_trains_a_dense_model_of_that_shape(tmp_path, corpus_file):
     assert tcfg.only == "M" and list(read_metrics(out)[0]["loss"]) == ["XL"]
 
 
+def test_distillation_adds_the_kl_to_the_full_size_to_each_smaller_size():
+    """total = sum of CE + distill * KL(full || size) for every size but the full one, whose CE is untouched."""
+    torch.manual_seed(0)
+    model = MatryoshkaLM(tiny_config())
+    specs = [uniform_spec(model.cfg, n) for n in ("XL", "S")]
+    x, y = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    plain, ce = JointLoss(model, 0.0)(x, y, specs, [1.0, 1.0])
+    total, ce_kd = JointLoss(model, 0.5)(x, y, specs, [1.0, 1.0])
+    with torch.no_grad():
+        p_full = torch.log_softmax(model(x, specs[0]).float(), -1).flatten(0, 1)
+        p_small = torch.log_softmax(model(x, specs[1]).float(), -1).flatten(0, 1)
+        kl = (p_full.exp() * (p_full - p_small)).sum(-1).mean()  # KL(full || small) per token
+    assert kl > 1e-4
+    torch.testing.assert_close(ce_kd, ce)  # the reported losses stay the plain CE
+    torch.testing.assert_close(plain, ce.sum())
+    torch.testing.assert_close(total, ce.sum() + 0.5 * kl)
+    # the KL pulls only the small size: its gradient changes, the full model's target is detached
+    grads = []
+    for distill in (0.0, 0.5):
+        model.zero_grad()
+        JointLoss(model, distill)(x, y, specs, [1.0, 1.0])[0].backward()
+        grads.append(model.layers[0].ffn.w_gate.weight.grad.clone())
+    assert not torch.allclose(grads[0], grads[1])
+
+
 def test_distillation_and_size_sampling_run(tmp_path, corpus_file):
     out = tmp_path / "kd"
     train(tiny_config(), tiny_train_config(steps=3, distill=0.5, sample_sizes=2), out, data=str(corpus_file))
@@ -106,3 +133,101 @@ def test_checkpoint_files_are_safetensors_and_json(tmp_path, corpus_file):
     assert not [n for n in names if n.endswith(".tmp")]
     model = ck.load_model(out)
     assert model.cfg.vocab_size == ck.load_tokenizer(out).get_vocab_size()
+
+
+# ---------------------------------------------------------------- resume with changed settings
+
+
+def test_resume_with_more_steps_at_a_constant_lr_equals_one_longer_run(tmp_path, corpus_file):
+    """With min_lr_ratio=1 the LR after warmup does not depend on the total steps, so 4 steps then a resume to
+    6 must be bit-identical to one 6-step run (with a cosine decay they differ by design: see the next test)."""
+    cfg = lambda steps: tiny_train_config(steps=steps, warmup_steps=1, min_lr_ratio=1.0)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    train(tiny_config(), cfg(6), ref, data=str(corpus_file))
+    train(tiny_config(), cfg(4), run, data=str(corpus_file))
+    train(tiny_config(), cfg(4), run, data=str(corpus_file), resume=True, changes={"steps": 6})
+    a, b = read_metrics(ref), read_metrics(run)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    wa, wb = ck.load_tensors(ref / ck.WEIGHTS), ck.load_tensors(run / ck.WEIGHTS)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert ck.read_config(run)[1].steps == 6
+
+
+def test_resume_with_more_steps_decays_over_the_new_total(tmp_path, corpus_file):
+    out = tmp_path / "run"
+    train(tiny_config(), tiny_train_config(steps=4), out, data=str(corpus_file))
+    before = read_metrics(out)
+    train(tiny_config(), tiny_train_config(steps=4), out, data=str(corpus_file), resume=True,
+          changes={"steps": 6, "save_every": 5, "seed": None})  # None: not given
+    after = read_metrics(out)
+    assert after[:4] == before
+    longer = tiny_train_config(steps=6)
+    assert [r["lr"] for r in after[4:]] == [lr_at(4, longer), lr_at(5, longer)]
+    assert after[4]["lr"] > lr_at(4, tiny_train_config(steps=4))  # the old schedule would sit at its minimum
+    saved = ck.read_config(out)[1]
+    assert (saved.steps, saved.save_every) == (6, 5)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, corpus_file):
+    out = tmp_path_factory.mktemp("short") / "run"
+    train(tiny_config(), tiny_train_config(steps=2), out, data=str(corpus_file))
+    return out
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"steps": 3, "seed": 1}, "seed (saved 0, given 1)"),
+    ({"steps": 3, "batch_size": 8}, "batch_size (saved 4, given 8)"),
+    ({"steps": 3, "sizes": ["XL", "M"]}, "sizes (saved None, given ['XL', 'M'])"),
+    ({"steps": 3, "max_corpus_chars": 1000}, "max_corpus_chars (saved 60000, given 1000)"),
+    ({"steps": 3, "nest_width": False}, "nest_width (saved True, given False)"),
+    ({"steps": 3, "seed": 1, "only": "M"}, "only (saved None, given 'M'), seed (saved 0, given 1)"),
+])
+def test_resume_refuses_settings_that_cannot_change(short_run, corpus_file, changes, message):
+    with pytest.raises(MatryoshkaError) as e:
+        train(tiny_config(), tiny_train_config(), short_run, data=str(corpus_file), resume=True, changes=changes)
+    text = str(e.value)
+    assert message in text and "cannot change mid-run" in text and "\n" not in text
+    assert len(read_metrics(short_run)) == 2  # nothing was trained
+
+
+def test_resume_refuses_other_data_and_unknown_settings(short_run, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("some other text\n" * 100)
+    with pytest.raises(MatryoshkaError, match=r"data \(saved .*pydoc.txt', given '.*other.txt'\)"):
+        train(tiny_config(), tiny_train_config(steps=3), short_run, data=str(other), resume=True)
+    with pytest.raises(MatryoshkaError, match=r"unknown training settings \['stepz'\]"):
+        train(tiny_config(), tiny_train_config(), short_run, resume=True, changes={"stepz": 3})
+
+
+def test_resume_without_more_steps_says_there_is_nothing_to_do(short_run, corpus_file):
+    for changes in ({}, {"steps": 2}, {"steps": 1}):
+        with pytest.raises(MatryoshkaError, match="nothing to resume: .* already at step 2 and steps="):
+            train(tiny_config(), tiny_train_config(), short_run, data=str(corpus_file), resume=True, changes=changes)
+
+
+def test_resume_from_python_takes_the_differences_of_tcfg_as_the_changes(short_run, corpus_file):
+    """changes=None: whatever the given TrainConfig changes relative to the saved one counts as asked for."""
+    with pytest.raises(MatryoshkaError, match=r"seed \(saved 0, given 3\)"):
+        train(tiny_config(), tiny_train_config(steps=3, seed=3), short_run, resume=True)
+    with pytest.raises(MatryoshkaError, match="nothing to resume"):
+        train(tiny_config(), tiny_train_config(steps=2), short_run, data=str(corpus_file), resume=True)
+
+
+def test_cli_resume_with_more_steps_trains_the_extra_steps(tmp_path, corpus_file, capsys):
+    out = tmp_path / "run"
+    common = ["train", "--preset", "tiny", "--out", str(out), "--data", str(corpus_file), "--batch-size", "4",
+              "--seq-len", "32", "--max-corpus-chars", "60000", "--quiet", "--device", "cpu"]
+    assert main(common + ["--steps", "2", "--lr", "0.001"]) == 0
+    assert main(common + ["--steps", "3", "--resume", "--save-every", "7"]) == 0
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    saved = ck.read_config(out)[1]
+    assert (saved.save_every, saved.lr) == (7, 0.001)  # options not typed again keep the run's values
+    assert read_metrics(out)[2]["lr"] == lr_at(2, saved)
+    capsys.readouterr()
+    assert main(common + ["--steps", "4", "--resume", "--seed", "9"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "seed (saved 0, given 9)" in err and err.count("\n") == 1
+    assert main(common + ["--steps", "3", "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err

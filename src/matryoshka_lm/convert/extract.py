@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.config import ModelConfig, TrainConfig
-from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.nested import slice_state_dict, submodel_config
 from matryoshka_lm.core.spec import SubmodelSpec, count_params, format_spec, parse_spec
+from matryoshka_lm.errors import MatryoshkaError
 
 log = logging.getLogger(__name__)
 

@@ -26,13 +26,14 @@ from typing import Any
 
 import torch
 
+from matryoshka_lm.config import DEFAULT_SIZES, ModelConfig, load_json
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.nested import kv_heads
-from matryoshka_lm.config import DEFAULT_SIZES, ModelConfig, load_json
+from matryoshka_lm.core.spec import count_params, format_spec, size_names
 from matryoshka_lm.data import EOT
 from matryoshka_lm.errors import MatryoshkaError
+
 from .extract import check_shapes, sliced_checkpoint, staged_dir
-from matryoshka_lm.core.spec import count_params, format_spec, size_names
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def pad_layers(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> tuple[ModelC
     F_max, H_max = max(cfg.layer_ffn), max(cfg.layer_heads)
     hd, g = cfg.head_dim, cfg.group_size
     s = dict(state)
-    for i, (f, h) in enumerate(zip(cfg.layer_ffn, cfg.layer_heads)):
+    for i in range(cfg.n_layers):
         p = f"layers.{i}."
         for name in ("ffn.w_gate", "ffn.w_up"):
             s[p + name + ".weight"] = _pad(s[p + name + ".weight"], 0, F_max)

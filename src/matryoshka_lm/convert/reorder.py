@@ -10,7 +10,9 @@ Permuting hidden units is function-preserving when applied consistently:
 so the full model's logits do not change (tests/test_reorder.py), only which features a prefix keeps.
 Depth is not reordered: layers do not commute.
 
-Importance is measured with the full model on corpus windows (activation-based, no gradients):
+Importance is measured with the full model on corpus windows (activation-based, no gradients), read by
+forward hooks on the model's own hook points (Attention.heads_out, FeedForward.hidden), so the scores see
+exactly what the model computes:
   FFN unit j      E|a_j| * ||w_down[:, j]||, with a = silu(x W_gate^T) * (x W_up^T)  (its output contribution)
   query head j    E||y_j W_o[:, j]^T||, the norm of the head's contribution to the residual stream;
                   a GQA group scores the sum of its query heads
@@ -23,13 +25,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from matryoshka_lm.config import ModelConfig
+from matryoshka_lm.core.model import MatryoshkaLM
+from matryoshka_lm.core.nested import kv_head_of
 from matryoshka_lm.data import eval_batches
 from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.core.model import MatryoshkaLM, apply_rope
-from matryoshka_lm.core.nested import kv_head_of
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,13 @@ def measure_importance(model: MatryoshkaLM, tokens: np.ndarray, seq_len: int = 1
                      width=torch.zeros(cfg.d_model, dtype=torch.float64))
     hooks = []
     for i, block in enumerate(model.layers):
-        hooks.append(block.register_forward_pre_hook(lambda m, args: _add_width(imp, args[0])))
-        hooks.append(block.attn.register_forward_pre_hook(lambda m, args, i=i: _add_heads(imp, i, m, args)))
-        hooks.append(block.ffn.register_forward_pre_hook(lambda m, args, i=i: _add_ffn(imp, i, m, args[0])))
-    hooks.append(model.norm.register_forward_pre_hook(lambda m, args: _add_width(imp, args[0])))
+        hooks.append(block.register_forward_pre_hook(lambda m, args: _add_width(imp.width, args[0])))
+        attn, ffn = block.attn, block.ffn
+        hooks.append(attn.heads_out.register_forward_hook(
+            lambda m, args, y, acc=imp.heads[i], attn=attn: _add_heads(acc, y, attn.wo.weight, attn.hd)))
+        hooks.append(ffn.hidden.register_forward_hook(
+            lambda m, args, a, acc=imp.ffn[i], ffn=ffn: _add_ffn(acc, a, ffn.w_down.weight)))
+    hooks.append(model.norm.register_forward_pre_hook(lambda m, args: _add_width(imp.width, args[0])))
     try:
         for x, _ in eval_batches(tokens, batch, min(seq_len, cfg.max_seq_len), n_batches):
             model(x.to(device))
@@ -75,27 +79,21 @@ def measure_importance(model: MatryoshkaLM, tokens: np.ndarray, seq_len: int = 1
     return imp
 
 
-def _add_width(imp: Importance, x: torch.Tensor) -> None:
-    imp.width += x.double().pow(2).flatten(0, 1).sum(0).cpu()
+def _add_width(acc: torch.Tensor, x: torch.Tensor) -> None:
+    acc += x.double().pow(2).flatten(0, 1).sum(0).cpu()
 
 
-def _add_ffn(imp: Importance, i: int, ffn, x: torch.Tensor) -> None:
-    a = F.silu(x @ ffn.w_gate.weight.T) * (x @ ffn.w_up.weight.T)       # (B, T, f)
-    imp.ffn[i] += (a.abs().flatten(0, 1).sum(0) * ffn.w_down.weight.norm(dim=0)).double().cpu()
+def _add_ffn(acc: torch.Tensor, a: torch.Tensor, w_down: torch.Tensor) -> None:
+    """a: (B, T, ffn) SwiGLU activations the model feeds to w_down (its `hidden` hook point)."""
+    acc += (a.abs().flatten(0, 1).sum(0) * w_down.norm(dim=0)).double().cpu()
 
 
-def _add_heads(imp: Importance, i: int, attn, args) -> None:
-    x, heads, cos, sin = args[:4]
-    B, T, C = x.shape
-    hd, kv = attn.hd, heads // attn.group
-    q = (x @ attn.wq.weight.T).view(B, T, heads, hd).transpose(1, 2)
-    k = (x @ attn.wk.weight.T).view(B, T, kv, hd).transpose(1, 2)
-    v = (x @ attn.wv.weight.T).view(B, T, kv, hd).transpose(1, 2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv != heads)  # (B, h, T, hd)
-    wo = attn.wo.weight.view(C, heads, hd)
-    contrib = torch.einsum("bhtd,chd->bhtc", y, wo)                                     # (B, h, T, C)
-    imp.heads[i] += contrib.norm(dim=-1).sum((0, 2)).double().cpu()
+def _add_heads(acc: torch.Tensor, y: torch.Tensor, wo: torch.Tensor, hd: int) -> None:
+    """y: (B, T, h*hd) per-head outputs the model feeds to wo (its `heads_out` hook point)."""
+    B, T, _ = y.shape
+    heads = acc.numel()
+    contrib = torch.einsum("bthd,chd->bhtc", y.reshape(B, T, heads, hd), wo.view(-1, heads, hd))  # (B, h, T, C)
+    acc += contrib.norm(dim=-1).sum((0, 2)).double().cpu()
 
 
 def importance_order(imp: Importance, cfg: ModelConfig, axes: tuple[str, ...]) -> Permutation:

@@ -1,13 +1,13 @@
 """A Llama-style decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention) whose every forward takes a spec.
 
-Shapes: B batch, T time, C residual width (sliced), V vocab, h query heads, kv key/value heads, hd head size.
+Shapes: B batch, T time, C residual width (sliced), V vocab, h query heads, kv key/value heads, hd head size,
+L cache slots.
 The modules are ordinary; which prefix of each weight a size reads is decided in nested.py only, so the
 full model and every submodel are the same code, and a standalone extracted model is this class too.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -17,8 +17,10 @@ from . import nested
 from matryoshka_lm.config import ModelConfig
 from .spec import LayerSpec, SubmodelSpec, full_spec
 
+RopeTables = tuple[torch.Tensor, torch.Tensor]
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> RopeTables:
     """cos/sin tables (max_len, hd) in the rotate-half layout that Hugging Face Llama uses."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
@@ -27,30 +29,61 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, h, T, hd); cos/sin: (T, hd)
+    # x: (B, h, T, hd); cos/sin: (T, hd) or (B, 1, T, hd)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
 
 
-@dataclass
-class KVCache:
-    """Preallocated keys/values per layer, shaped for one spec: (B, kv, max_len, hd)."""
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
+class KVCache(nn.Module):
+    """Preallocated keys/values per layer, shaped for one spec: (B, kv, L, hd); optionally left padding.
+
+    Row b's tokens fill slots pad[b].. and slot s holds RoPE position s - pad[b] (`pad` None: no padding).
+    Steps after the first write their slots in place at tensor positions and attend to all L slots through a
+    mask, so every decode step has the same shapes (torch.compile: one graph serves them all). A module, so that
+    compiled code treats its tensors as static addresses (CUDA graphs write into them in place).
+    """
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], pad: torch.Tensor | None = None):
+        super().__init__()
+        self.k, self.v, self.pad = k, v, pad
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, spec: SubmodelSpec, batch: int, max_len: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "KVCache":
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 pad: torch.Tensor | None = None) -> "KVCache":
         shapes = [(batch, nested.kv_heads(l.heads, cfg.group_size), max_len, cfg.head_dim) for l in spec.layers]
         return cls([torch.zeros(s, device=device, dtype=dtype) for s in shapes],
-                   [torch.zeros(s, device=device, dtype=dtype) for s in shapes])
+                   [torch.zeros(s, device=device, dtype=dtype) for s in shapes], pad)
 
-    def update(self, i: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[2]
-        self.k[i][:, :, start:end] = k
-        self.v[i][:, :, start:end] = v
-        return self.k[i][:, :, :end], self.v[i][:, :, :end]
+    @property
+    def length(self) -> int:
+        return self.k[0].shape[2]
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias that can skip its initialisation (view models assign their weights afterwards;
+    initialising on the meta device would import sympy & co., ~70 MB, for values thrown away at once)."""
+
+    def __init__(self, in_features: int, out_features: int, init: bool = True):
+        self.init = init  # read by reset_parameters, which nn.Linear.__init__ calls
+        super().__init__(in_features, out_features, bias=False)
+
+    def reset_parameters(self) -> None:
+        if self.init:
+            super().reset_parameters()
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding that can skip its initialisation (see Linear)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, init: bool = True):
+        self.init = init
+        super().__init__(num_embeddings, embedding_dim)
+
+    def reset_parameters(self) -> None:
+        if self.init:
+            super().reset_parameters()
 
 
 class RMSNorm(nn.Module):
@@ -64,34 +97,38 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, n_heads: int, n_kv_heads: int):
+    def __init__(self, cfg: ModelConfig, n_heads: int, n_kv_heads: int, init: bool = True):
         super().__init__()
         C, hd = cfg.d_model, cfg.head_dim
         self.hd, self.group = hd, n_heads // n_kv_heads
-        self.wq = nn.Linear(C, n_heads * hd, bias=False)
-        self.wk = nn.Linear(C, n_kv_heads * hd, bias=False)
-        self.wv = nn.Linear(C, n_kv_heads * hd, bias=False)
-        self.wo = nn.Linear(n_heads * hd, C, bias=False)
+        self.wq = Linear(C, n_heads * hd, init)
+        self.wk = Linear(C, n_kv_heads * hd, init)
+        self.wv = Linear(C, n_kv_heads * hd, init)
+        self.wo = Linear(n_heads * hd, C, init)
         self.heads_out = nn.Identity()  # (B, T, h*hd) per-head outputs before wo: a hook point (reorder.py)
 
     def forward(self, x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, layer_idx: int, start: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None, layer_idx: int, slots: torch.Tensor | None,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """`slots` (T,): the cache slots these tokens go to, attending to every slot through `mask`;
+        None: they are the whole sequence (a prefill writes them to slots 0..T)."""
         B, T, C = x.shape
         hd, kv = self.hd, nested.kv_heads(heads, self.group)
         q = nested.linear(x, self.wq.weight, heads * hd).view(B, T, heads, hd).transpose(1, 2)
         k = nested.linear(x, self.wk.weight, kv * hd).view(B, T, kv, hd).transpose(1, 2)
         v = nested.linear(x, self.wv.weight, kv * hd).view(B, T, kv, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer_idx, k, v, start)
-        if mask is not None:  # (B, 1, T, start + T) bool, True = attend: padded batches (engine.py)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv != heads)
-        elif start == 0 or T == 1:
-            # T == 1 attends to everything cached; start == 0 is a plain causal prefill
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=kv != heads)
-        else:  # a chunk after a cached prefix (speculative verification): causal with an offset
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv != heads)
+        if cache is not None and slots is None:
+            cache.k[layer_idx][:, :, :T] = k
+            cache.v[layer_idx][:, :, :T] = v
+        elif cache is not None:
+            k = cache.k[layer_idx].index_copy_(2, slots, k)
+            v = cache.v[layer_idx].index_copy_(2, slots, v)
+        gqa = self.group > 1  # == (kv != heads), but a module int: static under torch.compile
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = self.heads_out(y.transpose(1, 2).reshape(B, T, heads * hd))
         return nested.linear(y, self.wo.weight, C)
 
@@ -99,11 +136,11 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU; MatFormer nests the hidden units: a size keeps the first `ffn` of them."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, init: bool = True):
         super().__init__()
-        self.w_gate = nn.Linear(dim, hidden, bias=False)
-        self.w_up = nn.Linear(dim, hidden, bias=False)
-        self.w_down = nn.Linear(hidden, dim, bias=False)
+        self.w_gate = Linear(dim, hidden, init)
+        self.w_up = Linear(dim, hidden, init)
+        self.w_down = Linear(hidden, dim, init)
         self.hidden = nn.Identity()  # (B, T, ffn) activations before w_down: a hook point (reorder.py)
 
     def forward(self, x: torch.Tensor, ffn: int) -> torch.Tensor:
@@ -112,33 +149,36 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, i: int):
+    def __init__(self, cfg: ModelConfig, i: int, init: bool = True):
         super().__init__()
         self.idx = i
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg, cfg.layer_heads[i], cfg.layer_kv_heads[i])
+        self.attn = Attention(cfg, cfg.layer_heads[i], cfg.layer_kv_heads[i], init)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = FeedForward(cfg.d_model, cfg.layer_ffn[i])
+        self.ffn = FeedForward(cfg.d_model, cfg.layer_ffn[i], init)
 
     def forward(self, x: torch.Tensor, layer: LayerSpec, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, start: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), layer.heads, cos, sin, cache, self.idx, start, mask)
+                cache: KVCache | None, slots: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), layer.heads, cos, sin, cache, self.idx, slots, mask)
         return x + self.ffn(self.ffn_norm(x), layer.ffn)
 
 
 class MatryoshkaLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, rope: RopeTables | None = None, init: bool = True):
+        """`rope`: RoPE cos/sin tables to share instead of computing them; `init=False` leaves the weights
+        uninitialised (for weights assigned afterwards, e.g. on the meta device then load_state_dict(assign=True))."""
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.tok_emb = Embedding(cfg.vocab_size, cfg.d_model, init)
+        self.layers = nn.ModuleList(Block(cfg, i, init) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, init)
+        cos, sin = rope if rope is not None else rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.full = full_spec(cfg)
-        self.reset_parameters()
+        if init:
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         std = 0.02
@@ -154,30 +194,66 @@ class MatryoshkaLM(nn.Module):
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
     def hidden_states(self, idx: torch.Tensor, spec: SubmodelSpec | None = None, cache: KVCache | None = None,
-                      start: int = 0, pos: torch.Tensor | None = None, mask: torch.Tensor | None = None
-                      ) -> torch.Tensor:
+                      start: int | torch.Tensor = 0) -> torch.Tensor:
         """Final-normed hidden states (B, T, C_spec) of the submodel `spec` (default: the full model).
 
-        `pos` (B, T) gives per-row RoPE positions and `mask` (B, 1, T, start + T) which cache slots each query
-        may attend to; both default to one unpadded sequence at positions start..start+T (left-padded batches
-        in engine.py pass them).
+        With a `cache`, the tokens go to cache slots start..start+T: `start` 0 (the int) is a prefill of the
+        whole prompt; otherwise (an int, or a tensor of one element, which compiled decoding passes so that the
+        position is data, not code) they attend to every cached slot up to their own.
         """
         spec = spec or self.full
         B, T = idx.shape
-        if start + T > self.cfg.max_seq_len:
+        if not isinstance(start, torch.Tensor) and start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         x = nested.embed(idx, self.tok_emb.weight, spec.width)
-        if pos is None:
+        slots, mask = None, None
+        if cache is None:
             cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
-        else:  # (B, 1, T, hd): broadcasts over heads
-            cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
+        elif isinstance(start, int) and start == 0:
+            pos, mask = prefill_layout(T, cache.pad, x.device)
+            cos, sin = self.rope_at(pos)
+        else:
+            slots = start + torch.arange(T, device=x.device)
+            pos, mask = step_layout(slots, cache.length, cache.pad)
+            cos, sin = self.rope_at(pos)
         for block, layer in zip(self.layers, spec.layers):
-            x = block(x, layer, cos, sin, cache, start, mask)
+            x = block(x, layer, cos, sin, cache, slots, mask)
         return self.norm(x)
 
+    def rope_at(self, pos: torch.Tensor) -> RopeTables:
+        """cos/sin at positions (T,) -> (T, hd), or per row (B, T) -> (B, 1, T, hd) (broadcast over heads)."""
+        if pos.dim() == 1:
+            return self.rope_cos[pos], self.rope_sin[pos]
+        return self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
+
     def forward(self, idx: torch.Tensor, spec: SubmodelSpec | None = None, cache: KVCache | None = None,
-                start: int = 0, pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V) of the submodel `spec`; `cache`/`start` for incremental decoding, `pos`/`mask`
-        for padded batches (see hidden_states)."""
-        h = self.hidden_states(idx, spec, cache, start, pos, mask)
+                start: int | torch.Tensor = 0) -> torch.Tensor:
+        """Logits (B, T, V) of the submodel `spec`; `cache`/`start` for incremental decoding (see hidden_states)."""
+        h = self.hidden_states(idx, spec, cache, start)
         return F.linear(h, self.head_weight()[:, : h.shape[-1]])
+
+
+def prefill_layout(T: int, pad: torch.Tensor | None, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RoPE positions and attention mask of a prompt filling slots 0..T: (T,) and a plain causal mask (None)
+    without padding; with it, (B, T) and (B, 1, T, T), True = attend: causal, no pad keys, and a pad query sees
+    itself only (never a row of -inf, hence no NaN)."""
+    slots = torch.arange(T, device=device)
+    if pad is None:
+        return slots, None
+    keep = (slots[None, :] <= slots[:, None])[None] & (slots >= pad[:, None])[:, None, :]  # (B, T, T)
+    mask = keep | torch.eye(T, dtype=torch.bool, device=device)
+    return (slots[None] - pad[:, None]).clamp(min=0), mask.unsqueeze(1)
+
+
+def step_layout(slots: torch.Tensor, n_slots: int, pad: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE positions and attention mask of tokens going to `slots` (T,) of a cache of n_slots: each attends to
+    the slots up to its own (and, with padding, none of its row's pad slots): (T,) and (T, n_slots), or per row
+    (B, T) and (B, 1, T, n_slots)."""
+    keys = torch.arange(n_slots, device=slots.device)
+    mask = keys[None, :] <= slots[:, None]
+    if pad is None:
+        return slots, mask
+    mask = mask[None] & (keys >= pad[:, None])[:, None, :]
+    return slots[None] - pad[:, None], mask.unsqueeze(1)

@@ -11,20 +11,25 @@ from __future__ import annotations
 import logging
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.config import load_json
-from .model import (EmbedTrainConfig, check_dims, default_dims, load_pairs, lr_at, mean_pool, mrl_contrastive_loss,
-                    resolve_dims, shrink)
+from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.data import EOT
 from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.train.optim import adamw, lr_at
+from matryoshka_lm.train.steps import MetricsLog, optimizer_step, whole_batch
+
+from .loss import check_dims, default_dims, mrl_contrastive_loss, resolve_dims, shrink
+from .model import EMBEDDING_JSON, mean_pool
+from .training import EmbedTrainConfig, load_pairs
 
 log = logging.getLogger(__name__)
 
@@ -145,21 +150,21 @@ def finetune_hf(path: str | Path, out: str | Path, cfg: EmbedTrainConfig, device
     train_dims = dims if cfg.mrl else [D]
     weights = cfg.dim_weights if cfg.mrl and cfg.dim_weights else None
     train_pairs, _ = load_pairs(cfg)
-    opt = torch.optim.AdamW(enc.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    rng = random.Random(cfg.seed)
+    if len(train_pairs) < cfg.batch_size:
+        raise MatryoshkaError(f"{len(train_pairs)} training pairs, fewer than one batch of {cfg.batch_size}")
+    opt = adamw(enc.model, cfg.lr, cfg.weight_decay, decay_matrices_only=False)
+    rng, metrics = random.Random(cfg.seed), MetricsLog(callback=callback)
     enc.model.train()
     for step in range(cfg.steps):
         batch = rng.sample(train_pairs, cfg.batch_size)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        q, p = enc([a for a, _ in batch]), enc([b for _, b in batch])
-        loss = mrl_contrastive_loss(q, p, train_dims, weights, cfg.temperature, cfg.symmetric)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(enc.model.parameters(), cfg.grad_clip)
-        opt.step()
-        if callback:
-            callback(step + 1, {"loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
+
+        def batch_loss(batch: list[tuple[str, str]] = batch) -> torch.Tensor:
+            q, p = enc([a for a, _ in batch]), enc([b for _, b in batch])
+            return mrl_contrastive_loss(q, p, train_dims, weights, cfg.temperature, cfg.symmetric)
+
+        loss, _ = optimizer_step(opt, enc.model.parameters(), lr_at(step, cfg), whole_batch(batch_loss),
+                                 cfg.grad_clip)
+        metrics(step + 1, {"loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
     enc.model.eval()
     save_hf(enc, out, dims if cfg.mrl else [D])
     summary = {"source": str(enc.path), "matryoshka_dimensions": dims if cfg.mrl else [D], "train": asdict(cfg)}
@@ -189,7 +194,6 @@ def export_embedding(ckpt: str | Path, out: str | Path, size: str | None = None,
     folder of `export_hf`, mean-pooling module files, a padding token, and in config.json `is_matryoshka` and
     `matryoshka_dimensions` (the trained dims that fit the size). Load it with `SentenceTransformer(out)`, or
     `AutoModel` + mean pooling; truncate, then normalize (`truncate_dim=m, normalize_embeddings=True`)."""
-    from .model import EMBEDDING_JSON
     from matryoshka_lm.convert.hf import export_hf
 
     ckpt = Path(ckpt)

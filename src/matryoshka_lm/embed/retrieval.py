@@ -11,6 +11,8 @@ Prefixes are re-normalized (truncate, then L2-normalize), so every stage ranks b
 The first stage scans all N vectors (flat) or walks an HNSW graph of the low-dim prefix, as the MRL paper's
 adaptive retrieval does; either way later stages touch only the shortlist.
 
+This module is vectors only; embedding texts and searching with text queries is search.py.
+
 Queries may have fewer dims than the index (cross-size retrieval: an index built with the full model, queried
 with a smaller submodel's embeddings): the index's vectors are then compared on the queries' prefix.
 
@@ -26,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.config import load_json
+from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.errors import MatryoshkaError
 
 log = logging.getLogger(__name__)
@@ -285,60 +287,3 @@ def overlap_at_k(ids: np.ndarray, truth: np.ndarray) -> float:
     """Mean fraction of truth's top-k ids (per row) found in ids' top-k: recall@k against exact search."""
     k = truth.shape[1]
     return float(np.mean([len(set(a[:k]) & set(b)) / k for a, b in zip(ids, truth)]))
-
-
-# ---------------------------------------------------------------- glue for the CLI: texts in, texts out
-
-
-def index_texts(ckpt: str | Path, path: str | Path, out: str | Path, size: str | None = None,
-                batch_size: int = 64, force: bool = False, device: str = "cpu", hnsw_dim: int | None = None) -> Path:
-    """Embed every line of `path` with size `size` of embedding checkpoint `ckpt` (all its dims) and index them."""
-    from .model import load_encoder, read_texts
-
-    texts = read_texts(path)
-    if Path(out).exists() and not force:  # fail before the slow part
-        raise MatryoshkaError(f"index {out} already exists; pass --force to replace it")
-    encoder = load_encoder(ckpt, device)
-    vecs = encoder.encode(texts, size, None, batch_size)
-    meta = {"checkpoint": str(Path(ckpt).resolve()), "size": encoder.size_name(size)}
-    return build_index(vecs, out, encoder.trained_dims, texts, meta, force, hnsw_dim)
-
-
-def search_texts(index_path: str | Path, queries: list[str] | None = None, vectors: np.ndarray | None = None,
-                 ckpt: str | Path | None = None, size: str | None = None, dims: int | None = None, k: int = 10,
-                 funnel: list[int] | None = None, shortlist: list[int] | None = None, exact: bool = False,
-                 device: str = "cpu", hnsw_ef: int = 0) -> list[list[dict[str, Any]]]:
-    """Search an index with query texts (embedded by `ckpt` at `size`, default: the index's encoder) or with
-    query vectors; per query a list of {"id", "score", "text"} best first."""
-    index = load_index(index_path)
-    if (queries is None) == (vectors is None):
-        raise MatryoshkaError("give query texts or query vectors (one of them)")
-    if queries is not None:
-        vectors = embed_queries(index, queries, ckpt, size, dims, device)
-    elif dims is not None:
-        vectors = np.asarray(vectors)[:, :dims]
-    if exact:
-        scores, ids = exact_search(index, vectors, k)
-    else:
-        scores, ids = funnel_search(index, vectors, k, funnel, shortlist, hnsw_ef=hnsw_ef)
-    texts = index.texts
-    return [[{"id": int(i), "score": float(s), **({"text": texts[i]} if texts else {})}
-             for s, i in zip(srow, irow) if i >= 0] for srow, irow in zip(scores, ids)]
-
-
-def embed_queries(index: VectorIndex, queries: list[str], ckpt: str | Path | None, size: str | None,
-                  dims: int | None, device: str) -> np.ndarray:
-    from .model import load_encoder
-
-    if not queries or not all(q.strip() for q in queries):
-        raise MatryoshkaError("empty query")
-    encoder_meta = index.meta.get("encoder") or {}
-    ckpt = ckpt or encoder_meta.get("checkpoint")
-    if not ckpt:
-        raise MatryoshkaError("this index was built from vectors; pass --ckpt to embed text queries")
-    encoder = load_encoder(ckpt, device)
-    size = size or encoder_meta.get("size")
-    if dims is None:  # the most trained dims both the query size and the index have
-        fits = [m for m in encoder.trained_dims if m <= min(index.dim, encoder.out_dim(size))]
-        dims = max(fits) if fits else None
-    return encoder.encode(queries, size, dims)

@@ -5,22 +5,27 @@ size with no copy (tests/test_engine.py checks the storage pointers). `model(x, 
 every call; the engine takes them once per size instead (`view_model`: a module of the size's shape whose
 parameters ARE the views, from nested.slice_views), which saves the slicing ops of every step.
 
-The decoding loop follows gpt-fast: `prefill` the prompt into a preallocated KV cache, then `decode_one_token`
-per step; `Engine` adds batching, sampling, stop conditions and streaming around it.
+The decoding loop follows gpt-fast: `prefill` the prompt into a KV cache preallocated at a fixed length, then
+`decode_one_token` per step. A step writes its cache slot in place at a tensor position and attends to all the
+cache's slots through a mask derived from that position, so every step of a generation has the same shapes and
+no Python int changes between steps: with `compile=True` each size's step is compiled once by plain
+torch.compile and reused for every step (and, on CUDA, replayed as a CUDA graph). `Engine` adds batching,
+sampling, stop conditions and streaming around it.
 
 Batches of prompts of different lengths are LEFT-padded: every row's prompt ends in the same cache slot, so each
-decode step writes one slot for the whole batch. Row b's tokens sit at RoPE positions `slot - pad[b]` and its
-queries may not attend to its pad slots (a boolean mask); rows of equal length take the unmasked fast path.
+decode step writes one slot for the whole batch. The cache records each row's padding; row b's tokens sit at
+RoPE positions `slot - pad[b]` and its queries never attend to its pad slots (core/model.py builds the masks).
+
+Cache lengths are rounded up to a power of two (`cache_slots`), so that compiled graphs see few distinct shapes.
 
 Shapes: B batch, P padded prompt length, L cache slots, V vocab.
 """
 from __future__ import annotations
 
 import logging
-import types
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 
@@ -37,114 +42,63 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- the forward passes a decoder needs
 
 
-def prefill(model: MatryoshkaLM, idx: torch.Tensor, spec: SubmodelSpec, cache: KVCache,
-            pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+def prefill(model: MatryoshkaLM, idx: torch.Tensor, spec: SubmodelSpec, cache: KVCache) -> torch.Tensor:
     """Run prompts (B, P) through `spec`, filling cache slots 0..P; logits (B, V) of the last slot only."""
-    h = model.hidden_states(idx, spec, cache, 0, pos, mask)[:, -1:]
+    h = model.hidden_states(idx, spec, cache, 0)[:, -1:]
     return nested.linear(h, model.head_weight(), model.cfg.vocab_size)[:, -1]
 
 
-def decode_one_token(model: MatryoshkaLM, tok: torch.Tensor, spec: SubmodelSpec, cache: KVCache, start: int,
-                     pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """One step for the whole batch: tokens (B,) into cache slot `start`; next-token logits (B, V)."""
-    return model(tok.view(-1, 1), spec, cache, start, pos, mask)[:, -1]
+def decode_one_token(model: MatryoshkaLM, tok: torch.Tensor, spec: SubmodelSpec | None, cache: KVCache,
+                     slot: torch.Tensor) -> torch.Tensor:
+    """One step for the whole batch: tokens (B,) into cache slot `slot` (a tensor (1,)); next-token logits (B, V)."""
+    return model(tok.view(-1, 1), spec, cache, slot)[:, -1]
 
 
-def forward_chunk(model: MatryoshkaLM, idx: torch.Tensor, spec: SubmodelSpec, cache: KVCache,
-                  start: int) -> torch.Tensor:
+def forward_chunk(model: MatryoshkaLM, idx: torch.Tensor, spec: SubmodelSpec | None, cache: KVCache,
+                  start: torch.Tensor) -> torch.Tensor:
     """Tokens (B, T) into slots start..start+T after a cached prefix; logits (B, T, V) (speculative verify)."""
     return model(idx, spec, cache, start)
-
-
-@contextmanager
-def _bare_construction(rope: tuple[torch.Tensor, torch.Tensor]) -> Iterator[None]:
-    """Build modules without computing anything: no weight initialisation (transformers' `no_init_weights`
-    trick) and the given RoPE tables. On the meta device this allocates nothing; computing on meta tensors
-    would also import sympy & co. (~70 MB resident), for values that are replaced at once."""
-    from matryoshka_lm.core import model as model_module
-
-    names = ("normal_", "ones_", "zeros_", "uniform_", "kaiming_uniform_")
-    saved = {n: getattr(torch.nn.init, n) for n in names}
-    saved_rope = model_module.rope_tables
-    try:
-        for n in names:
-            setattr(torch.nn.init, n, lambda t, *args, **kwargs: t)
-        model_module.rope_tables = lambda *args: rope
-        with torch.device("meta"):
-            yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.nn.init, n, f)
-        model_module.rope_tables = saved_rope
 
 
 @torch.no_grad()
 def view_model(model: MatryoshkaLM, spec: SubmodelSpec) -> MatryoshkaLM:
     """A standalone-shaped model of `spec` whose parameters are views of `model`'s: no weight is copied (built
-    bare on the meta device, then the views are assigned), and each slice is taken once instead of at every call.
-    It shares the model's RoPE tables too."""
-    with _bare_construction((model.rope_cos, model.rope_sin)):
-        sub = MatryoshkaLM(submodel_config(model.cfg, spec))
+    uninitialised on the meta device, then the views are assigned), and each slice is taken once instead of at
+    every call. It shares the model's RoPE tables too. Nothing global is patched, so models may be built on
+    other threads meanwhile."""
+    with torch.device("meta"):  # thread-local
+        sub = MatryoshkaLM(submodel_config(model.cfg, spec), rope=(model.rope_cos, model.rope_sin), init=False)
     views = nested.slice_views(dict(model.named_parameters()), model.cfg, spec)
     sub.load_state_dict({k: v.detach() for k, v in views.items()}, assign=True)
     return sub.requires_grad_(False).eval()
 
 
-# ---------------------------------------------------------------- padding
+def cache_slots(needed: int, max_seq_len: int) -> int:
+    """Cache length for `needed` slots: the next power of two (at least 16), at most the context."""
+    return min(max_seq_len, max(16, 1 << (needed - 1).bit_length()))
 
 
-@dataclass
-class Padding:
-    """Left padding of a batch: per-row RoPE positions and key masks for every cache slot."""
-    pad: torch.Tensor    # (B,) pad slots before each prompt
-    pos: torch.Tensor    # (B, L) RoPE position of each slot (0 in the padding)
-    valid: torch.Tensor  # (B, L) slot holds a real token of that row
-
-    @classmethod
-    def build(cls, lengths: list[int], n_slots: int, device: torch.device) -> Padding:
-        P = max(lengths)
-        pad = torch.tensor([P - n for n in lengths], device=device)
-        slots = torch.arange(n_slots, device=device)
-        return cls(pad, (slots[None] - pad[:, None]).clamp(min=0), slots[None] >= pad[:, None])
-
-    def prefill_mask(self, P: int) -> torch.Tensor:
-        """(B, 1, P, P): causal, no pad keys; a pad query sees itself only (never a row of -inf, hence no NaN)."""
-        eye = torch.eye(P, dtype=torch.bool, device=self.pad.device)
-        causal = torch.ones(P, P, dtype=torch.bool, device=self.pad.device).tril()
-        return ((causal[None] & self.valid[:, None, :P]) | eye[None]).unsqueeze(1)
-
-    def step(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """pos (B, 1) and mask (B, 1, 1, start + 1) for a decode step writing slot `start`."""
-        return self.pos[:, start:start + 1], self.valid[:, None, None, :start + 1]
+def left_padded(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompts as one (B, P) tensor, shorter ones left-padded with 0, and the pad slots of each row (B,)
+    (None when all have the same length)."""
+    lengths = [len(p) for p in prompts]
+    P = max(lengths)
+    idx = torch.zeros(len(prompts), P, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        idx[b, P - len(p):] = torch.tensor(p)
+    pad = torch.tensor([P - n for n in lengths], device=device) if len(set(lengths)) > 1 else None
+    return idx.to(device), pad
 
 
 # ---------------------------------------------------------------- the engine
 
-
-def compile_per_spec(fn: Callable) -> Callable:
-    """torch.compile `fn(model, x, spec, cache, start, ...)` with one private copy of its code per spec.
-
-    Dynamo keeps its "this int changed, make it dynamic" state per code object. With one copy per spec only the
-    cache position and lengths ever change between calls, so only they become symbolic; a spec's head and FFN
-    counts stay Python ints (shared by all specs, they would turn symbolic too and break the graph at SDPA).
-    """
-    compiled: dict[SubmodelSpec, Callable] = {}
-
-    def call(model, x, spec, cache, *args):
-        f = compiled.get(spec)
-        if f is None:
-            code = fn.__code__.replace(co_name=f"{fn.__name__}_spec{len(compiled)}")
-            f = compiled[spec] = torch.compile(types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__))
-        for t in cache.k + cache.v:  # any cache length: no recompile when max_new_tokens changes
-            torch._dynamo.maybe_mark_dynamic(t, 2)
-        return f(model, x, spec, cache, *args)
-
-    return call
+Step = Callable[[MatryoshkaLM, torch.Tensor, SubmodelSpec | None, KVCache, torch.Tensor], torch.Tensor]
 
 
 class Engine:
-    """Generation at any size of one loaded model. `compile=True` wraps the per-token forward in torch.compile
-    (graphs per spec, compiled on first use; see BENCHMARKS.md for when it pays off on CPU)."""
+    """Generation at any size of one loaded model. `compile=True` compiles the per-token forward (and the
+    speculative verify chunk) with torch.compile, one compiled region per size, on first use; "reduce-overhead"
+    (CUDA graphs) on CUDA. See BENCHMARKS.md for when it pays off on CPU."""
 
     def __init__(self, model: MatryoshkaLM, compile: bool = False, slice_once: bool = True):
         self.model = model.eval()
@@ -154,15 +108,9 @@ class Engine:
         self.compiled = compile
         self.slice_once = slice_once  # False: slice at every call, model(x, spec) (for comparison)
         self._views: dict[SubmodelSpec, MatryoshkaLM] = {}
-        self._decode = decode_one_token
-        self._chunk = forward_chunk
-        if compile:
-            import torch._dynamo
-
-            # each spec x (batch 1 | batch > 1) x (padded | not) is a graph of its own
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            self._decode = compile_per_spec(decode_one_token)
-            self._chunk = compile_per_spec(forward_chunk)
+        self._graphs: dict[tuple[Step, SubmodelSpec], Step] = {}
+        self._free_caches: dict[tuple, list[KVCache]] = {}
+        self._lock = threading.Lock()
 
     # ---- validation
 
@@ -176,7 +124,9 @@ class Engine:
         size's view model (built on first use; views stay valid while the model's tensors are updated in place,
         so build a new Engine after replacing them)."""
         full = self.model.full
-        if not self.slice_once or (spec.width, spec.layers) == (full.width, full.layers):
+        if (spec.width, spec.layers) == (full.width, full.layers):
+            return self.model, full
+        if not self.slice_once:
             return self.model, spec
         sub = self._views.get(spec)
         if sub is None:
@@ -203,6 +153,56 @@ class Engine:
             out.append(p)
         return out
 
+    # ---- the steps a decoder runs (compiled when the engine is)
+
+    def decode_step(self, model: MatryoshkaLM, tok: torch.Tensor, spec: SubmodelSpec, cache: KVCache,
+                    slot: torch.Tensor | int) -> torch.Tensor:
+        """Tokens (B,) into cache slot `slot`; next-token logits (B, V). (model, spec) from `runner`."""
+        return self._run(decode_one_token, model, tok, spec, cache, slot)
+
+    def forward_chunk(self, model: MatryoshkaLM, idx: torch.Tensor, spec: SubmodelSpec, cache: KVCache,
+                      start: torch.Tensor | int) -> torch.Tensor:
+        """Tokens (B, T) into slots start..start+T after a cached prefix; logits (B, T, V)."""
+        return self._run(forward_chunk, model, idx, spec, cache, start)
+
+    def _run(self, fn: Step, model: MatryoshkaLM, x: torch.Tensor, spec: SubmodelSpec, cache: KVCache,
+             start: torch.Tensor | int) -> torch.Tensor:
+        if isinstance(start, int):  # a tensor: positions are data, so a compiled step serves every position
+            start = torch.tensor([start], device=self.device)
+        if not self.compiled:
+            return fn(model, x, spec, cache, start)
+        # the model's own spec is read from the module inside: dynamo keeps a module's ints static, while the
+        # ints of an argument that changes between calls (another size) would turn symbolic
+        arg = None if spec == model.full else spec
+        f = self._graphs.get((fn, spec))
+        if f is None:
+            # a region of its own per size: one size's graphs never count against another's recompile limit
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            f = self._graphs.setdefault((fn, spec), torch.compile(fn, mode=mode, isolate_recompiles=True))
+        if self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        return f(model, x, arg, cache, start)
+
+    @contextmanager
+    def kv_cache(self, spec: SubmodelSpec, batch: int, n_slots: int,
+                 pad: torch.Tensor | None = None) -> Iterator[KVCache]:
+        """A KV cache for one generation. A compiled engine hands out caches of the same shape again once their
+        generation ends: CUDA graphs replay on fixed addresses (stale slots are masked out, never read)."""
+        if not self.compiled:
+            yield KVCache.allocate(self.cfg, spec, batch, n_slots, self.device, self.dtype, pad)
+            return
+        with self._lock:
+            free = self._free_caches.setdefault((spec, batch, n_slots, pad is None), [])
+            cache = free.pop() if free else KVCache.allocate(self.cfg, spec, batch, n_slots, self.device,
+                                                             self.dtype, None if pad is None else pad.clone())
+        if pad is not None:
+            cache.pad.copy_(pad)
+        try:
+            yield cache
+        finally:
+            with self._lock:
+                free.append(cache)
+
     # ---- decoding
 
     @torch.no_grad()
@@ -212,25 +212,19 @@ class Engine:
         The caller decides when to stop; every row keeps decoding until then."""
         model, spec = self.runner(self.check_spec(spec))
         prompts = self.check_prompts(prompts, max_new_tokens)
-        lengths = [len(p) for p in prompts]
-        B, P = len(prompts), max(lengths)
+        idx, pad = left_padded(prompts, self.device)
+        B, P = idx.shape
         n_new = min(max_new_tokens, self.cfg.max_seq_len - P)
-        idx = torch.zeros(B, P, dtype=torch.long, device=self.device)
-        for b, p in enumerate(prompts):
-            idx[b, P - len(p):] = torch.tensor(p)
-        cache = KVCache.allocate(self.cfg, spec, B, P + n_new, self.device, self.dtype)
-        padding = Padding.build(lengths, P + n_new, self.device) if len(set(lengths)) > 1 else None
         gen = sampling.generator(self.device)
-        if padding is None:
+        with self.kv_cache(spec, B, cache_slots(P + n_new, self.cfg.max_seq_len), pad) as cache:
             logits = prefill(model, idx, spec, cache)
-        else:
-            logits = prefill(model, idx, spec, cache, padding.pos[:, :P], padding.prefill_mask(P))
-        for i in range(n_new):
-            tok = sample(logits, sampling, gen)
-            yield tok
-            if i + 1 < n_new:
-                pos, mask = padding.step(P + i) if padding is not None else (None, None)
-                logits = self._decode(model, tok, spec, cache, P + i, pos, mask)
+            slot = torch.tensor([P], device=self.device)
+            for i in range(n_new):
+                tok = sample(logits, sampling, gen)
+                yield tok
+                if i + 1 < n_new:
+                    logits = self.decode_step(model, tok, spec, cache, slot)
+                    slot += 1
 
     def generate(self, prompts: Sequence[Sequence[int]], spec: SubmodelSpec | None = None, max_new_tokens: int = 64,
                  sampling: Sampling = GREEDY, stop_tokens: Sequence[int] = (), stop_strings: Sequence[str] = (),
@@ -246,7 +240,7 @@ class Engine:
             stop_strings: a row stops when its text contains one (cut before it); needs `decode`.
             decode: token ids -> text, e.g. a tokenizer's decode.
         """
-        rows = self._rows(len(prompts), stop_tokens, stop_strings, decode)
+        rows = self.stop_rows(len(prompts), stop_tokens, stop_strings, decode)
         for tok in self.token_steps(prompts, spec, max_new_tokens, sampling):
             for row, t in zip(rows, tok.tolist()):
                 row.add(t)
@@ -260,10 +254,11 @@ class Engine:
         """Yield new token ids one at a time, or, given `decode`, pieces of text (which join to the completion's
         text: a piece that might begin a stop string waits until the next token decides)."""
         steps = (t.tolist() for t in self.token_steps([prompt], spec, max_new_tokens, sampling))
-        yield from stream_rows(steps, self._rows(1, stop_tokens, stop_strings, decode)[0])
+        yield from stream_rows(steps, self.stop_rows(1, stop_tokens, stop_strings, decode)[0])
 
-    def _rows(self, n: int, stop_tokens: Sequence[int], stop_strings: Sequence[str],
-              decode: Decode | None) -> list[StopRow]:
+    def stop_rows(self, n: int, stop_tokens: Sequence[int], stop_strings: Sequence[str],
+                  decode: Decode | None) -> list[StopRow]:
+        """The stop state of n output rows; stop strings need `decode`."""
         stop_strings = tuple(s for s in stop_strings if s)
         if stop_strings and decode is None:
             raise MatryoshkaError("stop strings need a decode function (token ids -> text)")

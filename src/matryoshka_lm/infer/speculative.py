@@ -24,13 +24,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
 
 from matryoshka_lm.config import ModelConfig
 from matryoshka_lm.core.nested import kv_heads
-from .engine import Engine, prefill
+from .engine import Engine, cache_slots, prefill
 from .sampling import GREEDY, Sampling, logits_to_probs, sample_from
 from .stops import Completion, Decode, stream_rows
 from matryoshka_lm.errors import MatryoshkaError
@@ -136,9 +137,9 @@ def draft_tokens(engine: Engine, model: MatryoshkaLM, draft: SubmodelSpec, cache
     drafted, qs, x, start = [], [], pending, pos - pending.numel() + 1
     for _ in range(gamma):
         if x.numel() == 1:
-            logits = engine._decode(model, x, draft, cache, start)
+            logits = engine.decode_step(model, x, draft, cache, start)
         else:  # catching up on the previous round's last draft too
-            logits = engine._chunk(model, x.view(1, -1), draft, cache, start)[:, -1]
+            logits = engine.forward_chunk(model, x.view(1, -1), draft, cache, start)[:, -1]
         if sampling.greedy:
             x_next = logits.argmax(-1)
         else:
@@ -154,7 +155,7 @@ def verify(engine: Engine, model: MatryoshkaLM, target: SubmodelSpec, cache: KVC
            drafted: torch.Tensor, q: torch.Tensor | None, pos: int, sampling: Sampling,
            gen: torch.Generator | None) -> tuple[int, torch.Tensor]:
     """One target pass over [last, drafts] at slots pos.. -> (drafts accepted, the token after them (1,))."""
-    logits = engine._chunk(model, torch.cat([last, drafted]).view(1, -1), target, cache, pos)[0]
+    logits = engine.forward_chunk(model, torch.cat([last, drafted]).view(1, -1), target, cache, pos)[0]
     if sampling.greedy:  # accept_reject with one-hot p and q, without building them
         best = logits.argmax(-1).tolist()
         n = next((i for i, (d, b) in enumerate(zip(drafted.tolist(), best)) if d != b), len(best) - 1)
@@ -170,7 +171,7 @@ def speculative_steps(model: MatryoshkaLM, prompt: Sequence[int], target: Submod
                       engine: Engine | None = None) -> Iterator[list[int]]:
     """Yield the tokens each round adds (1 to γ+1 of them) until max_new_tokens (or the context) is reached."""
     engine = engine or Engine(model)
-    cfg, dev = model.cfg, engine.device
+    cfg = model.cfg
     target, draft = engine.check_spec(target), engine.check_spec(draft)
     check_draft(cfg, target, draft)
     if not 1 <= gamma <= max_gamma:
@@ -179,10 +180,20 @@ def speculative_steps(model: MatryoshkaLM, prompt: Sequence[int], target: Submod
     stats = stats if stats is not None else SpeculativeStats()
     P = len(prompt)
     n_new = min(max_new_tokens, cfg.max_seq_len - P)
-    L = min(cfg.max_seq_len, P + n_new + max_gamma + 1)  # slack for the last round's drafts
-    t_cache = KVCache.allocate(cfg, target, 1, L, dev, engine.dtype)
+    L = cache_slots(min(cfg.max_seq_len, P + n_new + max_gamma + 1), cfg.max_seq_len)  # slack: last drafts
     share = share_cache and can_share_cache(cfg, target, draft)
-    d_cache = shared_cache(cfg, t_cache, draft) if share else KVCache.allocate(cfg, draft, 1, L, dev, engine.dtype)
+    with ExitStack() as caches:
+        t_cache = caches.enter_context(engine.kv_cache(target, 1, L))
+        d_cache = shared_cache(cfg, t_cache, draft) if share else caches.enter_context(engine.kv_cache(draft, 1, L))
+        yield from _rounds(engine, prompt, target, draft, t_cache, d_cache, share, n_new, sampling, gamma, adaptive,
+                           max_gamma, draft_cost, stats)
+
+
+def _rounds(engine: Engine, prompt: list[int], target: SubmodelSpec, draft: SubmodelSpec, t_cache: KVCache,
+            d_cache: KVCache, share: bool, n_new: int, sampling: Sampling, gamma: int, adaptive: bool,
+            max_gamma: int, draft_cost: float | None, stats: SpeculativeStats) -> Iterator[list[int]]:
+    """speculative_steps with its caches: the prefill, then draft and verify rounds."""
+    cfg, dev, P, L = engine.cfg, engine.device, len(prompt), t_cache.length
     (t_model, t_spec), (d_model, d_spec) = engine.runner(target), engine.runner(draft)
     gen = sampling.generator(dev)
     idx = torch.tensor([prompt], device=dev)
@@ -236,7 +247,7 @@ def speculative_decode(model: MatryoshkaLM, prompt: Sequence[int], target: Submo
     Returns the completion and acceptance statistics.
     """
     engine = engine or Engine(model)
-    row = engine._rows(1, stop_tokens, stop_strings, decode)[0]
+    row = engine.stop_rows(1, stop_tokens, stop_strings, decode)[0]
     stats = SpeculativeStats()
     for toks in speculative_steps(model, prompt, target, draft, max_new_tokens, sampling, gamma, adaptive,
                                   max_gamma, share_cache, draft_cost, stats, engine):
@@ -255,6 +266,6 @@ def speculative_stream(model: MatryoshkaLM, prompt: Sequence[int], target: Submo
                        stats: SpeculativeStats | None = None, **kw) -> Iterator[int | str]:
     """Like Engine.stream, with speculative decoding: ids or text pieces as each round is verified."""
     engine = engine or Engine(model)
-    row = engine._rows(1, stop_tokens, stop_strings, decode)[0]
+    row = engine.stop_rows(1, stop_tokens, stop_strings, decode)[0]
     steps = speculative_steps(model, prompt, target, draft, max_new_tokens, sampling, stats=stats, engine=engine, **kw)
     yield from stream_rows(steps, row)

@@ -28,7 +28,7 @@ import torch
 
 from matryoshka_lm.infer.engine import Engine
 from matryoshka_lm.infer.sampling import Sampling
-from matryoshka_lm.infer.stops import Decode, cut_at_stop, find_stop, held_back
+from matryoshka_lm.infer.stops import Decode, StopRow
 from matryoshka_lm.core.spec import SubmodelSpec
 
 log = logging.getLogger(__name__)
@@ -89,43 +89,31 @@ class GenRequest:
 
 
 class RowStream:
-    """Push-mode stop handling for one row: feed it tokens, get the text that became final.
-
-    The same rules as engine.Engine.stream (a stop token ends the row and is not output; a stop string cuts the
-    text before it; text that might begin a stop string, or an unfinished UTF-8 character, is held back until
-    the next token decides), built from the engine's public helpers because engine.stream_rows pulls its tokens
-    while the batcher pushes them.
-    """
+    """Push-mode stop handling for one row: the engine's own StopRow (infer.stops), plus the row's token budget
+    and the events the batcher sends. The engine pulls its tokens while the batcher pushes them; the rules and
+    the code are the same."""
 
     def __init__(self, req: GenRequest, budget: int, decode: Decode):
-        self.req, self.budget, self.decode = req, budget, decode
-        self.tokens: list[int] = []   # output tokens (without a stop token or a stop string's tokens)
-        self.steps = 0                # tokens the model generated for this row
-        self.text = ""                # text so far, once final at the end
-        self.sent = 0                 # characters already emitted
+        self.req, self.budget = req, budget
+        self.stops = StopRow(req.stop_tokens, req.stop_strings, decode)
+        self.steps = 0  # tokens the model generated for this row
         self.done = False
-        self.reason = "length"
 
     def push(self, tok: int) -> Event | None:
         self.steps += 1
-        if tok in self.req.stop_tokens:
-            self.done, self.reason = True, "stop"
-        else:
-            self.tokens.append(tok)
-            self.text = self.decode(self.tokens)
-            i = find_stop(self.text, self.req.stop_strings) if self.req.stop_strings else -1
-            if i >= 0:
-                self.text = self.text[:i]
-                self.tokens = cut_at_stop(self.tokens, self.text, self.decode)
-                self.done, self.reason = True, "stop"
-            elif self.steps >= self.budget:
-                self.done = True
-        end = len(self.text) if self.done else len(self.text) - held_back(self.text, self.req.stop_strings)
-        piece = self.text[self.sent:end] if end > self.sent else ""
-        self.sent = max(self.sent, end)
-        if self.done:
-            return Event(self.req.index, piece, self.steps, self.reason)
+        self.stops.add(tok)
+        if self.stops.done:
+            self.done = True
+            return Event(self.req.index, self.stops.take(), self.steps, self.stops.reason)
+        if self.steps >= self.budget:
+            return self.finish()
+        piece = self.stops.take()
         return Event(self.req.index, piece, self.steps) if piece else None
+
+    def finish(self) -> Event:
+        """End the row by length: what was held back is final."""
+        self.done = True
+        return Event(self.req.index, self.stops.flush(), self.steps, "length")
 
 
 @dataclass
@@ -299,8 +287,7 @@ class Batcher:
         for row in batch.rows:
             if not row.done:
                 row.done = True
-                row.req.ticket.put(Event(row.req.index, row.text[row.sent:], row.steps, "length") if error is None
-                                   else Event(row.req.index, error=error))
+                row.req.ticket.put(row.finish() if error is None else Event(row.req.index, error=error))
 
     def _run_job(self, fn: Callable[[], Any], fut: asyncio.Future, loop: asyncio.AbstractEventLoop) -> None:
         try:

@@ -18,19 +18,27 @@ import logging
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from matryoshka_lm.config import ModelConfig
-from matryoshka_lm.core.nested import kv_heads
-from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.train.evaluate import human
 from matryoshka_lm.core.model import MatryoshkaLM
-from matryoshka_lm.core.spec import LayerSpec, SubmodelSpec, count_params, flops_per_token, format_spec, parse_spec, size_names
+from matryoshka_lm.core.nested import kv_heads
+from matryoshka_lm.core.spec import (
+    LayerSpec,
+    SubmodelSpec,
+    count_params,
+    flops_per_token,
+    format_spec,
+    parse_spec,
+    size_names,
+)
+from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.plots import figure
+from matryoshka_lm.train.evaluate import human
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +82,14 @@ class Candidate:
     spec: SubmodelSpec
     levels: tuple[int, ...]      # granularity level per layer (0 = smallest)
     width_name: str              # the trained size whose residual width this uses
+    level_names: tuple[str, ...]  # the size whose granularity each level is, smallest first
     params: int
     flops: int
     latency: float | None = None  # seconds, measured
+    predicted_latency: float | None = None  # seconds, from FLOPs (latency budgets only)
     val_loss: float | None = None
     text: str = ""
     kind: str = "mix'n'match"     # or "uniform" for a trained size
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def changes(self) -> int:
@@ -133,18 +142,16 @@ def enumerate_candidates(cfg: ModelConfig, limit: int = 200_000) -> list[Candida
         for depth in depths:
             for levels in monotone_sequences(depth, len(names)):
                 spec = SubmodelSpec(width=width, layers=tuple(tables[l][i] for i, l in enumerate(levels)))
-                out.append(Candidate(spec, levels, wname, count_params(cfg, spec)["total"], flops_per_token(cfg, spec)))
+                out.append(Candidate(spec, levels, wname, tuple(names), count_params(cfg, spec)["total"],
+                                     flops_per_token(cfg, spec)))
                 if len(out) > limit:
                     raise MatryoshkaError(f"more than {limit} Mix'n'Match candidates; train fewer sizes")
-    for c in out:
-        c.extra["level_names"] = names
     return out
 
 
 def spec_text(cfg: ModelConfig, c: Candidate) -> str:
     """The spec in the name form ('S,S,M,M@M'), which parse_spec reads back to the same spec."""
-    names = c.extra["level_names"]
-    body = ",".join(names[l] for l in c.levels)
+    body = ",".join(c.level_names[l] for l in c.levels)
     for text in (body, f"{body}@{c.width_name}"):
         spec = parse_spec(cfg, text)
         if (spec.width, spec.layers) == (c.spec.width, c.spec.layers):
@@ -195,7 +202,7 @@ def select(cands: list[Candidate], metric: str, budget: float, n_spread: int, n_
 
 
 def _predicted(c: Candidate, metric: str) -> float:
-    return c.extra["predicted_latency"] if metric == "latency" else c.cost(metric)
+    return c.predicted_latency if metric == "latency" else c.cost(metric)
 
 
 def pareto_front(points: list[Candidate], metric: str) -> list[Candidate]:
@@ -269,14 +276,12 @@ def _measure(model: MatryoshkaLM, c: Candidate, tokens: int, device) -> float:
 
 def _predict_latency(model: MatryoshkaLM, cands: list[Candidate], n: int, tokens: int, device) -> None:
     """Time a spread of candidates, fit latency = a + b * FLOPs, predict the rest (timed ones keep their time)."""
-    for c in cands:
-        c.extra["predicted_latency"] = 0.0
     probe = select(cands, "flops", math.inf, n_spread=n, n_near=0)
     xs = np.array([c.flops for c in probe], dtype=np.float64)
     ys = np.array([_measure(model, c, tokens, device) for c in probe])
     b, a = np.polyfit(xs, ys, 1) if len(set(xs)) > 1 else (0.0, float(ys.mean()))
     for c in cands:
-        c.extra["predicted_latency"] = c.latency if c.latency is not None else a + b * c.flops
+        c.predicted_latency = c.latency if c.latency is not None else a + b * c.flops
 
 
 def _cost_str(c: Candidate, metric: str) -> str:
@@ -304,40 +309,29 @@ def format_frontier(points: list[Candidate], best: Candidate, budget: Budget) ->
 
 def plot_frontier(points: list[Candidate], best: Candidate, budget: Budget, path: Path, title: str) -> None:
     """Cost (the budget's metric) vs val loss: Mix'n'Match dots, trained sizes squares, frontier line, budget."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     metric = budget.metric
     scale, label = {"params": (1, "parameters"), "flops": (1, "forward FLOPs / token"),
                     "latency": (1e3, "latency (ms, one forward, this machine)")}[metric]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     mm = [c for c in points if c.kind != "uniform"]
     uni = [c for c in points if c.kind == "uniform"]
-    ax.scatter([c.cost(metric) * scale for c in mm], [c.val_loss for c in mm], s=18, alpha=0.6,
-               label="Mix'n'Match")
-    ax.scatter([c.cost(metric) * scale for c in uni], [c.val_loss for c in uni], marker="s", s=60, color="C3",
-               label="trained sizes", zorder=3)
-    for c in uni:
-        ax.annotate(c.text, (c.cost(metric) * scale, c.val_loss), textcoords="offset points", xytext=(5, 4))
     front = pareto_front(points, metric)
-    ax.plot([c.cost(metric) * scale for c in front], [c.val_loss for c in front], "-", color="gray", lw=1,
-            label="Pareto frontier")
-    ax.axvline(budget.value * scale, color="C2", ls="--", lw=1, label=f"budget {budget}")
-    ax.scatter([best.cost(metric) * scale], [best.val_loss], marker="*", s=220, color="C2", zorder=4,
-               label=f"best: {best.text}"[:60])
-    if metric != "latency":
-        ax.set_xscale("log")
-    ax.set_xlabel(label)
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, (7, 4.5), legend=dict(fontsize=8)) as (fig, ax):
+        ax.scatter([c.cost(metric) * scale for c in mm], [c.val_loss for c in mm], s=18, alpha=0.6,
+                   label="Mix'n'Match")
+        ax.scatter([c.cost(metric) * scale for c in uni], [c.val_loss for c in uni], marker="s", s=60, color="C3",
+                   label="trained sizes", zorder=3)
+        for c in uni:
+            ax.annotate(c.text, (c.cost(metric) * scale, c.val_loss), textcoords="offset points", xytext=(5, 4))
+        ax.plot([c.cost(metric) * scale for c in front], [c.val_loss for c in front], "-", color="gray", lw=1,
+                label="Pareto frontier")
+        ax.axvline(budget.value * scale, color="C2", ls="--", lw=1, label=f"budget {budget}")
+        ax.scatter([best.cost(metric) * scale], [best.val_loss], marker="*", s=220, color="C2", zorder=4,
+                   label=f"best: {best.text}"[:60])
+        if metric != "latency":
+            ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.set_title(title)
 
 
 def run_mixnmatch(ckpt: str | Path, budget: str, n_batches: int = 4, max_evals: int = 24,

@@ -9,19 +9,11 @@ import numpy as np
 
 from matryoshka_lm.config import DEFAULT_SIZES
 from matryoshka_lm.core.checkpoint import write_json
+from matryoshka_lm.plots import figure
 from matryoshka_lm.train.evaluate import human
 
 SIZES = list(DEFAULT_SIZES)  # the study trains the default sizes
 BAR = 0.04  # MatFormer's bar: each Matryoshka size within 0.04 nats of its independently trained baseline
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def line_through(points: list[tuple[float, float]], n: float) -> float:
@@ -32,79 +24,57 @@ def line_through(points: list[tuple[float, float]], n: float) -> float:
 
 
 def plot_sizes(res: dict[str, Any], main: int, path: Path) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, d in enumerate(sorted(res["matryoshka"], key=int)):
-        color = f"C{i}"
-        for kind, style in (("matryoshka", "o-"), ("baseline", "s--")):
-            pts = sorted((v["non_embedding_params"], v["val_loss"]) for v in res[kind][d].values())
-            ax.plot(*zip(*pts), style, color=color, label=f"d={d} {kind}", alpha=0.9 if kind == "matryoshka" else 0.6)
-    mix = res["mixnmatch"].get("all", [])
-    if mix:
-        ax.plot([m["non_embedding_params"] for m in mix], [m["val_loss"] for m in mix],
-                "kx", label=f"Mix'n'Match (d={main}, never trained)")
-    ax.set_xscale("log")
-    ax.set(xlabel="non-embedding parameters", ylabel="validation loss (nats/token)",
-           title="Matryoshka sizes vs independently trained baselines")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, (7, 4.5), legend=dict(fontsize=7, ncol=2)) as (fig, ax):
+        for i, d in enumerate(sorted(res["matryoshka"], key=int)):
+            color = f"C{i}"
+            for kind, style in (("matryoshka", "o-"), ("baseline", "s--")):
+                pts = sorted((v["non_embedding_params"], v["val_loss"]) for v in res[kind][d].values())
+                ax.plot(*zip(*pts), style, color=color, label=f"d={d} {kind}",
+                        alpha=0.9 if kind == "matryoshka" else 0.6)
+        mix = res["mixnmatch"].get("all", [])
+        if mix:
+            ax.plot([m["non_embedding_params"] for m in mix], [m["val_loss"] for m in mix],
+                    "kx", label=f"Mix'n'Match (d={main}, never trained)")
+        ax.set_xscale("log")
+        ax.set(xlabel="non-embedding parameters", ylabel="validation loss (nats/token)",
+               title="Matryoshka sizes vs independently trained baselines")
 
 
 def plot_ablation(res: dict[str, Any], path: Path) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, pts in res["ablation"].items():
-        xy = sorted((v["flops_per_token"], v["val_loss"]) for v in pts.values())
-        ax.plot(*zip(*xy), "o-", label=f"nest {name}")
-    ax.set_xscale("log")
-    ax.set(xlabel="forward FLOPs per token", ylabel="validation loss", title="Which axes to nest")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, (6, 4)) as (fig, ax):
+        for name, pts in res["ablation"].items():
+            xy = sorted((v["flops_per_token"], v["val_loss"]) for v in pts.values())
+            ax.plot(*zip(*xy), "o-", label=f"nest {name}")
+        ax.set_xscale("log")
+        ax.set(xlabel="forward FLOPs per token", ylabel="validation loss", title="Which axes to nest")
 
 
 def plot_consistency(res: dict[str, Any], main: int, path: Path) -> None:
-    plt = _plt()
     cons = res["consistency"][main]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
     x = np.arange(len(SIZES) - 1)
-    for ax, key, label in ((axes[0], "top1_agreement", "top-1 agreement with full"), (axes[1], "kl", "KL(full || size)")):
-        for j, kind in enumerate(("matryoshka", "baseline")):
-            ax.bar(x + (j - 0.5) * 0.38, [cons[s][kind][key] for s in SIZES[1:]], 0.38, label=kind)
-        ax.set_xticks(x, SIZES[1:])
-        ax.set_title(label)
-        ax.grid(alpha=0.3, axis="y")
-    axes[0].legend()
-    fig.suptitle(f"consistency with the full model (d={main})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, (8, 3.5), ncols=2, grid_axis="y") as (fig, axes):
+        for ax, key, label in ((axes[0], "top1_agreement", "top-1 agreement with full"),
+                               (axes[1], "kl", "KL(full || size)")):
+            for j, kind in enumerate(("matryoshka", "baseline")):
+                ax.bar(x + (j - 0.5) * 0.38, [cons[s][kind][key] for s in SIZES[1:]], 0.38, label=kind)
+            ax.set_xticks(x, SIZES[1:])
+            ax.set_title(label)
+        fig.suptitle(f"consistency with the full model (d={main})")
 
 
 def plot_scaling(res: dict[str, Any], path: Path) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, kind in enumerate(("matryoshka", "baseline")):
-        pts = [(v["non_embedding_params"], v["val_loss"]) for d in res[kind] for v in res[kind][d].values()]
-        n, l = map(np.array, zip(*sorted(pts)))
-        ax.plot(n, l, "o" if kind == "matryoshka" else "s", color=f"C{i}", label=f"{kind} points", alpha=0.7)
-        fit = res["fits"].get(kind, {})
-        if "a" in fit:
-            grid = np.geomspace(n.min(), n.max(), 50)
-            ax.plot(grid, fit["a"] * grid ** -fit["b"] + fit["c"], "-", color=f"C{i}",
-                    label=f"{kind}: {fit['a']:.3g}·N^-{fit['b']:.3f} + {fit['c']:.3f}")
-    ax.set_xscale("log")
-    ax.set(xlabel="non-embedding parameters N", ylabel="validation loss", title="L(N) = a·N^-b + c")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, (6, 4), legend=dict(fontsize=8)) as (fig, ax):
+        for i, kind in enumerate(("matryoshka", "baseline")):
+            pts = [(v["non_embedding_params"], v["val_loss"]) for d in res[kind] for v in res[kind][d].values()]
+            n, l = map(np.array, zip(*sorted(pts)))
+            ax.plot(n, l, "o" if kind == "matryoshka" else "s", color=f"C{i}", label=f"{kind} points", alpha=0.7)
+            fit = res["fits"].get(kind, {})
+            if "a" in fit:
+                grid = np.geomspace(n.min(), n.max(), 50)
+                ax.plot(grid, fit["a"] * grid ** -fit["b"] + fit["c"], "-", color=f"C{i}",
+                        label=f"{kind}: {fit['a']:.3g}·N^-{fit['b']:.3f} + {fit['c']:.3f}")
+        ax.set_xscale("log")
+        ax.set(xlabel="non-embedding parameters N", ylabel="validation loss", title="L(N) = a·N^-b + c")
 
 
 def quality_table(res: dict[str, Any]) -> tuple[str, list[float]]:
@@ -127,8 +97,9 @@ def consistency_table(res: dict[str, Any]) -> str:
     for d in sorted(res["consistency"], key=int):
         for s in SIZES[1:]:
             c = res["consistency"][d][s]
-            lines.append(f"| d={d} | {s} | {c['matryoshka']['top1_agreement']:.3f} | {c['baseline']['top1_agreement']:.3f} "
-                         f"| {c['matryoshka']['kl']:.3f} | {c['baseline']['kl']:.3f} |")
+            m, b = c["matryoshka"], c["baseline"]
+            lines.append(f"| d={d} | {s} | {m['top1_agreement']:.3f} | {b['top1_agreement']:.3f} "
+                         f"| {m['kl']:.3f} | {b['kl']:.3f} |")
     return "\n".join(lines)
 
 
@@ -137,7 +108,8 @@ def ablation_table(res: dict[str, Any]) -> str:
     for name, pts in res["ablation"].items():
         for s in SIZES:
             v = pts[s]
-            lines.append(f"| {name} | {s} | {human(v['flops_per_token'])} | {human(v['non_embedding_params'])} | {v['val_loss']:.3f} |")
+            lines.append(f"| {name} | {s} | {human(v['flops_per_token'])} | {human(v['non_embedding_params'])} "
+                         f"| {v['val_loss']:.3f} |")
     return "\n".join(lines)
 
 
@@ -185,16 +157,27 @@ def write_report(res: dict[str, Any], preset: Any, report: Path) -> None:
     meta = res["meta"]
     met = sum(d <= BAR for d in deltas)
     worst = max(deltas)
+    runs = (f"Every run: {meta['tokens_per_run']:,} training tokens, identical hyper-parameters; "
+            "all evaluated on the same held-out tokens.")
+    hours = (f"Training time, summed over the {len(meta['train_seconds'])} runs: "
+             f"{meta['train_seconds_total'] / 60:.1f} min (this invocation's wall time: "
+             f"{meta['wall_seconds'] / 60:.1f} min; finished runs are reused).")
+    within = (f"{met} of {len(deltas)} Matryoshka sizes are within {BAR} nats of their independently trained "
+              "baseline (the MatFormer bar);")
+    gap = (f"the largest gap is {worst:+.3f} nats, the mean {np.mean(deltas):+.3f}. "
+           "Negative Δ means the Matryoshka size is *better*.")
+    scaling = ("Scaling: L(N) = a·N^(−b) + c over all sizes of all scales "
+               "(N = non-embedding parameters; ± 1σ from the fit covariance)")
     text = f"""# Matryoshka vs independently trained models — preset `{meta['preset']}`
 
 Reproduce: `{meta['command']}` (same seed → same numbers on the same machine).
 Machine: {meta['machine']}. Seed {meta['seed']}. Data: {meta['data']}.
-Every run: {meta['tokens_per_run']:,} training tokens, identical hyper-parameters; all evaluated on the same held-out tokens.
-Training time, summed over the {len(meta['train_seconds'])} runs: {meta['train_seconds_total'] / 60:.1f} min (this invocation's wall time: {meta['wall_seconds'] / 60:.1f} min; finished runs are reused).
+{runs}
+{hours}
 
 ## Headline
-- {met} of {len(deltas)} Matryoshka sizes are within {BAR} nats of their independently trained baseline (the MatFormer bar);
-  the largest gap is {worst:+.3f} nats, the mean {np.mean(deltas):+.3f}. Negative Δ means the Matryoshka size is *better*.
+- {within}
+  {gap}
 - One Matryoshka training run replaces {len(SIZES)} baseline runs per scale.
 - Mix'n'Match submodels (never trained) on or below the line through their model's trained sizes: {mix_line}.
 
@@ -218,7 +201,7 @@ Matryoshka: each size vs the Matryoshka XL (same weights). Baselines: each indep
 ## Mix'n'Match (d={main}): per-layer mixes of the trained granularities, never trained
 {mix}
 
-## Scaling: L(N) = a·N^(−b) + c over all sizes of all scales (N = non-embedding parameters; ± 1σ from the fit covariance)
+## {scaling}
 {fits_table(res)}
 
 ![scaling](scaling.png)

@@ -7,30 +7,28 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from matryoshka_lm.config import ModelConfig, TrainConfig
 from matryoshka_lm.core import checkpoint as ck
-from matryoshka_lm.config import DEFAULT_SIZES, ModelConfig, TrainConfig
-from matryoshka_lm.data import eval_batches
-from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.train.evaluate import evaluate_specs
-from matryoshka_lm.machine import describe_machine
-from matryoshka_lm.core.model import MatryoshkaLM
-from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
 from matryoshka_lm.core.spec import SubmodelSpec, count_params, flops_per_token, format_spec, parse_spec, uniform_spec
+from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.machine import describe_machine
+from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
+from matryoshka_lm.train.evaluate import evaluate_specs
 from matryoshka_lm.train.loop import train
 
+from .report import SIZES, write_report
+
 log = logging.getLogger(__name__)
-SIZES = list(DEFAULT_SIZES)  # the study trains the default sizes
 ABLATIONS = {"ffn": ("ffn",), "ffn+heads": ("ffn", "heads"), "all": ("width", "heads", "ffn", "depth")}
 
 
@@ -47,7 +45,6 @@ class StudyPreset:
     corpus_chars: int = 1_000_000
     eval_batches: int = 16
     mixnmatch: int = 8             # Mix'n'Match specs evaluated (never trained)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 STUDY_PRESETS = {
@@ -77,16 +74,18 @@ def plan_runs(p: StudyPreset, seed: int) -> dict[str, tuple[ModelConfig, TrainCo
                            eval_batches=p.eval_batches, vocab_size=p.vocab_size, max_corpus_chars=p.corpus_chars,
                            seed=seed, only=only)
 
+    def mcfg(d: int, axes: tuple[str, ...] = ABLATIONS["all"]) -> ModelConfig:
+        return scale_config(d, p.n_layers, p.vocab_size, p.seq_len, axes)
+
     runs = {}
     for d in p.scales:
-        cfg = lambda axes=ABLATIONS["all"]: scale_config(d, p.n_layers, p.vocab_size, p.seq_len, axes)
-        runs[f"d{d}-matryoshka-all"] = (cfg(), tcfg())
+        runs[f"d{d}-matryoshka-all"] = (mcfg(d), tcfg())
         for s in SIZES:
-            runs[f"d{d}-baseline-{s}"] = (cfg(), tcfg(only=s))
+            runs[f"d{d}-baseline-{s}"] = (mcfg(d), tcfg(only=s))
         if d == p.main_scale:
             for name, axes in ABLATIONS.items():
                 if name != "all":
-                    runs[f"d{d}-matryoshka-{name}"] = (cfg(axes), tcfg())
+                    runs[f"d{d}-matryoshka-{name}"] = (mcfg(d, axes), tcfg())
     return runs
 
 
@@ -127,21 +126,6 @@ def _logged_seconds(out: Path, tcfg: TrainConfig) -> float:
     """Training time of a finished run, from the throughput its last logged step reports."""
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     return tcfg.steps * tcfg.batch_size * tcfg.seq_len / last["tokens_per_s"]
-
-
-@torch.no_grad()
-def consistency(ref: tuple[MatryoshkaLM, SubmodelSpec], other: tuple[MatryoshkaLM, SubmodelSpec], val: np.ndarray,
-                seq_len: int, n_batches: int, device: str) -> dict[str, float]:
-    """Top-1 agreement and mean KL(ref || other) per token: how often a smaller model says what the full one says."""
-    agree = kl = n = 0.0
-    for x, _ in eval_batches(val, 8, seq_len, n_batches):
-        x = x.to(device)
-        p = F.log_softmax(ref[0](x, ref[1]).float(), -1)
-        q = F.log_softmax(other[0](x, other[1]).float(), -1)
-        agree += (p.argmax(-1) == q.argmax(-1)).sum().item()
-        kl += (p.exp() * (p - q)).sum().item()
-        n += x.numel()
-    return {"top1_agreement": agree / n, "kl": kl / n}
 
 
 def mixnmatch_specs(cfg: ModelConfig, n: int, seed: int) -> list[SubmodelSpec]:
@@ -195,7 +179,7 @@ def evaluate_study(runs: dict[str, tuple[ModelConfig, TrainConfig]], p: StudyPre
         if (work / name / ck.TOKENIZER).read_text() != tok0:
             raise MatryoshkaError(f"run {name} has a different tokenizer: the runs are not comparable")
         models[name] = ck.load_model(work / name, device)
-    ev = lambda m, specs: evaluate_specs(m, val, specs, p.seq_len, 8, p.eval_batches, device)
+    ev = lambda m, specs, ref=None: evaluate_specs(m, val, specs, p.seq_len, 8, p.eval_batches, device, ref)
     for d in p.scales:
         mat = models[f"d{d}-matryoshka-all"]
         specs = {s: uniform_spec(mat.cfg, s) for s in SIZES}
@@ -203,12 +187,10 @@ def evaluate_study(runs: dict[str, tuple[ModelConfig, TrainConfig]], p: StudyPre
         res["matryoshka"][d] = {s: _point(mat.cfg, specs[s], r[s]) for s in SIZES}
         base_full = models[f"d{d}-baseline-XL"]
         res["baseline"][d] = {}
-        for s in SIZES:
+        for s in SIZES:  # a baseline's agreement and KL are against the independently trained XL
             b = models[f"d{d}-baseline-{s}"]
-            rb = ev(b, {s: b.full})[s]
-            res["baseline"][d][s] = _point(b.cfg, b.full, rb)
-            res["baseline"][d][s].update(consistency((base_full, base_full.full), (b, b.full), val, p.seq_len,
-                                                     p.eval_batches, device))
+            rb = ev(b, {s: b.full}, (base_full, base_full.full))[s]
+            res["baseline"][d][s] = {**_point(b.cfg, b.full, rb), "top1_agreement": rb["agree"]}
         if d == p.main_scale:
             for name in ABLATIONS:
                 m = models[f"d{d}-matryoshka-{name}"]
@@ -260,7 +242,5 @@ def run_study(preset_name: str, report: str | Path, work: str | Path | None = No
                    "train_seconds": seconds, "wall_seconds": time.perf_counter() - t0,
                    "train_seconds_total": sum(seconds.values()), "torch": torch.__version__,
                    "command": f"matryoshka study --preset {preset_name} -o {report} --seed {seed}"}
-    from .report import write_report
-
     write_report(res, p, report)
     return res

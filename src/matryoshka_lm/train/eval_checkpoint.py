@@ -4,11 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from matryoshka_lm.config import TrainConfig
 from matryoshka_lm.core import checkpoint as ck
-from matryoshka_lm.config import TrainConfig, load_json
-from matryoshka_lm.data import encode_corpus, limit_chars, read_corpus, split_tokens, unigram_loss
-from .evaluate import evaluate_specs, format_table, plot_size_vs_loss, size_table, write_json_report
 from matryoshka_lm.core.spec import parse_spec, size_names
+from matryoshka_lm.data import encode_corpus, limit_chars, read_corpus, split_tokens, unigram_loss
+
+from .evaluate import evaluate_specs, format_table, plot_size_vs_loss, size_table, write_json_report
 
 
 def checkpoint_val_split(ckpt: Path, data: str | None = None):
@@ -23,8 +24,8 @@ def checkpoint_val_split(ckpt: Path, data: str | None = None):
     return tcfg, train, val
 
 
-def evaluate_checkpoint(ckpt: str | Path, sizes: str | None = None, data: str | None = None, n_batches: int | None = None,
-                        json_path: str | None = None, plot_path: str | None = None,
+def evaluate_checkpoint(ckpt: str | Path, sizes: str | None = None, data: str | None = None,
+                        n_batches: int | None = None, json_path: str | None = None, plot_path: str | None = None,
                         device: str = "cpu") -> tuple[list[dict[str, Any]], str]:
     ckpt = Path(ckpt)
     model = ck.load_model(ckpt, device)
@@ -37,5 +38,6 @@ def evaluate_checkpoint(ckpt: str | Path, sizes: str | None = None, data: str | 
     unigram = unigram_loss(train, val, model.cfg.vocab_size)
     write_json_report(Path(json_path or ckpt / "eval.json"), rows,
                       {"unigram_loss": unigram, "val_tokens": int(len(val)), "checkpoint": str(ckpt)})
-    plot_size_vs_loss(rows, Path(plot_path or ckpt / "eval.png"), title=f"{ckpt.name}: size vs val loss", unigram=unigram)
+    plot_size_vs_loss(rows, Path(plot_path or ckpt / "eval.png"), title=f"{ckpt.name}: size vs val loss",
+                      unigram=unigram)
     return rows, format_table(rows, unigram)

@@ -1,7 +1,6 @@
 """Per-size evaluation: params, FLOPs/token, val loss, perplexity, agreement with the full model; table and plot."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -11,24 +10,26 @@ import torch
 import torch.nn.functional as F
 
 from matryoshka_lm.config import ModelConfig
-from matryoshka_lm.data import eval_batches
 from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.spec import SubmodelSpec, count_params, flops_per_token
+from matryoshka_lm.data import eval_batches
+from matryoshka_lm.plots import figure
 
 
 @torch.no_grad()
 def evaluate_specs(model: MatryoshkaLM, val: np.ndarray, specs: dict[str, SubmodelSpec], seq_len: int,
                    batch: int = 8, n_batches: int = 16, device: str | torch.device = "cpu",
-                   reference: SubmodelSpec | None = None) -> dict[str, dict[str, float]]:
+                   reference: tuple[MatryoshkaLM, SubmodelSpec] | None = None) -> dict[str, dict[str, float]]:
     """Val loss of each spec on fixed windows, plus top-1 agreement and KL(ref || spec) against `reference`
-    (default: the full model), computed on the same tokens."""
+    (a model and its spec; default: this model's full size), computed on the same tokens."""
     model.eval()
-    reference = reference or model.full
+    ref_model, ref_spec = reference or (model, model.full)
+    ref_model.eval()
     sums: dict[str, dict[str, float]] = {n: {"loss": 0.0, "agree": 0.0, "kl": 0.0} for n in specs}
     tokens = 0
     for x, y in eval_batches(val, batch, seq_len, n_batches):
         x, y = x.to(device), y.to(device)
-        ref_logp = F.log_softmax(model(x, reference).float(), -1)
+        ref_logp = F.log_softmax(ref_model(x, ref_spec).float(), -1)
         ref_top = ref_logp.argmax(-1)
         n = y.numel()
         tokens += n
@@ -40,7 +41,8 @@ def evaluate_specs(model: MatryoshkaLM, val: np.ndarray, specs: dict[str, Submod
     return {n: {k: v / tokens for k, v in s.items()} for n, s in sums.items()}
 
 
-def size_table(cfg: ModelConfig, specs: dict[str, SubmodelSpec], results: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+def size_table(cfg: ModelConfig, specs: dict[str, SubmodelSpec],
+               results: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     rows = []
     for name, spec in specs.items():
         p = count_params(cfg, spec)
@@ -73,29 +75,18 @@ def format_table(rows: list[dict[str, Any]], unigram: float | None = None) -> st
 
 def plot_size_vs_loss(rows: list[dict[str, Any]], path: Path, title: str = "size vs validation loss",
                       unigram: float | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [r["non_embedding_params"] for r in rows]
-    ys = [r["val_loss"] for r in rows]
-    ax.plot(xs, ys, "o-", label="Matryoshka sizes")
-    for r, x, y in zip(rows, xs, ys):
-        ax.annotate(r["size"], (x, y), textcoords="offset points", xytext=(4, 4))
-    if unigram is not None:
-        ax.axhline(unigram, color="gray", ls="--", label=f"unigram ({unigram:.2f})")
-    ax.set_xscale("log")
-    ax.set_xlabel("non-embedding parameters")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, (6, 4)) as (fig, ax):
+        xs = [r["non_embedding_params"] for r in rows]
+        ys = [r["val_loss"] for r in rows]
+        ax.plot(xs, ys, "o-", label="Matryoshka sizes")
+        for r, x, y in zip(rows, xs, ys):
+            ax.annotate(r["size"], (x, y), textcoords="offset points", xytext=(4, 4))
+        if unigram is not None:
+            ax.axhline(unigram, color="gray", ls="--", label=f"unigram ({unigram:.2f})")
+        ax.set_xscale("log")
+        ax.set_xlabel("non-embedding parameters")
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.set_title(title)
 
 
 def write_json_report(path: Path, rows: list[dict[str, Any]], extra: dict[str, Any]) -> None:

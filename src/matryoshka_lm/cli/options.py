@@ -1,0 +1,62 @@
+"""Helpers every command group shares: device choice, argparse types for counts, comma-separated lists."""
+from __future__ import annotations
+
+import argparse
+
+from matryoshka_lm.errors import MatryoshkaError
+
+
+def pick_device(name: str) -> str:
+    """'auto' -> cuda when available, else cpu; any other name as given."""
+    if name == "auto":
+        import torch  # here, not at the top: `matryoshka --help` must not pay for importing torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be at least 1 (steps, batch sizes, k, dims...)."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type for counts where 0 means 'none' or 'off' (--proj-dim 0, --hnsw-ef 0)."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {value}")
+    return value
+
+
+def port(text: str) -> int:
+    value = _int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in 1..65535, got {value}")
+    return value
+
+
+def int_list(text: str | None, what: str) -> list[int] | None:
+    """'8,16,64' -> [8, 16, 64]; None or '' -> None."""
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MatryoshkaError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def spec_list(text: str | None) -> list[str] | None:
+    """Sizes or Mix'n'Match specs: comma-separated, or ';'-separated when the specs contain commas."""
+    if not text:
+        return None
+    return [s.strip() for s in text.split(";" if ";" in text else ",") if s.strip()]

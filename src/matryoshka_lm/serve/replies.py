@@ -1,0 +1,159 @@
+"""Generation replies: the OpenAI response objects, whole (JSON) or streamed as server-sent events."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from matryoshka_lm.core.spec import SubmodelSpec, format_spec
+
+from .batcher import Event, Ticket
+from .metrics import size_label
+from .protocol import CHAT_STOPS, MAX_INPUTS, APIError, GenerationRequest
+from .state import Server
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class Reply:
+    """Builds the OpenAI response objects of one request (completion or chat; whole or as chunks)."""
+
+    def __init__(self, chat: bool, id: str, model: str, n: int):
+        self.chat, self.id, self.model = chat, id, model
+        self.created = int(time.time())
+        self.texts: list[list[str]] = [[] for _ in range(n)]
+        self.tokens = [0] * n
+        self.reasons: list[str | None] = [None] * n
+        self.first = True
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self.tokens)
+
+    def add(self, ev: Event) -> None:
+        self.first = False
+        self.texts[ev.index].append(ev.text)
+        self.tokens[ev.index] = ev.tokens
+        self.reasons[ev.index] = ev.finish_reason
+
+    def usage(self, prompt_tokens: int) -> dict[str, int]:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": prompt_tokens + self.completion_tokens}
+
+    def _head(self, chunk: bool) -> dict[str, Any]:
+        obj = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": None}
+
+    def final(self, prompt_tokens: int) -> dict[str, Any]:
+        choices = []
+        for i, parts in enumerate(self.texts):
+            text = "".join(parts)
+            body = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+            choices.append({"index": i, **body, "logprobs": None, "finish_reason": self.reasons[i]})
+        return {**self._head(False), "choices": choices, "usage": self.usage(prompt_tokens)}
+
+    def chunk(self, index: int, text: str | None, finish_reason: str | None, role: bool = False) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            if text:
+                delta["content"] = text
+            choice = {"index": index, "delta": delta}
+        else:
+            choice = {"index": index, "text": text or ""}
+        return {**self._head(True), "choices": [{**choice, "logprobs": None, "finish_reason": finish_reason}]}
+
+    def usage_chunk(self, prompt_tokens: int) -> dict[str, Any]:
+        return {**self._head(True), "choices": [], "usage": self.usage(prompt_tokens)}
+
+
+async def generation_reply(srv: Server, request: Request, req: GenerationRequest, served: str, spec: SubmodelSpec,
+                           prompts: list[list[int]], max_tokens: int | None, default_max: int, chat: bool
+                           ) -> Response:
+    """Queue the request's rows and answer: one JSON object, or a stream of chunks when req.stream."""
+    n_tokens, sampling, stops = srv.settings(req, max_tokens, default_max)
+    if chat:
+        stops = stops + CHAT_STOPS
+    n = req.n or 1
+    if n * len(prompts) > MAX_INPUTS:
+        raise APIError(400, f"{len(prompts)} prompts x n={n} asks for more than {MAX_INPUTS} choices.", "n",
+                       "invalid_value")
+    ticket = Ticket(asyncio.get_running_loop())
+    rows = srv.rows(ticket, prompts, spec, n, n_tokens, sampling, stops)
+    srv.submit(rows)
+    label = size_label(spec)
+    prompt_tokens = sum(len(p) for p in prompts)
+    srv.metrics.tokens.labels(label, "prompt").inc(prompt_tokens)
+    t0 = time.perf_counter()
+    reply = Reply(chat, new_id("chatcmpl" if chat else "cmpl"), served, len(rows))
+    headers = {"X-Matryoshka-Size": format_spec(spec)}
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        body = sse_stream(srv, request, ticket, reply, label, t0, prompt_tokens, include_usage)
+        return StreamingResponse(body, media_type="text/event-stream",
+                                 headers={**headers, "Cache-Control": "no-cache"})
+    try:
+        async for ev in events(ticket, len(rows)):
+            if reply.first:
+                srv.metrics.ttft.labels(label).observe(time.perf_counter() - t0)
+            reply.add(ev)
+    except APIError:
+        request.state.failed = True
+        raise
+    finally:
+        ticket.cancel()  # a no-op when done; stops the rows when this handler is cancelled
+    srv.metrics.tokens.labels(label, "completion").inc(reply.completion_tokens)
+    return JSONResponse(reply.final(prompt_tokens), headers=headers)
+
+
+async def events(ticket: Ticket, n_choices: int) -> AsyncIterator[Event]:
+    """The events of a request until every choice has finished; an error event raises a 500."""
+    left = n_choices
+    while left:
+        ev = await ticket.queue.get()
+        if ev.error is not None:
+            raise APIError(500, "Generation failed inside the server.", None, "generation_failed", "server_error")
+        if ev.finish_reason is not None:
+            left -= 1
+        yield ev
+
+
+def sse_line(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+async def sse_stream(srv: Server, request: Request, ticket: Ticket, reply: Reply, label: str, t0: float,
+                     prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events in the OpenAI chunk format, then "data: [DONE]"."""
+    finished = False
+    try:
+        if reply.chat:
+            for i in range(len(reply.tokens)):
+                yield sse_line(reply.chunk(i, None, None, role=True))
+        async for ev in events(ticket, len(reply.tokens)):
+            if reply.first:
+                srv.metrics.ttft.labels(label).observe(time.perf_counter() - t0)
+            reply.add(ev)
+            if ev.text or ev.finish_reason:
+                yield sse_line(reply.chunk(ev.index, ev.text, ev.finish_reason))
+        if include_usage:
+            yield sse_line(reply.usage_chunk(prompt_tokens))
+        yield "data: [DONE]\n\n"
+        finished = True
+    except APIError as e:
+        request.state.failed = True
+        yield sse_line(e.body())
+        finished = True
+    finally:
+        ticket.cancel()
+        srv.metrics.tokens.labels(label, "completion").inc(reply.completion_tokens)
+        if not finished:
+            srv.metrics.disconnects.labels(label).inc()

@@ -1,0 +1,192 @@
+"""The server's state: the loaded checkpoint, its engine, embedder, batcher and metrics, and the checks that
+turn a request's model field, prompts and settings into generation rows."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from matryoshka_lm.core.model import MatryoshkaLM
+from matryoshka_lm.core.spec import SubmodelSpec, format_spec, parse_spec, size_names, uniform_spec
+from matryoshka_lm.data import EOT
+from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.infer.engine import Engine
+from matryoshka_lm.infer.sampling import Sampling
+
+from .batcher import Batcher, GenRequest, Ticket
+from .metrics import Metrics, size_label
+from .protocol import CHAT_ROLES, MAX_INPUTS, MAX_STOPS, APIError, ChatMessage, GenerationRequest, chat_prompt
+
+
+def load_checkpoint(ckpt: str | Path, device: str) -> tuple[MatryoshkaLM, Any, Any, str]:
+    """(model, tokenizer, embedder or None, default name) of an LM or an embedding checkpoint directory."""
+    from matryoshka_lm.core import checkpoint as ck
+    from matryoshka_lm.embed import EMBEDDING_JSON, load_embedder
+
+    ckpt = Path(ckpt)
+    if (ckpt / EMBEDDING_JSON).is_file():  # an embedding checkpoint: its projection serves /v1/embeddings
+        embedder, tok, _ = load_embedder(ckpt, device)
+        return embedder.lm, tok, embedder, ckpt.name
+    return ck.load_model(ckpt, device), ck.load_tokenizer(ckpt), None, ckpt.resolve().name
+
+
+class Server:
+    """The loaded checkpoint and everything the routes share."""
+
+    def __init__(self, model: MatryoshkaLM, tokenizer: Any, name: str, embedder: Any = None,
+                 api_key: str | None = None, compile: bool = False, max_batch: int = 16, max_batches: int = 8,
+                 batch_window_s: float = 0.002, max_body_bytes: int = 1 << 20, max_tokens_limit: int | None = None,
+                 max_waiting: int = 4096):
+        from matryoshka_lm.embed import Embedder
+
+        self.model, self.tok, self.name, self.api_key = model.eval(), tokenizer, name, api_key
+        self.cfg = model.cfg
+        self.engine = Engine(model, compile=compile)
+        self.embedder = (embedder if embedder is not None else Embedder(model)).eval()
+        self.max_body_bytes, self.max_waiting = max_body_bytes, max_waiting
+        self.max_tokens_limit = max_tokens_limit or self.cfg.max_seq_len - 1
+        eot = tokenizer.token_to_id(EOT)
+        self.eot = [] if eot is None else [eot]
+        self.sizes = size_names(self.cfg)
+        self.auto = self._full_size()
+        self.batcher = Batcher(self.engine, tokenizer.decode, max_batch, max_batches, batch_window_s,
+                               on_batch=lambda spec, n: self.metrics.batch_rows.labels(size_label(spec)).observe(n))
+        self.metrics = Metrics(self.batcher)
+        self.created = int(time.time())
+
+    def _full_size(self) -> SubmodelSpec:
+        """auto = the full model, by its size name when one size is the full model."""
+        full = self.model.full
+        for name in self.sizes:
+            spec = uniform_spec(self.cfg, name)
+            if (spec.width, spec.layers) == (full.width, full.layers):
+                return spec
+        return full
+
+    # ---- the model field
+
+    def model_ids(self) -> list[str]:
+        return [f"{self.name}:{s}" for s in self.sizes] + [f"{self.name}:auto"]
+
+    def _not_found(self, model: str) -> APIError:
+        return APIError(404, f"The model '{model}' does not exist; this server has {', '.join(self.model_ids())} "
+                             f"or {self.name}:SPEC for any Mix'n'Match spec.", "model", "model_not_found")
+
+    def resolve(self, model: str) -> tuple[str, SubmodelSpec]:
+        """NAME:SIZE | NAME:SPEC | NAME:auto | SIZE | SPEC -> (the id that serves it, its spec)."""
+        prefix, colon, size = model.rpartition(":")  # spec strings never contain ':'
+        if colon and prefix != self.name:
+            raise self._not_found(model)
+        if size == "auto":
+            spec = self.auto
+        else:
+            try:
+                spec = parse_spec(self.cfg, size)
+            except MatryoshkaError as e:
+                if colon:
+                    raise APIError(400, f"Invalid size spec in model '{model}': {e}", "model",
+                                   "invalid_model") from None
+                raise self._not_found(model) from None
+        return f"{self.name}:{format_spec(spec)}", spec
+
+    # ---- prompts
+
+    def check_ids(self, ids: list[int], param: str, generate: bool = True) -> list[int]:
+        """Token ids of one prompt (generate: an empty one starts a new document; one slot is left to generate)
+        or of one embedding input."""
+        if not ids and generate:
+            ids = list(self.eot)
+        if not ids:
+            raise APIError(400, f"'{param}' is empty.", param, "invalid_value")
+        ctx = self.cfg.max_seq_len
+        if len(ids) > ctx - generate:
+            room = f" (at most {ctx - 1} leave room to generate)" if generate else ""
+            raise APIError(400, f"This model's context is {ctx} tokens; '{param}' has {len(ids)} tokens{room}.",
+                           param, "context_length_exceeded")
+        bad = next((t for t in ids if not 0 <= t < self.cfg.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"'{param}' has token id {bad}, outside the vocabulary 0..{self.cfg.vocab_size - 1}.",
+                           param, "invalid_value")
+        return ids
+
+    def encode(self, text: str, param: str) -> list[int]:
+        try:
+            return self.tok.encode(text).ids
+        except (TypeError, ValueError):  # a lone UTF-16 surrogate ("\ud800") passes json.loads, not the tokenizer
+            raise APIError(400, f"'{param}' is not valid Unicode text.", param, "invalid_value") from None
+
+    def prompts(self, prompt: str | list, param: str = "prompt", generate: bool = True) -> list[list[int]]:
+        """A prompt or input field (string, strings, ids, arrays of ids) -> checked token ids, one list each."""
+        if isinstance(prompt, str):
+            items: list = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            items = [prompt]
+        else:
+            items = list(prompt)
+        if not items:
+            raise APIError(400, f"'{param}' is an empty array.", param, "invalid_value")
+        if len(items) > MAX_INPUTS:
+            raise APIError(400, f"'{param}' has {len(items)} entries; the limit is {MAX_INPUTS}.", param,
+                           "invalid_value")
+        names = [param if len(items) == 1 else f"{param}[{i}]" for i in range(len(items))]
+        return [self.check_ids(self.encode(p, name) if isinstance(p, str) else list(p), name, generate)
+                for p, name in zip(items, names)]
+
+    def chat_ids(self, messages: list[ChatMessage]) -> list[int]:
+        """The messages through the chat template, as checked token ids."""
+        turns = []
+        for i, m in enumerate(messages):
+            if m.role not in CHAT_ROLES:
+                raise APIError(400, f"Invalid value for 'messages[{i}].role': {m.role!r}; use one of "
+                                    f"{', '.join(CHAT_ROLES)}.", f"messages[{i}].role", "invalid_value")
+            turns.append((m.role, _message_text(m, i)))
+        return self.check_ids(self.encode(chat_prompt(turns), "messages"), "messages")
+
+    # ---- generation settings
+
+    def settings(self, req: GenerationRequest, max_tokens: int | None, default_max: int
+                 ) -> tuple[int, Sampling, tuple[str, ...]]:
+        """(tokens to generate, sampling, stop strings) of a request, checked against this server's limits."""
+        n = default_max if max_tokens is None else max_tokens
+        if n > self.max_tokens_limit:
+            param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+            raise APIError(400, f"Invalid value for '{param}': {n} is above this server's limit of "
+                                f"{self.max_tokens_limit}.", param, "invalid_value")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > MAX_STOPS:
+            raise APIError(400, f"Invalid value for 'stop': at most {MAX_STOPS} strings, got {len(stop)}.",
+                           "stop", "invalid_value")
+        temperature = 1.0 if req.temperature is None else req.temperature
+        top_p = 1.0 if req.top_p is None else req.top_p
+        if top_p == 0:
+            temperature = 0.0  # only the most likely token is left
+        seed = None if req.seed is None else req.seed % 2 ** 64
+        sampling = Sampling(temperature, None, top_p or 1.0, seed)
+        return n, sampling, tuple(s for s in stop if s)
+
+    def rows(self, ticket: Ticket, prompts: list[list[int]], spec: SubmodelSpec, n: int, max_tokens: int,
+             sampling: Sampling, stops: tuple[str, ...]) -> list[GenRequest]:
+        """One generation row per prompt and choice; seeded choices after the first get seed + k."""
+        rows = []
+        for p, ids in enumerate(prompts):
+            for k in range(n):
+                s = sampling if sampling.seed is None or k == 0 else Sampling(
+                    sampling.temperature, None, sampling.top_p, (sampling.seed + k) % 2 ** 64)
+                rows.append(GenRequest(ticket, p * n + k, ids, spec, max_tokens, s, frozenset(self.eot), stops))
+        return rows
+
+    def submit(self, rows: list[GenRequest]) -> None:
+        if self.batcher.waiting + len(rows) > self.max_waiting:
+            raise APIError(503, "The server is overloaded; retry shortly.", None, "overloaded", "server_error")
+        self.batcher.submit(rows)
+
+
+def _message_text(m: ChatMessage, i: int) -> str:
+    """A message's content: the string, or its text parts joined (other part types are a 400)."""
+    if not isinstance(m.content, list):
+        return m.content or ""
+    for j, part in enumerate(m.content):
+        if part.type != "text" or part.text is None:
+            raise APIError(400, "Only text content parts are supported.", f"messages[{i}].content[{j}]",
+                           "invalid_value")
+    return "".join(p.text for p in m.content)

@@ -1,0 +1,72 @@
+"""Data parallelism, applied to an ordinary single-process model (torchtitan's `parallelize` step).
+
+One process: nothing changes. Under torchrun: DDP wraps the joint loss module (one forward per backward, as
+DDP requires), or FSDP2 `fully_shard` shards each block and then the whole model in place.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> tuple[Dist, str]:
+    """Join the torchrun process group if launched by torchrun; pick this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist(), device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), local), device
+
+
+def parallelize(loss_module: nn.Module, blocks: nn.ModuleList, model: nn.Module, d: Dist, device: str,
+                fsdp: bool) -> nn.Module:
+    """The module to call for the loss: `loss_module` itself, or wrapped for data parallelism.
+
+    With fsdp, `blocks` and then `model` (which `loss_module` calls) are sharded in place; the optimizer must be
+    built after this call so that it holds the sharded parameters.
+    """
+    if d.world <= 1:
+        return loss_module
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return loss_module
+    return nn.parallel.DistributedDataParallel(loss_module, device_ids=[d.local_rank] if device.startswith("cuda")
+                                               else None)
+
+
+def no_sync_of(runner: nn.Module) -> Callable[[], AbstractContextManager] | None:
+    """DDP's no_sync (skip the all-reduce on accumulation micro-steps); None where there is nothing to skip."""
+    return runner.no_sync if isinstance(runner, nn.parallel.DistributedDataParallel) else None
+
+
+def global_mean(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """The mean over ranks (in place): the global batch's loss, not rank 0's shard."""
+    if d.world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.AVG)
+    return t
+
