@@ -21,8 +21,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# the step a trainer state holds (its safetensors metadata): `make demo` resumes only to train further
+SAVED_STEP = $(BIN)/python -c "import sys; from safetensors import safe_open; print(safe_open(sys.argv[1], 'pt').metadata()['step'])"
+
 demo: install
-	$(BIN)/matryoshka train --preset demo --out runs/demo --steps $${STEPS:-400} $$( [ -f runs/demo/trainer_state.safetensors ] && echo --resume )
+	@steps=$${STEPS:-400}; state=runs/demo/trainer_state.safetensors; \
+	if [ ! -f $$state ]; then $(BIN)/matryoshka train --preset demo --out runs/demo --steps $$steps; \
+	elif [ $$($(SAVED_STEP) $$state) -lt $$steps ]; then $(BIN)/matryoshka train --out runs/demo --resume --steps $$steps; \
+	else echo "runs/demo is trained to step $$($(SAVED_STEP) $$state); STEPS=N make demo (N larger) trains on"; fi
 	$(BIN)/matryoshka eval runs/demo --plot runs/demo/eval.png
 	$(BIN)/matryoshka generate runs/demo --size all --prompt "ROMEO: " --max-new-tokens 40 --temperature 0.8 --seed 0
 

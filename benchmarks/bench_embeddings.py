@@ -11,6 +11,7 @@ Parts (each caches its result in runs/bench_embeddings/<part>.json; `--parts` pi
 Writes the `embeddings` section of BENCHMARKS.md and docs/mrl_recall_vs_dim.png, docs/mrl_funnel.png.
 Data: held-out halves of passages of the default corpus (Shakespeare + KJV); a query's positive is the other half.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,14 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import ROOT, machine, write_section  # noqa: E402
-
-from matryoshka_lm.embed import EmbedTrainConfig, corpus_pairs, default_dims, mrl_contrastive_loss, split_pairs  # noqa: E402
-from matryoshka_lm.embed import pair_recall  # noqa: E402
+from matryoshka_lm.embed import (  # noqa: E402
+    EmbedTrainConfig,
+    corpus_pairs,
+    default_dims,
+    mrl_contrastive_loss,
+    pair_recall,  # noqa: E402
+    split_pairs,
+)
 
 OUT = ROOT / "runs" / "bench_embeddings"
 DOCS = ROOT / "docs"
@@ -86,9 +92,14 @@ def part_parity() -> dict:
     prep = getattr(model, "preprocess", None) or model.tokenize  # renamed in sentence-transformers 6
     feats = [prep([a for a, _ in pairs]), prep([b for _, b in pairs])]
     out = {}
-    for name, kw, symmetric in (("one direction (MNRL default)", {}, False),
-                                ("symmetric (ours default)", {"directions": ("query_to_doc", "doc_to_query"),
-                                                              "partition_mode": "per_direction"}, True)):
+    for name, kw, symmetric in (
+        ("one direction (MNRL default)", {}, False),
+        (
+            "symmetric (ours default)",
+            {"directions": ("query_to_doc", "doc_to_query"), "partition_mode": "per_direction"},
+            True,
+        ),
+    ):
         theirs = MatryoshkaLoss(model, MultipleNegativesRankingLoss(model, scale=20.0, **kw), MRL_DIMS)
         with torch.no_grad():
             t = float(theirs(feats, None))
@@ -102,8 +113,9 @@ def part_parity() -> dict:
 # ---------------------------------------------------------------- MiniLM
 
 
-def train_adapter(q: np.ndarray, p: np.ndarray, dims: list[int], steps: int = 400, batch: int = 256,
-                  seed: int = 0) -> torch.nn.Linear:
+def train_adapter(
+    q: np.ndarray, p: np.ndarray, dims: list[int], steps: int = 400, batch: int = 256, seed: int = 0
+) -> torch.nn.Linear:
     """A D x D linear map on frozen embeddings, initialised to the identity, trained with our loss at `dims`."""
     torch.manual_seed(seed)
     D = q.shape[1]
@@ -130,8 +142,17 @@ def part_minilm(steps: int, n_eval: int, n_adapter: int) -> dict:
     from matryoshka_lm.embed import HFEncoder, finetune_hf
 
     t0 = time.time()
-    cfg = EmbedTrainConfig(steps=steps, batch_size=32, lr=1e-4, warmup_steps=max(1, steps // 10), max_tokens=32,
-                           passage_chars=160, max_corpus_chars=3_000_000, n_eval=n_eval, seed=0)
+    cfg = EmbedTrainConfig(
+        steps=steps,
+        batch_size=32,
+        lr=1e-4,
+        warmup_steps=max(1, steps // 10),
+        max_tokens=32,
+        passage_chars=160,
+        max_corpus_chars=3_000_000,
+        n_eval=n_eval,
+        seed=0,
+    )
     pairs = corpus_pairs(corpus(cfg.max_corpus_chars), cfg.passage_chars)
     train_pairs, eval_pairs = split_pairs(pairs, n_eval, cfg.seed)
     adapter_pairs = random.Random(1).sample(train_pairs, n_adapter)
@@ -147,16 +168,31 @@ def part_minilm(steps: int, n_eval: int, n_adapter: int) -> dict:
     log(f"minilm: adapters done ({time.time() - t0:.0f}s)")
     t1 = time.time()
     shutil.rmtree(OUT / "minilm-mrl", ignore_errors=True)
-    finetune_hf("minilm", OUT / "minilm-mrl", cfg,
-                callback=lambda s, m: s % 10 == 0 and log(f"minilm fine-tune step {s}: loss {m['loss']:.3f}"))
+    finetune_hf(
+        "minilm",
+        OUT / "minilm-mrl",
+        cfg,
+        callback=lambda s, m: s % 10 == 0 and log(f"minilm fine-tune step {s}: loss {m['loss']:.3f}"),
+    )
     train_s = time.time() - t1
     ft = HFEncoder(OUT / "minilm-mrl", max_tokens=cfg.max_tokens)
     q1, p1 = ft.embed_full([a for a, _ in eval_pairs]), ft.embed_full([b for _, b in eval_pairs])
     res["MRL fine-tuned (ours)"] = curve(q1, p1, EVAL_DIMS)
     interop = check_interop(OUT / "minilm-mrl", [a for a, _ in eval_pairs[:8]])
-    return save("minilm", {"curves": res, "steps": steps, "batch_pairs": cfg.batch_size, "max_tokens": cfg.max_tokens,
-                           "n_eval": len(eval_pairs), "n_adapter_pairs": n_adapter, "finetune_s": train_s,
-                           "total_s": time.time() - t0, "interop": interop})
+    return save(
+        "minilm",
+        {
+            "curves": res,
+            "steps": steps,
+            "batch_pairs": cfg.batch_size,
+            "max_tokens": cfg.max_tokens,
+            "n_eval": len(eval_pairs),
+            "n_adapter_pairs": n_adapter,
+            "finetune_s": train_s,
+            "total_s": time.time() - t0,
+            "interop": interop,
+        },
+    )
 
 
 def part_interop() -> dict:
@@ -196,50 +232,94 @@ def check_interop(folder: Path, texts: list[str], dims: int = 48) -> dict:
 
 def part_ours(lm_steps: int, emb_steps: int, n_eval: int) -> dict:
     from matryoshka_lm.config import ModelConfig, TrainConfig
-    from matryoshka_lm.embed import embed_texts, load_embedder, train_embedding
     from matryoshka_lm.core.spec import count_params, uniform_spec
+    from matryoshka_lm.embed import embed_texts, load_embedder, train_embedding
     from matryoshka_lm.train.loop import train
 
     t0 = time.time()
     lm = OUT / "ours-lm"
     if not (lm / "model.safetensors").is_file():
-        mcfg = ModelConfig(vocab_size=1024, d_model=D_OURS, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=2 * D_OURS,
-                           max_seq_len=64)
-        tcfg = TrainConfig(steps=lm_steps, batch_size=16, seq_len=64, lr=3e-3, warmup_steps=max(1, lm_steps // 10),
-                           eval_every=10_000, save_every=lm_steps, eval_batches=4, vocab_size=1024,
-                           max_corpus_chars=2_000_000)
+        mcfg = ModelConfig(
+            vocab_size=1024, d_model=D_OURS, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=2 * D_OURS, max_seq_len=64
+        )
+        tcfg = TrainConfig(
+            steps=lm_steps,
+            batch_size=16,
+            seq_len=64,
+            lr=3e-3,
+            warmup_steps=max(1, lm_steps // 10),
+            eval_every=10_000,
+            save_every=lm_steps,
+            eval_batches=4,
+            vocab_size=1024,
+            max_corpus_chars=2_000_000,
+        )
         train(mcfg, tcfg, lm, callback=lambda s, m: s % 20 == 0 and log(f"ours LM step {s}: {m['loss']}"))
     log(f"ours: LM ready ({time.time() - t0:.0f}s)")
-    common = dict(steps=emb_steps, batch_size=32, lr=3e-3, warmup_steps=max(1, emb_steps // 10), max_tokens=64,
-                  passage_chars=200, pair_overlap=OURS_OVERLAP, max_corpus_chars=2_000_000, n_eval=n_eval, seed=0)
-    runs = {"2D Matryoshka (sizes x dims)": dict(sizes=["L", "M", "S"]),
-            "plain (full size, full dims)": dict(mrl=False)}
+    common = dict(
+        steps=emb_steps,
+        batch_size=32,
+        lr=3e-3,
+        warmup_steps=max(1, emb_steps // 10),
+        max_tokens=64,
+        passage_chars=200,
+        pair_overlap=OURS_OVERLAP,
+        max_corpus_chars=2_000_000,
+        n_eval=n_eval,
+        seed=0,
+    )
+    runs = {
+        "2D Matryoshka (sizes x dims)": dict(sizes=["L", "M", "S"]),
+        "plain (full size, full dims)": dict(mrl=False),
+    }
     out: dict = {"runs": {}}
     sizes = ["XL", "L", "M", "S"]
     for name, extra in runs.items():
         path = OUT / ("ours-emb-2d" if extra.get("sizes") else "ours-emb-plain")
         shutil.rmtree(path, ignore_errors=True)
         t1 = time.time()
-        train_embedding(lm, path, EmbedTrainConfig(**common, **extra),
-                               callback=lambda s, m: s % 25 == 0 and log(f"ours {name} step {s}: {m['loss']:.3f}"))
+        train_embedding(
+            lm,
+            path,
+            EmbedTrainConfig(**common, **extra),
+            callback=lambda s, m, name=name: s % 25 == 0 and log(f"ours {name} step {s}: {m['loss']:.3f}"),
+        )
         model, tok, _ = load_embedder(path)
-        _, eval_pairs = split_pairs(corpus_pairs(corpus(common["max_corpus_chars"]), common["passage_chars"],
-                                                 overlap=OURS_OVERLAP), n_eval, 0)
+        _, eval_pairs = split_pairs(
+            corpus_pairs(corpus(common["max_corpus_chars"]), common["passage_chars"], overlap=OURS_OVERLAP), n_eval, 0
+        )
         qs = [a for a, _ in eval_pairs]
         ps = [b for _, b in eval_pairs]
         specs = {s: uniform_spec(model.lm.cfg, s) for s in sizes}
         emb = {s: (embed_texts(model, tok, qs, specs[s]), embed_texts(model, tok, ps, specs[s])) for s in sizes}
         dims = ours_dims()
-        matrix = {a: {b: pair_recall(emb[b][0][:, :min(emb[a][1].shape[1], emb[b][0].shape[1])],
-                                     emb[a][1][:, :min(emb[a][1].shape[1], emb[b][0].shape[1])], (10,))["r@10"]
-                      for b in sizes} for a in sizes}
-        out["runs"][name] = {"curve_full": curve(emb["XL"][0], emb["XL"][1], dims),
-                             "per_size_curves": {s: curve(*emb[s], dims) for s in sizes},
-                             "cross_size_r@10": matrix, "train_s": time.time() - t1}
+        matrix = {
+            a: {
+                b: pair_recall(
+                    emb[b][0][:, : min(emb[a][1].shape[1], emb[b][0].shape[1])],
+                    emb[a][1][:, : min(emb[a][1].shape[1], emb[b][0].shape[1])],
+                    (10,),
+                )["r@10"]
+                for b in sizes
+            }
+            for a in sizes
+        }
+        out["runs"][name] = {
+            "curve_full": curve(emb["XL"][0], emb["XL"][1], dims),
+            "per_size_curves": {s: curve(*emb[s], dims) for s in sizes},
+            "cross_size_r@10": matrix,
+            "train_s": time.time() - t1,
+        }
         log(f"ours {name}: done ({time.time() - t1:.0f}s)")
     cfg = load_embedder(OUT / "ours-emb-2d")[0].lm.cfg
-    out["sizes"] = {s: {"width": uniform_spec(cfg, s).width, "depth": uniform_spec(cfg, s).depth,
-                        "params": count_params(cfg, uniform_spec(cfg, s))["total"]} for s in sizes}
+    out["sizes"] = {
+        s: {
+            "width": uniform_spec(cfg, s).width,
+            "depth": uniform_spec(cfg, s).depth,
+            "params": count_params(cfg, uniform_spec(cfg, s))["total"],
+        }
+        for s in sizes
+    }
     out.update(lm_steps=lm_steps, emb_steps=emb_steps, n_eval=n_eval, total_s=time.time() - t0)
     return save("ours", out)
 
@@ -271,8 +351,9 @@ class StaticEncoder:
         w = self.idf[flat]
         with torch.no_grad():
             s = torch.nn.functional.embedding_bag(flat, self.table, offsets, mode="sum", per_sample_weights=w)
-            n = torch.zeros(len(ids)).index_add_(0, torch.repeat_interleave(torch.arange(len(ids)),
-                                                                            torch.tensor([len(r) for r in ids])), w)
+            n = torch.zeros(len(ids)).index_add_(
+                0, torch.repeat_interleave(torch.arange(len(ids)), torch.tensor([len(r) for r in ids])), w
+            )
             return (s / n.clamp_min(1e-6)[:, None]).numpy()
 
 
@@ -281,7 +362,7 @@ def window(text: str, rng: random.Random, frac: float = 0.6) -> str:
     words = text.split()
     n = max(1, round(len(words) * frac))
     start = rng.randrange(len(words) - n + 1)
-    return " ".join(words[start:start + n])
+    return " ".join(words[start : start + n])
 
 
 def timed(fn, repeats: int = 3) -> tuple[float, object]:
@@ -294,8 +375,7 @@ def timed(fn, repeats: int = 3) -> tuple[float, object]:
 
 
 def part_funnel(n_queries: int, n_latency: int) -> dict:
-    from matryoshka_lm.embed import minilm_dir
-    from matryoshka_lm.embed import build_index, load_index
+    from matryoshka_lm.embed import build_index, load_index, minilm_dir
 
     t0 = time.time()
     pairs = corpus_pairs(corpus(10**9), 100, min_chars=16)
@@ -303,7 +383,7 @@ def part_funnel(n_queries: int, n_latency: int) -> dict:
     rng = random.Random(0)
     order = list(range(len(db_texts)))
     rng.shuffle(order)
-    qidx, train_idx = order[:n_queries], order[n_queries:n_queries + FUNNEL_TRAIN_PAIRS]
+    qidx, train_idx = order[:n_queries], order[n_queries : n_queries + FUNNEL_TRAIN_PAIRS]
     enc = StaticEncoder(minilm_dir(), db_texts)
     db_bags = enc.bags(db_texts)
     q_bags = enc.bags([window(db_texts[i], rng) for i in qidx])
@@ -348,22 +428,31 @@ def run_funnel(index, Q: np.ndarray, positives: np.ndarray, n_latency: int, buil
     truth = ex.pop("ids")
     res["exact"] = {**ex, "task_r@10": task_recall(truth)}
     log(f"  exact {res['exact']}")
-    configs = [([24, 384], [s]) for s in (50, 100, 200, 400, 800)] + [([48, 384], [s]) for s in (50, 100, 200, 400)] + \
-              [([24, 96, 384], [s, 50]) for s in (400, 800)]
+    configs = (
+        [([24, 384], [s]) for s in (50, 100, 200, 400, 800)]
+        + [([48, 384], [s]) for s in (50, 100, 200, 400)]
+        + [([24, 96, 384], [s, 50]) for s in (400, 800)]
+    )
     if not full:
         configs = [([24, 384], [s]) for s in (100, 800)] + [([48, 384], [200])]
     res["funnel"] = []
-    for ef in ([0, 64] if full else [0]):
+    for ef in [0, 64] if full else [0]:
         if ef:
             t = time.time()
             index.hnsw(24)
             index.hnsw(48)
             res["hnsw_build_s"] = time.time() - t
         for dims, shortlist in configs:
-            m = measure(lambda q: funnel_search(index, q, 10, dims, shortlist, hnsw_ef=ef))
+            m = measure(lambda q, d=dims, s=shortlist, e=ef: funnel_search(index, q, 10, d, s, hnsw_ef=e))
             ids = m.pop("ids")
-            row = {"first_stage": "flat" if not ef else f"hnsw ef={ef}", "dims": dims, "shortlist": shortlist, **m,
-                   "r@10_vs_exact": overlap_at_k(ids, truth), "task_r@10": task_recall(ids)}
+            row = {
+                "first_stage": "flat" if not ef else f"hnsw ef={ef}",
+                "dims": dims,
+                "shortlist": shortlist,
+                **m,
+                "r@10_vs_exact": overlap_at_k(ids, truth),
+                "task_r@10": task_recall(ids),
+            }
             res["funnel"].append(row)
             log(f"  {row}")
     return res
@@ -427,8 +516,12 @@ def plot_funnel(funnel: dict | None) -> list[str]:
         for stage in sorted({r["first_stage"] for r in res["funnel"]}):
             rows = [r for r in res["funnel"] if r["first_stage"] == stage]
             task = res["exact"]["task_r@10"]
-            ax.scatter([ex / r["latency_ms"] for r in rows], [r["task_r@10"] / task for r in rows], s=18,
-                       label=f"{name} embeddings, {stage} shortlist")
+            ax.scatter(
+                [ex / r["latency_ms"] for r in rows],
+                [r["task_r@10"] / task for r in rows],
+                s=18,
+                label=f"{name} embeddings, {stage} shortlist",
+            )
     ax.axhline(0.99, color="gray", ls="--", lw=1)
     ax.axvline(10, color="gray", ls=":", lw=1)
     ax.set_xscale("log")
@@ -464,63 +557,104 @@ def table(curves: dict, dims: list[int], key: str = "r@10") -> list[str]:
 def report() -> str:
     parity, minilm, ours, funnel = load("parity"), load("minilm"), load("ours"), load("funnel")
     pngs = plot(minilm, ours) + plot_funnel(funnel)
-    L = ["## Matryoshka embeddings", "",
-         f"Machine: {machine()} (training and encoding ran on 1 torch thread: on this shared 2-core machine a second "
-         "thread spin-waits and small ops slow down 10-100x; FAISS batch timings use 2 threads). "
-         "Script: `benchmarks/bench_embeddings.py`.",
-         "Retrieval task: passages of the default corpus (Shakespeare + KJV) cut in two; a query is the first half, "
-         "its positive the second; recall@k = the positive ranks in the top k among all held-out second halves "
-         "(cosine). Every truncated vector is re-normalized (truncate, then L2-normalize).", ""]
+    L = [
+        "## Matryoshka embeddings",
+        "",
+        f"Machine: {machine()} (training and encoding ran on 1 torch thread: on this shared 2-core machine a second "
+        "thread spin-waits and small ops slow down 10-100x; FAISS batch timings use 2 threads). "
+        "Script: `benchmarks/bench_embeddings.py`.",
+        "Retrieval task: passages of the default corpus (Shakespeare + KJV) cut in two; a query is the first half, "
+        "its positive the second; recall@k = the positive ranks in the top k among all held-out second halves "
+        "(cosine). Every truncated vector is re-normalized (truncate, then L2-normalize).",
+        "",
+    ]
     if parity:
-        L += ["**Loss parity with sentence-transformers** (`MatryoshkaLoss(MultipleNegativesRankingLoss(scale=20))`, "
-              f"dims {MRL_DIMS}, the same 16 MiniLM pairs): " + "; ".join(
-                  f"{k}: ours {v['ours']:.6f} vs theirs {v['sentence_transformers']:.6f}"
-                  for k, v in parity.items()), ""]
+        L += [
+            "**Loss parity with sentence-transformers** (`MatryoshkaLoss(MultipleNegativesRankingLoss(scale=20))`, "
+            f"dims {MRL_DIMS}, the same 16 MiniLM pairs): "
+            + "; ".join(
+                f"{k}: ours {v['ours']:.6f} vs theirs {v['sentence_transformers']:.6f}" for k, v in parity.items()
+            ),
+            "",
+        ]
     if minilm:
-        L += [f"### all-MiniLM-L6-v2: MRL vs plain truncation ({minilm['n_eval']} held-out pairs)", "",
-              f"recall@10 at each number of dims kept. MRL fine-tune: {minilm['steps']} steps x "
-              f"{minilm['batch_pairs']} "
-              f"pairs, {minilm['max_tokens']} tokens, dims {MRL_DIMS}, lr 1e-4 ({minilm['finetune_s'] / 60:.1f} min). "
-              f"Adapters: a 384x384 linear map on the frozen encoder (identity init), trained on "
-              f"{minilm['n_adapter_pairs']} pairs with the same loss at the full dims only (plain) or at the MRL dims.",
-              "", *table(minilm["curves"], EVAL_DIMS), "",
-              "Relative recall@10 change, MRL fine-tune vs the original truncated: " + ", ".join(
-                  f"{m} dims {gain(minilm['curves'], m):+.0%}" for m in (16, 24, 48, 96, 384)) + ". The adapters, "
-              "fit to a few thousand pairs, overfit (both lose at 384 dims), so compare them with each other: the "
-              "same map trained with the MRL loss instead of the full-dims loss is better at the low dims.", "",
-              "recall@1:", "", *table(minilm["curves"], EVAL_DIMS, "r@1"), ""]
+        L += [
+            f"### all-MiniLM-L6-v2: MRL vs plain truncation ({minilm['n_eval']} held-out pairs)",
+            "",
+            f"recall@10 at each number of dims kept. MRL fine-tune: {minilm['steps']} steps x "
+            f"{minilm['batch_pairs']} "
+            f"pairs, {minilm['max_tokens']} tokens, dims {MRL_DIMS}, lr 1e-4 ({minilm['finetune_s'] / 60:.1f} min). "
+            f"Adapters: a 384x384 linear map on the frozen encoder (identity init), trained on "
+            f"{minilm['n_adapter_pairs']} pairs with the same loss at the full dims only (plain) or at the MRL dims.",
+            "",
+            *table(minilm["curves"], EVAL_DIMS),
+            "",
+            "Relative recall@10 change, MRL fine-tune vs the original truncated: "
+            + ", ".join(f"{m} dims {gain(minilm['curves'], m):+.0%}" for m in (16, 24, 48, 96, 384))
+            + ". The adapters, "
+            "fit to a few thousand pairs, overfit (both lose at 384 dims), so compare them with each other: the "
+            "same map trained with the MRL loss instead of the full-dims loss is better at the low dims.",
+            "",
+            "recall@1:",
+            "",
+            *table(minilm["curves"], EVAL_DIMS, "r@1"),
+            "",
+        ]
         io = minilm.get("interop", {})
-        L += ["Interop: the fine-tuned folder's config.json has "
-              f"`is_matryoshka: {str(io.get('is_matryoshka')).lower()}`, "
-              f"`matryoshka_dimensions: {io.get('matryoshka_dimensions')}`; sentence-transformers loads it offline and "
-              f"`encode(truncate_dim={io.get('dims')}, normalize_embeddings=True)` matches ours to "
-              f"{io.get('sentence_transformers_max_abs_diff', float('nan')):.1e}"
-              + (f" (without `normalize_embeddings` its {io.get('dims')}-dim vectors have mean norm "
-                 f"{io['st_norm_without_normalize_embeddings']:.3f}: the folder's Normalize module runs *before* "
-                 "truncation)" if "st_norm_without_normalize_embeddings" in io else "") + ".", ""]
+        L += [
+            "Interop: the fine-tuned folder's config.json has "
+            f"`is_matryoshka: {str(io.get('is_matryoshka')).lower()}`, "
+            f"`matryoshka_dimensions: {io.get('matryoshka_dimensions')}`; sentence-transformers loads it offline and "
+            f"`encode(truncate_dim={io.get('dims')}, normalize_embeddings=True)` matches ours to "
+            f"{io.get('sentence_transformers_max_abs_diff', float('nan')):.1e}"
+            + (
+                f" (without `normalize_embeddings` its {io.get('dims')}-dim vectors have mean norm "
+                f"{io['st_norm_without_normalize_embeddings']:.3f}: the folder's Normalize module runs *before* "
+                "truncation)"
+                if "st_norm_without_normalize_embeddings" in io
+                else ""
+            )
+            + ".",
+            "",
+        ]
     if ours:
         run2d = next(iter(ours["runs"]))
         sizes = ours["sizes"]
-        L += [f"### Our nested LM: 2D Matryoshka embeddings (sizes x dims) ({ours['n_eval']} held-out pairs)", "",
-              f"A 4-layer d={D_OURS} Matryoshka LM ({ours['lm_steps']} LM steps), then {ours['emb_steps']} embedding "
-              f"steps: `{run2d}` trains sizes XL, L, M, S at dims {default_dims(D_OURS)} (+{3 * D_OURS // 4}, "
-              "the width of M and S) and contrasts each size's queries with the full model's passages; `plain` trains "
-              f"the full size at {D_OURS} dims only. Pairs: a passage's two halves widened to share {OURS_OVERLAP:.0%} "
-              "of its words (a model this small, trained for minutes, does not learn the strict-halves task). "
-              "Sizes: " + ", ".join(f"{s} width {v['width']} depth {v['depth']} ({v['params'] / 1e6:.2f} M params)"
-                                    for s, v in sizes.items()) + ".", "",
-              "recall@10 of the full size by dims kept:", "",
-              *table({k: v["curve_full"] for k, v in ours["runs"].items()}, ours_dims()), "",
-              "In this small, short run the 2D objective (4 sizes x 6 dims, plus cross-size terms: 35 loss terms "
-              "sharing 400 steps) helps the lowest dims and costs the full size's full dims, which the plain run "
-              "spends all its steps on. What it buys is the cross-size matrix: every (index size, query size) pair "
-              "works, while in the plain run the pairs of different sizes drop to "
-              f"{off_diagonal(ours, min):.2f}-{off_diagonal(ours, max):.2f}.", ""]
+        L += [
+            f"### Our nested LM: 2D Matryoshka embeddings (sizes x dims) ({ours['n_eval']} held-out pairs)",
+            "",
+            f"A 4-layer d={D_OURS} Matryoshka LM ({ours['lm_steps']} LM steps), then {ours['emb_steps']} embedding "
+            f"steps: `{run2d}` trains sizes XL, L, M, S at dims {default_dims(D_OURS)} (+{3 * D_OURS // 4}, "
+            "the width of M and S) and contrasts each size's queries with the full model's passages; `plain` trains "
+            f"the full size at {D_OURS} dims only. Pairs: a passage's two halves widened to share {OURS_OVERLAP:.0%} "
+            "of its words (a model this small, trained for minutes, does not learn the strict-halves task). "
+            "Sizes: "
+            + ", ".join(
+                f"{s} width {v['width']} depth {v['depth']} ({v['params'] / 1e6:.2f} M params)"
+                for s, v in sizes.items()
+            )
+            + ".",
+            "",
+            "recall@10 of the full size by dims kept:",
+            "",
+            *table({k: v["curve_full"] for k, v in ours["runs"].items()}, ours_dims()),
+            "",
+            "In this small, short run the 2D objective (4 sizes x 6 dims, plus cross-size terms: 35 loss terms "
+            "sharing 400 steps) helps the lowest dims and costs the full size's full dims, which the plain run "
+            "spends all its steps on. What it buys is the cross-size matrix: every (index size, query size) pair "
+            "works, while in the plain run the pairs of different sizes drop to "
+            f"{off_diagonal(ours, min):.2f}-{off_diagonal(ours, max):.2f}.",
+            "",
+        ]
         for name, run in ours["runs"].items():
             m = run["cross_size_r@10"]
-            L += [f"Cross-size recall@10, `{name}`: rows = size that embedded the index (passages), columns = size "
-                  "that embeds the queries; compared at the smaller of the two widths.", "",
-                  "| index \\ query | " + " | ".join(m) + " |", "|---|" + "---:|" * len(m)]
+            L += [
+                f"Cross-size recall@10, `{name}`: rows = size that embedded the index (passages), columns = size "
+                "that embeds the queries; compared at the smaller of the two widths.",
+                "",
+                "| index \\ query | " + " | ".join(m) + " |",
+                "|---|" + "---:|" * len(m),
+            ]
             L += [f"| {a} | " + " | ".join(f"{m[a][b]:.3f}" for b in m) + " |" for a in m] + [""]
     if funnel:
         L += funnel_report(funnel)
@@ -529,48 +663,63 @@ def report() -> str:
 
 
 def funnel_report(funnel: dict) -> list[str]:
-    L = [f"### Funnel (adaptive) retrieval on {funnel['n']:,} real vectors", "",
-         f"Vectors: all {funnel['n']:,} half-passages of the default corpus through a static encoder (the IDF-weighted "
-         "mean of all-MiniLM-L6-v2's input token embeddings) and a 384x384 projection trained with our loss on "
-         f"{FUNNEL_TRAIN_PAIRS // 1000}k (60%-word window, half-passage) pairs ({FUNNEL_ADAPTER_STEPS} steps of 256), "
-         "at the MRL dims (`MRL`) or at 384 only (`plain`). "
-         f"{funnel['queries']} queries: a 60%-word window of a database text, whose row is the answer (task r@10). "
-         "Exact = FAISS IndexFlatIP over 384 dims. Funnel = shortlist with the first m dims (flat scan, or HNSW over "
-         "the prefix), re-rank the shortlist at 384. recall@10 vs exact = overlap with exact search's top 10. "
-         f"Latency: {funnel['latency_queries']} queries one at a time on one thread (the online case); batch: all "
-         "queries in one call on 2 threads. Speed-ups compare exact and funnel in the same run.", ""]
+    L = [
+        f"### Funnel (adaptive) retrieval on {funnel['n']:,} real vectors",
+        "",
+        f"Vectors: all {funnel['n']:,} half-passages of the default corpus through a static encoder (the IDF-weighted "
+        "mean of all-MiniLM-L6-v2's input token embeddings) and a 384x384 projection trained with our loss on "
+        f"{FUNNEL_TRAIN_PAIRS // 1000}k (60%-word window, half-passage) pairs ({FUNNEL_ADAPTER_STEPS} steps of 256), "
+        "at the MRL dims (`MRL`) or at 384 only (`plain`). "
+        f"{funnel['queries']} queries: a 60%-word window of a database text, whose row is the answer (task r@10). "
+        "Exact = FAISS IndexFlatIP over 384 dims. Funnel = shortlist with the first m dims (flat scan, or HNSW over "
+        "the prefix), re-rank the shortlist at 384. recall@10 vs exact = overlap with exact search's top 10. "
+        f"Latency: {funnel['latency_queries']} queries one at a time on one thread (the online case); batch: all "
+        "queries in one call on 2 threads. Speed-ups compare exact and funnel in the same run.",
+        "",
+    ]
     for name, res in funnel["results"].items():
         ex = res["exact"]
-        L += [f"`{name}` embeddings: exact search {ex['latency_ms']:.2f} ms/query, {ex['batch_s']:.2f} s per batch of "
-              f"{funnel['queries']}; task r@10 {ex['task_r@10']:.3f}. Index build {res['build_s']:.1f} s"
-              + (f", HNSW graphs over 24 and 48 dims {res['hnsw_build_s']:.1f} s" if "hnsw_build_s" in res else "")
-              + ".", "",
-              "| first stage | dims | shortlist | ms/query | speed-up | batch s | batch speed-up | recall@10 vs exact "
-              "| task r@10 |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        L += [
+            f"`{name}` embeddings: exact search {ex['latency_ms']:.2f} ms/query, {ex['batch_s']:.2f} s per batch of "
+            f"{funnel['queries']}; task r@10 {ex['task_r@10']:.3f}. Index build {res['build_s']:.1f} s"
+            + (f", HNSW graphs over 24 and 48 dims {res['hnsw_build_s']:.1f} s" if "hnsw_build_s" in res else "")
+            + ".",
+            "",
+            "| first stage | dims | shortlist | ms/query | speed-up | batch s | batch speed-up | recall@10 vs exact "
+            "| task r@10 |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in res["funnel"]:
-            L.append(f"| {r['first_stage']} | {'→'.join(map(str, r['dims']))} | {','.join(map(str, r['shortlist']))} | "
-                     f"{r['latency_ms']:.2f} | {ex['latency_ms'] / r['latency_ms']:.1f}x | {r['batch_s']:.2f} | "
-                     f"{ex['batch_s'] / r['batch_s']:.1f}x | {r['r@10_vs_exact']:.4f} | {r['task_r@10']:.3f} |")
-        for what, ok_fn in (("task r@10 >= 0.99 x exact's",
-                             lambda r, ex=ex: r["task_r@10"] >= 0.99 * ex["task_r@10"]),
-                            ("recall@10 vs exact >= 0.99", lambda r: r["r@10_vs_exact"] >= 0.99)):
+            L.append(
+                f"| {r['first_stage']} | {'→'.join(map(str, r['dims']))} | {','.join(map(str, r['shortlist']))} | "
+                f"{r['latency_ms']:.2f} | {ex['latency_ms'] / r['latency_ms']:.1f}x | {r['batch_s']:.2f} | "
+                f"{ex['batch_s'] / r['batch_s']:.1f}x | {r['r@10_vs_exact']:.4f} | {r['task_r@10']:.3f} |"
+            )
+        for what, ok_fn in (
+            ("task r@10 >= 0.99 x exact's", lambda r, ex=ex: r["task_r@10"] >= 0.99 * ex["task_r@10"]),
+            ("recall@10 vs exact >= 0.99", lambda r: r["r@10_vs_exact"] >= 0.99),
+        ):
             ok = [r for r in res["funnel"] if ok_fn(r)]
             if not ok:
                 L += ["", f"At {what}: no configuration qualifies."]
                 continue
             best = max(ok, key=lambda r: ex["latency_ms"] / r["latency_ms"])
             best_b = max(ok, key=lambda r: ex["batch_s"] / r["batch_s"])
-            L += ["", f"At {what}: best per query {best['first_stage']} {best['dims']} shortlist {best['shortlist']}: "
-                  f"**{ex['latency_ms'] / best['latency_ms']:.1f}x**; best batched {best_b['first_stage']} "
-                  f"{best_b['dims']} {best_b['shortlist']}: {ex['batch_s'] / best_b['batch_s']:.1f}x."]
+            L += [
+                "",
+                f"At {what}: best per query {best['first_stage']} {best['dims']} shortlist {best['shortlist']}: "
+                f"**{ex['latency_ms'] / best['latency_ms']:.1f}x**; best batched {best_b['first_stage']} "
+                f"{best_b['dims']} {best_b['shortlist']}: {ex['batch_s'] / best_b['batch_s']:.1f}x.",
+            ]
         L.append("")
-    L += ["Reading the table: the funnel pays off for queries served one at a time (memory-bound scans: a 24-dim "
-          "prefix is 1/16 of the bytes). Batched, exact search is one BLAS matrix product (~70 GFLOP/s here) and "
-          "beats the funnel, whose shortlist selection is per-query work. Neighbor identity (recall@10 vs exact) "
-          "stays far below 0.99 because the top-10 similarities are nearly tied, while the retrieval task's recall "
-          "holds; the goal (>= 10x at >= 0.99 of exact search's recall@10) is judged on it, in the lines above.",
-          ""]
+    L += [
+        "Reading the table: the funnel pays off for queries served one at a time (memory-bound scans: a 24-dim "
+        "prefix is 1/16 of the bytes). Batched, exact search is one BLAS matrix product (~70 GFLOP/s here) and "
+        "beats the funnel, whose shortlist selection is per-query work. Neighbor identity (recall@10 vs exact) "
+        "stays far below 0.99 because the top-10 similarities are nearly tied, while the retrieval task's recall "
+        "holds; the goal (>= 10x at >= 0.99 of exact search's recall@10) is judged on it, in the lines above.",
+        "",
+    ]
     return L
 
 

@@ -8,6 +8,7 @@ BENCHMARKS.md.
 
     python benchmarks/bench_soak_server.py [--seconds 60] [--clients 32] [--ckpt runs/demo]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,16 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from common import ROOT, machine, write_section  # noqa: E402
 
-PROMPTS = ["ROMEO: ", "JULIET: O Romeo,", "And God said,", "To be, or not", "The king", "KING HENRY:\n",
-           "In the beginning", "First Citizen:\nBefore we proceed"]
+PROMPTS = [
+    "ROMEO: ",
+    "JULIET: O Romeo,",
+    "And God said,",
+    "To be, or not",
+    "The king",
+    "KING HENRY:\n",
+    "In the beginning",
+    "First Citizen:\nBefore we proceed",
+]
 THREADS = 1  # torch threads of the server: its event loop and the clients need the other core
 SIZES = ["XL", "L", "M", "S", "S,M,L,XL"]  # four named sizes and one Mix'n'Match spec
 
@@ -86,8 +95,19 @@ def free_port() -> int:
 
 def start_server(ckpt: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "matryoshka_lm.cli", "serve", str(ckpt), "--port", str(port), "--device", "cpu",
-           "--threads", str(THREADS)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "matryoshka_lm.cli",
+        "serve",
+        str(ckpt),
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--threads",
+        str(THREADS),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while True:
@@ -107,10 +127,18 @@ def make_request(rng: random.Random, name: str) -> tuple[str, dict, str]:
     kind = rng.choices(["completion", "chat", "embedding"], [6, 3, 1])[0]
     if kind == "embedding":
         texts = rng.sample(PROMPTS, rng.randint(1, 4))
-        return "/v1/embeddings", {"model": f"{name}:{size}", "input": texts, "dimensions": 32,
-                                  "encoding_format": "float"}, size
-    body = {"model": f"{name}:{size}", "max_tokens": rng.randint(8, 48), "stream": rng.random() < 0.5,
-            "temperature": rng.choice([0.0, 0.8]), "seed": rng.randint(0, 3) if rng.random() < 0.2 else None}
+        return (
+            "/v1/embeddings",
+            {"model": f"{name}:{size}", "input": texts, "dimensions": 32, "encoding_format": "float"},
+            size,
+        )
+    body = {
+        "model": f"{name}:{size}",
+        "max_tokens": rng.randint(8, 48),
+        "stream": rng.random() < 0.5,
+        "temperature": rng.choice([0.0, 0.8]),
+        "seed": rng.randint(0, 3) if rng.random() < 0.2 else None,
+    }
     if body["stream"]:
         body["stream_options"] = {"include_usage": True}
     if kind == "chat":
@@ -196,29 +224,37 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def report(t: Totals, wall: float, clients: int, seconds: float, ckpt: Path, rows_per_batch: float) -> str:
-    rows = ["| size | requests | req/s | tokens/s | p50 latency (s) | p99 latency (s) | p50 first token, streams (s) |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| size | requests | req/s | tokens/s | p50 latency (s) | p99 latency (s) | p50 first token, streams (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for size in SIZES:
         s = t.sizes.get(size)
         if not s:
             continue
         ttft = f"{statistics.median(s.ttft):.3f}" if s.ttft else "-"
-        rows.append(f"| {size} | {len(s.latency)} | {len(s.latency) / wall:.2f} | {s.tokens / wall:.1f} | "
-                    f"{pct(s.latency, 0.5):.3f} | {pct(s.latency, 0.99):.3f} | {ttft} |")
+        rows.append(
+            f"| {size} | {len(s.latency)} | {len(s.latency) / wall:.2f} | {s.tokens / wall:.1f} | "
+            f"{pct(s.latency, 0.5):.3f} | {pct(s.latency, 0.99):.3f} | {ttft} |"
+        )
     tokens = sum(s.tokens for s in t.sizes.values())
     lat = [x for s in t.sizes.values() for x in s.latency]
-    rows.append(f"| **all** | {t.ok} | {t.ok / wall:.2f} | {tokens / wall:.1f} | {pct(lat, 0.5):.3f} | "
-                f"{pct(lat, 0.99):.3f} | |")
+    rows.append(
+        f"| **all** | {t.ok} | {t.ok / wall:.2f} | {tokens / wall:.1f} | {pct(lat, 0.5):.3f} | {pct(lat, 0.99):.3f} | |"
+    )
     verdict = "all three 0" if not (t.status_5xx or t.errors or t.lost) else "NOT all 0: " + "; ".join(t.examples)
-    return (f"## Server soak (`benchmarks/bench_soak_server.py`)\n\n"
-            f"Machine: {machine()}.\n\n"
-            f"`matryoshka serve {ckpt.name} --threads {THREADS}` (CPU, dynamic batching) under {clients} concurrent "
-            f"loopback clients for {seconds:.0f} s: completions and chat (half streamed; greedy or T=0.8, some "
-            f"seeded; max_tokens 8..48) and embeddings (1 in 10), each request at a random size of "
-            f"{', '.join(SIZES)}. Latency is request to last byte; tokens are completion tokens.\n\n"
-            + "\n".join(rows) + "\n\n"
-            f"Requests sent {t.sent}, answered 200 {t.ok}; **5xx: {t.status_5xx}, errors: {t.errors}, lost: {t.lost}** "
-            f"({verdict}). Generation batches held {rows_per_batch:.2f} rows on average.\n")
+    return (
+        f"## Server soak (`benchmarks/bench_soak_server.py`)\n\n"
+        f"Machine: {machine()}.\n\n"
+        f"`matryoshka serve {ckpt.name} --threads {THREADS}` (CPU, dynamic batching) under {clients} concurrent "
+        f"loopback clients for {seconds:.0f} s: completions and chat (half streamed; greedy or T=0.8, some "
+        f"seeded; max_tokens 8..48) and embeddings (1 in 10), each request at a random size of "
+        f"{', '.join(SIZES)}. Latency is request to last byte; tokens are completion tokens.\n\n"
+        + "\n".join(rows)
+        + "\n\n"
+        f"Requests sent {t.sent}, answered 200 {t.ok}; **5xx: {t.status_5xx}, errors: {t.errors}, lost: {t.lost}** "
+        f"({verdict}). Generation batches held {rows_per_batch:.2f} rows on average.\n"
+    )
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 The joint step does every size's forward and backward on the same batch; "sum of four" is what training the four
 sizes as separate models costs per step of each. Writes the `training` section of BENCHMARKS.md.
 """
+
 from __future__ import annotations
 
 import sys
@@ -11,7 +12,6 @@ import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from common import interleaved_times, machine, write_section  # noqa: E402
-
 from matryoshka_lm.config import preset
 from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.nested import submodel_config
@@ -40,10 +40,12 @@ def main(preset_name: str = "demo", repeats: int = 5) -> str:
         optim.step()
         optim.zero_grad(set_to_none=True)
 
-    fns = {"joint G=4": lambda: step(joint, opt, list(specs.values())),
-           "full (XL) only": lambda: step(joint, opt, [specs["XL"]])}
+    fns = {
+        "joint G=4": lambda: step(joint, opt, list(specs.values())),
+        "full (XL) only": lambda: step(joint, opt, [specs["XL"]]),
+    }
     for s in sizes:
-        fns[f"dense {s}"] = (lambda s=s: step(JointLoss(dense[s], 0.0), dense_opt[s], [dense[s].full]))
+        fns[f"dense {s}"] = lambda s=s: step(JointLoss(dense[s], 0.0), dense_opt[s], [dense[s].full])
     t = interleaved_times(fns, repeats=repeats)
     t["sum of four dense"] = sum(t[f"dense {s}"] for s in sizes)
     tokens = B * T
@@ -51,12 +53,18 @@ def main(preset_name: str = "demo", repeats: int = 5) -> str:
     for k in ["full (XL) only", "joint G=4", "sum of four dense"] + [f"dense {s}" for s in sizes]:
         rows.append(f"| {k} | {t[k]:.3f} | {tokens / t[k]:,.0f} | {t[k] / t['full (XL) only']:.2f}x |")
     params = {s: count_params(cfg, specs[s])["non_embedding"] for s in sizes}
-    body = (f"## Training throughput (`benchmarks/bench_training.py`, preset `{preset_name}`)\n\n"
-            f"Machine: {machine()}.\n\nBatch {B} x {T} tokens, fp32, AdamW step included; median of {repeats}, interleaved. "
-            f"Non-embedding params: " + ", ".join(f"{s} {params[s] / 1e6:.2f}M" for s in sizes) + ".\n\n"
-            + "\n".join(rows) + "\n\n"
-            f"One joint step costs {t['joint G=4'] / t['full (XL) only']:.2f}x a full-size step and "
-            f"{t['joint G=4'] / t['sum of four dense']:.2f}x the four separate steps it replaces.\n")
+    body = (
+        f"## Training throughput (`benchmarks/bench_training.py`, preset `{preset_name}`)\n\n"
+        f"Machine: {machine()}.\n\nBatch {B} x {T} tokens, fp32, AdamW step included; "
+        f"median of {repeats}, interleaved. "
+        f"Non-embedding params: "
+        + ", ".join(f"{s} {params[s] / 1e6:.2f}M" for s in sizes)
+        + ".\n\n"
+        + "\n".join(rows)
+        + "\n\n"
+        f"One joint step costs {t['joint G=4'] / t['full (XL) only']:.2f}x a full-size step and "
+        f"{t['joint G=4'] / t['sum of four dense']:.2f}x the four separate steps it replaces.\n"
+    )
     write_section("training", body)
     return body
 

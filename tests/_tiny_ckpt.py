@@ -1,14 +1,15 @@
 """A tiny Matryoshka checkpoint on disk, built without training (random weights, a real BPE tokenizer)."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from conftest import tiny_config, tiny_train_config
 
+from conftest import tiny_config, tiny_train_config
 from matryoshka_lm.core.checkpoint import save_model
-from matryoshka_lm.data import limit_chars, read_corpus, train_tokenizer
 from matryoshka_lm.core.model import MatryoshkaLM
+from matryoshka_lm.data import limit_chars, read_corpus, train_tokenizer
 
 
 def make_checkpoint(path: Path, corpus_file: Path, seed: int = 0, **cfg_kw) -> Path:

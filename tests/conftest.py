@@ -30,8 +30,10 @@ def submodel_specs(draw, cfg: ModelConfig) -> SubmodelSpec:
     then the residual width), so that a failure shrinks to the shallowest, narrowest spec that still fails."""
     g = cfg.group_size
     depth = draw(st.integers(1, cfg.n_layers))
-    layers = tuple(LayerSpec(ffn=draw(st.integers(1, cfg.layer_ffn[i])),
-                             heads=g * draw(st.integers(1, cfg.layer_heads[i] // g))) for i in range(depth))
+    layers = tuple(
+        LayerSpec(ffn=draw(st.integers(1, cfg.layer_ffn[i])), heads=g * draw(st.integers(1, cfg.layer_heads[i] // g)))
+        for i in range(depth)
+    )
     return SubmodelSpec(width=draw(st.integers(1, cfg.d_model)), layers=layers)
 
 
@@ -50,7 +52,18 @@ def corpus_file(tmp_path_factory):
 
 
 def tiny_train_config(**kw) -> TrainConfig:
-    base = dict(steps=8, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, eval_every=1000, save_every=1000,
-                eval_batches=2, vocab_size=256, max_corpus_chars=60_000, seed=0)
+    base = dict(
+        steps=8,
+        batch_size=4,
+        seq_len=32,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_every=1000,
+        save_every=1000,
+        eval_batches=2,
+        vocab_size=256,
+        max_corpus_chars=60_000,
+        seed=0,
+    )
     base.update(kw)
     return TrainConfig(**base)

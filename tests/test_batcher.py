@@ -1,5 +1,6 @@
 """The server's batcher: who shares a batch, one token step per batch per turn, cancelled rows stop the work,
 and push-mode stop handling gives the engine's text (real engine) — without HTTP."""
+
 from __future__ import annotations
 
 import asyncio
@@ -9,11 +10,11 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from matryoshka_lm.serve.batcher import Batcher, GenRequest, Ticket
-from matryoshka_lm.infer.engine import Engine
-from matryoshka_lm.infer.sampling import GREEDY, Sampling
 from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.spec import uniform_spec
+from matryoshka_lm.infer.engine import Engine
+from matryoshka_lm.infer.sampling import GREEDY, Sampling
+from matryoshka_lm.serve.batcher import Batcher, GenRequest, Ticket
 
 CFG = tiny_config()
 
@@ -59,10 +60,15 @@ def test_rows_group_by_spec_and_sampling():
 
     async def main():
         t = Ticket(asyncio.get_running_loop())
-        rows = [GenRequest(t, 0, [1, 2], S, 3, GREEDY), GenRequest(t, 1, [3], S, 5, GREEDY),
-                GenRequest(t, 2, [4], XL, 3, GREEDY), GenRequest(t, 3, [5], S, 3, Sampling(0.8)),
-                GenRequest(t, 4, [6], S, 3, Sampling(0.8)), GenRequest(t, 5, [7], S, 3, Sampling(0.8, seed=1)),
-                GenRequest(t, 6, [8], S, 3, Sampling(0.8, seed=1))]
+        rows = [
+            GenRequest(t, 0, [1, 2], S, 3, GREEDY),
+            GenRequest(t, 1, [3], S, 5, GREEDY),
+            GenRequest(t, 2, [4], XL, 3, GREEDY),
+            GenRequest(t, 3, [5], S, 3, Sampling(0.8)),
+            GenRequest(t, 4, [6], S, 3, Sampling(0.8)),
+            GenRequest(t, 5, [7], S, 3, Sampling(0.8, seed=1)),
+            GenRequest(t, 6, [8], S, 3, Sampling(0.8, seed=1)),
+        ]
         batcher.start()
         batcher.submit(rows)
         return await drain(t, len(rows))
@@ -72,8 +78,7 @@ def test_rows_group_by_spec_and_sampling():
     finally:
         batcher.close()
     # greedy S together, XL alone, unseeded samples together, each seeded row alone
-    assert sorted(sorted(b) for b in engine.batches) == sorted(
-        [[[1, 2], [3]], [[4]], [[5], [6]], [[7]], [[8]]])
+    assert sorted(sorted(b) for b in engine.batches) == sorted([[[1, 2], [3]], [[4]], [[5], [6]], [[7]], [[8]]])
     done = {e.index: e for e in events if e.finish_reason}
     assert done[0].tokens == 3 and done[1].tokens == 5  # each row stops at its own max_tokens
 
@@ -84,8 +89,10 @@ def test_batches_take_turns_one_step_each():
 
     async def main():
         t = Ticket(asyncio.get_running_loop())
-        rows = [GenRequest(t, 0, [1], uniform_spec(CFG, "XL"), 20, GREEDY),
-                GenRequest(t, 1, [1], uniform_spec(CFG, "S"), 20, GREEDY)]
+        rows = [
+            GenRequest(t, 0, [1], uniform_spec(CFG, "XL"), 20, GREEDY),
+            GenRequest(t, 1, [1], uniform_spec(CFG, "S"), 20, GREEDY),
+        ]
         batcher.start()
         batcher.submit(rows)
         await drain(t, 2)
@@ -126,8 +133,10 @@ def test_rows_that_would_lose_tokens_to_a_longer_prompt_run_apart():
 
     async def main():
         t = Ticket(asyncio.get_running_loop())
-        rows = [GenRequest(t, 0, [1] * (ctx - 4), uniform_spec(CFG, "M"), 4, GREEDY),
-                GenRequest(t, 1, [2], uniform_spec(CFG, "M"), 30, GREEDY)]
+        rows = [
+            GenRequest(t, 0, [1] * (ctx - 4), uniform_spec(CFG, "M"), 4, GREEDY),
+            GenRequest(t, 1, [2], uniform_spec(CFG, "M"), 30, GREEDY),
+        ]
         batcher.start()
         batcher.submit(rows)
         return {e.index: e for e in await drain(t, 2) if e.finish_reason}

@@ -1,4 +1,5 @@
 """The CLI as users meet it: --help everywhere; bad input prints one `error:` line and exits non-zero."""
+
 from __future__ import annotations
 
 import pytest
@@ -35,8 +36,10 @@ def test_eval_and_generate_work(ckpt, capsys):
     out = capsys.readouterr().out
     assert "| XL |" in out and "| S |" in out and "unigram" in out
     assert (ckpt / "eval.json").is_file() and (ckpt / "eval.png").stat().st_size > 1000
-    assert main(["generate", str(ckpt), "--size", "all", "--prompt", "The", "--max-new-tokens", "4",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(["generate", str(ckpt), "--size", "all", "--prompt", "The", "--max-new-tokens", "4", "--device", "cpu"])
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     # one line per size, largest first, each the size's tag, the prompt, then the continuation
     assert [line.partition(" ")[0] for line in lines] == ["[XL]", "[L]", "[M]", "[S]"], lines
@@ -107,6 +110,7 @@ def test_resume_without_state(tmp_path, capsys):
 
 # ---------------------------------------------------------------- counts checked at parse time
 
+
 def usage_error(capsys, argv: list[str]) -> str:
     """argparse's usage error: exit 2, the last stderr line names the option; no traceback."""
     with pytest.raises(SystemExit) as e:
@@ -117,29 +121,35 @@ def usage_error(capsys, argv: list[str]) -> str:
     return err.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("argv, option", [
-    (["embed", "ck", "f.txt", "-o", "x.npy", "--batch-size", "0"], "--batch-size"),
-    (["embed", "ck", "f.txt", "-o", "x.npy", "--dims", "-4"], "--dims"),
-    (["train", "--steps", "0"], "--steps"),
-    (["train", "--seq-len", "0"], "--seq-len"),
-    (["train", "--grad-accum", "-1"], "--grad-accum"),
-    (["train", "--save-every", "0"], "--save-every"),
-    (["train-embed", "ck", "-o", "o", "--max-tokens", "0"], "--max-tokens"),
-    (["search", "idx", "-k", "0"], "-k"),
-    (["index", "build", "-o", "o", "--hnsw-dim", "0"], "--hnsw-dim"),
-    (["serve", "ck", "--max-batch", "0"], "--max-batch"),
-    (["mixnmatch", "ck", "--budget", "params=1M", "--batches", "0"], "--batches"),
-])
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["embed", "ck", "f.txt", "-o", "x.npy", "--batch-size", "0"], "--batch-size"),
+        (["embed", "ck", "f.txt", "-o", "x.npy", "--dims", "-4"], "--dims"),
+        (["train", "--steps", "0"], "--steps"),
+        (["train", "--seq-len", "0"], "--seq-len"),
+        (["train", "--grad-accum", "-1"], "--grad-accum"),
+        (["train", "--save-every", "0"], "--save-every"),
+        (["train-embed", "ck", "-o", "o", "--max-tokens", "0"], "--max-tokens"),
+        (["search", "idx", "-k", "0"], "-k"),
+        (["index", "build", "-o", "o", "--hnsw-dim", "0"], "--hnsw-dim"),
+        (["serve", "ck", "--max-batch", "0"], "--max-batch"),
+        (["mixnmatch", "ck", "--budget", "params=1M", "--batches", "0"], "--batches"),
+    ],
+)
 def test_counts_must_be_positive(argv, option, capsys):
     line = usage_error(capsys, argv)
     assert line.endswith(f"error: argument {option}: must be a positive integer, got {int(argv[-1])}"), line
 
 
-@pytest.mark.parametrize("argv, option", [
-    (["train-embed", "ck", "-o", "o", "--proj-dim", "-1"], "--proj-dim"),
-    (["search", "idx", "--hnsw-ef", "-2"], "--hnsw-ef"),
-    (["train", "--max-corpus-chars", "-5"], "--max-corpus-chars"),
-])
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["train-embed", "ck", "-o", "o", "--proj-dim", "-1"], "--proj-dim"),
+        (["search", "idx", "--hnsw-ef", "-2"], "--hnsw-ef"),
+        (["train", "--max-corpus-chars", "-5"], "--max-corpus-chars"),
+    ],
+)
 def test_counts_that_may_be_zero_refuse_negatives(argv, option, capsys):
     line = usage_error(capsys, argv)
     assert line.endswith(f"error: argument {option}: must be 0 or a positive integer, got {int(argv[-1])}"), line
@@ -156,12 +166,15 @@ def test_zero_where_zero_means_off():
 
 def test_bad_port_and_non_integer(capsys):
     assert usage_error(capsys, ["serve", "ck", "--port", "70000"]).endswith(
-        "argument --port: must be a port number in 1..65535, got 70000")
+        "argument --port: must be a port number in 1..65535, got 70000"
+    )
     assert usage_error(capsys, ["embed", "ck", "f", "-o", "x", "--batch-size", "many"]).endswith(
-        "argument --batch-size: must be an integer, got 'many'")
+        "argument --batch-size: must be an integer, got 'many'"
+    )
 
 
 # ---------------------------------------------------------------- unexpected errors
+
 
 @pytest.fixture
 def broken_embed(monkeypatch):

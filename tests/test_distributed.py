@@ -1,4 +1,6 @@
-"""The unchanged `matryoshka train` under torchrun: 2 CPU processes on gloo match one process on the same global batch."""
+"""The unchanged `matryoshka train` under torchrun: 2 CPU processes on gloo match one process on the same global
+batch."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +16,16 @@ def run_train(args: list[str], nproc: int) -> None:
     if nproc == 1:
         cmd = [sys.executable, "-m", "matryoshka_lm.cli", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "matryoshka_lm.cli", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "matryoshka_lm.cli",
+            *args,
+        ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
 
@@ -26,8 +36,22 @@ def losses(out) -> list[dict[str, float]]:
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_gloo_processes_match_one_process(tmp_path, corpus_file, mode):
-    common = ["train", "--preset", "tiny", "--steps", "3", "--batch-size", "8", "--data", str(corpus_file),
-              "--max-corpus-chars", "60000", "--quiet", "--device", "cpu"]
+    common = [
+        "train",
+        "--preset",
+        "tiny",
+        "--steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--data",
+        str(corpus_file),
+        "--max-corpus-chars",
+        "60000",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
     run_train(common + ["--out", str(tmp_path / "one")], 1)
     run_train(common + ["--out", str(tmp_path / "two")] + (["--fsdp"] if mode == "fsdp" else []), 2)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")

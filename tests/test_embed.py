@@ -1,4 +1,5 @@
 """Matryoshka embeddings: the MRL loss, shrink, training an embedding checkpoint, `embed` from Python and CLI."""
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,10 @@ def test_default_dims_is_the_mrl_nesting():
 def test_mrl_loss_matches_sum_of_per_dim_infonce():
     torch.manual_seed(0)
     q, p = torch.randn(6, 16), torch.randn(6, 16)
-    expected = sum(w * nn.functional.cross_entropy(shrink(q, m) @ shrink(p, m).T / 0.05, torch.arange(6))
-                   for m, w in [(4, 1.0), (16, 0.5)])
+    expected = sum(
+        w * nn.functional.cross_entropy(shrink(q, m) @ shrink(p, m).T / 0.05, torch.arange(6))
+        for m, w in [(4, 1.0), (16, 0.5)]
+    )
     torch.testing.assert_close(mrl_contrastive_loss(q, p, [4, 16], [1.0, 0.5]), expected)
 
 
@@ -77,8 +80,10 @@ def test_mrl_makes_low_dim_prefixes_better_than_plain_truncation():
             return enc(ta).numpy(), enc(tb).numpy()
 
     plain, mrl = train([32]), train([2, 4, 8, 16, 32])
-    r = {name: {m: pair_recall(q[:, :m], p[:, :m], (1,))["r@1"] for m in (4, 32)}
-         for name, (q, p) in (("plain", plain), ("mrl", mrl))}
+    r = {
+        name: {m: pair_recall(q[:, :m], p[:, :m], (1,))["r@1"] for m in (4, 32)}
+        for name, (q, p) in (("plain", plain), ("mrl", mrl))
+    }
     assert r["mrl"][4] > r["plain"][4] + 0.1, r
     assert r["mrl"][32] > 0.95 and r["plain"][32] > 0.95, r
 
@@ -166,14 +171,17 @@ def test_embed_ids_is_what_embed_texts_computes(emb_ckpt):
         embed_ids(model, [[1], []])
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("n_eval", -1, "n_eval must be >= 0, got -1"),
-    ("warmup_steps", -2, "warmup_steps must be >= 0, got -2"),
-    ("proj_dim", -8, "proj_dim must be >= 0, got -8"),
-    ("max_corpus_chars", -1, "max_corpus_chars must be >= 0"),
-    ("lr", 0.0, "lr must be positive"),
-    ("batch_size", 0, "batch_size must be positive, got 0"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("n_eval", -1, "n_eval must be >= 0, got -1"),
+        ("warmup_steps", -2, "warmup_steps must be >= 0, got -2"),
+        ("proj_dim", -8, "proj_dim must be >= 0, got -8"),
+        ("max_corpus_chars", -1, "max_corpus_chars must be >= 0"),
+        ("lr", 0.0, "lr must be positive"),
+        ("batch_size", 0, "batch_size must be positive, got 0"),
+    ],
+)
 def test_embed_train_config_rejects_bad_numbers(field, value, message):
     with pytest.raises(MatryoshkaError, match=message):
         EmbedTrainConfig(**{field: value})
@@ -199,12 +207,15 @@ def test_embed_file_and_cli(emb_ckpt, tmp_path, capsys):
     np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--dims", "12"], "embedding dim 12 was not trained; this model's Matryoshka dims are"),
-    (["--dims", "64"], "embedding dim 64 is outside 1..32"),
-    (["--size", "M", "--dims", "32"], "embedding dim 32 is outside 1..24"),
-    (["--size", "XXL"], "unknown size 'XXL'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dims", "12"], "embedding dim 12 was not trained; this model's Matryoshka dims are"),
+        (["--dims", "64"], "embedding dim 64 is outside 1..32"),
+        (["--size", "M", "--dims", "32"], "embedding dim 32 is outside 1..24"),
+        (["--size", "XXL"], "unknown size 'XXL'"),
+    ],
+)
 def test_embed_cli_bad_dims(emb_ckpt, tmp_path, capsys, args, message):
     f = tmp_path / "t.txt"
     f.write_text("hello\n")
@@ -230,8 +241,23 @@ def test_embed_cli_bad_inputs(emb_ckpt, lm_ckpt, tmp_path, capsys):
 
 def test_train_embed_cli(lm_ckpt, corpus_file, tmp_path, capsys):
     out = tmp_path / "emb"
-    common = [str(lm_ckpt), "--data", str(corpus_file), "--max-corpus-chars", "30000", "--steps", "1",
-              "--batch-size", "4", "--max-tokens", "16", "--n-eval", "8", "--device", "cpu"]
+    common = [
+        str(lm_ckpt),
+        "--data",
+        str(corpus_file),
+        "--max-corpus-chars",
+        "30000",
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--max-tokens",
+        "16",
+        "--n-eval",
+        "8",
+        "--device",
+        "cpu",
+    ]
     assert main(["train-embed", *common, "-o", str(out), "--dims", "64"]) == 2
     assert "embedding dim 64 is outside 1..32" in capsys.readouterr().err
     assert main(["train-embed", *common, "-o", str(tmp_path / "x"), "--depths", "9"]) == 2

@@ -1,4 +1,5 @@
 """Extraction: a standalone dense checkpoint that holds exactly a spec's weights and computes its logits."""
+
 from __future__ import annotations
 
 import pytest
@@ -59,8 +60,15 @@ def test_failure_leaves_nothing(ckpt, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("size, msg", [("XXL", "unknown size 'XXL'"), ("S,M,Q", "bad layer 2 'Q'"),
-                                       ("f7h3", "GQA group"), ("S,S,S,S,S", "lists 5 layers")])
+@pytest.mark.parametrize(
+    "size, msg",
+    [
+        ("XXL", "unknown size 'XXL'"),
+        ("S,M,Q", "bad layer 2 'Q'"),
+        ("f7h3", "GQA group"),
+        ("S,S,S,S,S", "lists 5 layers"),
+    ],
+)
 def test_bad_spec_is_one_error_line(ckpt, tmp_path, capsys, size, msg):
     assert main(["extract", str(ckpt), "--size", size, "-o", str(tmp_path / "sub")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -1,4 +1,5 @@
 """Hugging Face interop: exported folders load in stock transformers with our logits; Llama folders import."""
+
 from __future__ import annotations
 
 import json
@@ -83,9 +84,19 @@ def test_per_layer_widths_need_pad(ckpt, tmp_path, capsys):
 def tiny_llama(folder, ckpt, tie=True, **kw):
     """A random Llama built by transformers itself (9 heads in 3 KV groups like SmolLM2, scaled down)."""
     tok = ck.load_tokenizer(ckpt)
-    args = dict(vocab_size=tok.get_vocab_size(), hidden_size=48, intermediate_size=64, num_hidden_layers=3,
-                num_attention_heads=6, num_key_value_heads=3, head_dim=8, max_position_embeddings=64,
-                rope_theta=500.0, rms_norm_eps=1e-5, tie_word_embeddings=tie)
+    args = dict(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        head_dim=8,
+        max_position_embeddings=64,
+        rope_theta=500.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+    )
     args.update(kw)
     torch.manual_seed(1)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**args))
@@ -105,8 +116,16 @@ def test_import_matches_transformers_and_reorder_keeps_logits(ckpt, tmp_path, co
     with torch.no_grad():
         want = hf(x).logits
     for reorder in (False, True):
-        out = import_hf(tmp_path / "llama", tmp_path / f"ours{reorder}", reorder=reorder, data=str(corpus_file),
-                        nest=("heads", "ffn"), max_corpus_chars=60_000, reorder_batches=2, seq_len=32)
+        out = import_hf(
+            tmp_path / "llama",
+            tmp_path / f"ours{reorder}",
+            reorder=reorder,
+            data=str(corpus_file),
+            nest=("heads", "ffn"),
+            max_corpus_chars=60_000,
+            reorder_batches=2,
+            seq_len=32,
+        )
         ours = ck.load_model(out)
         with torch.no_grad():
             assert (ours(x) - want).abs().max() <= 1e-4
@@ -118,9 +137,15 @@ def test_import_matches_transformers_and_reorder_keeps_logits(ckpt, tmp_path, co
 def test_imported_sizes_fit_the_shape_and_train_init_fine_tunes(ckpt, tmp_path, corpus_file):
     """6 heads in 3 GQA groups and 3 layers: default sizes snap to whole groups (1/2 -> 2/3, 3/4 -> 1)."""
     tiny_llama(tmp_path / "llama", ckpt)
-    out = import_hf(tmp_path / "llama", tmp_path / "ours", data=str(corpus_file),
-                    nest=("width", "heads", "ffn", "depth"),
-                    max_corpus_chars=60_000, reorder_batches=1, seq_len=32)
+    out = import_hf(
+        tmp_path / "llama",
+        tmp_path / "ours",
+        data=str(corpus_file),
+        nest=("width", "heads", "ffn", "depth"),
+        max_corpus_chars=60_000,
+        reorder_batches=1,
+        seq_len=32,
+    )
     cfg, _ = ck.read_config(out)
     assert cfg.sizes == default_sizes(cfg)
     assert cfg.sizes["L"]["heads"] == "2/3" and cfg.sizes["S"]["depth"] == "1"
@@ -128,10 +153,35 @@ def test_imported_sizes_fit_the_shape_and_train_init_fine_tunes(ckpt, tmp_path, 
         spec = uniform_spec(cfg, name)
         assert all(l.heads % cfg.group_size == 0 for l in spec.layers)
     run = tmp_path / "run"
-    assert main(["train", "--preset", "tiny", "--init", str(out), "--out", str(run), "--data", str(corpus_file),
-                 "--steps", "2",
-                 "--batch-size", "2", "--seq-len", "32", "--max-corpus-chars", "60000", "--lr", "1e-4",
-                 "--quiet", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "tiny",
+                "--init",
+                str(out),
+                "--out",
+                str(run),
+                "--data",
+                str(corpus_file),
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "32",
+                "--max-corpus-chars",
+                "60000",
+                "--lr",
+                "1e-4",
+                "--quiet",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     tuned, _ = ck.read_config(run)
     assert tuned.sizes == cfg.sizes and tuned.d_model == 48
 

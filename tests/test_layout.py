@@ -1,4 +1,5 @@
 """The architecture is the import graph: every import points down the layers, never sideways or up, no cycles."""
+
 from __future__ import annotations
 
 import ast
@@ -10,8 +11,21 @@ import matryoshka_lm
 
 PKG = Path(matryoshka_lm.__file__).parent
 # each unit may import units of strictly lower rank, and itself
-RANK = {"errors": 0, "config": 1, "data": 2, "machine": 2, "plots": 2, "core": 3, "train": 4, "infer": 4, "convert": 4,
-        "embed": 5, "study": 5, "serve": 6, "cli": 7}
+RANK = {
+    "errors": 0,
+    "config": 1,
+    "data": 2,
+    "machine": 2,
+    "plots": 2,
+    "core": 3,
+    "train": 4,
+    "infer": 4,
+    "convert": 4,
+    "embed": 5,
+    "study": 5,
+    "serve": 6,
+    "cli": 7,
+}
 
 
 def unit_of(module: str) -> str | None:
@@ -52,8 +66,12 @@ def imports_of(path: Path) -> set[str]:
             # `from pkg import module` imports the submodule
             for a in node.names:
                 sub = f"{mod}.{a.name}"
-                found.add(sub if (PKG.parent / sub.replace(".", "/")).with_suffix(".py").exists()
-                          or (PKG.parent / sub.replace(".", "/")).is_dir() else mod)
+                found.add(
+                    sub
+                    if (PKG.parent / sub.replace(".", "/")).with_suffix(".py").exists()
+                    or (PKG.parent / sub.replace(".", "/")).is_dir()
+                    else mod
+                )
     return found
 
 
@@ -62,8 +80,11 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_every_unit_has_a_rank():
-    units = {p.stem if p.is_file() else p.name for p in PKG.iterdir()
-             if (p.suffix == ".py" and p.stem != "__init__") or (p.is_dir() and (p / "__init__.py").exists())}
+    units = {
+        p.stem if p.is_file() else p.name
+        for p in PKG.iterdir()
+        if (p.suffix == ".py" and p.stem != "__init__") or (p.is_dir() and (p / "__init__.py").exists())
+    }
     assert units == set(RANK), f"unranked units {units - set(RANK)}, missing {set(RANK) - units}"
 
 
@@ -94,7 +115,7 @@ def test_no_import_cycles():
             if d not in g:
                 continue
             if state.get(d) == 1:
-                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(d):] + [d]))
+                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(d) :] + [d]))
             if d not in state:
                 visit(d)
         stack.pop()
@@ -118,3 +139,23 @@ def test_checker_catches_a_bad_import(tmp_path, monkeypatch):
 
 def test_public_names_from_the_top_package():
     from matryoshka_lm import count_params, load_model, parse_spec  # noqa: F401
+    from matryoshka_lm.core.spec import parse_spec as defined
+
+    assert parse_spec is defined
+    for name in matryoshka_lm.__all__:
+        assert getattr(matryoshka_lm, name).__name__ == name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        matryoshka_lm.nope  # noqa: B018
+
+
+def test_the_command_line_starts_without_torch():
+    """`matryoshka --help` imports the CLI only: the library (and torch) load inside the command that needs them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, sys; importlib.import_module('matryoshka_lm.cli.main').build_parser(); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -1,4 +1,5 @@
 """Mix'n'Match search: budgets, the pruned candidate space, the frontier, the CLI and its bad input."""
+
 from __future__ import annotations
 
 import json
@@ -28,10 +29,16 @@ def ckpt(tmp_path_factory, corpus_file):
     return make_checkpoint(tmp_path_factory.mktemp("mnm") / "ckpt", corpus_file)
 
 
-@pytest.mark.parametrize("text, want", [("params=5M", Budget("params", 5e6)), ("flops = 1.5g", Budget("flops", 1.5e9)),
-                                        ("params=120000", Budget("params", 1.2e5)),
-                                        ("latency=3ms", Budget("latency", 3e-3)),
-                                        ("latency=0.5s", Budget("latency", 0.5))])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("params=5M", Budget("params", 5e6)),
+        ("flops = 1.5g", Budget("flops", 1.5e9)),
+        ("params=120000", Budget("params", 1.2e5)),
+        ("latency=3ms", Budget("latency", 3e-3)),
+        ("latency=0.5s", Budget("latency", 0.5)),
+    ],
+)
 def test_parse_budget(text, want):
     got = parse_budget(text)
     assert got.metric == want.metric and got.value == pytest.approx(want.value)
@@ -71,8 +78,27 @@ def test_candidates_include_the_trained_sizes_and_name_round_trips():
 
 def test_search_cli_writes_frontier(ckpt, tmp_path, capsys):
     budget = "params=30K"
-    assert main(["mixnmatch", str(ckpt), "--budget", budget, "--batches", "1", "--max-evals", "8",
-                 "--plot", str(tmp_path / "f.png"), "--json", str(tmp_path / "f.json"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "mixnmatch",
+                str(ckpt),
+                "--budget",
+                budget,
+                "--batches",
+                "1",
+                "--max-evals",
+                "8",
+                "--plot",
+                str(tmp_path / "f.png"),
+                "--json",
+                str(tmp_path / "f.json"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     best = out.strip().splitlines()[-1].split(": ", 1)[1]
     report = json.loads((tmp_path / "f.json").read_text())
@@ -93,20 +119,60 @@ def test_search_cli_writes_frontier(ckpt, tmp_path, capsys):
 
 
 def test_latency_budget_is_measured(ckpt, tmp_path, capsys):
-    assert main(["mixnmatch", str(ckpt), "--budget", "latency=10s", "--batches", "1", "--max-evals", "4",
-                 "--latency-tokens", "16", "--json", str(tmp_path / "l.json"), "--plot", str(tmp_path / "l.png"),
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "mixnmatch",
+                str(ckpt),
+                "--budget",
+                "latency=10s",
+                "--batches",
+                "1",
+                "--max-evals",
+                "4",
+                "--latency-tokens",
+                "16",
+                "--json",
+                str(tmp_path / "l.json"),
+                "--plot",
+                str(tmp_path / "l.png"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "l.json").read_text())
     assert all(p["latency_ms"] is not None and p["latency_ms"] > 0 for p in report["points"])
     assert "latency ms" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("budget, msg", [("params=1K", "no submodel fits params=1.00K: the smallest is S at"),
-                                         ("latency=1us", "no submodel fits latency=0.001ms: the smallest is S"),
-                                         ("params=lots", "bad budget")])
+@pytest.mark.parametrize(
+    "budget, msg",
+    [
+        ("params=1K", "no submodel fits params=1.00K: the smallest is S at"),
+        ("latency=1us", "no submodel fits latency=0.001ms: the smallest is S"),
+        ("params=lots", "bad budget"),
+    ],
+)
 def test_budget_errors(ckpt, tmp_path, capsys, budget, msg):
-    assert main(["mixnmatch", str(ckpt), "--budget", budget, "--latency-tokens", "8",
-                 "--plot", str(tmp_path / "x.png"), "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "mixnmatch",
+                str(ckpt),
+                "--budget",
+                budget,
+                "--latency-tokens",
+                "8",
+                "--plot",
+                str(tmp_path / "x.png"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0], err
     assert not (tmp_path / "x.png").exists()

@@ -1,4 +1,5 @@
 """The defining invariant: a sliced submodel computes exactly what a standalone dense model of its shape does."""
+
 from __future__ import annotations
 
 from functools import cache
@@ -106,5 +107,5 @@ def test_kv_cached_decoding_matches_full_forward(tiny_model):
         cache = KVCache.allocate(tiny_model.cfg, spec, 1, 12)
         steps = [tiny_model(idx[:, :5], spec, cache, 0)]
         steps.append(tiny_model(idx[:, 5:8], spec, cache, 5))  # a multi-token chunk after a cached prefix
-        steps += [tiny_model(idx[:, t:t + 1], spec, cache, t) for t in range(8, 12)]
+        steps += [tiny_model(idx[:, t : t + 1], spec, cache, t) for t in range(8, 12)]
     assert (torch.cat(steps, 1) - ref).abs().max().item() <= 1e-5

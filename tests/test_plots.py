@@ -1,4 +1,5 @@
 """The shared figure helper: a PNG appears whole or not at all, and no figure stays open."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Importance reordering: a pure permutation (the full model's logits do not change), most important first."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -101,13 +102,13 @@ def reference_importance(model: MatryoshkaLM, x: torch.Tensor):
         p = f"layers.{i}."
         width += h.pow(2).sum((0, 1))
         a = norm(h, w[p + "attn_norm.weight"])
-        split = lambda t: t.unflatten(-1, (-1, hd)).transpose(1, 2)                  # (B, n, T, hd)
+        split = lambda t: t.unflatten(-1, (-1, hd)).transpose(1, 2)  # (B, n, T, hd)
         q, k, v = (split(a @ w[p + f"attn.{n}.weight"].T) for n in ("wq", "wk", "wv"))
         q, k = rope(q), rope(k)
-        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)                   # query head j reads kv j // g
-        att = (q @ k.transpose(-1, -2) / hd ** 0.5).masked_fill(~causal, float("-inf")).softmax(-1)
-        y = att @ v                                                                    # (B, h, T, hd)
-        wo = w[p + "attn.wo.weight"].unflatten(1, (-1, hd))                            # (C, h, hd)
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)  # query head j reads kv j // g
+        att = (q @ k.transpose(-1, -2) / hd**0.5).masked_fill(~causal, float("-inf")).softmax(-1)
+        y = att @ v  # (B, h, T, hd)
+        wo = w[p + "attn.wo.weight"].unflatten(1, (-1, hd))  # (C, h, hd)
         contrib = torch.einsum("bhtd,chd->bhtc", y, wo)
         heads.append(contrib.norm(dim=-1).sum((0, 2)))
         h = h + contrib.sum(1)

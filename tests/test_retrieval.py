@@ -1,4 +1,5 @@
 """Funnel retrieval over FAISS: exact when the shortlist is everything, index round trips, CLI, clear errors."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,6 @@ from matryoshka_lm.embed import (
 from matryoshka_lm.errors import MatryoshkaError
 
 pytest.importorskip("faiss")
-
-
 
 
 @pytest.fixture
@@ -111,8 +110,14 @@ def test_search_errors(index, vectors, tmp_path):
 def test_cli_index_build_and_search_round_trip(tmp_path_factory, corpus_file, tmp_path, capsys):
     _, emb = embedding_checkpoints(tmp_path_factory, corpus_file)
     docs = tmp_path / "docs.txt"
-    lines = ["the cat sat on the mat", "a dog barked at night", "ships sail on the sea", "bread and butter",
-             "stars shine in the sky", "rain falls on the roof"]
+    lines = [
+        "the cat sat on the mat",
+        "a dog barked at night",
+        "ships sail on the sea",
+        "bread and butter",
+        "stars shine in the sky",
+        "rain falls on the roof",
+    ]
     docs.write_text("\n".join(lines) + "\n")
     idx = tmp_path / "idx"
     assert main(["index", "build", str(emb), str(docs), "-o", str(idx), "--device", "cpu"]) == 0
@@ -140,11 +145,44 @@ def test_cli_index_from_vectors_and_errors(tmp_path, vectors, capsys):
     assert main(["search", str(idx), "--vectors", str(tmp_path / "q.npy"), "-k", "1", "--json"]) == 0
     assert [h[0]["id"] for h in json.loads(capsys.readouterr().out)] == [0, 1]
     hidx = tmp_path / "hidx"
-    assert main(["index", "build", "--vectors", str(tmp_path / "v.npy"), "--dims", "8,16,64", "--hnsw-dim", "8",
-                 "-o", str(hidx)]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--vectors",
+                str(tmp_path / "v.npy"),
+                "--dims",
+                "8,16,64",
+                "--hnsw-dim",
+                "8",
+                "-o",
+                str(hidx),
+            ]
+        )
+        == 0
+    )
     assert load_index(hidx).meta["hnsw_dims"] == [8]
-    assert main(["search", str(hidx), "--vectors", str(tmp_path / "v.npy"), "-k", "1", "--json", "--hnsw-ef", "32",
-                 "--funnel", "8,64", "--shortlist", "50"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                str(hidx),
+                "--vectors",
+                str(tmp_path / "v.npy"),
+                "-k",
+                "1",
+                "--json",
+                "--hnsw-ef",
+                "32",
+                "--funnel",
+                "8,64",
+                "--shortlist",
+                "50",
+            ]
+        )
+        == 0
+    )
     assert [h[0]["id"] for h in json.loads(capsys.readouterr().out)] == list(range(500))
     for args, message in (
         (["search", str(idx), "--vectors", str(tmp_path / "bad.npy")], "queries have 80 dims but the index has 64"),
@@ -152,8 +190,21 @@ def test_cli_index_from_vectors_and_errors(tmp_path, vectors, capsys):
         (["search", str(idx), "some text"], "pass --ckpt"),
         (["index", "build", "-o", str(tmp_path / "x")], "needs CKPT FILE"),
         (["index", "build", "--vectors", str(tmp_path / "v.npy"), "-o", str(idx)], "already exists"),
-        (["index", "build", "--vectors", str(tmp_path / "v.npy"), "--dims", "8,64", "--hnsw-dim", "12", "-o",
-          str(tmp_path / "h2")], "--hnsw-dim 12 must be one of the index's dims"),
+        (
+            [
+                "index",
+                "build",
+                "--vectors",
+                str(tmp_path / "v.npy"),
+                "--dims",
+                "8,64",
+                "--hnsw-dim",
+                "12",
+                "-o",
+                str(tmp_path / "h2"),
+            ],
+            "--hnsw-dim 12 must be one of the index's dims",
+        ),
     ):
         assert main(args) == 2, args
         err = capsys.readouterr().err

@@ -3,6 +3,7 @@
 Greedy answers must equal what the engine produces for that size directly, alone or batched with others; bad
 input must get an OpenAI-style 4xx, never a 5xx.
 """
+
 from __future__ import annotations
 
 import json
@@ -93,8 +94,9 @@ def engine_text(local, prompt: str, size: str, max_tokens: int, stops=()) -> str
     engine, tok = local
     eot = tok.token_to_id("<|endoftext|>")
     spec = parse_spec(engine.cfg, size)
-    done = engine.generate([tok.encode(prompt).ids], spec, max_tokens, GREEDY, stop_tokens=[eot],
-                           stop_strings=stops, decode=tok.decode)
+    done = engine.generate(
+        [tok.encode(prompt).ids], spec, max_tokens, GREEDY, stop_tokens=[eot], stop_strings=stops, decode=tok.decode
+    )
     return done[0].text
 
 
@@ -109,8 +111,7 @@ def test_models_lists_every_size_and_auto(client):
 
 @pytest.mark.parametrize("size", ["M", "S,M,L,XL"])
 def test_completion_equals_engine(client, local, size):
-    r = client.completions.create(model=f"{NAME}:{size}", prompt="The class statement", max_tokens=12,
-                                  temperature=0)
+    r = client.completions.create(model=f"{NAME}:{size}", prompt="The class statement", max_tokens=12, temperature=0)
     assert r.choices[0].text == engine_text(local, "The class statement", size, 12)
     served = parse_spec(local[0].cfg, r.model.split(":", 1)[1])
     assert served == parse_spec(local[0].cfg, size)
@@ -144,8 +145,9 @@ def test_streaming_joins_to_the_whole_answer(client):
 
     messages = [{"role": "user", "content": "Hello"}]
     whole = client.chat.completions.create(model=f"{NAME}:M", messages=messages, max_tokens=8, temperature=0)
-    chunks = list(client.chat.completions.create(model=f"{NAME}:M", messages=messages, max_tokens=8, temperature=0,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model=f"{NAME}:M", messages=messages, max_tokens=8, temperature=0, stream=True)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
@@ -154,8 +156,9 @@ def test_streaming_joins_to_the_whole_answer(client):
 def test_stop_strings_and_seeds(client, local):
     base = engine_text(local, "The class statement", "XL", 20)
     stop = base[4:6]  # a string the greedy answer is known to contain
-    r = client.completions.create(model=f"{NAME}:XL", prompt="The class statement", max_tokens=20, temperature=0,
-                                  stop=[stop])
+    r = client.completions.create(
+        model=f"{NAME}:XL", prompt="The class statement", max_tokens=20, temperature=0, stop=[stop]
+    )
     assert r.choices[0].text == engine_text(local, "The class statement", "XL", 20, [stop])
     assert stop not in r.choices[0].text and r.choices[0].finish_reason == "stop"
     kw = dict(model=f"{NAME}:M", prompt="Sampling", max_tokens=12, temperature=1.0, top_p=0.9)
@@ -218,8 +221,11 @@ def test_same_size_requests_share_a_batch(server, client, local):
     prompts = ["One", "Two words here", "Three: a longer prompt of several tokens", "Four"]
     before = shared_batches(server, "L")
     with ThreadPoolExecutor(len(prompts)) as pool:
-        results = list(pool.map(lambda p: client.completions.create(
-            model=f"{NAME}:L", prompt=p, max_tokens=10, temperature=0), prompts))
+        results = list(
+            pool.map(
+                lambda p: client.completions.create(model=f"{NAME}:L", prompt=p, max_tokens=10, temperature=0), prompts
+            )
+        )
     assert shared_batches(server, "L") > before  # these requests, not earlier ones, were batched together
     for p, r in zip(prompts, results):
         assert r.choices[0].text == engine_text(local, p, "L", 10)
@@ -300,33 +306,75 @@ BAD = [  # (id, path, raw body or JSON object, status, param)
     ("seed-string", "/v1/completions", _completion(seed="x"), 400, "seed"),
     ("n-zero", "/v1/completions", _completion(n=0), 400, "n"),
     ("logprobs", "/v1/completions", _completion(logprobs=2), 400, "logprobs"),
-    ("deep-nesting", "/v1/completions", b'{"model": "tiny:M", "prompt": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",
-     400, None),
+    (
+        "deep-nesting",
+        "/v1/completions",
+        b'{"model": "tiny:M", "prompt": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+        400,
+        None,
+    ),
     ("lone-surrogate", "/v1/completions", b'{"model": "tiny:M", "prompt": "a\\ud800b"}', 400, "prompt"),
     ("model-lone-surrogate", "/v1/completions", b'{"model": "x\\udc00", "prompt": "a"}', 404, "model"),
     ("too-many-choices", "/v1/completions", _completion(prompt=["a"] * 100, n=8), 400, "n"),
-    ("huge-seed", "/v1/completions", _completion(seed=10 ** 30), 400, "seed"),
-    ("infinite-temperature", "/v1/completions", b'{"model": "tiny:M", "prompt": "a", "temperature": 1e400}', 400,
-     "temperature"),
+    ("huge-seed", "/v1/completions", _completion(seed=10**30), 400, "seed"),
+    (
+        "infinite-temperature",
+        "/v1/completions",
+        b'{"model": "tiny:M", "prompt": "a", "temperature": 1e400}',
+        400,
+        "temperature",
+    ),
     ("oversize-body", "/v1/completions", _completion(prompt="x" * 100_000), 413, None),
     ("chat-missing-messages", "/v1/chat/completions", {"model": "tiny:M"}, 400, "messages"),
     ("chat-empty-messages", "/v1/chat/completions", {"model": "tiny:M", "messages": []}, 400, "messages"),
-    ("chat-bad-role", "/v1/chat/completions", {"model": "tiny:M", "messages": [{"role": "robot", "content": "x"}]},
-     400, "messages[0].role"),
-    ("chat-content-number", "/v1/chat/completions", {"model": "tiny:M", "messages": [{"role": "user", "content": 5}]},
-     400, "messages[0].content"),
+    (
+        "chat-bad-role",
+        "/v1/chat/completions",
+        {"model": "tiny:M", "messages": [{"role": "robot", "content": "x"}]},
+        400,
+        "messages[0].role",
+    ),
+    (
+        "chat-content-number",
+        "/v1/chat/completions",
+        {"model": "tiny:M", "messages": [{"role": "user", "content": 5}]},
+        400,
+        "messages[0].content",
+    ),
     ("chat-message-string", "/v1/chat/completions", {"model": "tiny:M", "messages": ["hi"]}, 400, "messages[0]"),
-    ("chat-max-completion-tokens-0", "/v1/chat/completions",
-     {"model": "tiny:M", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, 400,
-     "max_completion_tokens"),
-    ("chat-image", "/v1/chat/completions", {"model": "tiny:M", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400, "messages[0].content[0]"),
+    (
+        "chat-max-completion-tokens-0",
+        "/v1/chat/completions",
+        {"model": "tiny:M", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
+        400,
+        "max_completion_tokens",
+    ),
+    (
+        "chat-image",
+        "/v1/chat/completions",
+        {
+            "model": "tiny:M",
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}],
+        },
+        400,
+        "messages[0].content[0]",
+    ),
     ("embed-missing-input", "/v1/embeddings", {"model": "tiny:M"}, 400, "input"),
-    ("embed-dims-too-large", "/v1/embeddings", {"model": "tiny:M", "input": "x", "dimensions": 10_000}, 400,
-     "dimensions"),
+    (
+        "embed-dims-too-large",
+        "/v1/embeddings",
+        {"model": "tiny:M", "input": "x", "dimensions": 10_000},
+        400,
+        "dimensions",
+    ),
     ("embed-dims-zero", "/v1/embeddings", {"model": "tiny:M", "input": "x", "dimensions": 0}, 400, "dimensions"),
-    ("embed-bad-format", "/v1/embeddings", {"model": "tiny:M", "input": "x", "encoding_format": "int8"}, 400,
-     "encoding_format"),
+    (
+        "embed-bad-format",
+        "/v1/embeddings",
+        {"model": "tiny:M", "input": "x", "encoding_format": "int8"},
+        400,
+        "encoding_format",
+    ),
     ("embed-unknown-model", "/v1/embeddings", {"model": "bert", "input": "x"}, 404, "model"),
     ("embed-too-long", "/v1/embeddings", {"model": "tiny:M", "input": "word " * 200}, 400, "input"),
 ]
@@ -373,11 +421,15 @@ def test_health_and_metrics(server, client):
     h = httpx.get(server.url + "/health").json()
     assert h["status"] == "ok" and h["sizes"] == ["XL", "L", "M", "S"]
     text = httpx.get(server.url + "/metrics").text
-    for series in ('matryoshka_requests_total{endpoint="/v1/completions",size="S",status="200"}',
-                   'matryoshka_tokens_total{kind="completion",size="S"}',
-                   'matryoshka_request_latency_seconds_bucket{endpoint="/v1/completions",le="0.5",size="S"}',
-                   'matryoshka_time_to_first_token_seconds_count{size="S"}',
-                   'matryoshka_errors_total{', "matryoshka_batch_rows_bucket{", "matryoshka_queue_waiting "):
+    for series in (
+        'matryoshka_requests_total{endpoint="/v1/completions",size="S",status="200"}',
+        'matryoshka_tokens_total{kind="completion",size="S"}',
+        'matryoshka_request_latency_seconds_bucket{endpoint="/v1/completions",le="0.5",size="S"}',
+        'matryoshka_time_to_first_token_seconds_count{size="S"}',
+        "matryoshka_errors_total{",
+        "matryoshka_batch_rows_bucket{",
+        "matryoshka_queue_waiting ",
+    ):
         assert series in text, series
     assert 'status="5' not in text  # nothing above ever produced a 5xx
 
@@ -410,8 +462,12 @@ def test_cli_serve_binds_loopback_and_stops(ckpt):
     port = sock.getsockname()[1]
     sock.close()
     env = {**os.environ, "MATRYOSHKA_API_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "matryoshka_lm.cli", "serve", str(ckpt), "--port", str(port),
-                             "--device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "matryoshka_lm.cli", "serve", str(ckpt), "--port", str(port), "--device", "cpu"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -437,20 +493,46 @@ def test_cli_serve_binds_loopback_and_stops(ckpt):
 
 # ---------------------------------------------------------------- fuzz: never a 5xx
 
-_scalars = (st.none() | st.booleans() | st.integers(-10 ** 20, 10 ** 20)
-            | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20))
-_json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
-                     | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=8)
-_fields = ["prompt", "messages", "input", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed",
-           "dimensions", "encoding_format", "max_completion_tokens", "stream_options", "logprobs"]
-_small = st.one_of(_json, st.integers(0, 8),
-                   st.sampled_from(["x", "ab", ["a"], [1, 2], [{"role": "user", "content": "x"}]]))
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**20), 10**20)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+)
+_json = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=8,
+)
+_fields = [
+    "prompt",
+    "messages",
+    "input",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stream",
+    "stop",
+    "seed",
+    "dimensions",
+    "encoding_format",
+    "max_completion_tokens",
+    "stream_options",
+    "logprobs",
+]
+_small = st.one_of(
+    _json, st.integers(0, 8), st.sampled_from(["x", "ab", ["a"], [1, 2], [{"role": "user", "content": "x"}]])
+)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
-@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/embeddings"]),
-       model=st.sampled_from(["tiny:M", "tiny:S,M,L,XL", "tiny:auto", "S", "tiny:", "", "tiny:f8h2@d8"]),
-       body=st.dictionaries(st.sampled_from(_fields), _small, max_size=6))
+@given(
+    path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/embeddings"]),
+    model=st.sampled_from(["tiny:M", "tiny:S,M,L,XL", "tiny:auto", "S", "tiny:", "", "tiny:f8h2@d8"]),
+    body=st.dictionaries(st.sampled_from(_fields), _small, max_size=6),
+)
 def test_fuzzed_bodies_never_get_a_5xx(server, path, model, body):
     r = httpx.post(server.url + path, json={"model": model, **body}, timeout=60)
     assert r.status_code < 500, r.text

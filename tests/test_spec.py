@@ -101,10 +101,19 @@ def test_flops_per_token_matches_torch_flop_counter(text, tie):
     assert counts["aten.bmm"] == 2 * T * (flops_per_token(cfg, spec, context=T) - weights)
 
 
-@pytest.mark.parametrize("text, words", [
-    ("XXL", "unknown size"), ("S,XXL", "bad layer 1"), ("", "empty"), ("f16h3", "GQA group"), ("f999h2", "outside"),
-    ("M,M,M,M,M", "model has 4"), ("M@d999", "width 999"), ("M@q", "bad width"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("XXL", "unknown size"),
+        ("S,XXL", "bad layer 1"),
+        ("", "empty"),
+        ("f16h3", "GQA group"),
+        ("f999h2", "outside"),
+        ("M,M,M,M,M", "model has 4"),
+        ("M@d999", "width 999"),
+        ("M@q", "bad width"),
+    ],
+)
 def test_parse_errors_name_the_problem(text, words):
     with pytest.raises(MatryoshkaError, match=words):
         parse_spec(tiny_config(), text)

@@ -1,4 +1,5 @@
 """The study pipeline end to end on the `micro` preset, and the scaling fit on points with known constants."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,14 @@ def study(tmp_path_factory, corpus_file):
 def test_report_files_and_tables(study):
     root, res = study
     rep = root / "report"
-    for f in ("README.md", "results.json", "size_vs_loss.png", "ablation_flops_vs_loss.png", "consistency.png",
-              "scaling.png"):
+    for f in (
+        "README.md",
+        "results.json",
+        "size_vs_loss.png",
+        "ablation_flops_vs_loss.png",
+        "consistency.png",
+        "scaling.png",
+    ):
         assert (rep / f).is_file() and (rep / f).stat().st_size > 500, f
     text = (rep / "README.md").read_text()
     for heading in ("Quality per size", "Consistency", "Which axes to nest", "Mix'n'Match", "Scaling"):
@@ -107,7 +114,7 @@ def test_every_run_sees_the_same_tokens():
 def test_fit_recovers_known_constants():
     n = np.geomspace(1e4, 1e7, 12)
     a, b, c = 40.0, 0.3, 1.7
-    loss = a * n ** -b + c + np.random.default_rng(0).normal(0, 1e-4, n.size)
+    loss = a * n**-b + c + np.random.default_rng(0).normal(0, 1e-4, n.size)
     fit = fit_scaling(n, loss)
     assert fit["b"] == pytest.approx(b, abs=0.01) and fit["c"] == pytest.approx(c, abs=0.01)
     assert fit["a"] == pytest.approx(a, rel=0.1) and fit["b_err"] < 0.01

@@ -158,8 +158,14 @@ def test_resume_with_more_steps_decays_over_the_new_total(tmp_path, corpus_file)
     out = tmp_path / "run"
     train(tiny_config(), tiny_train_config(steps=4), out, data=str(corpus_file))
     before = read_metrics(out)
-    train(tiny_config(), tiny_train_config(steps=4), out, data=str(corpus_file), resume=True,
-          changes={"steps": 6, "save_every": 5, "seed": None})  # None: not given
+    train(
+        tiny_config(),
+        tiny_train_config(steps=4),
+        out,
+        data=str(corpus_file),
+        resume=True,
+        changes={"steps": 6, "save_every": 5, "seed": None},
+    )  # None: not given
     after = read_metrics(out)
     assert after[:4] == before
     longer = tiny_train_config(steps=6)
@@ -176,14 +182,17 @@ def short_run(tmp_path_factory, corpus_file):
     return out
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"steps": 3, "seed": 1}, "seed (saved 0, given 1)"),
-    ({"steps": 3, "batch_size": 8}, "batch_size (saved 4, given 8)"),
-    ({"steps": 3, "sizes": ["XL", "M"]}, "sizes (saved None, given ['XL', 'M'])"),
-    ({"steps": 3, "max_corpus_chars": 1000}, "max_corpus_chars (saved 60000, given 1000)"),
-    ({"steps": 3, "nest_width": False}, "nest_width (saved True, given False)"),
-    ({"steps": 3, "seed": 1, "only": "M"}, "only (saved None, given 'M'), seed (saved 0, given 1)"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"steps": 3, "seed": 1}, "seed (saved 0, given 1)"),
+        ({"steps": 3, "batch_size": 8}, "batch_size (saved 4, given 8)"),
+        ({"steps": 3, "sizes": ["XL", "M"]}, "sizes (saved None, given ['XL', 'M'])"),
+        ({"steps": 3, "max_corpus_chars": 1000}, "max_corpus_chars (saved 60000, given 1000)"),
+        ({"steps": 3, "nest_width": False}, "nest_width (saved True, given False)"),
+        ({"steps": 3, "seed": 1, "only": "M"}, "only (saved None, given 'M'), seed (saved 0, given 1)"),
+    ],
+)
 def test_resume_refuses_settings_that_cannot_change(short_run, corpus_file, changes, message):
     with pytest.raises(MatryoshkaError) as e:
         train(tiny_config(), tiny_train_config(), short_run, data=str(corpus_file), resume=True, changes=changes)
@@ -217,8 +226,24 @@ def test_resume_from_python_takes_the_differences_of_tcfg_as_the_changes(short_r
 
 def test_cli_resume_with_more_steps_trains_the_extra_steps(tmp_path, corpus_file, capsys):
     out = tmp_path / "run"
-    common = ["train", "--preset", "tiny", "--out", str(out), "--data", str(corpus_file), "--batch-size", "4",
-              "--seq-len", "32", "--max-corpus-chars", "60000", "--quiet", "--device", "cpu"]
+    common = [
+        "train",
+        "--preset",
+        "tiny",
+        "--out",
+        str(out),
+        "--data",
+        str(corpus_file),
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--max-corpus-chars",
+        "60000",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
     assert main(common + ["--steps", "2", "--lr", "0.001"]) == 0
     assert main(common + ["--steps", "3", "--resume", "--save-every", "7"]) == 0
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]

@@ -1,4 +1,5 @@
 """The training mechanics the three loops share (train/optim.py, train/steps.py), and finetune_hf on them."""
+
 from __future__ import annotations
 
 import json
@@ -23,10 +24,11 @@ def test_accumulated_micro_steps_equal_one_step_on_the_whole_batch():
 
     whole, opt_w = fresh()
     split, opt_s = fresh()
-    loss_of = lambda m, a, b: (lambda: ((m(a) - b).pow(2).mean(), (m(a) - b).pow(2).mean().detach()))  # noqa: E731
+    loss_of = lambda m, a, b: lambda: ((m(a) - b).pow(2).mean(), (m(a) - b).pow(2).mean().detach())  # noqa: E731
     rep_w, norm_w = optimizer_step(opt_w, whole.parameters(), 0.05, [loss_of(whole, x, y)], 1.0)
-    rep_s, norm_s = optimizer_step(opt_s, split.parameters(), 0.05,
-                                   [loss_of(split, x[:4], y[:4]), loss_of(split, x[4:], y[4:])], 1.0)
+    rep_s, norm_s = optimizer_step(
+        opt_s, split.parameters(), 0.05, [loss_of(split, x[:4], y[:4]), loss_of(split, x[4:], y[4:])], 1.0
+    )
     torch.testing.assert_close(rep_s, rep_w)
     torch.testing.assert_close(norm_s, norm_w)
     for a, b in zip(whole.parameters(), split.parameters()):
@@ -66,8 +68,14 @@ def tiny_bert(tmp_path_factory):
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
     fast.save_pretrained(path)
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=32)
+    cfg = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
     transformers.BertModel(cfg).save_pretrained(path)
     rng = random.Random(0)
     pairs = path.parent / "pairs.jsonl"

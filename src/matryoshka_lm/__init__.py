@@ -8,20 +8,67 @@ Layers, each importing only from the ones before it (tests/test_layout.py checks
   serve/                            the OpenAI-compatible server
   cli/                              the `matryoshka` command
 """
+
 from __future__ import annotations
 
-from matryoshka_lm.config import ModelConfig, TrainConfig, preset
-from matryoshka_lm.core.checkpoint import load_model, load_tokenizer, save_model
-from matryoshka_lm.core.model import KVCache, MatryoshkaLM
-from matryoshka_lm.core.spec import (LayerSpec, SubmodelSpec, count_params, flops_per_token, format_spec, parse_spec,
-                                     uniform_spec)
-from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.infer.engine import Engine
-from matryoshka_lm.infer.sampling import Sampling
-from matryoshka_lm.infer.stops import Completion
-from matryoshka_lm.infer.speculative import speculative_decode
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> the module that defines it; imported on first use (PEP 562) so that `matryoshka --help` and
+# `import matryoshka_lm.config` do not pay for torch
+_EXPORTS = {
+    "ModelConfig": "config",
+    "TrainConfig": "config",
+    "preset": "config",
+    "MatryoshkaError": "errors",
+    "load_model": "core.checkpoint",
+    "load_tokenizer": "core.checkpoint",
+    "save_model": "core.checkpoint",
+    "KVCache": "core.model",
+    "MatryoshkaLM": "core.model",
+    "LayerSpec": "core.spec",
+    "SubmodelSpec": "core.spec",
+    "count_params": "core.spec",
+    "flops_per_token": "core.spec",
+    "format_spec": "core.spec",
+    "parse_spec": "core.spec",
+    "uniform_spec": "core.spec",
+    "Engine": "infer.engine",
+    "Sampling": "infer.sampling",
+    "Completion": "infer.stops",
+    "speculative_decode": "infer.speculative",
+}
+
+if TYPE_CHECKING:
+    from matryoshka_lm.config import ModelConfig, TrainConfig, preset  # noqa: F401
+    from matryoshka_lm.core.checkpoint import load_model, load_tokenizer, save_model  # noqa: F401
+    from matryoshka_lm.core.model import KVCache, MatryoshkaLM  # noqa: F401
+    from matryoshka_lm.core.spec import (  # noqa: F401
+        LayerSpec,
+        SubmodelSpec,
+        count_params,
+        flops_per_token,
+        format_spec,
+        parse_spec,
+        uniform_spec,
+    )
+    from matryoshka_lm.errors import MatryoshkaError  # noqa: F401
+    from matryoshka_lm.infer.engine import Engine  # noqa: F401
+    from matryoshka_lm.infer.sampling import Sampling  # noqa: F401
+    from matryoshka_lm.infer.speculative import speculative_decode  # noqa: F401
+    from matryoshka_lm.infer.stops import Completion  # noqa: F401
 
 __version__ = "0.1.0"
-__all__ = ["ModelConfig", "TrainConfig", "preset", "MatryoshkaError", "MatryoshkaLM", "KVCache", "LayerSpec",
-           "SubmodelSpec", "count_params", "flops_per_token", "format_spec", "parse_spec", "uniform_spec",
-           "load_model", "load_tokenizer", "save_model", "Engine", "Sampling", "Completion", "speculative_decode"]
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'matryoshka_lm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"matryoshka_lm.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

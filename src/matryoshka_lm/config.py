@@ -1,4 +1,5 @@
 """Model and training configuration: plain dataclasses, JSON round-trip, presets. Stdlib only."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,11 +38,11 @@ def _per_layer(value: int | list[int], n_layers: int, name: str) -> list[int]:
 @dataclass
 class ModelConfig:
     vocab_size: int = 2048
-    d_model: int = 192            # residual width C
+    d_model: int = 192  # residual width C
     n_layers: int = 4
     n_heads: int | list[int] = 8  # query heads, scalar or one per layer
     n_kv_heads: int | list[int] = 4  # key/value heads (GQA); n_heads / n_kv_heads is the group size
-    head_dim: int = 0             # 0 -> d_model // n_heads; fixed when the residual width is sliced
+    head_dim: int = 0  # 0 -> d_model // n_heads; fixed when the residual width is sliced
     ffn_dim: int | list[int] = 512  # SwiGLU hidden width, scalar or one per layer
     max_seq_len: int = 256
     rope_theta: float = 10000.0
@@ -118,7 +119,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -129,31 +130,31 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     steps: int = 300
-    batch_size: int = 16          # sequences per optimizer step (global, across ranks and accumulation)
+    batch_size: int = 16  # sequences per optimizer step (global, across ranks and accumulation)
     seq_len: int = 128
     grad_accum: int = 1
     lr: float = 3e-3
-    min_lr_ratio: float = 0.1     # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 30
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
     seed: int = 0
-    sizes: list[str] | None = None   # granularities trained jointly; None -> every size in the model config
+    sizes: list[str] | None = None  # granularities trained jointly; None -> every size in the model config
     size_weights: list[float] | None = None  # loss weight per trained size; None -> all 1
-    sample_sizes: int = 0         # >0: train a random subset of this many sizes per step (the full size always)
-    distill: float = 0.0          # weight of KL(full || size) self-distillation for the smaller sizes
-    only: str | None = None       # baseline mode: train one dense model of this size's shape
-    dtype: str = "auto"           # auto -> bf16 autocast where supported (CUDA), else fp32
+    sample_sizes: int = 0  # >0: train a random subset of this many sizes per step (the full size always)
+    distill: float = 0.0  # weight of KL(full || size) self-distillation for the smaller sizes
+    only: str | None = None  # baseline mode: train one dense model of this size's shape
+    dtype: str = "auto"  # auto -> bf16 autocast where supported (CUDA), else fp32
     eval_every: int = 100
     eval_batches: int = 8
     save_every: int = 100
-    vocab_size: int = 2048        # BPE vocabulary trained on the corpus
-    max_corpus_chars: int = 0     # 0 -> whole corpus
+    vocab_size: int = 2048  # BPE vocabulary trained on the corpus
+    max_corpus_chars: int = 0  # 0 -> whole corpus
     val_fraction: float = 0.05
     fsdp: bool = False
-    data: str | None = None       # text file or folder; None -> the embedded default corpus
+    data: str | None = None  # text file or folder; None -> the embedded default corpus
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "save_every", "eval_every"):
@@ -170,7 +171,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -179,18 +180,47 @@ class TrainConfig:
 PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "tiny": (
         dict(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64, vocab_size=512),
-        dict(steps=40, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=5, eval_every=20, save_every=20,
-             eval_batches=4, vocab_size=512, max_corpus_chars=400_000),
+        dict(
+            steps=40,
+            batch_size=8,
+            seq_len=64,
+            lr=3e-3,
+            warmup_steps=5,
+            eval_every=20,
+            save_every=20,
+            eval_batches=4,
+            vocab_size=512,
+            max_corpus_chars=400_000,
+        ),
     ),
     "demo": (
         dict(d_model=192, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=512, max_seq_len=256, vocab_size=2048),
-        dict(steps=400, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=40, eval_every=100, save_every=100,
-             eval_batches=16, vocab_size=2048, max_corpus_chars=3_000_000),
+        dict(
+            steps=400,
+            batch_size=16,
+            seq_len=128,
+            lr=3e-3,
+            warmup_steps=40,
+            eval_every=100,
+            save_every=100,
+            eval_batches=16,
+            vocab_size=2048,
+            max_corpus_chars=3_000_000,
+        ),
     ),
     "small": (
         dict(d_model=384, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1024, max_seq_len=512, vocab_size=8192),
-        dict(steps=3000, batch_size=32, seq_len=256, lr=1.5e-3, warmup_steps=200, eval_every=250, save_every=250,
-             eval_batches=32, vocab_size=8192),
+        dict(
+            steps=3000,
+            batch_size=32,
+            seq_len=256,
+            lr=1.5e-3,
+            warmup_steps=200,
+            eval_every=250,
+            save_every=250,
+            eval_batches=32,
+            vocab_size=8192,
+        ),
     ),
 }
 

@@ -1,4 +1,5 @@
 """Text corpora, the byte-level BPE tokenizer, a deterministic train/val split and batch sampling."""
+
 from __future__ import annotations
 
 import importlib.resources
@@ -32,7 +33,8 @@ def kjv_text() -> str:
     with sqlite3.connect(str(db)) as con:
         rows = con.execute(
             "select v.text from verses v join books b on b.id = v.book_id "
-            "order by b.sort_order, v.chapter_number, v.verse_number").fetchall()
+            "order by b.sort_order, v.chapter_number, v.verse_number"
+        ).fetchall()
     return "\n".join(r[0] for r in rows)
 
 
@@ -79,8 +81,12 @@ def train_tokenizer(docs: list[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(_chunks(docs), trainer=trainer)
     return tok
 
@@ -88,7 +94,7 @@ def train_tokenizer(docs: list[str], vocab_size: int):
 def _chunks(docs: list[str], size: int = 1 << 16):
     for d in docs:
         for i in range(0, len(d), size):
-            yield d[i:i + size]
+            yield d[i : i + size]
 
 
 def encode_corpus(tok, docs: list[str]) -> np.ndarray:
@@ -97,7 +103,7 @@ def encode_corpus(tok, docs: list[str]) -> np.ndarray:
     ids: list[int] = []
     for d in docs:
         lines = d.splitlines(keepends=True)
-        for enc in tok.encode_batch(["".join(lines[i:i + 256]) for i in range(0, len(lines), 256)]):
+        for enc in tok.encode_batch(["".join(lines[i : i + 256]) for i in range(0, len(lines), 256)]):
             ids.extend(enc.ids)
         ids.append(eot)
     dtype = np.uint16 if tok.get_vocab_size() <= 65535 else np.int32
@@ -113,17 +119,19 @@ def split_tokens(tokens: np.ndarray, val_fraction: float, block: int = 2048) -> 
         return tokens[:cut], tokens[cut:]
     is_val = (np.arange(n_blocks) % every) == every - 1
     blocks = tokens[: n_blocks * block].reshape(n_blocks, block)
-    train = np.concatenate([blocks[~is_val].ravel(), tokens[n_blocks * block:]])
+    train = np.concatenate([blocks[~is_val].ravel(), tokens[n_blocks * block :]])
     return train, blocks[is_val].ravel()
 
 
-def sample_batch(tokens: np.ndarray, batch: int, seq_len: int, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(
+    tokens: np.ndarray, batch: int, seq_len: int, seed: int, step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows, a pure function of (seed, step): resuming needs no RNG state."""
     if len(tokens) <= seq_len + 1:
         raise MatryoshkaError(f"corpus has {len(tokens)} tokens, fewer than one sequence of {seq_len + 1}")
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, len(tokens) - seq_len - 1, (batch,), generator=g).numpy()
-    windows = np.stack([tokens[s:s + seq_len + 1].astype(np.int64) for s in starts])
+    windows = np.stack([tokens[s : s + seq_len + 1].astype(np.int64) for s in starts])
     w = torch.from_numpy(windows)
     return w[:, :-1], w[:, 1:]
 
@@ -136,7 +144,7 @@ def eval_batches(tokens: np.ndarray, batch: int, seq_len: int, n_batches: int):
     stride = (len(tokens) - seq_len - 1) // max(1, n_windows - 1) if n_windows > 1 else 0
     starts = [i * stride for i in range(n_windows)]
     for i in range(0, n_windows, batch):
-        w = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1].astype(np.int64) for s in starts[i:i + batch]]))
+        w = torch.from_numpy(np.stack([tokens[s : s + seq_len + 1].astype(np.int64) for s in starts[i : i + batch]]))
         yield w[:, :-1], w[:, 1:]
 
 

@@ -1,4 +1,5 @@
 """One exception type for every user-facing failure; the CLI turns it into a one-line error."""
+
 from __future__ import annotations
 
 

@@ -1,5 +1,6 @@
 """The matplotlib set-up every PNG of the package shares: Agg backend, figure, grid, legend, tight layout and an
 atomic save (a reader never sees half a PNG, and a failed plot leaves the previous file, or none)."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,13 @@ DPI = 120
 
 
 @contextmanager
-def figure(path: str | Path, figsize: tuple[float, float], ncols: int = 1, grid_axis: str = "both",
-           legend: dict[str, Any] | None = None) -> Iterator[tuple[Any, Any]]:
+def figure(
+    path: str | Path,
+    figsize: tuple[float, float],
+    ncols: int = 1,
+    grid_axis: str = "both",
+    legend: dict[str, Any] | None = None,
+) -> Iterator[tuple[Any, Any]]:
     """Yield (fig, ax) to draw on (ax is an array of `ncols` axes when ncols > 1); when the block ends, grid
     every axes, put the legend (keyword arguments `legend`) on the first, lay out, and write `path`."""
     import matplotlib

@@ -1,4 +1,5 @@
 """`matryoshka extract | export-hf | import-hf`: checkpoints in and out."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,17 @@ def cmd_import_hf(a: argparse.Namespace) -> None:
     from matryoshka_lm.convert.hf import describe, import_hf
 
     nest = tuple(x.strip() for x in a.nest.split(",") if x.strip())
-    out = import_hf(a.src, a.out, force=a.force, nest=nest, reorder=not a.no_reorder, data=a.data,
-                    max_corpus_chars=a.max_corpus_chars, reorder_batches=a.reorder_batches,
-                    device=pick_device(a.device))
+    out = import_hf(
+        a.src,
+        a.out,
+        force=a.force,
+        nest=nest,
+        reorder=not a.no_reorder,
+        data=a.data,
+        max_corpus_chars=a.max_corpus_chars,
+        reorder_batches=a.reorder_batches,
+        device=pick_device(a.device),
+    )
     print(f"wrote {out}: {describe(out)}", file=sys.stderr)
 
 
@@ -43,8 +52,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     h.add_argument("ckpt")
     h.add_argument("--size", required=True, help="size name or a spec whose layers share one granularity")
     h.add_argument("-o", "--out", required=True, help="new folder")
-    h.add_argument("--pad", action="store_true",
-                   help="export per-layer specs zero-padded to the widest layer (same logits, more parameters)")
+    h.add_argument(
+        "--pad",
+        action="store_true",
+        help="export per-layer specs zero-padded to the widest layer (same logits, more parameters)",
+    )
     h.add_argument("--force", action="store_true", help="replace --out if it exists")
     h.set_defaults(func=cmd_export_hf)
 
@@ -54,10 +66,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--nest", default="heads,ffn", help="axes the fine-tune will nest (default heads,ffn)")
     i.add_argument("--no-reorder", action="store_true", help="keep the original order of neurons and heads")
     i.add_argument("--data", help="corpus for measuring importance (default: the embedded corpus)")
-    i.add_argument("--max-corpus-chars", type=nonnegative_int, default=3_000_000,
-                   help="characters of the corpus to read (match the fine-tune's setting; default 3000000)")
-    i.add_argument("--reorder-batches", type=positive_int, default=8,
-                   help="batches of 8 x 128 tokens for importance")
+    i.add_argument(
+        "--max-corpus-chars",
+        type=nonnegative_int,
+        default=3_000_000,
+        help="characters of the corpus to read (match the fine-tune's setting; default 3000000)",
+    )
+    i.add_argument("--reorder-batches", type=positive_int, default=8, help="batches of 8 x 128 tokens for importance")
     i.add_argument("--force", action="store_true", help="replace --out if it exists")
     i.add_argument("--device", default="auto")
     i.set_defaults(func=cmd_import_hf)

@@ -1,4 +1,5 @@
 """`matryoshka eval`: the per-size table of one checkpoint."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,8 +10,15 @@ from .options import pick_device, positive_int
 def cmd_eval(a: argparse.Namespace) -> None:
     from matryoshka_lm.train.eval_checkpoint import evaluate_checkpoint
 
-    rows, text = evaluate_checkpoint(a.ckpt, sizes=a.sizes, data=a.data, n_batches=a.batches,
-                                     json_path=a.json, plot_path=a.plot, device=pick_device(a.device))
+    rows, text = evaluate_checkpoint(
+        a.ckpt,
+        sizes=a.sizes,
+        data=a.data,
+        n_batches=a.batches,
+        json_path=a.json,
+        plot_path=a.plot,
+        device=pick_device(a.device),
+    )
     print(text)
 
 
@@ -19,8 +27,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("ckpt")
     e.add_argument("--sizes", help="comma-separated sizes or Mix'n'Match specs; ';' separates specs with commas")
     e.add_argument("--data", help="evaluate on this text instead of the checkpoint's validation split")
-    e.add_argument("--batches", type=positive_int, default=None,
-                   help="validation batches (default: the run's eval_batches)")
+    e.add_argument(
+        "--batches", type=positive_int, default=None, help="validation batches (default: the run's eval_batches)"
+    )
     e.add_argument("--json", help="write the table as JSON here (default CKPT/eval.json)")
     e.add_argument("--plot", help="write params-vs-loss PNG here (default CKPT/eval.png)")
     e.add_argument("--device", default="auto")

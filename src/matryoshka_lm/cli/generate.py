@@ -1,4 +1,5 @@
 """`matryoshka generate`: sample text at one size, every size, or speculatively (a small size drafts)."""
+
 from __future__ import annotations
 
 import argparse
@@ -42,29 +43,38 @@ def cmd_generate(a: argparse.Namespace) -> None:
         _print_pieces(a, model, engine, ids, spec, draft, sampling, stops, size)
 
 
-def _print_pieces(a: argparse.Namespace, model, engine, ids: list[int], spec, draft, sampling, stops: dict,
-                  size: str) -> None:
+def _print_pieces(
+    a: argparse.Namespace, model, engine, ids: list[int], spec, draft, sampling, stops: dict, size: str
+) -> None:
     """Generate one size's continuation (plain or speculative, streamed or whole) and print it."""
     from matryoshka_lm.infer.speculative import SpeculativeStats, speculative_decode, speculative_stream
 
     stats = SpeculativeStats()
     pieces: Iterable[str]
     if draft is None:
-        pieces = (engine.stream(ids, spec, a.max_new_tokens, sampling, **stops) if a.stream else
-                  [engine.generate([ids], spec, a.max_new_tokens, sampling, **stops)[0].text])
+        pieces = (
+            engine.stream(ids, spec, a.max_new_tokens, sampling, **stops)
+            if a.stream
+            else [engine.generate([ids], spec, a.max_new_tokens, sampling, **stops)[0].text]
+        )
     elif a.stream:
-        pieces = speculative_stream(model, ids, spec, draft, a.max_new_tokens, sampling, engine=engine,
-                                    stats=stats, gamma=a.gamma, **stops)
+        pieces = speculative_stream(
+            model, ids, spec, draft, a.max_new_tokens, sampling, engine=engine, stats=stats, gamma=a.gamma, **stops
+        )
     else:
-        done, stats = speculative_decode(model, ids, spec, draft, a.max_new_tokens, sampling, gamma=a.gamma,
-                                         engine=engine, **stops)
+        done, stats = speculative_decode(
+            model, ids, spec, draft, a.max_new_tokens, sampling, gamma=a.gamma, engine=engine, **stops
+        )
         pieces = [done.text]
     for piece in pieces:
         print(piece, end="", flush=True)
     print()
     if draft is not None:
-        print(f"speculative: draft {draft} for {size}: {stats.acceptance:.0%} of {stats.drafted} drafted tokens "
-              f"accepted, {stats.tokens_per_round:.2f} tokens per target pass", file=sys.stderr)
+        print(
+            f"speculative: draft {draft} for {size}: {stats.acceptance:.0%} of {stats.drafted} drafted tokens "
+            f"accepted, {stats.tokens_per_round:.2f} tokens per target pass",
+            file=sys.stderr,
+        )
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -82,7 +92,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--draft", help="speculative decoding: this smaller size or spec drafts, --size verifies")
     g.add_argument("--gamma", type=int, default=4, help="draft tokens per verification (start value; adapts)")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the decode step (default: on for CUDA, off for CPU)")
+    g.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the decode step (default: on for CUDA, off for CPU)",
+    )
     g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_generate)

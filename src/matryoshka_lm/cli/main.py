@@ -4,6 +4,7 @@ Errors print one line: a MatryoshkaError (bad input) as `error: ...` with exit 2
 `error: ...` plus a hint to rerun with -v (which shows the traceback) with exit 1; bad options as argparse's
 usage error with exit 2.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """Helpers every command group shares: device choice, argparse types for counts, comma-separated lists."""
+
 from __future__ import annotations
 
 import argparse

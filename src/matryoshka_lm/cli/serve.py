@@ -1,4 +1,5 @@
 """`matryoshka serve`: the OpenAI-compatible HTTP server."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,16 @@ def cmd_serve(a: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(a.threads)
-    serve(a.ckpt, host=a.host, port=a.port, api_key=a.api_key or os.environ.get("MATRYOSHKA_API_KEY"),
-          device=pick_device(a.device), name=a.name, max_batch=a.max_batch, compile=a.compile)
+    serve(
+        a.ckpt,
+        host=a.host,
+        port=a.port,
+        api_key=a.api_key or os.environ.get("MATRYOSHKA_API_KEY"),
+        device=pick_device(a.device),
+        name=a.name,
+        max_batch=a.max_batch,
+        compile=a.compile,
+    )
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -26,9 +35,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MATRYOSHKA_API_KEY, else none)")
     sv.add_argument("--name", help="model name in ids NAME:SIZE (default: the checkpoint folder's name)")
     sv.add_argument("--max-batch", type=positive_int, default=16, help="rows per generation batch")
-    sv.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                    help="torch.compile the decode step (pays off on CUDA)")
-    sv.add_argument("--threads", type=positive_int,
-                    help="torch CPU threads (default: torch's; 1 suits a small shared CPU)")
+    sv.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the decode step (pays off on CUDA)",
+    )
+    sv.add_argument(
+        "--threads", type=positive_int, help="torch CPU threads (default: torch's; 1 suits a small shared CPU)"
+    )
     sv.add_argument("--device", default="auto")
     sv.set_defaults(func=cmd_serve)

@@ -1,4 +1,5 @@
 """`matryoshka mixnmatch | study`: searching submodels, and the Matryoshka-vs-baselines study."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,16 @@ from .options import nonnegative_int, pick_device, positive_int
 def cmd_mixnmatch(a: argparse.Namespace) -> None:
     from matryoshka_lm.study.mixnmatch import run_mixnmatch
 
-    best, table = run_mixnmatch(a.ckpt, a.budget, n_batches=a.batches, max_evals=a.max_evals, plot_path=a.plot,
-                                json_path=a.json, latency_tokens=a.latency_tokens, device=pick_device(a.device))
+    best, table = run_mixnmatch(
+        a.ckpt,
+        a.budget,
+        n_batches=a.batches,
+        max_evals=a.max_evals,
+        plot_path=a.plot,
+        json_path=a.json,
+        latency_tokens=a.latency_tokens,
+        device=pick_device(a.device),
+    )
     print(table)
     print(f"\nbest for {a.budget}: {best.text}")
 
@@ -19,8 +28,15 @@ def cmd_mixnmatch(a: argparse.Namespace) -> None:
 def cmd_study(a: argparse.Namespace) -> None:
     from matryoshka_lm.study.study import run_study
 
-    res = run_study(a.preset, a.out, work=a.work, data=a.data, seed=a.seed, device=pick_device(a.device),
-                    on_run=lambda name, state: print(f"[study] {name}: {state}", file=sys.stderr, flush=True))
+    res = run_study(
+        a.preset,
+        a.out,
+        work=a.work,
+        data=a.data,
+        seed=a.seed,
+        device=pick_device(a.device),
+        on_run=lambda name, state: print(f"[study] {name}: {state}", file=sys.stderr, flush=True),
+    )
     print(f"report written to {a.out}/README.md ({res['meta']['wall_seconds'] / 60:.1f} min)")
 
 
@@ -29,10 +45,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     m.add_argument("ckpt")
     m.add_argument("--budget", required=True, help="params=5M | flops=1.5G | latency=3ms (measured here)")
     m.add_argument("--batches", type=positive_int, default=4, help="validation batches of 8 sequences per candidate")
-    m.add_argument("--max-evals", type=nonnegative_int, default=24,
-                   help="Mix'n'Match candidates to evaluate (plus the sizes)")
-    m.add_argument("--latency-tokens", type=positive_int, default=128,
-                   help="sequence length timed for latency budgets")
+    m.add_argument(
+        "--max-evals", type=nonnegative_int, default=24, help="Mix'n'Match candidates to evaluate (plus the sizes)"
+    )
+    m.add_argument("--latency-tokens", type=positive_int, default=128, help="sequence length timed for latency budgets")
     m.add_argument("--plot", help="PNG path (default CKPT/mixnmatch.png)")
     m.add_argument("--json", help="JSON path (default CKPT/mixnmatch.json)")
     m.add_argument("--device", default="auto")
@@ -41,8 +57,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     st = sub.add_parser("study", help="Matryoshka vs independently trained baselines, axis ablation, scaling fits")
     st.add_argument("--preset", default="cpu-small", help="micro | cpu-small | gpu-medium (default: cpu-small)")
     st.add_argument("-o", "--out", default="report", help="report folder (default: report)")
-    st.add_argument("--work",
-                    help="where the runs' checkpoints go (default: runs/study-PRESET); finished runs are reused")
+    st.add_argument(
+        "--work", help="where the runs' checkpoints go (default: runs/study-PRESET); finished runs are reused"
+    )
     st.add_argument("--data", help="text file or folder (default: the embedded corpus)")
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--device", default="auto")

@@ -1,4 +1,5 @@
 """`matryoshka train`: one library call, train(), with a progress bar."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,10 +18,22 @@ def cmd_train(a: argparse.Namespace) -> None:
     from matryoshka_lm.train.loop import train
 
     model_cfg, tcfg = preset(a.preset)
-    overrides = {"steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len, "grad_accum": a.grad_accum,
-                 "lr": a.lr, "seed": a.seed, "only": a.only, "distill": a.distill, "sample_sizes": a.sample_sizes,
-                 "max_corpus_chars": a.max_corpus_chars, "fsdp": a.fsdp or None, "dtype": a.dtype,
-                 "sizes": a.sizes.split(",") if a.sizes else None, "save_every": a.save_every}
+    overrides = {
+        "steps": a.steps,
+        "batch_size": a.batch_size,
+        "seq_len": a.seq_len,
+        "grad_accum": a.grad_accum,
+        "lr": a.lr,
+        "seed": a.seed,
+        "only": a.only,
+        "distill": a.distill,
+        "sample_sizes": a.sample_sizes,
+        "max_corpus_chars": a.max_corpus_chars,
+        "fsdp": a.fsdp or None,
+        "dtype": a.dtype,
+        "sizes": a.sizes.split(",") if a.sizes else None,
+        "save_every": a.save_every,
+    }
     for k, v in overrides.items():
         if v is not None:
             setattr(tcfg, k, v)
@@ -34,8 +47,14 @@ def cmd_train(a: argparse.Namespace) -> None:
             setattr(model_cfg, f"nest_{axis}", axis in axes)
             overrides[f"nest_{axis}"] = axis in axes  # typed: a resume refuses a different nesting
     out = Path(a.out or f"runs/{a.preset}")
-    bar = tqdm(total=tcfg.steps, desc="train", unit="step", disable=a.quiet, dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 10)
+    bar = tqdm(
+        total=tcfg.steps,
+        desc="train",
+        unit="step",
+        disable=a.quiet,
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 10,
+    )
 
     def on_step(step: int, m: dict) -> None:
         if bar.n == 0 and step > 1:
@@ -48,8 +67,17 @@ def cmd_train(a: argparse.Namespace) -> None:
             bar.write(f"step {step}: val {val}")
 
     try:
-        train(model_cfg, tcfg, out, data=a.data, resume=a.resume, init=a.init, device=pick_device(a.device),
-              callback=on_step, changes=overrides if a.resume else None)  # on resume, only what was typed
+        train(
+            model_cfg,
+            tcfg,
+            out,
+            data=a.data,
+            resume=a.resume,
+            init=a.init,
+            device=pick_device(a.device),
+            callback=on_step,
+            changes=overrides if a.resume else None,
+        )  # on resume, only what was typed
     finally:
         bar.close()
     if not a.quiet:
@@ -66,8 +94,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--init", help="start from this checkpoint's weights and tokenizer")
     t.add_argument("--sizes", help="comma-separated sizes to train jointly (default: all)")
-    t.add_argument("--sample-sizes", type=nonnegative_int,
-                   help="train the full size plus a random subset: this many sizes per step")
+    t.add_argument(
+        "--sample-sizes",
+        type=nonnegative_int,
+        help="train the full size plus a random subset: this many sizes per step",
+    )
     t.add_argument("--distill", type=float, help="weight of self-distillation from the full size (default 0)")
     t.add_argument("--nest", help="axes to nest, comma-separated: width,heads,ffn,depth (default: all)")
     t.add_argument("--batch-size", type=positive_int, help="global sequences per step")

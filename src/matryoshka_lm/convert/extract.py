@@ -7,6 +7,7 @@ equal the elastic execution of the spec inside the full model.
 Every command that writes a directory writes it into a temporary sibling and renames it into place at the
 end (`staged_dir`): a failure or Ctrl-C leaves no half-written output.
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,8 +61,9 @@ def staged_dir(target: str | Path, force: bool = False, source: str | Path | Non
         raise
 
 
-def sliced_checkpoint(ckpt: str | Path, size: str) -> tuple[ModelConfig, SubmodelSpec, ModelConfig,
-                                                            dict[str, torch.Tensor]]:
+def sliced_checkpoint(
+    ckpt: str | Path, size: str
+) -> tuple[ModelConfig, SubmodelSpec, ModelConfig, dict[str, torch.Tensor]]:
     """Read a checkpoint and slice out `size`: (full config, spec, standalone config, standalone weights)."""
     ckpt = Path(ckpt)
     cfg, _ = ck.read_config(ckpt)

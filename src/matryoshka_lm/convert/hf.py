@@ -15,6 +15,7 @@ Per-layer widths: the stock LlamaConfig takes one `intermediate_size` and one he
 differ exports only with `pad=True`: every layer zero-padded to the widest (zero FFN units and zero GQA groups
 add exactly nothing, so the logits are unchanged; the parameter count is the widest layer's).
 """
+
 from __future__ import annotations
 
 import json
@@ -37,11 +38,22 @@ from .extract import check_shapes, sliced_checkpoint, staged_dir
 
 log = logging.getLogger(__name__)
 
-_LAYER_NAMES = {"attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
-                "attn.wo": "self_attn.o_proj", "ffn.w_gate": "mlp.gate_proj", "ffn.w_up": "mlp.up_proj",
-                "ffn.w_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-_TOP_NAMES = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-              "lm_head.weight": "lm_head.weight"}
+_LAYER_NAMES = {
+    "attn.wq": "self_attn.q_proj",
+    "attn.wk": "self_attn.k_proj",
+    "attn.wv": "self_attn.v_proj",
+    "attn.wo": "self_attn.o_proj",
+    "ffn.w_gate": "mlp.gate_proj",
+    "ffn.w_up": "mlp.up_proj",
+    "ffn.w_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_TOP_NAMES = {
+    "tok_emb.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
 
 
 def to_hf_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -50,7 +62,7 @@ def to_hf_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if k in _TOP_NAMES:
             out[_TOP_NAMES[k]] = v
             continue
-        _, i, rest = k.split(".", 2)          # layers.{i}.{module}.weight
+        _, i, rest = k.split(".", 2)  # layers.{i}.{module}.weight
         out[f"model.layers.{i}.{_LAYER_NAMES[rest.removesuffix('.weight')]}.weight"] = v
     return out
 
@@ -105,12 +117,26 @@ def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
 
 def llama_config(cfg: ModelConfig, eot_id: int | None) -> dict[str, Any]:
     """The transformers LlamaConfig keyword arguments for a standalone (uniform-per-layer) config."""
-    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.layer_ffn[0],
-                num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.layer_heads[0],
-                num_key_value_heads=cfg.layer_kv_heads[0], head_dim=cfg.head_dim, hidden_act="silu",
-                max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-                tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
-                bos_token_id=eot_id, eos_token_id=eot_id, architectures=["LlamaForCausalLM"], dtype="float32")
+    return dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.layer_ffn[0],
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.layer_heads[0],
+        num_key_value_heads=cfg.layer_kv_heads[0],
+        head_dim=cfg.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=eot_id,
+        eos_token_id=eot_id,
+        architectures=["LlamaForCausalLM"],
+        dtype="float32",
+    )
 
 
 def export_hf(ckpt: str | Path, size: str, out: str | Path, force: bool = False, pad: bool = False) -> Path:
@@ -139,20 +165,29 @@ def export_hf(ckpt: str | Path, size: str, out: str | Path, force: bool = False,
                 f"stock transformers Llama cannot express (one intermediate_size and head count for all layers); "
                 f"export-hf takes the sizes {', '.join(size_names(cfg))} and specs whose layers share one granularity "
                 f"(any depth and width, e.g. 'M,M,M'); pass --pad to zero-pad to the widest layer (same logits, more "
-                f"parameters), or use `matryoshka extract` for a standalone matryoshka checkpoint")
+                f"parameters), or use `matryoshka extract` for a standalone matryoshka checkpoint"
+            )
         sub_cfg, state = pad_layers(sub_cfg, state)
     tok_json = _read_tokenizer(ckpt)
     tok = Tokenizer.from_str(tok_json)
     eot_id = tok.token_to_id(EOT)
     hf_cfg = transformers.LlamaConfig(**llama_config(sub_cfg, eot_id))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT,
-                                                model_max_length=sub_cfg.max_seq_len)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOT, eos_token=EOT, model_max_length=sub_cfg.max_seq_len
+    )
     with staged_dir(out, force, source=ckpt) as tmp:
         hf_cfg.save_pretrained(tmp)
         ck.save_tensors(tmp / "model.safetensors", to_hf_names(state), metadata={"format": "pt"})
         fast.save_pretrained(tmp)
-        ck.write_json(tmp / "matryoshka.json", {"checkpoint": str(ckpt), "spec": format_spec(spec), "padded": pad,
-                                               "params": count_params(cfg, spec)["total"]})
+        ck.write_json(
+            tmp / "matryoshka.json",
+            {
+                "checkpoint": str(ckpt),
+                "spec": format_spec(spec),
+                "padded": pad,
+                "params": count_params(cfg, spec)["total"],
+            },
+        )
     log.info("exported %s of %s to %s", format_spec(spec), ckpt, out)
     return Path(out)
 
@@ -183,11 +218,13 @@ def read_llama_config(src: Path) -> dict[str, Any]:
     if not (src / "config.json").is_file():
         raise MatryoshkaError(f"{src} is not a Llama checkpoint: no config.json")
     raw = load_json(src / "config.json")
-    if not isinstance(raw, dict) or (raw.get("model_type") != "llama"
-                                     and "LlamaForCausalLM" not in (raw.get("architectures") or [])):
+    if not isinstance(raw, dict) or (
+        raw.get("model_type") != "llama" and "LlamaForCausalLM" not in (raw.get("architectures") or [])
+    ):
         kind = raw.get("model_type") if isinstance(raw, dict) else None
-        raise MatryoshkaError(f"{src} is not a Llama checkpoint (model_type {kind!r}); "
-                              "import-hf reads model_type 'llama'")
+        raise MatryoshkaError(
+            f"{src} is not a Llama checkpoint (model_type {kind!r}); import-hf reads model_type 'llama'"
+        )
     if raw.get("attention_bias") or raw.get("mlp_bias"):
         raise MatryoshkaError(f"{src}: attention/MLP biases are not supported (our Llama has none)")
     if raw.get("hidden_act", "silu") != "silu":
@@ -223,8 +260,12 @@ def snap_up(target: Fraction, n: int) -> Fraction:
 def default_sizes(cfg: ModelConfig) -> dict[str, dict[str, str]]:
     """The default granularities, each fraction snapped up to one the model's shape allows
     (heads in whole GQA groups: SmolLM2's 3 groups turn 1/2 into 2/3; 30 layers turn 3/4 into 23/30)."""
-    dims = {"width": cfg.d_model, "heads": min(cfg.layer_kv_heads), "ffn": math.gcd(*cfg.layer_ffn),
-            "depth": cfg.n_layers}
+    dims = {
+        "width": cfg.d_model,
+        "heads": min(cfg.layer_kv_heads),
+        "ffn": math.gcd(*cfg.layer_ffn),
+        "depth": cfg.n_layers,
+    }
     sizes: dict[str, dict[str, str]] = {}
     for name, fracs in DEFAULT_SIZES.items():
         size = {a: str(snap_up(Fraction(f), dims[a])) if cfg.nested(a) else "1" for a, f in fracs.items()}
@@ -233,10 +274,19 @@ def default_sizes(cfg: ModelConfig) -> dict[str, dict[str, str]]:
     return sizes
 
 
-def import_hf(src: str | Path, out: str | Path, force: bool = False, nest: tuple[str, ...] = ("heads", "ffn"),
-              reorder: bool = True, data: str | None = None, max_corpus_chars: int = 3_000_000,
-              reorder_batches: int = 8, seq_len: int = 128, max_seq_len: int = 8192,
-              device: str = "cpu") -> Path:
+def import_hf(
+    src: str | Path,
+    out: str | Path,
+    force: bool = False,
+    nest: tuple[str, ...] = ("heads", "ffn"),
+    reorder: bool = True,
+    data: str | None = None,
+    max_corpus_chars: int = 3_000_000,
+    reorder_batches: int = 8,
+    seq_len: int = 128,
+    max_seq_len: int = 8192,
+    device: str = "cpu",
+) -> Path:
     """Convert a Hugging Face Llama folder into a Matryoshka checkpoint of the full size, ready for
     `matryoshka train --init out` to fine-tune into nested sizes.
 
@@ -270,10 +320,15 @@ def import_hf(src: str | Path, out: str | Path, force: bool = False, nest: tuple
     if reorder:
         from .reorder import reorder_model
 
-        reorder_model(model, _train_tokens(tok, data, max_corpus_chars), seq_len=seq_len, n_batches=reorder_batches,
-                      device=device)
-    source = {"checkpoint": str(src), "reordered": reorder, "reorder_data": data or "default corpus",
-              "reorder_max_corpus_chars": max_corpus_chars}
+        reorder_model(
+            model, _train_tokens(tok, data, max_corpus_chars), seq_len=seq_len, n_batches=reorder_batches, device=device
+        )
+    source = {
+        "checkpoint": str(src),
+        "reordered": reorder,
+        "reorder_data": data or "default corpus",
+        "reorder_max_corpus_chars": max_corpus_chars,
+    }
     with staged_dir(out, force, source=src) as tmp:
         (tmp / ck.TOKENIZER).write_text(tok_json)
         ck.save_tensors(tmp / ck.WEIGHTS, model.state_dict(), metadata={"format": "pt"})
@@ -289,13 +344,19 @@ def _model_config(raw: dict[str, Any], nest: tuple[str, ...], max_seq_len: int) 
         C, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
         rope = raw.get("rope_parameters") or {}
         cfg = ModelConfig(
-            vocab_size=int(raw["vocab_size"]), d_model=C, n_layers=int(raw["num_hidden_layers"]), n_heads=heads,
-            n_kv_heads=int(raw.get("num_key_value_heads") or heads), head_dim=int(raw.get("head_dim") or C // heads),
+            vocab_size=int(raw["vocab_size"]),
+            d_model=C,
+            n_layers=int(raw["num_hidden_layers"]),
+            n_heads=heads,
+            n_kv_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or C // heads),
             ffn_dim=int(raw["intermediate_size"]),
             max_seq_len=min(int(raw.get("max_position_embeddings", 2048)), max_seq_len),
             rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
-            norm_eps=float(raw.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            **{f"nest_{a}": a in nest for a in ("width", "heads", "ffn", "depth")})
+            norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            **{f"nest_{a}": a in nest for a in ("width", "heads", "ffn", "depth")},
+        )
     except KeyError as e:
         raise MatryoshkaError(f"not a Llama checkpoint: config.json lacks {e.args[0]!r}") from None
     cfg.sizes = default_sizes(cfg)
@@ -332,5 +393,7 @@ def _train_tokens(tok, data: str | None, max_corpus_chars: int):
 def describe(ckpt: str | Path) -> str:
     """One line about a checkpoint's shape (for the CLI)."""
     cfg, _ = ck.read_config(Path(ckpt))
-    return (f"{cfg.n_layers} layers, width {cfg.d_model}, heads {cfg.layer_heads[0]}/{cfg.layer_kv_heads[0]} kv, "
-            f"ffn {cfg.layer_ffn[0]}, sizes {json.dumps(cfg.sizes)}")
+    return (
+        f"{cfg.n_layers} layers, width {cfg.d_model}, heads {cfg.layer_heads[0]}/{cfg.layer_kv_heads[0]} kv, "
+        f"ffn {cfg.layer_ffn[0]}, sizes {json.dumps(cfg.sizes)}"
+    )

@@ -18,6 +18,7 @@ exactly what the model computes:
                   a GQA group scores the sum of its query heads
   feature c       E[x_c^2] of the residual stream, summed over every layer input and the final norm input
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,36 +40,51 @@ REORDER_AXES = ("width", "heads", "ffn")
 
 @dataclass
 class Importance:
-    ffn: list[torch.Tensor]    # per layer, (ffn_i,)
+    ffn: list[torch.Tensor]  # per layer, (ffn_i,)
     heads: list[torch.Tensor]  # per layer, (heads_i,) query-head scores
-    width: torch.Tensor        # (C,)
+    width: torch.Tensor  # (C,)
 
 
 @dataclass
 class Permutation:
     """New position -> old index, per axis (None = unchanged)."""
+
     ffn: list[torch.Tensor] | None = None
     heads: list[torch.Tensor] | None = None  # query-head order; whole GQA groups stay together
     width: torch.Tensor | None = None
 
 
 @torch.no_grad()
-def measure_importance(model: MatryoshkaLM, tokens: np.ndarray, seq_len: int = 128, batch: int = 8,
-                       n_batches: int = 8, device: str | torch.device = "cpu") -> Importance:
+def measure_importance(
+    model: MatryoshkaLM,
+    tokens: np.ndarray,
+    seq_len: int = 128,
+    batch: int = 8,
+    n_batches: int = 8,
+    device: str | torch.device = "cpu",
+) -> Importance:
     """Accumulate the importance scores of the module doc over fixed windows of `tokens` (full model)."""
     cfg = model.cfg
     model.eval()
-    imp = Importance(ffn=[torch.zeros(f, dtype=torch.float64) for f in cfg.layer_ffn],
-                     heads=[torch.zeros(h, dtype=torch.float64) for h in cfg.layer_heads],
-                     width=torch.zeros(cfg.d_model, dtype=torch.float64))
+    imp = Importance(
+        ffn=[torch.zeros(f, dtype=torch.float64) for f in cfg.layer_ffn],
+        heads=[torch.zeros(h, dtype=torch.float64) for h in cfg.layer_heads],
+        width=torch.zeros(cfg.d_model, dtype=torch.float64),
+    )
     hooks = []
     for i, block in enumerate(model.layers):
         hooks.append(block.register_forward_pre_hook(lambda m, args: _add_width(imp.width, args[0])))
         attn, ffn = block.attn, block.ffn
-        hooks.append(attn.heads_out.register_forward_hook(
-            lambda m, args, y, acc=imp.heads[i], attn=attn: _add_heads(acc, y, attn.wo.weight, attn.hd)))
-        hooks.append(ffn.hidden.register_forward_hook(
-            lambda m, args, a, acc=imp.ffn[i], ffn=ffn: _add_ffn(acc, a, ffn.w_down.weight)))
+        hooks.append(
+            attn.heads_out.register_forward_hook(
+                lambda m, args, y, acc=imp.heads[i], attn=attn: _add_heads(acc, y, attn.wo.weight, attn.hd)
+            )
+        )
+        hooks.append(
+            ffn.hidden.register_forward_hook(
+                lambda m, args, a, acc=imp.ffn[i], ffn=ffn: _add_ffn(acc, a, ffn.w_down.weight)
+            )
+        )
     hooks.append(model.norm.register_forward_pre_hook(lambda m, args: _add_width(imp.width, args[0])))
     try:
         for x, _ in eval_batches(tokens, batch, min(seq_len, cfg.max_seq_len), n_batches):
@@ -112,7 +128,7 @@ def importance_order(imp: Importance, cfg: ModelConfig, axes: tuple[str, ...]) -
 
 
 def _head_order(scores: torch.Tensor, group: int) -> torch.Tensor:
-    per_group = scores.view(-1, group)                                   # (kv, group)
+    per_group = scores.view(-1, group)  # (kv, group)
     groups = torch.argsort(per_group.sum(1), descending=True, stable=True)
     within = torch.argsort(per_group, dim=1, descending=True, stable=True)
     return torch.cat([g * group + within[g] for g in groups])
@@ -143,7 +159,8 @@ def permute_state(state: dict[str, torch.Tensor], cfg: ModelConfig, perm: Permut
         r = perm.width
         for k in list(s):
             if k in ("tok_emb.weight", "lm_head.weight") or k.endswith(
-                    ("wq.weight", "wk.weight", "wv.weight", "w_gate.weight", "w_up.weight")):
+                ("wq.weight", "wk.weight", "wv.weight", "w_gate.weight", "w_up.weight")
+            ):
                 s[k] = s[k][:, r]
             elif k.endswith(("wo.weight", "w_down.weight", "norm.weight")):
                 s[k] = s[k][r]
@@ -154,9 +171,15 @@ def _rows(heads: torch.Tensor, hd: int) -> torch.Tensor:
     return (heads[:, None] * hd + torch.arange(hd)).flatten()
 
 
-def reorder_model(model: MatryoshkaLM, tokens: np.ndarray, axes: tuple[str, ...] | None = None,
-                  seq_len: int = 128, batch: int = 8, n_batches: int = 8,
-                  device: str | torch.device = "cpu") -> Permutation:
+def reorder_model(
+    model: MatryoshkaLM,
+    tokens: np.ndarray,
+    axes: tuple[str, ...] | None = None,
+    seq_len: int = 128,
+    batch: int = 8,
+    n_batches: int = 8,
+    device: str | torch.device = "cpu",
+) -> Permutation:
     """Measure importance on `tokens` and permute `model` in place (most important first).
 
     Args:

@@ -8,6 +8,7 @@ A checkpoint directory holds
                        never sees weights and optimizer state from different steps
 Nothing is ever unpickled.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from matryoshka_lm.config import ModelConfig, TrainConfig, load_json
 from matryoshka_lm.errors import MatryoshkaError
+
 from .model import MatryoshkaLM
 
 CONFIG, TOKENIZER, WEIGHTS, STATE = "config.json", "tokenizer.json", "model.safetensors", "trainer_state.safetensors"
@@ -60,8 +62,9 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise MatryoshkaError(f"corrupt weights file {path}: {e}") from None
 
 
-def save_model(out: Path, model: MatryoshkaLM, train_cfg: TrainConfig | None = None,
-               tokenizer_json: str | None = None) -> None:
+def save_model(
+    out: Path, model: MatryoshkaLM, train_cfg: TrainConfig | None = None, tokenizer_json: str | None = None
+) -> None:
     out = Path(out)
     if tokenizer_json is not None:
         atomic_write(out / TOKENIZER, lambda tmp: Path(tmp).write_text(tokenizer_json))

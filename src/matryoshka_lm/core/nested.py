@@ -7,6 +7,7 @@ Every weight is laid out so that a submodel reads the leading rows/columns:
 Query heads are grouped (GQA): query head j reads KV head j // group, so the first k query heads use the first
 k / group KV heads, and a size keeps whole groups only (kv_heads).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -65,8 +66,15 @@ def slice_views(state: dict[str, torch.Tensor], cfg: ModelConfig, spec: Submodel
     for i, layer in enumerate(spec.layers):
         p = f"layers.{i}."
         q, kv, f = layer.heads * hd, kv_heads(layer.heads, g) * hd, layer.ffn
-        rows = {"attn.wq": (q, C), "attn.wk": (kv, C), "attn.wv": (kv, C), "attn.wo": (C, q),
-                "ffn.w_gate": (f, C), "ffn.w_up": (f, C), "ffn.w_down": (C, f)}
+        rows = {
+            "attn.wq": (q, C),
+            "attn.wk": (kv, C),
+            "attn.wv": (kv, C),
+            "attn.wo": (C, q),
+            "ffn.w_gate": (f, C),
+            "ffn.w_up": (f, C),
+            "ffn.w_down": (C, f),
+        }
         for name, (r, c) in rows.items():
             out[p + name + ".weight"] = state[p + name + ".weight"][:r, :c]
         for norm in ("attn_norm", "ffn_norm"):
@@ -80,10 +88,17 @@ def submodel_config(cfg: ModelConfig, spec: SubmodelSpec) -> ModelConfig:
     ffn = [l.ffn for l in spec.layers]
     kv = [kv_heads(h, cfg.group_size) for h in heads]
     d = cfg.to_dict()
-    d.update(d_model=spec.width, n_layers=spec.depth, head_dim=cfg.head_dim,
-             n_heads=heads[0] if len(set(heads)) == 1 else heads,
-             n_kv_heads=kv[0] if len(set(kv)) == 1 else kv,
-             ffn_dim=ffn[0] if len(set(ffn)) == 1 else ffn,
-             nest_width=False, nest_heads=False, nest_ffn=False, nest_depth=False,
-             sizes={"XL": {a: "1" for a in ("width", "heads", "ffn", "depth")}})
+    d.update(
+        d_model=spec.width,
+        n_layers=spec.depth,
+        head_dim=cfg.head_dim,
+        n_heads=heads[0] if len(set(heads)) == 1 else heads,
+        n_kv_heads=kv[0] if len(set(kv)) == 1 else kv,
+        ffn_dim=ffn[0] if len(set(ffn)) == 1 else ffn,
+        nest_width=False,
+        nest_heads=False,
+        nest_ffn=False,
+        nest_depth=False,
+        sizes={"XL": {a: "1" for a in ("width", "heads", "ffn", "depth")}},
+    )
     return ModelConfig.from_dict(d)

@@ -6,6 +6,7 @@ String form (Mix'n'Match):
     "f128h4,f256h4,L@d144"              explicit FFN width (f) and query heads (h) per layer, optional @width
     "S,M,M@M"                           residual width taken from a named size (default: the widest listed)
 """
+
 from __future__ import annotations
 
 import re
@@ -19,15 +20,15 @@ from matryoshka_lm.errors import MatryoshkaError
 
 @dataclass(frozen=True)
 class LayerSpec:
-    ffn: int    # SwiGLU hidden units kept (a prefix)
+    ffn: int  # SwiGLU hidden units kept (a prefix)
     heads: int  # query heads kept (a prefix of whole GQA groups)
 
 
 @dataclass(frozen=True)
 class SubmodelSpec:
-    width: int                     # residual width C kept
+    width: int  # residual width C kept
     layers: tuple[LayerSpec, ...]  # one entry per kept layer (depth = len)
-    name: str | None = None        # set for the trained uniform sizes
+    name: str | None = None  # set for the trained uniform sizes
 
     @property
     def depth(self) -> int:
@@ -53,7 +54,9 @@ def uniform_spec(cfg: ModelConfig, size: str) -> SubmodelSpec:
     for h, f in zip(cfg.layer_heads[:depth], cfg.layer_ffn[:depth]):
         heads = _scaled(h, hf, "heads", size)
         if heads % cfg.group_size:
-            raise MatryoshkaError(f"size {size!r}: {heads} heads is not a whole number of GQA groups of {cfg.group_size}")
+            raise MatryoshkaError(
+                f"size {size!r}: {heads} heads is not a whole number of GQA groups of {cfg.group_size}"
+            )
         layers.append(LayerSpec(ffn=_scaled(f, ff, "ffn", size), heads=heads))
     return SubmodelSpec(width=width, layers=tuple(layers), name=size)
 
@@ -81,8 +84,10 @@ def parse_spec(cfg: ModelConfig, text: str) -> SubmodelSpec:
     body, _, width_part = text.partition("@")
     tokens = [t.strip() for t in body.split(",")]
     if len(tokens) == 1 and not width_part and tokens[0] not in cfg.sizes and not _LAYER_RE.match(tokens[0]):
-        raise MatryoshkaError(f"unknown size {text!r}: this model has sizes {', '.join(cfg.sizes)}, "
-                              "or give a Mix'n'Match spec such as 'S,M,L,XL' or 'f128h4,f256h4@d144'")
+        raise MatryoshkaError(
+            f"unknown size {text!r}: this model has sizes {', '.join(cfg.sizes)}, "
+            "or give a Mix'n'Match spec such as 'S,M,L,XL' or 'f128h4,f256h4@d144'"
+        )
     if len(tokens) > cfg.n_layers:
         raise MatryoshkaError(f"spec {text!r} lists {len(tokens)} layers but the model has {cfg.n_layers}")
     layers, widths = [], []
@@ -96,7 +101,8 @@ def parse_spec(cfg: ModelConfig, text: str) -> SubmodelSpec:
             layers.append(LayerSpec(ffn=int(m.group(1)), heads=int(m.group(2))))
         else:
             raise MatryoshkaError(
-                f"bad layer {i} {tok!r} in spec {text!r}: use a size name ({', '.join(cfg.sizes)}) or f<ffn>h<heads>")
+                f"bad layer {i} {tok!r} in spec {text!r}: use a size name ({', '.join(cfg.sizes)}) or f<ffn>h<heads>"
+            )
     if width_part:
         if width_part in cfg.sizes:
             width = uniform_spec(cfg, width_part).width
@@ -114,7 +120,9 @@ def parse_spec(cfg: ModelConfig, text: str) -> SubmodelSpec:
 def _named_layer(cfg: ModelConfig, size: str, i: int) -> LayerSpec:
     # a named size applied at layer i (even if that size is shallower than i)
     hf, ff = cfg.fraction(size, "heads"), cfg.fraction(size, "ffn")
-    return LayerSpec(ffn=_scaled(cfg.layer_ffn[i], ff, "ffn", size), heads=_scaled(cfg.layer_heads[i], hf, "heads", size))
+    return LayerSpec(
+        ffn=_scaled(cfg.layer_ffn[i], ff, "ffn", size), heads=_scaled(cfg.layer_heads[i], hf, "heads", size)
+    )
 
 
 def _with_name(cfg: ModelConfig, spec: SubmodelSpec) -> SubmodelSpec:
@@ -146,7 +154,8 @@ def validate_spec(cfg: ModelConfig, spec: SubmodelSpec) -> None:
             raise MatryoshkaError(f"layer {i}: ffn {layer.ffn}: this model was not trained with a nested FFN")
         if not 1 <= layer.heads <= h_max or layer.heads % cfg.group_size:
             raise MatryoshkaError(
-                f"layer {i}: heads {layer.heads} must be a multiple of the GQA group {cfg.group_size} in 1..{h_max}")
+                f"layer {i}: heads {layer.heads} must be a multiple of the GQA group {cfg.group_size} in 1..{h_max}"
+            )
         if layer.heads != h_max and not cfg.nest_heads:
             raise MatryoshkaError(f"layer {i}: heads {layer.heads}: this model was not trained with nested heads")
 
@@ -165,9 +174,9 @@ def count_params(cfg: ModelConfig, spec: SubmodelSpec) -> dict[str, int]:
     for layer in spec.layers:
         q = layer.heads * hd
         kv = kv_heads(layer.heads, g) * hd
-        body += 2 * C                   # two RMSNorms
+        body += 2 * C  # two RMSNorms
         body += C * q + 2 * C * kv + q * C  # wq, wk, wv, wo
-        body += 3 * C * layer.ffn          # gate, up, down
+        body += 3 * C * layer.ffn  # gate, up, down
     emb = cfg.vocab_size * C * (1 if cfg.tie_embeddings else 2)
     return {"total": body + emb, "embedding": emb, "non_embedding": body}
 

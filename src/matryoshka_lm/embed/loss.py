@@ -6,6 +6,7 @@
 Every embedding is L2-normalized *after* truncation: `shrink(t, m)` = slice, then normalize. Servers disagree
 on the order (see docs/embeddings.md), so vectors from here are always unit-norm at the dims asked for.
 """
+
 from __future__ import annotations
 
 import torch
@@ -67,8 +68,14 @@ def info_nce(q: torch.Tensor, p: torch.Tensor, temperature: float, symmetric: bo
     return loss
 
 
-def mrl_contrastive_loss(q: torch.Tensor, p: torch.Tensor, dims: list[int], weights: list[float] | None = None,
-                         temperature: float = 0.05, symmetric: bool = False) -> torch.Tensor:
+def mrl_contrastive_loss(
+    q: torch.Tensor,
+    p: torch.Tensor,
+    dims: list[int],
+    weights: list[float] | None = None,
+    temperature: float = 0.05,
+    symmetric: bool = False,
+) -> torch.Tensor:
     """Matryoshka loss: sum over m in `dims` of weight_m * InfoNCE(shrink(q, m), shrink(p, m)).
 
     q, p: (B, D) unnormalized embeddings of the queries and their positives. Weights default to 1 (the MRL

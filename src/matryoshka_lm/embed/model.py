@@ -6,6 +6,7 @@ L2-normalized after the cut (loss.shrink). Training is in training.py, the objec
 
 Shapes: B batch, T tokens, C hidden width of the spec, D embedding dims (C, or the projection's width).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,18 @@ from .loss import check_dims, shrink
 EMBEDDING_JSON = "embedding.json"
 PROJECTION = "projection.safetensors"
 
-__all__ = ["Embedder", "mean_pool", "tokenize", "embed_ids", "embed_texts", "save_embedding", "load_embedder",
-           "EMBEDDING_JSON", "PROJECTION", "shrink"]
+__all__ = [
+    "Embedder",
+    "mean_pool",
+    "tokenize",
+    "embed_ids",
+    "embed_texts",
+    "save_embedding",
+    "load_embedder",
+    "EMBEDDING_JSON",
+    "PROJECTION",
+    "shrink",
+]
 
 
 def mean_pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -48,7 +59,7 @@ class Embedder(nn.Module):
         self.lm = lm
         self.proj = nn.Linear(lm.cfg.d_model, proj_dim, bias=False) if proj_dim else None
         if self.proj is not None:
-            nn.init.normal_(self.proj.weight, std=lm.cfg.d_model ** -0.5)
+            nn.init.normal_(self.proj.weight, std=lm.cfg.d_model**-0.5)
 
     def out_dim(self, spec: SubmodelSpec | None = None) -> int:
         return self.proj.out_features if self.proj is not None else (spec or self.lm.full).width
@@ -70,8 +81,9 @@ def encode_texts(tok: Any, texts: list[str], max_tokens: int) -> list[list[int]]
     return ids
 
 
-def pad_batch(ids: list[list[int]], pad_id: int = 0, device: str | torch.device = "cpu"
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(
+    ids: list[list[int]], pad_id: int = 0, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids (B, T) and mask (B, T) of 0/1."""
     T = max(len(r) for r in ids)
     idx = torch.full((len(ids), T), pad_id, dtype=torch.long)
@@ -82,15 +94,22 @@ def pad_batch(ids: list[list[int]], pad_id: int = 0, device: str | torch.device 
     return idx.to(device), mask.to(device)
 
 
-def tokenize(tok: Any, texts: list[str], max_tokens: int, device: str | torch.device = "cpu"
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize(
+    tok: Any, texts: list[str], max_tokens: int, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids (B, T) and mask (B, T); each text truncated to `max_tokens`."""
     return pad_batch(encode_texts(tok, texts, max_tokens), tok.token_to_id(EOT) or 0, device)
 
 
 @torch.inference_mode()
-def embed_ids(model: Embedder, ids: list[list[int]], spec: SubmodelSpec | None = None, dims: int | None = None,
-              batch_size: int = 64, pad_id: int = 0) -> np.ndarray:
+def embed_ids(
+    model: Embedder,
+    ids: list[list[int]],
+    spec: SubmodelSpec | None = None,
+    dims: int | None = None,
+    batch_size: int = 64,
+    pad_id: int = 0,
+) -> np.ndarray:
     """L2-normalized embeddings (N, dims) float32 of token id lists from submodel `spec` (default: the full
     model, all dims). Batched by length (less padding), returned in input order."""
     if not ids:
@@ -107,14 +126,21 @@ def embed_ids(model: Embedder, ids: list[list[int]], spec: SubmodelSpec | None =
     out = np.empty((len(ids), dims), dtype=np.float32)
     model.eval()
     for i in range(0, len(ids), batch_size):
-        rows = order[i:i + batch_size]
+        rows = order[i : i + batch_size]
         idx, mask = pad_batch([ids[j] for j in rows], pad_id, device)
         out[rows] = shrink(model(idx, mask, spec), dims).float().cpu().numpy()
     return out
 
 
-def embed_texts(model: Embedder, tok: Any, texts: list[str], spec: SubmodelSpec | None = None,
-                dims: int | None = None, batch_size: int = 64, max_tokens: int | None = None) -> np.ndarray:
+def embed_texts(
+    model: Embedder,
+    tok: Any,
+    texts: list[str],
+    spec: SubmodelSpec | None = None,
+    dims: int | None = None,
+    batch_size: int = 64,
+    max_tokens: int | None = None,
+) -> np.ndarray:
     """L2-normalized embeddings (N, dims) float32 of `texts` from submodel `spec` (default: full model, all dims),
     each text truncated to `max_tokens` (at most the model's context)."""
     if not texts:
@@ -146,8 +172,9 @@ def load_embedder(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple
     ckpt = Path(ckpt)
     if not (ckpt / EMBEDDING_JSON).is_file():
         if ckpt.is_dir():
-            raise MatryoshkaError(f"{ckpt} is not an embedding checkpoint (no {EMBEDDING_JSON}); "
-                                  "make one with `matryoshka train-embed`")
+            raise MatryoshkaError(
+                f"{ckpt} is not an embedding checkpoint (no {EMBEDDING_JSON}); make one with `matryoshka train-embed`"
+            )
         raise MatryoshkaError(f"checkpoint {ckpt} does not exist")
     meta = load_json(ckpt / EMBEDDING_JSON)
     lm = ck.load_model(ckpt, device)

@@ -1,4 +1,5 @@
 """Text inputs: texts to embed, (query, positive) training pairs from JSONL, self-supervised corpus pairs."""
+
 from __future__ import annotations
 
 import json
@@ -60,8 +61,9 @@ def _json_field(line: str, keys: tuple, path: Path, lineno: int) -> list[str]:
     return values
 
 
-def corpus_pairs(docs: list[str], passage_chars: int = 240, min_chars: int = 24,
-                 overlap: float = 0.0) -> list[tuple[str, str]]:
+def corpus_pairs(
+    docs: list[str], passage_chars: int = 240, min_chars: int = 24, overlap: float = 0.0
+) -> list[tuple[str, str]]:
     """Self-supervised pairs: consecutive lines grouped into passages of ~`passage_chars`, each cut into two
     halves (at the line boundary nearest the middle, else at a space): (first half, second half).
 
@@ -92,13 +94,13 @@ def _halves(lines: list[str]) -> tuple[str, str] | None:
         k = int(np.argmin(np.abs(cuts - half))) + 1
         return " ".join(lines[:k]), " ".join(lines[k:])
     cut = text.rfind(" ", 0, int(half) + 1)
-    return (text[:cut], text[cut + 1:]) if cut > 0 else None
+    return (text[:cut], text[cut + 1 :]) if cut > 0 else None
 
 
 def _overlap(pair: tuple[str, str], overlap: float) -> tuple[str, str]:
     a, b = pair[0].split(), pair[1].split()
     words, e = a + b, round(overlap * (len(a) + len(b)) / 2)
-    return " ".join(words[: len(a) + e]), " ".join(words[max(0, len(a) - e):])
+    return " ".join(words[: len(a) + e]), " ".join(words[max(0, len(a) - e) :])
 
 
 def split_pairs(pairs: list[tuple[str, str]], n_eval: int, seed: int) -> tuple[list, list]:

@@ -18,6 +18,7 @@ with a smaller submodel's embeddings): the index's vectors are then compared on 
 
 Shapes: N indexed vectors, D their dims, Q queries, m a prefix (stage) dim, s a shortlist size, k results.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,8 +73,15 @@ def _check_vectors(vectors: np.ndarray, what: str) -> np.ndarray:
     return unit_rows(v)
 
 
-def build_index(vectors: np.ndarray, out: str | Path, dims: list[int] | None = None, texts: list[str] | None = None,
-                encoder: dict[str, Any] | None = None, force: bool = False, hnsw_dim: int | None = None) -> Path:
+def build_index(
+    vectors: np.ndarray,
+    out: str | Path,
+    dims: list[int] | None = None,
+    texts: list[str] | None = None,
+    encoder: dict[str, Any] | None = None,
+    force: bool = False,
+    hnsw_dim: int | None = None,
+) -> Path:
     """Write an index directory for `vectors` (N, D) (re-normalized here); `dims` are the Matryoshka dims the
     encoder was trained at (funnel stages must use them), `encoder` says how to embed queries for it,
     `hnsw_dim` adds an HNSW graph over that prefix for the first funnel stage."""
@@ -96,11 +104,20 @@ def build_index(vectors: np.ndarray, out: str | Path, dims: list[int] | None = N
     out.mkdir(parents=True)
     ck.atomic_write(out / INDEX_FILE, lambda tmp: faiss.write_index(flat, tmp))
     if texts is not None:
-        ck.atomic_write(out / TEXTS_FILE, lambda tmp: Path(tmp).write_text(
-            "".join(json.dumps(t) + "\n" for t in texts), encoding="utf-8"))
-    meta = {"format": FORMAT, "count": N, "dim": D, "metric": "cosine (inner product of unit vectors)",
-            "matryoshka_dimensions": dims, "normalized": "after_truncation", "encoder": encoder,
-            "texts": texts is not None}
+        ck.atomic_write(
+            out / TEXTS_FILE,
+            lambda tmp: Path(tmp).write_text("".join(json.dumps(t) + "\n" for t in texts), encoding="utf-8"),
+        )
+    meta = {
+        "format": FORMAT,
+        "count": N,
+        "dim": D,
+        "metric": "cosine (inner product of unit vectors)",
+        "matryoshka_dimensions": dims,
+        "normalized": "after_truncation",
+        "encoder": encoder,
+        "texts": texts is not None,
+    }
     if hnsw_dim:
         if not 0 < hnsw_dim <= D or (dims and hnsw_dim not in dims):
             raise MatryoshkaError(f"--hnsw-dim {hnsw_dim} must be one of the index's dims {dims or [D]}")
@@ -170,8 +187,9 @@ def load_index(path: str | Path) -> VectorIndex:
     except RuntimeError as e:
         raise MatryoshkaError(f"cannot read {path / INDEX_FILE}: {str(e).splitlines()[0]}") from None
     if (flat.ntotal, flat.d) != (meta["count"], meta["dim"]):
-        raise MatryoshkaError(f"{path}: index holds {flat.ntotal} x {flat.d}, index.json says "
-                              f"{meta['count']} x {meta['dim']}")
+        raise MatryoshkaError(
+            f"{path}: index holds {flat.ntotal} x {flat.d}, index.json says {meta['count']} x {meta['dim']}"
+        )
     texts = None
     if (path / TEXTS_FILE).is_file():
         texts = [json.loads(line) for line in (path / TEXTS_FILE).read_text(encoding="utf-8").splitlines()]
@@ -188,11 +206,14 @@ def check_queries(index: VectorIndex, queries: np.ndarray) -> np.ndarray:
     q = _check_vectors(queries, "query vectors")
     m = q.shape[1]
     if m > index.dim:
-        raise MatryoshkaError(f"queries have {m} dims but the index has {index.dim}; embed the queries at "
-                              f"--dims {index.dim} or less")
+        raise MatryoshkaError(
+            f"queries have {m} dims but the index has {index.dim}; embed the queries at --dims {index.dim} or less"
+        )
     if m < index.dim and index.dims and m not in index.dims:
-        raise MatryoshkaError(f"queries have {m} dims, not a Matryoshka dim of this index {index.dims}: prefixes "
-                              f"of other lengths were never trained to be comparable")
+        raise MatryoshkaError(
+            f"queries have {m} dims, not a Matryoshka dim of this index {index.dims}: prefixes "
+            f"of other lengths were never trained to be comparable"
+        )
     return q
 
 
@@ -204,9 +225,15 @@ def exact_search(index: VectorIndex, queries: np.ndarray, k: int = 10) -> tuple[
     return flat.search(q, k)
 
 
-def funnel_search(index: VectorIndex, queries: np.ndarray, k: int = 10, dims: list[int] | None = None,
-                  shortlist: list[int] | None = None, batch: int = 256, hnsw_ef: int = 0
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def funnel_search(
+    index: VectorIndex,
+    queries: np.ndarray,
+    k: int = 10,
+    dims: list[int] | None = None,
+    shortlist: list[int] | None = None,
+    batch: int = 256,
+    hnsw_ef: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Adaptive retrieval: search all N with dims[0], keep shortlist[0]; re-rank those with dims[1], keep
     shortlist[1]; ... the last stage (dims[-1]) keeps k. Returns (scores at dims[-1] (Q, k), ids (Q, k)).
 
@@ -228,13 +255,15 @@ def funnel_search(index: VectorIndex, queries: np.ndarray, k: int = 10, dims: li
     scores = np.empty((len(q), k), np.float32)
     out_ids = np.empty((len(q), k), np.int64)
     for i in range(0, len(q), batch):  # re-rank in query batches: the gather is (batch, s, m) floats
-        scores[i:i + batch], out_ids[i:i + batch] = _rerank(index, q[i:i + batch], ids[i:i + batch], dims[1:],
-                                                            shortlist[1:] + [k])
+        scores[i : i + batch], out_ids[i : i + batch] = _rerank(
+            index, q[i : i + batch], ids[i : i + batch], dims[1:], shortlist[1:] + [k]
+        )
     return scores, out_ids
 
 
-def _rerank(index: VectorIndex, q: np.ndarray, cand: np.ndarray, dims: list[int], keeps: list[int]
-            ) -> tuple[np.ndarray, np.ndarray]:
+def _rerank(
+    index: VectorIndex, q: np.ndarray, cand: np.ndarray, dims: list[int], keeps: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Re-score candidates (b, s) at each of `dims` in turn, keeping the best `keeps[j]` after stage j."""
     for m, keep in zip(dims, keeps):
         vecs, _ = index.prefix(m)
@@ -257,8 +286,9 @@ def default_funnel(index: VectorIndex, qdim: int, k: int) -> tuple[list[int], li
     return [low, qdim], [min(index.count, max(200, 20 * k))]
 
 
-def check_funnel(index: VectorIndex, qdim: int, k: int, dims: list[int], shortlist: list[int] | None
-                 ) -> tuple[list[int], list[int]]:
+def check_funnel(
+    index: VectorIndex, qdim: int, k: int, dims: list[int], shortlist: list[int] | None
+) -> tuple[list[int], list[int]]:
     if not dims:
         raise MatryoshkaError("a funnel needs at least one stage dim")
     if any(b <= a for a, b in zip(dims, dims[1:])):

@@ -2,6 +2,7 @@
 
 The vector index itself (retrieval.py) knows nothing of texts or encoders; this module joins the two.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,8 +17,16 @@ from .pairs import read_texts
 from .retrieval import VectorIndex, build_index, exact_search, funnel_search, load_index
 
 
-def index_texts(ckpt: str | Path, path: str | Path, out: str | Path, size: str | None = None,
-                batch_size: int = 64, force: bool = False, device: str = "cpu", hnsw_dim: int | None = None) -> Path:
+def index_texts(
+    ckpt: str | Path,
+    path: str | Path,
+    out: str | Path,
+    size: str | None = None,
+    batch_size: int = 64,
+    force: bool = False,
+    device: str = "cpu",
+    hnsw_dim: int | None = None,
+) -> Path:
     """Embed every line of `path` with size `size` of embedding checkpoint `ckpt` (all its dims) and index them."""
     check_batch_size(batch_size)
     texts = read_texts(path)
@@ -29,10 +38,20 @@ def index_texts(ckpt: str | Path, path: str | Path, out: str | Path, size: str |
     return build_index(vecs, out, encoder.trained_dims, texts, meta, force, hnsw_dim)
 
 
-def search_texts(index_path: str | Path, queries: list[str] | None = None, vectors: np.ndarray | None = None,
-                 ckpt: str | Path | None = None, size: str | None = None, dims: int | None = None, k: int = 10,
-                 funnel: list[int] | None = None, shortlist: list[int] | None = None, exact: bool = False,
-                 device: str = "cpu", hnsw_ef: int = 0) -> list[list[dict[str, Any]]]:
+def search_texts(
+    index_path: str | Path,
+    queries: list[str] | None = None,
+    vectors: np.ndarray | None = None,
+    ckpt: str | Path | None = None,
+    size: str | None = None,
+    dims: int | None = None,
+    k: int = 10,
+    funnel: list[int] | None = None,
+    shortlist: list[int] | None = None,
+    exact: bool = False,
+    device: str = "cpu",
+    hnsw_ef: int = 0,
+) -> list[list[dict[str, Any]]]:
     """Search an index with query texts (embedded by `ckpt` at `size`, default: the index's encoder) or with
     query vectors; per query a list of {"id", "score", "text"} best first."""
     index = load_index(index_path)
@@ -47,12 +66,19 @@ def search_texts(index_path: str | Path, queries: list[str] | None = None, vecto
     else:
         scores, ids = funnel_search(index, vectors, k, funnel, shortlist, hnsw_ef=hnsw_ef)
     texts = index.texts
-    return [[{"id": int(i), "score": float(s), **({"text": texts[i]} if texts else {})}
-             for s, i in zip(srow, irow) if i >= 0] for srow, irow in zip(scores, ids)]
+    return [
+        [
+            {"id": int(i), "score": float(s), **({"text": texts[i]} if texts else {})}
+            for s, i in zip(srow, irow)
+            if i >= 0
+        ]
+        for srow, irow in zip(scores, ids)
+    ]
 
 
-def embed_queries(index: VectorIndex, queries: list[str], ckpt: str | Path | None, size: str | None,
-                  dims: int | None, device: str) -> np.ndarray:
+def embed_queries(
+    index: VectorIndex, queries: list[str], ckpt: str | Path | None, size: str | None, dims: int | None, device: str
+) -> np.ndarray:
     if not queries or not all(q.strip() for q in queries):
         raise MatryoshkaError("empty query")
     encoder_meta = index.meta.get("encoder") or {}

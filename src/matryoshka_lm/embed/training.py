@@ -5,6 +5,7 @@ MRL recipe, the same objective as sentence-transformers' `MatryoshkaLoss(Multipl
 20 = temperature 0.05). Listing several sizes trains 2D Matryoshka embeddings (sizes x dims); a depth is just a
 spec with fewer layers. The optimizer, schedule and step are matryoshka_lm.train's, shared with LM training.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,28 +37,28 @@ log = logging.getLogger(__name__)
 @dataclass
 class EmbedTrainConfig:
     steps: int = 200
-    batch_size: int = 32          # pairs per step: each query has batch_size - 1 in-batch negatives
+    batch_size: int = 32  # pairs per step: each query has batch_size - 1 in-batch negatives
     lr: float = 5e-4
-    min_lr_ratio: float = 0.1     # cosine decay to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
     warmup_steps: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    temperature: float = 0.05     # = sentence-transformers' scale 20
-    symmetric: bool = True        # also passages -> queries
+    temperature: float = 0.05  # = sentence-transformers' scale 20
+    symmetric: bool = True  # also passages -> queries
     dims: list[int] | None = None  # nested dims trained; None -> {D/16, D/8, D/4, D/2, D}
     dim_weights: list[float] | None = None  # one per dim; None -> all 1
-    mrl: bool = True              # False: the baseline, the loss at the full dims only
+    mrl: bool = True  # False: the baseline, the loss at the full dims only
     sizes: list[str] | None = None  # specs trained jointly (2D Matryoshka); None -> the full model only
     depths: list[int] | None = None  # extra specs: the full model cut to these many layers
-    cross_size: bool = True       # also contrast each smaller spec's queries with the full model's passages
-    proj_dim: int = 0             # 0 -> no projection: D = the spec's width
+    cross_size: bool = True  # also contrast each smaller spec's queries with the full model's passages
+    proj_dim: int = 0  # 0 -> no projection: D = the spec's width
     max_tokens: int = 64
-    pairs: str | None = None      # JSONL of {"query", "positive"}; None -> self-supervised corpus pairs
-    data: str | None = None       # corpus for self-supervised pairs; None -> the embedded default corpus
+    pairs: str | None = None  # JSONL of {"query", "positive"}; None -> self-supervised corpus pairs
+    data: str | None = None  # corpus for self-supervised pairs; None -> the embedded default corpus
     max_corpus_chars: int = 2_000_000
     passage_chars: int = 240
-    pair_overlap: float = 0.0     # corpus pairs: fraction of the passage's words both halves share
-    n_eval: int = 500             # held-out pairs for recall@k
+    pair_overlap: float = 0.0  # corpus pairs: fraction of the passage's words both halves share
+    n_eval: int = 500  # held-out pairs for recall@k
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -97,9 +98,15 @@ def training_specs(lm: MatryoshkaLM, sizes: list[str] | None, depths: list[int] 
     return unique
 
 
-def joint_loss(model: Embedder, specs: list[SubmodelSpec], dims: list[int], weights: dict[int, float],
-               q: tuple[torch.Tensor, torch.Tensor], p: tuple[torch.Tensor, torch.Tensor],
-               cfg: EmbedTrainConfig) -> torch.Tensor:
+def joint_loss(
+    model: Embedder,
+    specs: list[SubmodelSpec],
+    dims: list[int],
+    weights: dict[int, float],
+    q: tuple[torch.Tensor, torch.Tensor],
+    p: tuple[torch.Tensor, torch.Tensor],
+    cfg: EmbedTrainConfig,
+) -> torch.Tensor:
     """Sum over specs s of MRL(q_s, p_s), plus MRL(q_s, p_full) for the smaller specs (cross-size retrieval)."""
     total: torch.Tensor | float = 0.0
     p_full = None
@@ -135,8 +142,13 @@ def dim_weights(cfg: EmbedTrainConfig, dims: list[int]) -> dict[int, float]:
     return dict(zip(cfg.dims or dims, cfg.dim_weights or [1.0] * len(dims)))
 
 
-def train_embedding(init: str | Path, out: str | Path, cfg: EmbedTrainConfig, device: str = "cpu",
-                    callback: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+def train_embedding(
+    init: str | Path,
+    out: str | Path,
+    cfg: EmbedTrainConfig,
+    device: str = "cpu",
+    callback: Callable[[int, dict], None] | None = None,
+) -> dict[str, Any]:
     """MRL-train an embedding from the LM checkpoint `init`; write an embedding checkpoint to `out`.
 
     `out` holds config.json / model.safetensors / tokenizer.json (an ordinary checkpoint: the LM weights after
@@ -157,8 +169,13 @@ def train_embedding(init: str | Path, out: str | Path, cfg: EmbedTrainConfig, de
     train_pairs, eval_pairs = load_pairs(cfg)
     if len(train_pairs) < cfg.batch_size:
         raise MatryoshkaError(f"{len(train_pairs)} training pairs, fewer than one batch of {cfg.batch_size}")
-    log.info("training on %d pairs, %d held out; specs %s; dims %s", len(train_pairs), len(eval_pairs),
-             [format_spec(s) for s in specs], dims)
+    log.info(
+        "training on %d pairs, %d held out; specs %s; dims %s",
+        len(train_pairs),
+        len(eval_pairs),
+        [format_spec(s) for s in specs],
+        dims,
+    )
     before = evaluate_pairs(model, tok, eval_pairs, specs, dims, cfg.max_tokens) if eval_pairs else {}
     opt = adamw(model, cfg.lr, cfg.weight_decay, decay_matrices_only=False)
     rng, metrics = random.Random(cfg.seed), MetricsLog(callback=callback)
@@ -172,18 +189,33 @@ def train_embedding(init: str | Path, out: str | Path, cfg: EmbedTrainConfig, de
         metrics(step + 1, {"loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
     after = evaluate_pairs(model, tok, eval_pairs, specs, dims, cfg.max_tokens) if eval_pairs else {}
     trained = sorted({m for s in specs for m in (spec_dims(dims, model.out_dim(s)) if cfg.mrl else [model.out_dim(s)])})
-    meta = {"is_matryoshka": cfg.mrl, "matryoshka_dimensions": trained, "pooling": "mean",
-            "normalize": "after_truncation",
-            "projection": cfg.proj_dim or None, "sizes": [format_spec(s) for s in specs], "base": str(init),
-            "train": asdict(cfg), "eval_pairs": len(eval_pairs), "recall_before": before, "recall_after": after}
+    meta = {
+        "is_matryoshka": cfg.mrl,
+        "matryoshka_dimensions": trained,
+        "pooling": "mean",
+        "normalize": "after_truncation",
+        "projection": cfg.proj_dim or None,
+        "sizes": [format_spec(s) for s in specs],
+        "base": str(init),
+        "train": asdict(cfg),
+        "eval_pairs": len(eval_pairs),
+        "recall_before": before,
+        "recall_after": after,
+    }
     save_embedding(out, model, tok.to_str(), meta)
     return meta
 
 
 @torch.inference_mode()
-def evaluate_pairs(model: Embedder, tok: Any, pairs: list[tuple[str, str]], specs: list[SubmodelSpec],
-                   dims: list[int], max_tokens: int, ks: tuple[int, ...] = (1, 10)
-                   ) -> dict[str, dict[str, dict[str, float]]]:
+def evaluate_pairs(
+    model: Embedder,
+    tok: Any,
+    pairs: list[tuple[str, str]],
+    specs: list[SubmodelSpec],
+    dims: list[int],
+    max_tokens: int,
+    ks: tuple[int, ...] = (1, 10),
+) -> dict[str, dict[str, dict[str, float]]]:
     """recall@k of each held-out query's positive among all held-out positives: {spec: {dim: {"r@k": ...}}}."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for s in specs:

@@ -30,6 +30,7 @@ Errors are OpenAI-shaped, {"error": {"message", "type", "param", "code"}}: 400 b
 types, values out of range, malformed spec, prompt longer than the context), 401 missing or wrong API key,
 404 unknown model or route, 405, 413 body over `max_body_bytes`, 503 queue full, 500 only for a model failure.
 """
+
 from __future__ import annotations
 
 import base64
@@ -68,8 +69,16 @@ __all__ = ["create_app", "serve", "APIError", "CHAT_STOPS", "chat_prompt"]
 log = logging.getLogger(__name__)
 
 
-def create_app(ckpt_or_model: str | Path | MatryoshkaLM, tokenizer: Any = None, *, name: str | None = None,
-               api_key: str | None = None, device: str = "cpu", embedder: Any = None, **options: Any) -> FastAPI:
+def create_app(
+    ckpt_or_model: str | Path | MatryoshkaLM,
+    tokenizer: Any = None,
+    *,
+    name: str | None = None,
+    api_key: str | None = None,
+    device: str = "cpu",
+    embedder: Any = None,
+    **options: Any,
+) -> FastAPI:
     """The FastAPI app serving a checkpoint directory (or a loaded model plus its `tokenizers` tokenizer).
 
     Args:
@@ -121,8 +130,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, e: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
         path = request.url.path
-        message = {404: f"No route {path}.", 405: f"Method {request.method} is not allowed on {path}."
-                   }.get(e.status_code, str(e.detail))
+        message = {404: f"No route {path}.", 405: f"Method {request.method} is not allowed on {path}."}.get(
+            e.status_code, str(e.detail)
+        )
         return APIError(e.status_code, message, None, code).response()
 
     @app.exception_handler(Exception)
@@ -144,15 +154,21 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), srv.api_key.encode()):
-            raise APIError(401, "Missing or incorrect API key: send 'Authorization: Bearer <key>'.", None,
-                           "invalid_api_key")
+            raise APIError(
+                401, "Missing or incorrect API key: send 'Authorization: Bearer <key>'.", None, "invalid_api_key"
+            )
 
     auth = [Depends(authorized)]
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": srv.name, "sizes": srv.sizes, "waiting": srv.batcher.waiting,
-                "batches_in_flight": srv.batcher.in_flight}
+        return {
+            "status": "ok",
+            "model": srv.name,
+            "sizes": srv.sizes,
+            "waiting": srv.batcher.waiting,
+            "batches_in_flight": srv.batcher.in_flight,
+        }
 
     @app.get("/metrics", dependencies=auth)
     async def metrics() -> PlainTextResponse:
@@ -163,9 +179,15 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
     def card(model_id: str) -> dict[str, Any]:
         size = model_id.rpartition(":")[2]
         spec = srv.auto if size == "auto" else parse_spec(srv.cfg, size)
-        return {"id": model_id, "object": "model", "created": srv.created, "owned_by": "matryoshka-lm",
-                "size": format_spec(spec), "params": count_params(srv.cfg, spec)["total"],
-                "context_length": srv.cfg.max_seq_len}
+        return {
+            "id": model_id,
+            "object": "model",
+            "created": srv.created,
+            "owned_by": "matryoshka-lm",
+            "size": format_spec(spec),
+            "params": count_params(srv.cfg, spec)["total"],
+            "context_length": srv.cfg.max_seq_len,
+        }
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict[str, Any]:
@@ -189,8 +211,9 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
         served, spec = _resolve(srv, req.model, request)
         prompts = [srv.chat_ids(req.messages)]
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        return await generation_reply(srv, request, req, served, spec, prompts, max_tokens, srv.max_tokens_limit,
-                                      chat=True)
+        return await generation_reply(
+            srv, request, req, served, spec, prompts, max_tokens, srv.max_tokens_limit, chat=True
+        )
 
     @app.post("/v1/embeddings", dependencies=auth)
     async def embeddings(request: Request) -> Response:
@@ -207,25 +230,47 @@ async def _embeddings(srv: Server, req: EmbeddingRequest, served: str, spec: Sub
     full = srv.embedder.out_dim(spec)
     dims = full if req.dimensions is None else req.dimensions
     if dims > full:
-        raise APIError(400, f"Invalid value for 'dimensions': {dims}; size {format_spec(spec)} embeds in "
-                            f"{full} dims.", "dimensions", "invalid_value")
+        raise APIError(
+            400,
+            f"Invalid value for 'dimensions': {dims}; size {format_spec(spec)} embeds in {full} dims.",
+            "dimensions",
+            "invalid_value",
+        )
     vecs = await srv.batcher.call(lambda: embed_ids(srv.embedder, ids, spec, dims))
     n_tokens = sum(len(x) for x in ids)
     srv.metrics.tokens.labels(size_label(spec), "prompt").inc(n_tokens)
     b64 = req.encoding_format == "base64"
-    data = [{"object": "embedding", "index": i,
-             "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if b64 else v.tolist()}
-            for i, v in enumerate(vecs)]
-    return JSONResponse({"object": "list", "data": data, "model": served,
-                         "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}},
-                        headers={"X-Matryoshka-Size": format_spec(spec)})
+    data = [
+        {
+            "object": "embedding",
+            "index": i,
+            "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if b64 else v.tolist(),
+        }
+        for i, v in enumerate(vecs)
+    ]
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "model": served,
+            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+        },
+        headers={"X-Matryoshka-Size": format_spec(spec)},
+    )
 
 
 # ---------------------------------------------------------------- the CLI's entry
 
 
-def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          device: str = "cpu", log_level: str = "info", **options: Any) -> None:
+def serve(
+    ckpt: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    device: str = "cpu",
+    log_level: str = "info",
+    **options: Any,
+) -> None:
     """Load `ckpt` and serve it with uvicorn until interrupted."""
     import uvicorn
 

@@ -14,6 +14,7 @@ add new rows to a running batch's KV cache (the engine's batches are fixed at pr
 Results go back to the asyncio side with `loop.call_soon_threadsafe` into an unbounded per-request queue: the
 worker never waits for a client, so a slow reader only delays itself.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,15 +22,16 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
+from matryoshka_lm.core.spec import SubmodelSpec
 from matryoshka_lm.infer.engine import Engine
 from matryoshka_lm.infer.sampling import Sampling
 from matryoshka_lm.infer.stops import Decode, StopRow
-from matryoshka_lm.core.spec import SubmodelSpec
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +39,12 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Event:
     """What a request's queue receives: a text piece of choice `index`, its end, or an error."""
+
     index: int
     text: str = ""
-    tokens: int = 0                    # tokens generated for this choice so far
-    finish_reason: str | None = None   # set on the last event of a choice: "stop" | "length"
-    error: str | None = None           # the request failed (the message is for logs, not clients)
+    tokens: int = 0  # tokens generated for this choice so far
+    finish_reason: str | None = None  # set on the last event of a choice: "stop" | "length"
+    error: str | None = None  # the request failed (the message is for logs, not clients)
 
 
 class Ticket:
@@ -66,8 +69,9 @@ class Ticket:
 @dataclass
 class GenRequest:
     """One row of generation: prompt token ids, the size, and when to stop."""
+
     ticket: Ticket
-    index: int                  # the choice index within its HTTP request
+    index: int  # the choice index within its HTTP request
     prompt: list[int]
     spec: SubmodelSpec
     max_tokens: int
@@ -136,8 +140,15 @@ class Batcher:
         on_batch: called with (spec, rows) when a batch starts (metrics).
     """
 
-    def __init__(self, engine: Engine, decode: Decode, max_batch: int = 16, max_batches: int = 8,
-                 window_s: float = 0.002, on_batch: Callable[[SubmodelSpec, int], None] | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        decode: Decode,
+        max_batch: int = 16,
+        max_batches: int = 8,
+        window_s: float = 0.002,
+        on_batch: Callable[[SubmodelSpec, int], None] | None = None,
+    ):
         self.engine, self.decode = engine, decode
         self.max_batch, self.max_batches, self.window_s = max_batch, max_batches, window_s
         self.on_batch = on_batch

@@ -1,4 +1,5 @@
 """Prometheus metrics of one app, and the ASGI middleware that counts and times every HTTP answer."""
+
 from __future__ import annotations
 
 import time
@@ -24,24 +25,53 @@ class Metrics:
 
         disable_created_metrics()  # no *_created series: they double /metrics and no dashboard reads them
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("matryoshka_requests", "HTTP requests answered, by endpoint, size and status",
-                                ["endpoint", "size", "status"], registry=r)
-        self.errors = Counter("matryoshka_errors", "Failed requests: a 4xx/5xx answer or a stream ended by an error",
-                              ["endpoint", "size", "status"], registry=r)
-        self.tokens = Counter("matryoshka_tokens", "Tokens processed, by size and kind (prompt | completion)",
-                              ["size", "kind"], registry=r)
-        self.disconnects = Counter("matryoshka_disconnects", "Streams whose client went away before the end",
-                                   ["size"], registry=r)
-        lat = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
-        self.latency = Histogram("matryoshka_request_latency_seconds", "Request start to last byte",
-                                 ["endpoint", "size"], buckets=lat, registry=r)
-        self.ttft = Histogram("matryoshka_time_to_first_token_seconds", "Request start to first generated token",
-                              ["size"], buckets=lat, registry=r)
-        self.batch_rows = Histogram("matryoshka_batch_rows", "Rows per generation batch, by size", ["size"],
-                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.requests = Counter(
+            "matryoshka_requests",
+            "HTTP requests answered, by endpoint, size and status",
+            ["endpoint", "size", "status"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "matryoshka_errors",
+            "Failed requests: a 4xx/5xx answer or a stream ended by an error",
+            ["endpoint", "size", "status"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "matryoshka_tokens",
+            "Tokens processed, by size and kind (prompt | completion)",
+            ["size", "kind"],
+            registry=r,
+        )
+        self.disconnects = Counter(
+            "matryoshka_disconnects", "Streams whose client went away before the end", ["size"], registry=r
+        )
+        lat = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        self.latency = Histogram(
+            "matryoshka_request_latency_seconds",
+            "Request start to last byte",
+            ["endpoint", "size"],
+            buckets=lat,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "matryoshka_time_to_first_token_seconds",
+            "Request start to first generated token",
+            ["size"],
+            buckets=lat,
+            registry=r,
+        )
+        self.batch_rows = Histogram(
+            "matryoshka_batch_rows",
+            "Rows per generation batch, by size",
+            ["size"],
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
         Gauge("matryoshka_queue_waiting", "Rows waiting for a batch", registry=r).set_function(lambda: batcher.waiting)
         Gauge("matryoshka_batches_in_flight", "Generation batches in flight", registry=r).set_function(
-            lambda: batcher.in_flight)
+            lambda: batcher.in_flight
+        )
 
     def exposition(self) -> bytes:
         from prometheus_client import generate_latest

@@ -1,5 +1,6 @@
 """The OpenAI wire protocol as this server speaks it: request bodies, their validation, errors, limits and the
 chat template. Nothing here touches the model."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,14 @@ def chat_prompt(messages: list[tuple[str, str]]) -> str:
 class APIError(Exception):
     """An error answered as OpenAI does: status and {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
@@ -42,8 +49,9 @@ class APIError(Exception):
     def response(self) -> Response:
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
         # ASCII JSON: a message quoting the client's input stays encodable even with a lone surrogate in it
-        return Response(json.dumps(self.body()), status_code=self.status, headers=headers,
-                        media_type="application/json")
+        return Response(
+            json.dumps(self.body()), status_code=self.status, headers=headers, media_type="application/json"
+        )
 
 
 # union-typed fields get one message instead of pydantic's one-per-branch
@@ -96,9 +104,17 @@ class _Body(BaseModel):
 
 # fields we do not implement, with the values that mean "off" (anything else gets a 400 naming the field)
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
-    "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "tools": (None, []),
+    "functions": (None, []),
+    "tool_choice": (None, "none", "auto"),
     "response_format": (None, {"type": "text"}),
 }
 
@@ -109,6 +125,7 @@ class StreamOptions(_Body):
 
 class GenerationRequest(_Body):
     """The fields completions and chat completions share."""
+
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -117,7 +134,7 @@ class GenerationRequest(_Body):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2 ** 63), lt=2 ** 64)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     user: str | None = None
 
 
@@ -157,8 +174,9 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
     """The raw body, refused (413) past max_bytes whether declared up front or only found while reading."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise APIError(413, f"Request body of {declared} bytes exceeds the limit of {max_bytes} bytes.",
-                       None, "request_too_large")
+        raise APIError(
+            413, f"Request body of {declared} bytes exceeds the limit of {max_bytes} bytes.", None, "request_too_large"
+        )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)

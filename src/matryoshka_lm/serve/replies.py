@@ -1,4 +1,5 @@
 """Generation replies: the OpenAI response objects, whole (JSON) or streamed as server-sent events."""
+
 from __future__ import annotations
 
 import asyncio
@@ -45,13 +46,15 @@ class Reply:
         self.reasons[ev.index] = ev.finish_reason
 
     def usage(self, prompt_tokens: int) -> dict[str, int]:
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": prompt_tokens + self.completion_tokens}
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": prompt_tokens + self.completion_tokens,
+        }
 
     def _head(self, chunk: bool) -> dict[str, Any]:
         obj = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "system_fingerprint": None}
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "system_fingerprint": None}
 
     def final(self, prompt_tokens: int) -> dict[str, Any]:
         choices = []
@@ -75,17 +78,26 @@ class Reply:
         return {**self._head(True), "choices": [], "usage": self.usage(prompt_tokens)}
 
 
-async def generation_reply(srv: Server, request: Request, req: GenerationRequest, served: str, spec: SubmodelSpec,
-                           prompts: list[list[int]], max_tokens: int | None, default_max: int, chat: bool
-                           ) -> Response:
+async def generation_reply(
+    srv: Server,
+    request: Request,
+    req: GenerationRequest,
+    served: str,
+    spec: SubmodelSpec,
+    prompts: list[list[int]],
+    max_tokens: int | None,
+    default_max: int,
+    chat: bool,
+) -> Response:
     """Queue the request's rows and answer: one JSON object, or a stream of chunks when req.stream."""
     n_tokens, sampling, stops = srv.settings(req, max_tokens, default_max)
     if chat:
         stops = stops + CHAT_STOPS
     n = req.n or 1
     if n * len(prompts) > MAX_INPUTS:
-        raise APIError(400, f"{len(prompts)} prompts x n={n} asks for more than {MAX_INPUTS} choices.", "n",
-                       "invalid_value")
+        raise APIError(
+            400, f"{len(prompts)} prompts x n={n} asks for more than {MAX_INPUTS} choices.", "n", "invalid_value"
+        )
     ticket = Ticket(asyncio.get_running_loop())
     rows = srv.rows(ticket, prompts, spec, n, n_tokens, sampling, stops)
     srv.submit(rows)
@@ -98,8 +110,7 @@ async def generation_reply(srv: Server, request: Request, req: GenerationRequest
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         body = sse_stream(srv, request, ticket, reply, label, t0, prompt_tokens, include_usage)
-        return StreamingResponse(body, media_type="text/event-stream",
-                                 headers={**headers, "Cache-Control": "no-cache"})
+        return StreamingResponse(body, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
     try:
         async for ev in events(ticket, len(rows)):
             if reply.first:
@@ -130,8 +141,16 @@ def sse_line(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-async def sse_stream(srv: Server, request: Request, ticket: Ticket, reply: Reply, label: str, t0: float,
-                     prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+async def sse_stream(
+    srv: Server,
+    request: Request,
+    ticket: Ticket,
+    reply: Reply,
+    label: str,
+    t0: float,
+    prompt_tokens: int,
+    include_usage: bool,
+) -> AsyncIterator[str]:
     """Server-sent events in the OpenAI chunk format, then "data: [DONE]"."""
     finished = False
     try:

@@ -1,5 +1,6 @@
 """The server's state: the loaded checkpoint, its engine, embedder, batcher and metrics, and the checks that
 turn a request's model field, prompts and settings into generation rows."""
+
 from __future__ import annotations
 
 import time
@@ -33,10 +34,21 @@ def load_checkpoint(ckpt: str | Path, device: str) -> tuple[MatryoshkaLM, Any, A
 class Server:
     """The loaded checkpoint and everything the routes share."""
 
-    def __init__(self, model: MatryoshkaLM, tokenizer: Any, name: str, embedder: Any = None,
-                 api_key: str | None = None, compile: bool = False, max_batch: int = 16, max_batches: int = 8,
-                 batch_window_s: float = 0.002, max_body_bytes: int = 1 << 20, max_tokens_limit: int | None = None,
-                 max_waiting: int = 4096):
+    def __init__(
+        self,
+        model: MatryoshkaLM,
+        tokenizer: Any,
+        name: str,
+        embedder: Any = None,
+        api_key: str | None = None,
+        compile: bool = False,
+        max_batch: int = 16,
+        max_batches: int = 8,
+        batch_window_s: float = 0.002,
+        max_body_bytes: int = 1 << 20,
+        max_tokens_limit: int | None = None,
+        max_waiting: int = 4096,
+    ):
         from matryoshka_lm.embed import Embedder
 
         self.model, self.tok, self.name, self.api_key = model.eval(), tokenizer, name, api_key
@@ -49,8 +61,14 @@ class Server:
         self.eot = [] if eot is None else [eot]
         self.sizes = size_names(self.cfg)
         self.auto = self._full_size()
-        self.batcher = Batcher(self.engine, tokenizer.decode, max_batch, max_batches, batch_window_s,
-                               on_batch=lambda spec, n: self.metrics.batch_rows.labels(size_label(spec)).observe(n))
+        self.batcher = Batcher(
+            self.engine,
+            tokenizer.decode,
+            max_batch,
+            max_batches,
+            batch_window_s,
+            on_batch=lambda spec, n: self.metrics.batch_rows.labels(size_label(spec)).observe(n),
+        )
         self.metrics = Metrics(self.batcher)
         self.created = int(time.time())
 
@@ -69,8 +87,13 @@ class Server:
         return [f"{self.name}:{s}" for s in self.sizes] + [f"{self.name}:auto"]
 
     def _not_found(self, model: str) -> APIError:
-        return APIError(404, f"The model '{model}' does not exist; this server has {', '.join(self.model_ids())} "
-                             f"or {self.name}:SPEC for any Mix'n'Match spec.", "model", "model_not_found")
+        return APIError(
+            404,
+            f"The model '{model}' does not exist; this server has {', '.join(self.model_ids())} "
+            f"or {self.name}:SPEC for any Mix'n'Match spec.",
+            "model",
+            "model_not_found",
+        )
 
     def resolve(self, model: str) -> tuple[str, SubmodelSpec]:
         """NAME:SIZE | NAME:SPEC | NAME:auto | SIZE | SPEC -> (the id that serves it, its spec)."""
@@ -84,8 +107,9 @@ class Server:
                 spec = parse_spec(self.cfg, size)
             except MatryoshkaError as e:
                 if colon:
-                    raise APIError(400, f"Invalid size spec in model '{model}': {e}", "model",
-                                   "invalid_model") from None
+                    raise APIError(
+                        400, f"Invalid size spec in model '{model}': {e}", "model", "invalid_model"
+                    ) from None
                 raise self._not_found(model) from None
         return f"{self.name}:{format_spec(spec)}", spec
 
@@ -101,12 +125,20 @@ class Server:
         ctx = self.cfg.max_seq_len
         if len(ids) > ctx - generate:
             room = f" (at most {ctx - 1} leave room to generate)" if generate else ""
-            raise APIError(400, f"This model's context is {ctx} tokens; '{param}' has {len(ids)} tokens{room}.",
-                           param, "context_length_exceeded")
+            raise APIError(
+                400,
+                f"This model's context is {ctx} tokens; '{param}' has {len(ids)} tokens{room}.",
+                param,
+                "context_length_exceeded",
+            )
         bad = next((t for t in ids if not 0 <= t < self.cfg.vocab_size), None)
         if bad is not None:
-            raise APIError(400, f"'{param}' has token id {bad}, outside the vocabulary 0..{self.cfg.vocab_size - 1}.",
-                           param, "invalid_value")
+            raise APIError(
+                400,
+                f"'{param}' has token id {bad}, outside the vocabulary 0..{self.cfg.vocab_size - 1}.",
+                param,
+                "invalid_value",
+            )
         return ids
 
     def encode(self, text: str, param: str) -> list[int]:
@@ -126,52 +158,76 @@ class Server:
         if not items:
             raise APIError(400, f"'{param}' is an empty array.", param, "invalid_value")
         if len(items) > MAX_INPUTS:
-            raise APIError(400, f"'{param}' has {len(items)} entries; the limit is {MAX_INPUTS}.", param,
-                           "invalid_value")
+            raise APIError(
+                400, f"'{param}' has {len(items)} entries; the limit is {MAX_INPUTS}.", param, "invalid_value"
+            )
         names = [param if len(items) == 1 else f"{param}[{i}]" for i in range(len(items))]
-        return [self.check_ids(self.encode(p, name) if isinstance(p, str) else list(p), name, generate)
-                for p, name in zip(items, names)]
+        return [
+            self.check_ids(self.encode(p, name) if isinstance(p, str) else list(p), name, generate)
+            for p, name in zip(items, names)
+        ]
 
     def chat_ids(self, messages: list[ChatMessage]) -> list[int]:
         """The messages through the chat template, as checked token ids."""
         turns = []
         for i, m in enumerate(messages):
             if m.role not in CHAT_ROLES:
-                raise APIError(400, f"Invalid value for 'messages[{i}].role': {m.role!r}; use one of "
-                                    f"{', '.join(CHAT_ROLES)}.", f"messages[{i}].role", "invalid_value")
+                raise APIError(
+                    400,
+                    f"Invalid value for 'messages[{i}].role': {m.role!r}; use one of {', '.join(CHAT_ROLES)}.",
+                    f"messages[{i}].role",
+                    "invalid_value",
+                )
             turns.append((m.role, _message_text(m, i)))
         return self.check_ids(self.encode(chat_prompt(turns), "messages"), "messages")
 
     # ---- generation settings
 
-    def settings(self, req: GenerationRequest, max_tokens: int | None, default_max: int
-                 ) -> tuple[int, Sampling, tuple[str, ...]]:
+    def settings(
+        self, req: GenerationRequest, max_tokens: int | None, default_max: int
+    ) -> tuple[int, Sampling, tuple[str, ...]]:
         """(tokens to generate, sampling, stop strings) of a request, checked against this server's limits."""
         n = default_max if max_tokens is None else max_tokens
         if n > self.max_tokens_limit:
             param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
-            raise APIError(400, f"Invalid value for '{param}': {n} is above this server's limit of "
-                                f"{self.max_tokens_limit}.", param, "invalid_value")
+            raise APIError(
+                400,
+                f"Invalid value for '{param}': {n} is above this server's limit of {self.max_tokens_limit}.",
+                param,
+                "invalid_value",
+            )
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > MAX_STOPS:
-            raise APIError(400, f"Invalid value for 'stop': at most {MAX_STOPS} strings, got {len(stop)}.",
-                           "stop", "invalid_value")
+            raise APIError(
+                400, f"Invalid value for 'stop': at most {MAX_STOPS} strings, got {len(stop)}.", "stop", "invalid_value"
+            )
         temperature = 1.0 if req.temperature is None else req.temperature
         top_p = 1.0 if req.top_p is None else req.top_p
         if top_p == 0:
             temperature = 0.0  # only the most likely token is left
-        seed = None if req.seed is None else req.seed % 2 ** 64
+        seed = None if req.seed is None else req.seed % 2**64
         sampling = Sampling(temperature, None, top_p or 1.0, seed)
         return n, sampling, tuple(s for s in stop if s)
 
-    def rows(self, ticket: Ticket, prompts: list[list[int]], spec: SubmodelSpec, n: int, max_tokens: int,
-             sampling: Sampling, stops: tuple[str, ...]) -> list[GenRequest]:
+    def rows(
+        self,
+        ticket: Ticket,
+        prompts: list[list[int]],
+        spec: SubmodelSpec,
+        n: int,
+        max_tokens: int,
+        sampling: Sampling,
+        stops: tuple[str, ...],
+    ) -> list[GenRequest]:
         """One generation row per prompt and choice; seeded choices after the first get seed + k."""
         rows = []
         for p, ids in enumerate(prompts):
             for k in range(n):
-                s = sampling if sampling.seed is None or k == 0 else Sampling(
-                    sampling.temperature, None, sampling.top_p, (sampling.seed + k) % 2 ** 64)
+                s = (
+                    sampling
+                    if sampling.seed is None or k == 0
+                    else Sampling(sampling.temperature, None, sampling.top_p, (sampling.seed + k) % 2**64)
+                )
                 rows.append(GenRequest(ticket, p * n + k, ids, spec, max_tokens, s, frozenset(self.eot), stops))
         return rows
 
@@ -187,6 +243,7 @@ def _message_text(m: ChatMessage, i: int) -> str:
         return m.content or ""
     for j, part in enumerate(m.content):
         if part.type != "text" or part.text is None:
-            raise APIError(400, "Only text content parts are supported.", f"messages[{i}].content[{j}]",
-                           "invalid_value")
+            raise APIError(
+                400, "Only text content parts are supported.", f"messages[{i}].content[{j}]", "invalid_value"
+            )
     return "".join(p.text for p in m.content)

@@ -12,6 +12,7 @@ for all of them; only a few are evaluated on a validation subset:
 Latency is measured (best of a few forwards of one sequence on this machine); to rank candidates before
 timing them, it is predicted from FLOPs by a line fitted to the spread's measurements.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,7 +50,7 @@ _TIME = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 @dataclass(frozen=True)
 class Budget:
-    metric: str   # params (total) | flops (forward FLOPs per token) | latency (seconds per forward)
+    metric: str  # params (total) | flops (forward FLOPs per token) | latency (seconds per forward)
     value: float
 
     def __str__(self) -> str:
@@ -80,8 +81,8 @@ def parse_budget(text: str) -> Budget:
 @dataclass
 class Candidate:
     spec: SubmodelSpec
-    levels: tuple[int, ...]      # granularity level per layer (0 = smallest)
-    width_name: str              # the trained size whose residual width this uses
+    levels: tuple[int, ...]  # granularity level per layer (0 = smallest)
+    width_name: str  # the trained size whose residual width this uses
     level_names: tuple[str, ...]  # the size whose granularity each level is, smallest first
     params: int
     flops: int
@@ -89,7 +90,7 @@ class Candidate:
     predicted_latency: float | None = None  # seconds, from FLOPs (latency budgets only)
     val_loss: float | None = None
     text: str = ""
-    kind: str = "mix'n'match"     # or "uniform" for a trained size
+    kind: str = "mix'n'match"  # or "uniform" for a trained size
 
     @property
     def changes(self) -> int:
@@ -118,6 +119,7 @@ def _layer_cost(cfg: ModelConfig, layer: LayerSpec) -> int:
 
 def monotone_sequences(depth: int, n_levels: int):
     """Level sequences of length `depth`, non-decreasing, stepping by at most one level between layers."""
+
     def grow(seq: list[int]):
         if len(seq) == depth:
             yield tuple(seq)
@@ -142,8 +144,11 @@ def enumerate_candidates(cfg: ModelConfig, limit: int = 200_000) -> list[Candida
         for depth in depths:
             for levels in monotone_sequences(depth, len(names)):
                 spec = SubmodelSpec(width=width, layers=tuple(tables[l][i] for i, l in enumerate(levels)))
-                out.append(Candidate(spec, levels, wname, tuple(names), count_params(cfg, spec)["total"],
-                                     flops_per_token(cfg, spec)))
+                out.append(
+                    Candidate(
+                        spec, levels, wname, tuple(names), count_params(cfg, spec)["total"], flops_per_token(cfg, spec)
+                    )
+                )
                 if len(out) > limit:
                     raise MatryoshkaError(f"more than {limit} Mix'n'Match candidates; train fewer sizes")
     return out
@@ -160,8 +165,9 @@ def spec_text(cfg: ModelConfig, c: Candidate) -> str:
 
 
 @torch.no_grad()
-def measure_latency(model: MatryoshkaLM, spec: SubmodelSpec, tokens: int = 128, repeats: int = 3,
-                    device: str | torch.device = "cpu") -> float:
+def measure_latency(
+    model: MatryoshkaLM, spec: SubmodelSpec, tokens: int = 128, repeats: int = 3, device: str | torch.device = "cpu"
+) -> float:
     """Seconds for one forward over one sequence of `tokens` (best of `repeats`, after a warm-up)."""
     model.eval()
     x = torch.randint(0, model.cfg.vocab_size, (1, min(tokens, model.cfg.max_seq_len)), device=device)
@@ -178,8 +184,9 @@ def measure_latency(model: MatryoshkaLM, spec: SubmodelSpec, tokens: int = 128, 
     return best
 
 
-def select(cands: list[Candidate], metric: str, budget: float, n_spread: int, n_near: int,
-           band: float = 0.15) -> list[Candidate]:
+def select(
+    cands: list[Candidate], metric: str, budget: float, n_spread: int, n_near: int, band: float = 0.15
+) -> list[Candidate]:
     """A spread over the cost range (smoothest per bin) plus the smoothest candidates just under the budget."""
     key = "flops" if metric == "latency" else metric
     costs = np.array([c.cost(key) for c in cands], dtype=np.float64)
@@ -194,8 +201,10 @@ def select(cands: list[Candidate], metric: str, budget: float, n_spread: int, n_
     fits = [c for c in cands if _predicted(c, metric) <= budget]
     if fits:
         top = max(_predicted(c, metric) for c in fits)
-        near = sorted((c for c in fits if _predicted(c, metric) >= top * (1 - band)),
-                      key=lambda c: (c.changes, -_predicted(c, metric)))
+        near = sorted(
+            (c for c in fits if _predicted(c, metric) >= top * (1 - band)),
+            key=lambda c: (c.changes, -_predicted(c, metric)),
+        )
         for c in near[:n_near]:
             chosen[id(c)] = c
     return list(chosen.values())
@@ -215,9 +224,17 @@ def pareto_front(points: list[Candidate], metric: str) -> list[Candidate]:
     return front
 
 
-def mixnmatch_search(model: MatryoshkaLM, val: np.ndarray, budget: Budget, seq_len: int, n_batches: int = 4,
-                     batch: int = 8, max_evals: int = 24, latency_tokens: int = 128,
-                     device: str | torch.device = "cpu") -> tuple[list[Candidate], Candidate]:
+def mixnmatch_search(
+    model: MatryoshkaLM,
+    val: np.ndarray,
+    budget: Budget,
+    seq_len: int,
+    n_batches: int = 4,
+    batch: int = 8,
+    max_evals: int = 24,
+    latency_tokens: int = 128,
+    device: str | torch.device = "cpu",
+) -> tuple[list[Candidate], Candidate]:
     """Search; returns (every evaluated candidate, the best one that fits the budget).
 
     Raises MatryoshkaError when no submodel fits, naming the smallest possible cost.
@@ -238,19 +255,27 @@ def mixnmatch_search(model: MatryoshkaLM, val: np.ndarray, budget: Budget, seq_l
         if metric == "latency" and c.latency is None:
             _measure(model, c, latency_tokens, device)
     log.info("evaluating %d of %d candidates", len(picked), len(cands))
-    res = evaluate_specs(model, val, {c.text: c.spec for c in picked}, seq_len, batch=batch, n_batches=n_batches,
-                         device=device)
+    res = evaluate_specs(
+        model, val, {c.text: c.spec for c in picked}, seq_len, batch=batch, n_batches=n_batches, device=device
+    )
     for c in picked:
         c.val_loss = res[c.text]["loss"]
     fits = [c for c in picked if c.cost(metric) <= budget.value]
     if not fits:
-        raise MatryoshkaError(f"no submodel fits {budget}: the smallest measured is "
-                              f"{_cost_str(min(picked, key=lambda c: c.cost(metric)), metric)}")
+        raise MatryoshkaError(
+            f"no submodel fits {budget}: the smallest measured is "
+            f"{_cost_str(min(picked, key=lambda c: c.cost(metric)), metric)}"
+        )
     return sorted(picked, key=lambda c: c.cost(metric)), min(fits, key=lambda c: c.val_loss)
 
 
-def check_fits(model: MatryoshkaLM, budget: Budget, cands: list[Candidate] | None = None, latency_tokens: int = 128,
-               device: str | torch.device = "cpu") -> None:
+def check_fits(
+    model: MatryoshkaLM,
+    budget: Budget,
+    cands: list[Candidate] | None = None,
+    latency_tokens: int = 128,
+    device: str | torch.device = "cpu",
+) -> None:
     """Raise a clear error when even the smallest submodel (timed, for latency) exceeds the budget."""
     cands = cands or enumerate_candidates(model.cfg)
     metric = budget.metric
@@ -258,8 +283,10 @@ def check_fits(model: MatryoshkaLM, budget: Budget, cands: list[Candidate] | Non
     if metric == "latency":
         _measure(model, cheapest, latency_tokens, device)
     if cheapest.cost(metric) > budget.value:
-        raise MatryoshkaError(f"no submodel fits {budget}: the smallest is {spec_text(model.cfg, cheapest)} at "
-                              f"{_cost_str(cheapest, metric)}")
+        raise MatryoshkaError(
+            f"no submodel fits {budget}: the smallest is {spec_text(model.cfg, cheapest)} at "
+            f"{_cost_str(cheapest, metric)}"
+        )
 
 
 def _uniform(cfg: ModelConfig, cands: list[Candidate]) -> list[Candidate]:
@@ -310,23 +337,45 @@ def format_frontier(points: list[Candidate], best: Candidate, budget: Budget) ->
 def plot_frontier(points: list[Candidate], best: Candidate, budget: Budget, path: Path, title: str) -> None:
     """Cost (the budget's metric) vs val loss: Mix'n'Match dots, trained sizes squares, frontier line, budget."""
     metric = budget.metric
-    scale, label = {"params": (1, "parameters"), "flops": (1, "forward FLOPs / token"),
-                    "latency": (1e3, "latency (ms, one forward, this machine)")}[metric]
+    scale, label = {
+        "params": (1, "parameters"),
+        "flops": (1, "forward FLOPs / token"),
+        "latency": (1e3, "latency (ms, one forward, this machine)"),
+    }[metric]
     mm = [c for c in points if c.kind != "uniform"]
     uni = [c for c in points if c.kind == "uniform"]
     front = pareto_front(points, metric)
     with figure(path, (7, 4.5), legend=dict(fontsize=8)) as (fig, ax):
-        ax.scatter([c.cost(metric) * scale for c in mm], [c.val_loss for c in mm], s=18, alpha=0.6,
-                   label="Mix'n'Match")
-        ax.scatter([c.cost(metric) * scale for c in uni], [c.val_loss for c in uni], marker="s", s=60, color="C3",
-                   label="trained sizes", zorder=3)
+        ax.scatter([c.cost(metric) * scale for c in mm], [c.val_loss for c in mm], s=18, alpha=0.6, label="Mix'n'Match")
+        ax.scatter(
+            [c.cost(metric) * scale for c in uni],
+            [c.val_loss for c in uni],
+            marker="s",
+            s=60,
+            color="C3",
+            label="trained sizes",
+            zorder=3,
+        )
         for c in uni:
             ax.annotate(c.text, (c.cost(metric) * scale, c.val_loss), textcoords="offset points", xytext=(5, 4))
-        ax.plot([c.cost(metric) * scale for c in front], [c.val_loss for c in front], "-", color="gray", lw=1,
-                label="Pareto frontier")
+        ax.plot(
+            [c.cost(metric) * scale for c in front],
+            [c.val_loss for c in front],
+            "-",
+            color="gray",
+            lw=1,
+            label="Pareto frontier",
+        )
         ax.axvline(budget.value * scale, color="C2", ls="--", lw=1, label=f"budget {budget}")
-        ax.scatter([best.cost(metric) * scale], [best.val_loss], marker="*", s=220, color="C2", zorder=4,
-                   label=f"best: {best.text}"[:60])
+        ax.scatter(
+            [best.cost(metric) * scale],
+            [best.val_loss],
+            marker="*",
+            s=220,
+            color="C2",
+            zorder=4,
+            label=f"best: {best.text}"[:60],
+        )
         if metric != "latency":
             ax.set_xscale("log")
         ax.set_xlabel(label)
@@ -334,9 +383,16 @@ def plot_frontier(points: list[Candidate], best: Candidate, budget: Budget, path
         ax.set_title(title)
 
 
-def run_mixnmatch(ckpt: str | Path, budget: str, n_batches: int = 4, max_evals: int = 24,
-                  plot_path: str | Path | None = None, json_path: str | Path | None = None,
-                  latency_tokens: int = 128, device: str = "cpu") -> tuple[Candidate, str]:
+def run_mixnmatch(
+    ckpt: str | Path,
+    budget: str,
+    n_batches: int = 4,
+    max_evals: int = 24,
+    plot_path: str | Path | None = None,
+    json_path: str | Path | None = None,
+    latency_tokens: int = 128,
+    device: str = "cpu",
+) -> tuple[Candidate, str]:
     """`matryoshka mixnmatch`: search the checkpoint, write the PNG and JSON, return (best, Markdown table)."""
     from matryoshka_lm.core import checkpoint as ck
     from matryoshka_lm.core.checkpoint import write_json
@@ -348,14 +404,33 @@ def run_mixnmatch(ckpt: str | Path, budget: str, n_batches: int = 4, max_evals: 
     check_fits(model, b, latency_tokens=latency_tokens, device=device)  # before the corpus is tokenized
     tcfg, _, val = checkpoint_val_split(ckpt)
     seq_len = min(tcfg.seq_len, model.cfg.max_seq_len)
-    points, best = mixnmatch_search(model, val, b, seq_len, n_batches=n_batches, max_evals=max_evals,
-                                    latency_tokens=latency_tokens, device=device)
+    points, best = mixnmatch_search(
+        model, val, b, seq_len, n_batches=n_batches, max_evals=max_evals, latency_tokens=latency_tokens, device=device
+    )
     plot_frontier(points, best, b, Path(plot_path or ckpt / "mixnmatch.png"), f"{ckpt.name}: Mix'n'Match, {b}")
     front = {id(c) for c in pareto_front(points, b.metric)}
-    rows = [{"spec": c.text, "canonical": format_spec(c.spec), "kind": c.kind, "params": c.params,
-             "flops_per_token": c.flops, "latency_ms": None if c.latency is None else c.latency * 1e3,
-             "val_loss": c.val_loss, "pareto": id(c) in front} for c in points]
-    write_json(Path(json_path or ckpt / "mixnmatch.json"),
-               {"budget": str(b), "best": best.text, "best_canonical": format_spec(best.spec), "points": rows,
-                "val_windows": n_batches * 8, "seq_len": seq_len})
+    rows = [
+        {
+            "spec": c.text,
+            "canonical": format_spec(c.spec),
+            "kind": c.kind,
+            "params": c.params,
+            "flops_per_token": c.flops,
+            "latency_ms": None if c.latency is None else c.latency * 1e3,
+            "val_loss": c.val_loss,
+            "pareto": id(c) in front,
+        }
+        for c in points
+    ]
+    write_json(
+        Path(json_path or ckpt / "mixnmatch.json"),
+        {
+            "budget": str(b),
+            "best": best.text,
+            "best_canonical": format_spec(best.spec),
+            "points": rows,
+            "val_windows": n_batches * 8,
+            "seq_len": seq_len,
+        },
+    )
     return best, format_frontier(points, best, b)

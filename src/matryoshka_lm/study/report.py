@@ -1,4 +1,5 @@
 """Turn study results into report/README.md, results.json and PNG plots."""
+
 from __future__ import annotations
 
 import math
@@ -29,15 +30,23 @@ def plot_sizes(res: dict[str, Any], main: int, path: Path) -> None:
             color = f"C{i}"
             for kind, style in (("matryoshka", "o-"), ("baseline", "s--")):
                 pts = sorted((v["non_embedding_params"], v["val_loss"]) for v in res[kind][d].values())
-                ax.plot(*zip(*pts), style, color=color, label=f"d={d} {kind}",
-                        alpha=0.9 if kind == "matryoshka" else 0.6)
+                ax.plot(
+                    *zip(*pts), style, color=color, label=f"d={d} {kind}", alpha=0.9 if kind == "matryoshka" else 0.6
+                )
         mix = res["mixnmatch"].get("all", [])
         if mix:
-            ax.plot([m["non_embedding_params"] for m in mix], [m["val_loss"] for m in mix],
-                    "kx", label=f"Mix'n'Match (d={main}, never trained)")
+            ax.plot(
+                [m["non_embedding_params"] for m in mix],
+                [m["val_loss"] for m in mix],
+                "kx",
+                label=f"Mix'n'Match (d={main}, never trained)",
+            )
         ax.set_xscale("log")
-        ax.set(xlabel="non-embedding parameters", ylabel="validation loss (nats/token)",
-               title="Matryoshka sizes vs independently trained baselines")
+        ax.set(
+            xlabel="non-embedding parameters",
+            ylabel="validation loss (nats/token)",
+            title="Matryoshka sizes vs independently trained baselines",
+        )
 
 
 def plot_ablation(res: dict[str, Any], path: Path) -> None:
@@ -53,8 +62,10 @@ def plot_consistency(res: dict[str, Any], main: int, path: Path) -> None:
     cons = res["consistency"][main]
     x = np.arange(len(SIZES) - 1)
     with figure(path, (8, 3.5), ncols=2, grid_axis="y") as (fig, axes):
-        for ax, key, label in ((axes[0], "top1_agreement", "top-1 agreement with full"),
-                               (axes[1], "kl", "KL(full || size)")):
+        for ax, key, label in (
+            (axes[0], "top1_agreement", "top-1 agreement with full"),
+            (axes[1], "kl", "KL(full || size)"),
+        ):
             for j, kind in enumerate(("matryoshka", "baseline")):
                 ax.bar(x + (j - 0.5) * 0.38, [cons[s][kind][key] for s in SIZES[1:]], 0.38, label=kind)
             ax.set_xticks(x, SIZES[1:])
@@ -71,35 +82,48 @@ def plot_scaling(res: dict[str, Any], path: Path) -> None:
             fit = res["fits"].get(kind, {})
             if "a" in fit:
                 grid = np.geomspace(n.min(), n.max(), 50)
-                ax.plot(grid, fit["a"] * grid ** -fit["b"] + fit["c"], "-", color=f"C{i}",
-                        label=f"{kind}: {fit['a']:.3g}·N^-{fit['b']:.3f} + {fit['c']:.3f}")
+                ax.plot(
+                    grid,
+                    fit["a"] * grid ** -fit["b"] + fit["c"],
+                    "-",
+                    color=f"C{i}",
+                    label=f"{kind}: {fit['a']:.3g}·N^-{fit['b']:.3f} + {fit['c']:.3f}",
+                )
         ax.set_xscale("log")
         ax.set(xlabel="non-embedding parameters N", ylabel="validation loss", title="L(N) = a·N^-b + c")
 
 
 def quality_table(res: dict[str, Any]) -> tuple[str, list[float]]:
-    lines = ["| scale | size | non-emb params | Matryoshka loss | baseline loss | Δ (nats) | within 0.04 |",
-             "|---|---|---:|---:|---:|---:|:---:|"]
+    lines = [
+        "| scale | size | non-emb params | Matryoshka loss | baseline loss | Δ (nats) | within 0.04 |",
+        "|---|---|---:|---:|---:|---:|:---:|",
+    ]
     deltas = []
     for d in sorted(res["matryoshka"], key=int):
         for s in SIZES:
             m, b = res["matryoshka"][d][s], res["baseline"][d][s]
             delta = m["val_loss"] - b["val_loss"]
             deltas.append(delta)
-            lines.append(f"| d={d} | {s} | {human(m['non_embedding_params'])} | {m['val_loss']:.3f} | "
-                         f"{b['val_loss']:.3f} | {delta:+.3f} | {'yes' if delta <= BAR else 'no'} |")
+            lines.append(
+                f"| d={d} | {s} | {human(m['non_embedding_params'])} | {m['val_loss']:.3f} | "
+                f"{b['val_loss']:.3f} | {delta:+.3f} | {'yes' if delta <= BAR else 'no'} |"
+            )
     return "\n".join(lines), deltas
 
 
 def consistency_table(res: dict[str, Any]) -> str:
-    lines = ["| scale | size | agreement: Matryoshka | agreement: baselines | KL: Matryoshka | KL: baselines |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| scale | size | agreement: Matryoshka | agreement: baselines | KL: Matryoshka | KL: baselines |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for d in sorted(res["consistency"], key=int):
         for s in SIZES[1:]:
             c = res["consistency"][d][s]
             m, b = c["matryoshka"], c["baseline"]
-            lines.append(f"| d={d} | {s} | {m['top1_agreement']:.3f} | {b['top1_agreement']:.3f} "
-                         f"| {m['kl']:.3f} | {b['kl']:.3f} |")
+            lines.append(
+                f"| d={d} | {s} | {m['top1_agreement']:.3f} | {b['top1_agreement']:.3f} "
+                f"| {m['kl']:.3f} | {b['kl']:.3f} |"
+            )
     return "\n".join(lines)
 
 
@@ -108,15 +132,19 @@ def ablation_table(res: dict[str, Any]) -> str:
     for name, pts in res["ablation"].items():
         for s in SIZES:
             v = pts[s]
-            lines.append(f"| {name} | {s} | {human(v['flops_per_token'])} | {human(v['non_embedding_params'])} "
-                         f"| {v['val_loss']:.3f} |")
+            lines.append(
+                f"| {name} | {s} | {human(v['flops_per_token'])} | {human(v['non_embedding_params'])} "
+                f"| {v['val_loss']:.3f} |"
+            )
     return "\n".join(lines)
 
 
 def mixnmatch_table(res: dict[str, Any]) -> tuple[str, dict[str, tuple[int, int]]]:
     """Per nesting design: each Mix'n'Match spec against the line through that model's trained sizes."""
-    lines = ["| nested axes | Mix'n'Match spec | non-emb params | val loss | line through trained sizes | Δ |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| nested axes | Mix'n'Match spec | non-emb params | val loss | line through trained sizes | Δ |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     counts = {}
     for design, mixes in res["mixnmatch"].items():
         trained = [(v["non_embedding_params"], v["val_loss"]) for v in res["ablation"][design].values()]
@@ -124,8 +152,10 @@ def mixnmatch_table(res: dict[str, Any]) -> tuple[str, dict[str, tuple[int, int]
         for m in sorted(mixes, key=lambda m: m["non_embedding_params"]):
             pred = line_through(trained, m["non_embedding_params"])
             below += m["val_loss"] <= pred
-            lines.append(f"| {design} | `{m['spec']}` | {human(m['non_embedding_params'])} | {m['val_loss']:.3f} | "
-                         f"{pred:.3f} | {m['val_loss'] - pred:+.3f} |")
+            lines.append(
+                f"| {design} | `{m['spec']}` | {human(m['non_embedding_params'])} | {m['val_loss']:.3f} | "
+                f"{pred:.3f} | {m['val_loss'] - pred:+.3f} |"
+            )
         counts[design] = (below, len(mixes))
     return "\n".join(lines), counts
 
@@ -134,8 +164,10 @@ def fits_table(res: dict[str, Any]) -> str:
     lines = ["| points | a | b | c (irreducible) | RMSE |", "|---|---:|---:|---:|---:|"]
     for kind, f in res["fits"].items():
         if "a" in f:
-            lines.append(f"| {kind} | {f['a']:.3g} ± {f['a_err']:.2g} | {f['b']:.3f} ± {f['b_err']:.3f} | "
-                         f"{f['c']:.3f} ± {f['c_err']:.3f} | {f['rmse']:.4f} |")
+            lines.append(
+                f"| {kind} | {f['a']:.3g} ± {f['a_err']:.2g} | {f['b']:.3f} ± {f['b_err']:.3f} | "
+                f"{f['c']:.3f} ± {f['c_err']:.3f} | {f['rmse']:.4f} |"
+            )
         else:
             lines.append(f"| {kind} | fit failed: {f.get('error', '?')} | | | |")
     return "\n".join(lines)
@@ -144,8 +176,10 @@ def fits_table(res: dict[str, Any]) -> str:
 def write_report(res: dict[str, Any], preset: Any, report: Path) -> None:
     report.mkdir(parents=True, exist_ok=True)
     main = preset.main_scale
-    keyed = {k: ({str(d): v for d, v in res[k].items()} if k in ("matryoshka", "baseline", "consistency") else res[k])
-             for k in res}
+    keyed = {
+        k: ({str(d): v for d, v in res[k].items()} if k in ("matryoshka", "baseline", "consistency") else res[k])
+        for k in res
+    }
     write_json(report / "results.json", keyed)
     plot_sizes(res, main, report / "size_vs_loss.png")
     plot_ablation(res, report / "ablation_flops_vs_loss.png")
@@ -157,21 +191,31 @@ def write_report(res: dict[str, Any], preset: Any, report: Path) -> None:
     meta = res["meta"]
     met = sum(d <= BAR for d in deltas)
     worst = max(deltas)
-    runs = (f"Every run: {meta['tokens_per_run']:,} training tokens, identical hyper-parameters; "
-            "all evaluated on the same held-out tokens.")
-    hours = (f"Training time, summed over the {len(meta['train_seconds'])} runs: "
-             f"{meta['train_seconds_total'] / 60:.1f} min (this invocation's wall time: "
-             f"{meta['wall_seconds'] / 60:.1f} min; finished runs are reused).")
-    within = (f"{met} of {len(deltas)} Matryoshka sizes are within {BAR} nats of their independently trained "
-              "baseline (the MatFormer bar);")
-    gap = (f"the largest gap is {worst:+.3f} nats, the mean {np.mean(deltas):+.3f}. "
-           "Negative Δ means the Matryoshka size is *better*.")
-    scaling = ("Scaling: L(N) = a·N^(−b) + c over all sizes of all scales "
-               "(N = non-embedding parameters; ± 1σ from the fit covariance)")
-    text = f"""# Matryoshka vs independently trained models — preset `{meta['preset']}`
+    runs = (
+        f"Every run: {meta['tokens_per_run']:,} training tokens, identical hyper-parameters; "
+        "all evaluated on the same held-out tokens."
+    )
+    hours = (
+        f"Training time, summed over the {len(meta['train_seconds'])} runs: "
+        f"{meta['train_seconds_total'] / 60:.1f} min (this invocation's wall time: "
+        f"{meta['wall_seconds'] / 60:.1f} min; finished runs are reused)."
+    )
+    within = (
+        f"{met} of {len(deltas)} Matryoshka sizes are within {BAR} nats of their independently trained "
+        "baseline (the MatFormer bar);"
+    )
+    gap = (
+        f"the largest gap is {worst:+.3f} nats, the mean {np.mean(deltas):+.3f}. "
+        "Negative Δ means the Matryoshka size is *better*."
+    )
+    scaling = (
+        "Scaling: L(N) = a·N^(−b) + c over all sizes of all scales "
+        "(N = non-embedding parameters; ± 1σ from the fit covariance)"
+    )
+    text = f"""# Matryoshka vs independently trained models — preset `{meta["preset"]}`
 
-Reproduce: `{meta['command']}` (same seed → same numbers on the same machine).
-Machine: {meta['machine']}. Seed {meta['seed']}. Data: {meta['data']}.
+Reproduce: `{meta["command"]}` (same seed → same numbers on the same machine).
+Machine: {meta["machine"]}. Seed {meta["seed"]}. Data: {meta["data"]}.
 {runs}
 {hours}
 

@@ -3,6 +3,7 @@
 `run_study` trains every run of a preset (skipping runs already complete in the work dir, so an interrupted study
 continues), evaluates them on the same held-out tokens and writes report/README.md, results.json and PNG plots.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,8 @@ ABLATIONS = {"ffn": ("ffn",), "ffn+heads": ("ffn", "heads"), "all": ("width", "h
 
 @dataclass
 class StudyPreset:
-    scales: list[int]              # full-model residual widths, smallest first
-    main_scale: int                # the scale where the ablation and Mix'n'Match run
+    scales: list[int]  # full-model residual widths, smallest first
+    main_scale: int  # the scale where the ablation and Mix'n'Match run
     n_layers: int = 4
     steps: int = 300
     batch_size: int = 16
@@ -44,35 +45,74 @@ class StudyPreset:
     vocab_size: int = 1024
     corpus_chars: int = 1_000_000
     eval_batches: int = 16
-    mixnmatch: int = 8             # Mix'n'Match specs evaluated (never trained)
+    mixnmatch: int = 8  # Mix'n'Match specs evaluated (never trained)
 
 
 STUDY_PRESETS = {
     # seconds; for tests
-    "micro": StudyPreset(scales=[32, 48], main_scale=48, steps=6, batch_size=4, seq_len=32, vocab_size=256,
-                         corpus_chars=60_000, eval_batches=2, mixnmatch=3),
+    "micro": StudyPreset(
+        scales=[32, 48],
+        main_scale=48,
+        steps=6,
+        batch_size=4,
+        seq_len=32,
+        vocab_size=256,
+        corpus_chars=60_000,
+        eval_batches=2,
+        mixnmatch=3,
+    ),
     # <= 30 minutes on 2 CPU cores
     "cpu-small": StudyPreset(scales=[64, 96, 128, 192], main_scale=128, steps=300),
     # for a GPU
-    "gpu-medium": StudyPreset(scales=[128, 256, 384, 512], main_scale=256, n_layers=8, steps=3000, batch_size=64,
-                              seq_len=256, lr=1.5e-3, vocab_size=8192, corpus_chars=0, eval_batches=64, mixnmatch=16),
+    "gpu-medium": StudyPreset(
+        scales=[128, 256, 384, 512],
+        main_scale=256,
+        n_layers=8,
+        steps=3000,
+        batch_size=64,
+        seq_len=256,
+        lr=1.5e-3,
+        vocab_size=8192,
+        corpus_chars=0,
+        eval_batches=64,
+        mixnmatch=16,
+    ),
 }
 
 
 def scale_config(d: int, n_layers: int, vocab: int, seq_len: int, axes: tuple[str, ...]) -> ModelConfig:
     """One member of the model family: 4 query heads in GQA groups of 2, SwiGLU width ~8/3 d (multiple of 32)."""
     ffn = max(32, round(8 * d / 3 / 32) * 32)
-    return ModelConfig(vocab_size=vocab, d_model=d, n_layers=n_layers, n_heads=4, n_kv_heads=2, ffn_dim=ffn,
-                       max_seq_len=seq_len, **{f"nest_{a}": a in axes for a in ("width", "heads", "ffn", "depth")})
+    return ModelConfig(
+        vocab_size=vocab,
+        d_model=d,
+        n_layers=n_layers,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=ffn,
+        max_seq_len=seq_len,
+        **{f"nest_{a}": a in axes for a in ("width", "heads", "ffn", "depth")},
+    )
 
 
 def plan_runs(p: StudyPreset, seed: int) -> dict[str, tuple[ModelConfig, TrainConfig]]:
     """Every run of the study: name -> (model config, train config). Same data, tokens, hyper-parameters."""
+
     def tcfg(only: str | None = None) -> TrainConfig:
-        return TrainConfig(steps=p.steps, batch_size=p.batch_size, seq_len=p.seq_len, lr=p.lr,
-                           warmup_steps=max(1, p.steps // 10), eval_every=p.steps, save_every=p.steps,
-                           eval_batches=p.eval_batches, vocab_size=p.vocab_size, max_corpus_chars=p.corpus_chars,
-                           seed=seed, only=only)
+        return TrainConfig(
+            steps=p.steps,
+            batch_size=p.batch_size,
+            seq_len=p.seq_len,
+            lr=p.lr,
+            warmup_steps=max(1, p.steps // 10),
+            eval_every=p.steps,
+            save_every=p.steps,
+            eval_batches=p.eval_batches,
+            vocab_size=p.vocab_size,
+            max_corpus_chars=p.corpus_chars,
+            seed=seed,
+            only=only,
+        )
 
     def mcfg(d: int, axes: tuple[str, ...] = ABLATIONS["all"]) -> ModelConfig:
         return scale_config(d, p.n_layers, p.vocab_size, p.seq_len, axes)
@@ -98,8 +138,13 @@ def _complete(out: Path, steps: int) -> bool:
         return int((f.metadata() or {}).get("step", -1)) >= steps
 
 
-def train_all(runs: dict[str, tuple[ModelConfig, TrainConfig]], work: Path, data: str | None, device: str,
-              on_run: Callable[[str, str], None] | None = None) -> dict[str, float]:
+def train_all(
+    runs: dict[str, tuple[ModelConfig, TrainConfig]],
+    work: Path,
+    data: str | None,
+    device: str,
+    on_run: Callable[[str, str], None] | None = None,
+) -> dict[str, float]:
     """Train each run unless complete; returns wall seconds per trained run."""
     seconds = {}
     for name, (mcfg, tcfg) in runs.items():
@@ -112,6 +157,7 @@ def train_all(runs: dict[str, tuple[ModelConfig, TrainConfig]], work: Path, data
             resume = (out / ck.STATE).is_file()
             if not resume:
                 import shutil
+
                 shutil.rmtree(out)
         else:
             resume = False
@@ -164,12 +210,20 @@ def fit_scaling(n: np.ndarray, loss: np.ndarray) -> dict[str, float]:
     a = popt[0] * scale ** popt[1]  # back to L = a N^-b + c
     a_err = err[0] * scale ** popt[1]
     resid = loss - f(n, *popt)
-    return {"a": float(a), "b": float(popt[1]), "c": float(popt[2]), "a_err": float(a_err), "b_err": float(err[1]),
-            "c_err": float(err[2]), "rmse": float(np.sqrt(np.mean(resid ** 2)))}
+    return {
+        "a": float(a),
+        "b": float(popt[1]),
+        "c": float(popt[2]),
+        "a_err": float(a_err),
+        "b_err": float(err[1]),
+        "c_err": float(err[2]),
+        "rmse": float(np.sqrt(np.mean(resid**2))),
+    }
 
 
-def evaluate_study(runs: dict[str, tuple[ModelConfig, TrainConfig]], p: StudyPreset, work: Path, seed: int,
-                   device: str) -> dict[str, Any]:
+def evaluate_study(
+    runs: dict[str, tuple[ModelConfig, TrainConfig]], p: StudyPreset, work: Path, seed: int, device: str
+) -> dict[str, Any]:
     first = next(iter(runs))
     _, _, val = checkpoint_val_split(work / first)
     tok0 = (work / first / ck.TOKENIZER).read_text()
@@ -207,7 +261,8 @@ def evaluate_study(runs: dict[str, tuple[ModelConfig, TrainConfig]], p: StudyPre
             m = res["matryoshka"][d][s]
             res["consistency"].setdefault(d, {})[s] = {
                 "matryoshka": {"top1_agreement": m["agree"], "kl": m["kl"]},
-                "baseline": {k: res["baseline"][d][s][k] for k in ("top1_agreement", "kl")}}
+                "baseline": {k: res["baseline"][d][s][k] for k in ("top1_agreement", "kl")},
+            }
     pts = lambda kind: [(v["non_embedding_params"], v["val_loss"]) for d in p.scales for v in res[kind][d].values()]
     res["fits"] = {}
     for kind in ("matryoshka", "baseline"):
@@ -221,12 +276,25 @@ def evaluate_study(runs: dict[str, tuple[ModelConfig, TrainConfig]], p: StudyPre
 
 def _point(cfg: ModelConfig, spec: SubmodelSpec, r: dict[str, float]) -> dict[str, float]:
     p = count_params(cfg, spec)
-    return {"non_embedding_params": p["non_embedding"], "params": p["total"],
-            "flops_per_token": flops_per_token(cfg, spec), "val_loss": r["loss"], "agree": r["agree"], "kl": r["kl"]}
+    return {
+        "non_embedding_params": p["non_embedding"],
+        "params": p["total"],
+        "flops_per_token": flops_per_token(cfg, spec),
+        "val_loss": r["loss"],
+        "agree": r["agree"],
+        "kl": r["kl"],
+    }
 
 
-def run_study(preset_name: str, report: str | Path, work: str | Path | None = None, data: str | None = None,
-              seed: int = 0, device: str = "cpu", on_run: Callable[[str, str], None] | None = None) -> dict[str, Any]:
+def run_study(
+    preset_name: str,
+    report: str | Path,
+    work: str | Path | None = None,
+    data: str | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    on_run: Callable[[str, str], None] | None = None,
+) -> dict[str, Any]:
     """Train (or reuse) every run of the preset, evaluate, and write the report folder. Returns the results."""
     if preset_name not in STUDY_PRESETS:
         raise MatryoshkaError(f"unknown study preset {preset_name!r}; choose from {list(STUDY_PRESETS)}")
@@ -237,10 +305,18 @@ def run_study(preset_name: str, report: str | Path, work: str | Path | None = No
     t0 = time.perf_counter()
     seconds = train_all(runs, work, data, device, on_run)
     res = evaluate_study(runs, p, work, seed, device)
-    res["meta"] = {"preset": preset_name, "settings": p.__dict__, "seed": seed, "data": data or "default corpus",
-                   "tokens_per_run": p.steps * p.batch_size * p.seq_len, "machine": describe_machine(device),
-                   "train_seconds": seconds, "wall_seconds": time.perf_counter() - t0,
-                   "train_seconds_total": sum(seconds.values()), "torch": torch.__version__,
-                   "command": f"matryoshka study --preset {preset_name} -o {report} --seed {seed}"}
+    res["meta"] = {
+        "preset": preset_name,
+        "settings": p.__dict__,
+        "seed": seed,
+        "data": data or "default corpus",
+        "tokens_per_run": p.steps * p.batch_size * p.seq_len,
+        "machine": describe_machine(device),
+        "train_seconds": seconds,
+        "wall_seconds": time.perf_counter() - t0,
+        "train_seconds_total": sum(seconds.values()),
+        "torch": torch.__version__,
+        "command": f"matryoshka study --preset {preset_name} -o {report} --seed {seed}",
+    }
     write_report(res, p, report)
     return res

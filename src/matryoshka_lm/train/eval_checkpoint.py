@@ -1,4 +1,5 @@
 """Evaluate a checkpoint on its own validation split: the per-size table, JSON and plot behind `matryoshka eval`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,9 +25,15 @@ def checkpoint_val_split(ckpt: Path, data: str | None = None):
     return tcfg, train, val
 
 
-def evaluate_checkpoint(ckpt: str | Path, sizes: str | None = None, data: str | None = None,
-                        n_batches: int | None = None, json_path: str | None = None, plot_path: str | None = None,
-                        device: str = "cpu") -> tuple[list[dict[str, Any]], str]:
+def evaluate_checkpoint(
+    ckpt: str | Path,
+    sizes: str | None = None,
+    data: str | None = None,
+    n_batches: int | None = None,
+    json_path: str | None = None,
+    plot_path: str | None = None,
+    device: str = "cpu",
+) -> tuple[list[dict[str, Any]], str]:
     ckpt = Path(ckpt)
     model = ck.load_model(ckpt, device)
     tcfg, train, val = checkpoint_val_split(ckpt, data)
@@ -36,8 +43,12 @@ def evaluate_checkpoint(ckpt: str | Path, sizes: str | None = None, data: str | 
     res = evaluate_specs(model, val, specs, seq_len, batch=8, n_batches=n_batches or tcfg.eval_batches, device=device)
     rows = size_table(model.cfg, specs, res)
     unigram = unigram_loss(train, val, model.cfg.vocab_size)
-    write_json_report(Path(json_path or ckpt / "eval.json"), rows,
-                      {"unigram_loss": unigram, "val_tokens": int(len(val)), "checkpoint": str(ckpt)})
-    plot_size_vs_loss(rows, Path(plot_path or ckpt / "eval.png"), title=f"{ckpt.name}: size vs val loss",
-                      unigram=unigram)
+    write_json_report(
+        Path(json_path or ckpt / "eval.json"),
+        rows,
+        {"unigram_loss": unigram, "val_tokens": int(len(val)), "checkpoint": str(ckpt)},
+    )
+    plot_size_vs_loss(
+        rows, Path(plot_path or ckpt / "eval.png"), title=f"{ckpt.name}: size vs val loss", unigram=unigram
+    )
     return rows, format_table(rows, unigram)

@@ -1,4 +1,5 @@
 """Per-size evaluation: params, FLOPs/token, val loss, perplexity, agreement with the full model; table and plot."""
+
 from __future__ import annotations
 
 import math
@@ -17,9 +18,16 @@ from matryoshka_lm.plots import figure
 
 
 @torch.no_grad()
-def evaluate_specs(model: MatryoshkaLM, val: np.ndarray, specs: dict[str, SubmodelSpec], seq_len: int,
-                   batch: int = 8, n_batches: int = 16, device: str | torch.device = "cpu",
-                   reference: tuple[MatryoshkaLM, SubmodelSpec] | None = None) -> dict[str, dict[str, float]]:
+def evaluate_specs(
+    model: MatryoshkaLM,
+    val: np.ndarray,
+    specs: dict[str, SubmodelSpec],
+    seq_len: int,
+    batch: int = 8,
+    n_batches: int = 16,
+    device: str | torch.device = "cpu",
+    reference: tuple[MatryoshkaLM, SubmodelSpec] | None = None,
+) -> dict[str, dict[str, float]]:
     """Val loss of each spec on fixed windows, plus top-1 agreement and KL(ref || spec) against `reference`
     (a model and its spec; default: this model's full size), computed on the same tokens."""
     model.eval()
@@ -41,15 +49,26 @@ def evaluate_specs(model: MatryoshkaLM, val: np.ndarray, specs: dict[str, Submod
     return {n: {k: v / tokens for k, v in s.items()} for n, s in sums.items()}
 
 
-def size_table(cfg: ModelConfig, specs: dict[str, SubmodelSpec],
-               results: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+def size_table(
+    cfg: ModelConfig, specs: dict[str, SubmodelSpec], results: dict[str, dict[str, float]]
+) -> list[dict[str, Any]]:
     rows = []
     for name, spec in specs.items():
         p = count_params(cfg, spec)
         r = results[name]
-        rows.append({"size": name, "spec": str(spec), "params": p["total"], "non_embedding_params": p["non_embedding"],
-                     "flops_per_token": flops_per_token(cfg, spec), "val_loss": r["loss"],
-                     "perplexity": math.exp(r["loss"]), "top1_agreement": r["agree"], "kl_from_full": r["kl"]})
+        rows.append(
+            {
+                "size": name,
+                "spec": str(spec),
+                "params": p["total"],
+                "non_embedding_params": p["non_embedding"],
+                "flops_per_token": flops_per_token(cfg, spec),
+                "val_loss": r["loss"],
+                "perplexity": math.exp(r["loss"]),
+                "top1_agreement": r["agree"],
+                "kl_from_full": r["kl"],
+            }
+        )
     return rows
 
 
@@ -65,16 +84,19 @@ def format_table(rows: list[dict[str, Any]], unigram: float | None = None) -> st
     head = "| size | params | non-emb params | FLOPs/token | val loss | ppl | top-1 agree w/ full | KL from full |"
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['size']} | {human(r['params'])} | {human(r['non_embedding_params'])} | "
-                     f"{human(r['flops_per_token'])} | {r['val_loss']:.3f} | {r['perplexity']:.1f} | "
-                     f"{r['top1_agreement']:.3f} | {r['kl_from_full']:.3f} |")
+        lines.append(
+            f"| {r['size']} | {human(r['params'])} | {human(r['non_embedding_params'])} | "
+            f"{human(r['flops_per_token'])} | {r['val_loss']:.3f} | {r['perplexity']:.1f} | "
+            f"{r['top1_agreement']:.3f} | {r['kl_from_full']:.3f} |"
+        )
     if unigram is not None:
         lines.append(f"\nunigram loss on the same split: {unigram:.3f} nats/token")
     return "\n".join(lines)
 
 
-def plot_size_vs_loss(rows: list[dict[str, Any]], path: Path, title: str = "size vs validation loss",
-                      unigram: float | None = None) -> None:
+def plot_size_vs_loss(
+    rows: list[dict[str, Any]], path: Path, title: str = "size vs validation loss", unigram: float | None = None
+) -> None:
     with figure(path, (6, 4)) as (fig, ax):
         xs = [r["non_embedding_params"] for r in rows]
         ys = [r["val_loss"] for r in rows]

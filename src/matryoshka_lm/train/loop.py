@@ -6,6 +6,7 @@ atomic file (state.py) and may change some settings (resume.py).
 
     train()  =  load_settings()  ->  prepare()  ->  run_steps(), which calls train_step() once per step
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,8 +40,17 @@ from .steps import MetricsLog, optimizer_step
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train", "JointLoss", "lr_at", "make_optimizer", "prepare_data", "step_sizes", "trained_sizes",
-           "Dist", "init_distributed"]
+__all__ = [
+    "train",
+    "JointLoss",
+    "lr_at",
+    "make_optimizer",
+    "prepare_data",
+    "step_sizes",
+    "trained_sizes",
+    "Dist",
+    "init_distributed",
+]
 
 
 class JointLoss(nn.Module):
@@ -109,8 +119,15 @@ def prepare_data(tcfg: TrainConfig, data: str | None, tokenizer=None):
 # ---------------------------------------------------------------- load: which model, settings and tokenizer
 
 
-def load_settings(model_cfg: ModelConfig, tcfg: TrainConfig, out: Path, data: str | None, resume: bool,
-                  init: str | Path | None, changes: dict[str, Any] | None) -> tuple[ModelConfig, TrainConfig, Any]:
+def load_settings(
+    model_cfg: ModelConfig,
+    tcfg: TrainConfig,
+    out: Path,
+    data: str | None,
+    resume: bool,
+    init: str | Path | None,
+    changes: dict[str, Any] | None,
+) -> tuple[ModelConfig, TrainConfig, Any]:
     """(model config, train config, tokenizer or None) of a new, initialised or resumed run."""
     if resume:
         if not (out / ck.STATE).is_file():
@@ -147,6 +164,7 @@ def shape_for_run(model_cfg: ModelConfig, tcfg: TrainConfig, vocab: int, fresh: 
 @dataclass
 class Run:
     """Everything a step needs."""
+
     tcfg: TrainConfig
     d: Dist
     device: str
@@ -175,20 +193,31 @@ def size_plan(model_cfg: ModelConfig, tcfg: TrainConfig) -> tuple[list[str], lis
 
 def check_batch_split(tcfg: TrainConfig, d: Dist) -> None:
     if tcfg.batch_size % (d.world * tcfg.grad_accum):
-        raise MatryoshkaError(f"batch_size={tcfg.batch_size} must divide by world size {d.world} x grad_accum "
-                              f"{tcfg.grad_accum}")
+        raise MatryoshkaError(
+            f"batch_size={tcfg.batch_size} must divide by world size {d.world} x grad_accum {tcfg.grad_accum}"
+        )
 
 
 def autocast_for(tcfg: TrainConfig, device: str) -> Callable[[], AbstractContextManager]:
-    use_bf16 = tcfg.dtype == "bf16" or (tcfg.dtype == "auto" and device.startswith("cuda")
-                                        and torch.cuda.is_bf16_supported())
+    use_bf16 = tcfg.dtype == "bf16" or (
+        tcfg.dtype == "auto" and device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    )
     if not use_bf16:
         return nullcontext
     return lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
 
 
-def prepare(model_cfg: ModelConfig, tcfg: TrainConfig, tokenizer: Any, out: Path, d: Dist, device: str,
-            resume: bool, init: str | Path | None, callback: Callable[[int, dict], None] | None) -> Run:
+def prepare(
+    model_cfg: ModelConfig,
+    tcfg: TrainConfig,
+    tokenizer: Any,
+    out: Path,
+    d: Dist,
+    device: str,
+    resume: bool,
+    init: str | Path | None,
+    callback: Callable[[int, dict], None] | None,
+) -> Run:
     tok, train_tokens, val_tokens = prepare_data(tcfg, tcfg.data, tokenizer)
     model_cfg = shape_for_run(model_cfg, tcfg, tok.get_vocab_size(), fresh=not resume and init is None)
     names, weights, specs = size_plan(model_cfg, tcfg)
@@ -204,9 +233,24 @@ def prepare(model_cfg: ModelConfig, tcfg: TrainConfig, tokenizer: Any, out: Path
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         trim_metrics(out / "metrics.jsonl", start)
-    return Run(tcfg, d, device, model, runner, opt, names, weights, specs, train_tokens, val_tokens,
-               autocast_for(tcfg, device), out, tok.to_str(), MetricsLog(out / "metrics.jsonl", callback, d.main),
-               start)
+    return Run(
+        tcfg,
+        d,
+        device,
+        model,
+        runner,
+        opt,
+        names,
+        weights,
+        specs,
+        train_tokens,
+        val_tokens,
+        autocast_for(tcfg, device),
+        out,
+        tok.to_str(),
+        MetricsLog(out / "metrics.jsonl", callback, d.main),
+        start,
+    )
 
 
 # ---------------------------------------------------------------- step and run
@@ -222,18 +266,31 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     per_rank = tcfg.batch_size // d.world
     micro = per_rank // tcfg.grad_accum
     x_all, y_all = sample_batch(run.train_tokens, tcfg.batch_size, tcfg.seq_len, tcfg.seed, step)
-    x_rank, y_rank = x_all[d.rank * per_rank:(d.rank + 1) * per_rank], y_all[d.rank * per_rank:(d.rank + 1) * per_rank]
+    x_rank, y_rank = (
+        x_all[d.rank * per_rank : (d.rank + 1) * per_rank],
+        y_all[d.rank * per_rank : (d.rank + 1) * per_rank],
+    )
 
     def micro_step(m: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
-        x, y = x_rank[m * micro:(m + 1) * micro].to(run.device), y_rank[m * micro:(m + 1) * micro].to(run.device)
+        x, y = x_rank[m * micro : (m + 1) * micro].to(run.device), y_rank[m * micro : (m + 1) * micro].to(run.device)
         return lambda: run.runner(x, y, step_specs, step_w)
 
-    losses, grad_norm = optimizer_step(run.opt, run.model.parameters(), lr,
-                                       [micro_step(m) for m in range(tcfg.grad_accum)], tcfg.grad_clip,
-                                       no_sync_of(run.runner), run.autocast)
+    losses, grad_norm = optimizer_step(
+        run.opt,
+        run.model.parameters(),
+        lr,
+        [micro_step(m) for m in range(tcfg.grad_accum)],
+        tcfg.grad_clip,
+        no_sync_of(run.runner),
+        run.autocast,
+    )
     global_mean(losses, d)
-    return {"step": step + 1, "lr": lr, "grad_norm": float(grad_norm),
-            "loss": {n: float(v) for n, v in zip(step_names, losses)}}
+    return {
+        "step": step + 1,
+        "lr": lr,
+        "grad_norm": float(grad_norm),
+        "loss": {n: float(v) for n, v in zip(step_names, losses)},
+    }
 
 
 def run_steps(run: Run, halt_after: int | None = None) -> None:
@@ -246,8 +303,15 @@ def run_steps(run: Run, halt_after: int | None = None) -> None:
         done = step + 1
         metrics["tokens_per_s"] = tokens_per_step * (done - run.start) / (time.perf_counter() - t0)
         if done % tcfg.eval_every == 0 or done == tcfg.steps:
-            res = evaluate_specs(run.model, run.val_tokens, run.specs, tcfg.seq_len, batch=8,
-                                 n_batches=tcfg.eval_batches, device=run.device)
+            res = evaluate_specs(
+                run.model,
+                run.val_tokens,
+                run.specs,
+                tcfg.seq_len,
+                batch=8,
+                n_batches=tcfg.eval_batches,
+                device=run.device,
+            )
             metrics["val_loss"] = {n: r["loss"] for n, r in res.items()}
         run.log(done, metrics)
         if done % tcfg.save_every == 0 or done == tcfg.steps:
@@ -258,10 +322,18 @@ def run_steps(run: Run, halt_after: int | None = None) -> None:
                 break
 
 
-def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, data: str | None = None,
-          resume: bool = False, init: str | Path | None = None, device: str = "cpu",
-          callback: Callable[[int, dict], None] | None = None, halt_after: int | None = None,
-          changes: dict[str, Any] | None = None) -> Path:
+def train(
+    model_cfg: ModelConfig,
+    tcfg: TrainConfig,
+    out: str | Path,
+    data: str | None = None,
+    resume: bool = False,
+    init: str | Path | None = None,
+    device: str = "cpu",
+    callback: Callable[[int, dict], None] | None = None,
+    halt_after: int | None = None,
+    changes: dict[str, Any] | None = None,
+) -> Path:
     """Train a Matryoshka model (or, with tcfg.only, a dense baseline of one size's shape) into `out`.
 
     Args:

@@ -1,4 +1,5 @@
 """The optimizer and LR schedule every training loop shares (LM pre-training and both embedding trainers)."""
+
 from __future__ import annotations
 
 import math
@@ -10,6 +11,7 @@ import torch.nn as nn
 
 class Schedule(Protocol):
     """What the schedule reads from a config (TrainConfig and EmbedTrainConfig both have these fields)."""
+
     steps: int
     lr: float
     warmup_steps: int
@@ -32,12 +34,17 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
-def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
-          decay_matrices_only: bool = True, fused: bool = False) -> torch.optim.AdamW:
+def adamw(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    decay_matrices_only: bool = True,
+    fused: bool = False,
+) -> torch.optim.AdamW:
     """AdamW; with decay_matrices_only, norms and other vectors are not decayed (two parameter groups)."""
     if not decay_matrices_only:
-        return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay,
-                                 fused=fused or None)
+        return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

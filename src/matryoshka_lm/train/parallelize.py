@@ -3,6 +3,7 @@
 One process: nothing changes. Under torchrun: DDP wraps the joint loss module (one forward per backward, as
 DDP requires), or FSDP2 `fully_shard` shards each block and then the whole model in place.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,9 @@ def init_distributed(device: str) -> tuple[Dist, str]:
     return Dist(dist.get_rank(), dist.get_world_size(), local), device
 
 
-def parallelize(loss_module: nn.Module, blocks: nn.ModuleList, model: nn.Module, d: Dist, device: str,
-                fsdp: bool) -> nn.Module:
+def parallelize(
+    loss_module: nn.Module, blocks: nn.ModuleList, model: nn.Module, d: Dist, device: str, fsdp: bool
+) -> nn.Module:
     """The module to call for the loss: `loss_module` itself, or wrapped for data parallelism.
 
     With fsdp, `blocks` and then `model` (which `loss_module` calls) are sharded in place; the optimizer must be
@@ -55,8 +57,9 @@ def parallelize(loss_module: nn.Module, blocks: nn.ModuleList, model: nn.Module,
             fully_shard(block)
         fully_shard(model)
         return loss_module
-    return nn.parallel.DistributedDataParallel(loss_module, device_ids=[d.local_rank] if device.startswith("cuda")
-                                               else None)
+    return nn.parallel.DistributedDataParallel(
+        loss_module, device_ids=[d.local_rank] if device.startswith("cuda") else None
+    )
 
 
 def no_sync_of(runner: nn.Module) -> Callable[[], AbstractContextManager] | None:
@@ -69,4 +72,3 @@ def global_mean(t: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.world > 1:
         dist.all_reduce(t, op=dist.ReduceOp.AVG)
     return t
-

@@ -11,6 +11,7 @@ Refused (MatryoshkaError, one line naming each setting with its saved and given 
   nest_width), and the Adam hyperparameters already folded into the saved moments (weight_decay, beta1, beta2).
 A setting added to TrainConfig later is refused until it is listed in RESUMABLE.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,14 +27,28 @@ from .state import saved_step
 
 log = logging.getLogger(__name__)
 
-RESUMABLE = frozenset({"steps", "eval_every", "save_every", "eval_batches", "lr", "min_lr_ratio", "warmup_steps",
-                       "grad_clip", "grad_accum", "dtype", "fsdp"})
+RESUMABLE = frozenset(
+    {
+        "steps",
+        "eval_every",
+        "save_every",
+        "eval_batches",
+        "lr",
+        "min_lr_ratio",
+        "warmup_steps",
+        "grad_clip",
+        "grad_accum",
+        "dtype",
+        "fsdp",
+    }
+)
 TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
 
 
-def given_changes(saved: TrainConfig, tcfg: TrainConfig, changes: dict[str, Any] | None,
-                  data: str | None) -> dict[str, Any]:
+def given_changes(
+    saved: TrainConfig, tcfg: TrainConfig, changes: dict[str, Any] | None, data: str | None
+) -> dict[str, Any]:
     """The settings the caller asked for: `changes` without its None (= not given) values, or, when `changes`
     is None, every field where `tcfg` differs from the saved config (tcfg.data=None meaning "not given")."""
     if changes is None:
@@ -56,8 +71,9 @@ def _same(key: str, saved: Any, given: Any) -> bool:
     return saved == given
 
 
-def resume_settings(out: Path, tcfg: TrainConfig, changes: dict[str, Any] | None = None,
-                    data: str | None = None) -> tuple[ModelConfig, TrainConfig, int]:
+def resume_settings(
+    out: Path, tcfg: TrainConfig, changes: dict[str, Any] | None = None, data: str | None = None
+) -> tuple[ModelConfig, TrainConfig, int]:
     """(model config, train config, step) to resume the run in `out` with; see the module docstring."""
     model_cfg, saved = ck.read_config(out)
     saved = saved or tcfg  # a state without train settings: take the caller's
@@ -73,12 +89,16 @@ def resume_settings(out: Path, tcfg: TrainConfig, changes: dict[str, Any] | None
         else:
             refused.append(f"{key} (saved {old!r}, given {value!r})")
     if refused:
-        raise MatryoshkaError(f"cannot resume {out} with a different {', '.join(refused)}: these cannot change "
-                              "mid-run; start a new run in a new --out")
+        raise MatryoshkaError(
+            f"cannot resume {out} with a different {', '.join(refused)}: these cannot change "
+            "mid-run; start a new run in a new --out"
+        )
     merged = dataclasses.replace(saved, **applied)  # re-validates (e.g. batch_size % grad_accum)
     if merged.steps <= step:
-        raise MatryoshkaError(f"nothing to resume: {out} is already at step {step} and steps={merged.steps}; "
-                              f"pass steps greater than {step} to train further")
+        raise MatryoshkaError(
+            f"nothing to resume: {out} is already at step {step} and steps={merged.steps}; "
+            f"pass steps greater than {step} to train further"
+        )
     for key, value in applied.items():
         log.info("resume %s: %s %r -> %r", out, key, getattr(saved, key), value)
     return model_cfg, merged, step

@@ -1,5 +1,6 @@
 """The trainer state: weights, optimizer moments and step in ONE atomic safetensors file, plus the inference
 checkpoint files beside it. Works with plain, DDP and FSDP2 models (full state dicts gathered to rank 0)."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,9 @@ from matryoshka_lm.data import unigram_loss
 from matryoshka_lm.errors import MatryoshkaError
 
 
-def save_state(out: Path, model: MatryoshkaLM, opt: torch.optim.Optimizer, step: int, tcfg: TrainConfig,
-               tok_json: str, main: bool) -> None:
+def save_state(
+    out: Path, model: MatryoshkaLM, opt: torch.optim.Optimizer, step: int, tcfg: TrainConfig, tok_json: str, main: bool
+) -> None:
     """Gather the full state (a collective: every rank calls this); rank 0 (`main`) writes it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -65,8 +67,9 @@ def load_state(out: Path, model: MatryoshkaLM, opt: torch.optim.Optimizer) -> in
             state.setdefault(fqn, {})[name] = v
     osd = {"state": state, "param_groups": json.loads(meta["param_groups"])}
     ck.load_state(model, msd, path)  # clear errors on shape mismatch before the generic loader runs
-    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd,
-                   options=StateDictOptions(full_state_dict=True))
+    set_state_dict(
+        model, opt, model_state_dict=msd, optim_state_dict=osd, options=StateDictOptions(full_state_dict=True)
+    )
     return step
 
 
@@ -81,5 +84,7 @@ def trim_metrics(path: Path, upto: int) -> None:
 def write_split_stats(out: Path, train: np.ndarray, val: np.ndarray, vocab: int) -> None:
     if (out / "data.json").exists():
         return
-    ck.write_json(out / "data.json", {"train_tokens": int(len(train)), "val_tokens": int(len(val)),
-                                      "unigram_loss": unigram_loss(train, val, vocab)})
+    ck.write_json(
+        out / "data.json",
+        {"train_tokens": int(len(train)), "val_tokens": int(len(val)), "unigram_loss": unigram_loss(train, val, vocab)},
+    )

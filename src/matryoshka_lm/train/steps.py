@@ -1,5 +1,6 @@
 """One optimizer step, the same for every training loop: set the LR, accumulate gradients over micro-batches,
 clip, step, zero. Plus the metrics log (a JSONL file and/or a per-step callback)."""
+
 from __future__ import annotations
 
 import json
@@ -16,10 +17,15 @@ from .optim import set_lr
 MicroStep = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
 
-def optimizer_step(opt: torch.optim.Optimizer, params: Iterable[torch.Tensor], lr: float,
-                   micro_steps: Sequence[MicroStep], grad_clip: float,
-                   no_sync: Callable[[], AbstractContextManager] | None = None,
-                   autocast: Callable[[], AbstractContextManager] = nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+def optimizer_step(
+    opt: torch.optim.Optimizer,
+    params: Iterable[torch.Tensor],
+    lr: float,
+    micro_steps: Sequence[MicroStep],
+    grad_clip: float,
+    no_sync: Callable[[], AbstractContextManager] | None = None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (the mean of the micro-steps' reports, the gradient norm before clipping).
 
     Each micro-step's loss is scaled by 1/len(micro_steps), so the gradient is that of the mean loss.
@@ -44,6 +50,7 @@ def optimizer_step(opt: torch.optim.Optimizer, params: Iterable[torch.Tensor], l
 @dataclass
 class MetricsLog:
     """Per-step metrics to a JSONL file (when `path` is set and this process writes) and to a callback."""
+
     path: Path | None = None
     callback: Callable[[int, dict], None] | None = None
     writer: bool = True  # False on ranks other than 0
@@ -61,7 +68,9 @@ class MetricsLog:
 def whole_batch(loss_fn: Callable[[], torch.Tensor]) -> list[MicroStep]:
     """One micro-step computing the whole batch's loss, reported as itself (for contrastive losses, whose
     in-batch negatives make the batch indivisible)."""
+
     def micro() -> tuple[torch.Tensor, torch.Tensor]:
         loss = loss_fn()
         return loss, loss.detach()
+
     return [micro]
