@@ -8,6 +8,7 @@ of this (single-threaded) process: on a shared machine, wall-clock time also cou
 core, which inflated and scattered the figures several-fold while this was written.
 Writes the `inference` section of BENCHMARKS.md; `--quick` runs a smoke version without writing it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,13 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import ROOT, machine, write_section
-
-from matryoshka_lm.core.checkpoint import load_model, load_tokenizer
 from matryoshka_lm.config import ModelConfig, preset
-from matryoshka_lm.infer.engine import Engine, prefill
+from matryoshka_lm.core.checkpoint import load_model, load_tokenizer
 from matryoshka_lm.core.model import KVCache, MatryoshkaLM
 from matryoshka_lm.core.nested import slice_state_dict, submodel_config
 from matryoshka_lm.core.spec import count_params, uniform_spec
+from matryoshka_lm.infer.engine import Engine, prefill
 from matryoshka_lm.infer.speculative import SpeculativeStats, speculative_decode
 
 THREADS = 1  # see the notes in the section: the 2-core machine is shared, and 2 threads make small ops erratic
@@ -38,8 +38,16 @@ MODEL_DIR = ROOT / "runs" / "bench-inference"
 TRAIN_STEPS = 200
 SIZES = ["XL", "L", "M", "S"]
 WIDE = dict(vocab_size=2048, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1536, max_seq_len=256)
-PROMPTS = ["ROMEO: ", "And God said, Let there be", "KING HENRY:\nNow, lords,", "To be, or not to be",
-           "In the beginning", "JULIET: O Romeo, Romeo!", "And it came to pass, when", "First Citizen:\nBefore we"]
+PROMPTS = [
+    "ROMEO: ",
+    "And God said, Let there be",
+    "KING HENRY:\nNow, lords,",
+    "To be, or not to be",
+    "In the beginning",
+    "JULIET: O Romeo, Romeo!",
+    "And it came to pass, when",
+    "First Citizen:\nBefore we",
+]
 
 
 # ---------------------------------------------------------------- models
@@ -114,6 +122,7 @@ def decode_seconds(engine: Engine, size: str | None, prompts: list[list[int]], n
         for _ in steps:
             pass
         return clock() - t0
+
     return run
 
 
@@ -127,6 +136,7 @@ def prefill_seconds(model: MatryoshkaLM, size: str, B: int, T: int) -> Callable[
         t0 = clock()
         prefill(model, idx, spec, cache)
         return clock() - t0
+
     return run
 
 
@@ -135,6 +145,7 @@ def wall(fn: Callable[[], object]) -> Callable[[], float]:
         t0 = clock()
         fn()
         return clock() - t0
+
     return run
 
 
@@ -156,8 +167,10 @@ def per_size_table(name: str, model: MatryoshkaLM, n: int, repeats: int) -> str:
         fns[f"{s} b8"] = decode_seconds(engine, s, eight, n)
         fns[f"{s} prefill"] = prefill_seconds(model, s, 1, 128)
     t = interleaved(fns, repeats)
-    rows = ["| size | params | decode tok/s, batch 1 | decode tok/s, batch 8 | prefill tok/s (1 x 128) |",
-            "|---|---:|---:|---:|---:|"]
+    rows = [
+        "| size | params | decode tok/s, batch 1 | decode tok/s, batch 8 | prefill tok/s (1 x 128) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for s in SIZES:
         p = count_params(model.cfg, uniform_spec(model.cfg, s))["total"]
         b1, b8, pre = (n - 1) / t[f"{s} b1"], 8 * (n - 1) / t[f"{s} b8"], 128 / t[f"{s} prefill"]
@@ -181,8 +194,10 @@ def elastic_vs_extracted(name: str, model: MatryoshkaLM, n: int, repeats: int) -
         r = t[f"{s} extracted"] / t[f"{s} once"]
         worst = min(worst, r)
         rate = {k: (n - 1) / t[f"{s} {k}"] for k in ("once", "per call", "extracted")}
-        rows.append(f"| {name} | {s} | {rate['extracted']:,.0f} | {rate['once']:,.0f} (**{r:.2f}x**) | "
-                    f"{rate['per call']:,.0f} ({t[f'{s} extracted'] / t[f'{s} per call']:.2f}x) |")
+        rows.append(
+            f"| {name} | {s} | {rate['extracted']:,.0f} | {rate['once']:,.0f} (**{r:.2f}x**) | "
+            f"{rate['per call']:,.0f} ({t[f'{s} extracted'] / t[f'{s} per call']:.2f}x) |"
+        )
     return rows, worst
 
 
@@ -208,16 +223,21 @@ def layout_rows(model: MatryoshkaLM, size: str, repeats: int, calls: int = 200) 
                 for _ in range(calls):
                     nested.linear(x, w, out)
                 return (clock() - t0) / calls
+
             return run
+
         fns[f"{name} view"], fns[f"{name} copy"] = loop(view_w), loop(copy_w)
     t = interleaved(fns, repeats)
-    return [f"{n} {tuple(copies['tok_emb.weight' if n == 'head' else f'layers.0.{n}.weight'].shape)}: "
-            f"{t[f'{n} view'] * 1e6:.1f} vs {t[f'{n} copy'] * 1e6:.1f} us ({t[f'{n} copy'] / t[f'{n} view']:.2f}x)"
-            for n in names + ["head"]]
+    return [
+        f"{n} {tuple(copies['tok_emb.weight' if n == 'head' else f'layers.0.{n}.weight'].shape)}: "
+        f"{t[f'{n} view'] * 1e6:.1f} vs {t[f'{n} copy'] * 1e6:.1f} us ({t[f'{n} copy'] / t[f'{n} view']:.2f}x)"
+        for n in names + ["head"]
+    ]
 
 
-def vs_transformers(model: MatryoshkaLM, n: int, repeats: int,
-                    compiled: Engine | None = None) -> tuple[list[str], dict[str, float], bool]:
+def vs_transformers(
+    model: MatryoshkaLM, n: int, repeats: int, compiled: Engine | None = None
+) -> tuple[list[str], dict[str, float], bool]:
     """End-to-end greedy generate, ours (eager, and compiled if given) vs transformers, batch 1 and 8."""
     hf = hf_llama(model)
     engines = {"ours": Engine(model)} | ({"ours compiled": compiled} if compiled else {})
@@ -226,12 +246,25 @@ def vs_transformers(model: MatryoshkaLM, n: int, repeats: int,
     for B in (1, 8):
         ids = torch.randint(0, model.cfg.vocab_size, (B, 16), generator=rng)
         fns = {k: wall(lambda e=e, ids=ids: e.generate(ids.tolist(), None, n)) for k, e in engines.items()}
-        fns["transformers"] = wall(lambda ids=ids: hf.generate(ids, attention_mask=torch.ones_like(ids),
-                                                               max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                                               pad_token_id=0))
+        fns["transformers"] = wall(
+            lambda ids=ids: hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        )
         with torch.no_grad():
-            want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                               do_sample=False, pad_token_id=0)[:, 16:].tolist()
+            want = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            )[:, 16:].tolist()
         same &= all([c.tokens for c in e.generate(ids.tolist(), None, n)] == want for e in engines.values())
         t = interleaved(fns, repeats)
         parts = [f"transformers {B * n / t['transformers']:,.0f} tok/s"]
@@ -242,8 +275,9 @@ def vs_transformers(model: MatryoshkaLM, n: int, repeats: int,
     return rows, worst, same
 
 
-def speculative_runs(model: MatryoshkaLM, prompts: list[list[int]], n: int, repeats: int, engine: Engine,
-                     configs: dict[str, dict]) -> tuple[dict[str, float], dict[str, SpeculativeStats], bool]:
+def speculative_runs(
+    model: MatryoshkaLM, prompts: list[list[int]], n: int, repeats: int, engine: Engine, configs: dict[str, dict]
+) -> tuple[dict[str, float], dict[str, SpeculativeStats], bool]:
     """Total seconds over all prompts for the target alone and each speculative config; outputs compared."""
     want = [engine.generate([p], None, n)[0].tokens for p in prompts]
     stats = {k: SpeculativeStats() for k in configs}
@@ -294,9 +328,13 @@ def step_costs(engine: Engine, repeats: int, calls: int = 50) -> dict[str, float
                 else:
                     engine.forward_chunk(runner, x[:, 40:], spec, cache, 40)
             return (clock() - t0) / calls
+
         return run
-    return interleaved({"XL step": loop("XL", 1), "M step": loop("M", 1), "S step": loop("S", 1),
-                        "XL verify 5": loop("XL", 5)}, repeats)
+
+    return interleaved(
+        {"XL step": loop("XL", 1), "M step": loop("M", 1), "S step": loop("S", 1), "XL verify 5": loop("XL", 5)},
+        repeats,
+    )
 
 
 def memory_probe(mode: str) -> dict:
@@ -313,7 +351,7 @@ def memory_probe(mode: str) -> dict:
             Engine(models[s]).generate(prompt, None, 32)
     else:
         engine = Engine(model)
-        for s in (SIZES if mode == "all" else ["XL"]):
+        for s in SIZES if mode == "all" else ["XL"]:
             engine.generate(prompt, uniform_spec(model.cfg, s), 32)
     return {"base_kb": base, "peak_kb": vm_kb("VmHWM")}
 
@@ -321,19 +359,26 @@ def memory_probe(mode: str) -> dict:
 def memory_section() -> tuple[list[str], float]:
     out = {}
     for mode in ("full", "all", "separate"):
-        res = subprocess.run([sys.executable, __file__, "--memory-probe", mode], capture_output=True, text=True,
-                             check=True)
+        res = subprocess.run(
+            [sys.executable, __file__, "--memory-probe", mode], capture_output=True, text=True, check=True
+        )
         out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
     mb = {k: (v["peak_kb"] - v["base_kb"]) / 1024 for k, v in out.items()}
     total = {k: v["peak_kb"] / 1024 for k, v in out.items()}
     ratio = mb["all"] / mb["full"]
     cfg = ModelConfig(**WIDE)
     weights = {s: 4 * count_params(cfg, uniform_spec(cfg, s))["total"] / 2**20 for s in SIZES}
-    rows = [f"full model alone, XL only: {mb['full']:.0f} MB above the interpreter ({total['full']:.0f} MB peak RSS)",
-            (f"one process serving XL, L, M, S from the same weights: {mb['all']:.0f} MB ({total['all']:.0f} MB), "
-             f"**{ratio:.3f}x** the full model alone"),
-            (f"for contrast, four extracted models: {mb['separate']:.0f} MB ({total['separate']:.0f} MB); their "
-             f"weights alone are {sum(weights.values()):.0f} MB vs {weights['XL']:.0f} MB")]
+    rows = [
+        f"full model alone, XL only: {mb['full']:.0f} MB above the interpreter ({total['full']:.0f} MB peak RSS)",
+        (
+            f"one process serving XL, L, M, S from the same weights: {mb['all']:.0f} MB ({total['all']:.0f} MB), "
+            f"**{ratio:.3f}x** the full model alone"
+        ),
+        (
+            f"for contrast, four extracted models: {mb['separate']:.0f} MB ({total['separate']:.0f} MB); their "
+            f"weights alone are {sum(weights.values()):.0f} MB vs {weights['XL']:.0f} MB"
+        ),
+    ]
     return rows, ratio
 
 
@@ -347,12 +392,18 @@ def main(quick: bool = False) -> str:
     demo, tok, demo_note = demo_model()
     wide = wide_model()
     load = os.getloadavg()[0]
-    sections = [(f"## Inference (`benchmarks/bench_inference.py`)\n\nMachine: {machine()}. Load average at the "
-                 f"start: {load:.1f} on {os.cpu_count()} cores (other jobs share it; hence CPU time below).\n"),
-                (f"Models: *demo* = {demo_note}, {count_params(demo.cfg, demo.full)['total'] / 1e6:.1f} M params; "
-                 f"*wide* = random weights, {count_params(wide.cfg, wide.full)['total'] / 1e6:.1f} M params "
-                 f"(d_model 512, 8 layers, FFN 1536). fp32, greedy, medians of {reps} interleaved repeats, "
-                 f"{n} new tokens after a 16-token prompt.\n")]
+    sections = [
+        (
+            f"## Inference (`benchmarks/bench_inference.py`)\n\nMachine: {machine()}. Load average at the "
+            f"start: {load:.1f} on {os.cpu_count()} cores (other jobs share it; hence CPU time below).\n"
+        ),
+        (
+            f"Models: *demo* = {demo_note}, {count_params(demo.cfg, demo.full)['total'] / 1e6:.1f} M params; "
+            f"*wide* = random weights, {count_params(wide.cfg, wide.full)['total'] / 1e6:.1f} M params "
+            f"(d_model 512, 8 layers, FFN 1536). fp32, greedy, medians of {reps} interleaved repeats, "
+            f"{n} new tokens after a 16-token prompt.\n"
+        ),
+    ]
 
     # 1. speed per size
     log("per-size speed")
@@ -366,16 +417,21 @@ def main(quick: bool = False) -> str:
     rows_w, worst_w = elastic_vs_extracted("wide", wide, max(16, n // 2), 2 * reps + 1)
     worst = min(worst_d, worst_w)
     layout = layout_rows(wide, "S", reps)
-    sections.append("### Elastic slicing vs a standalone extracted model of the same shape\n\n"
-                    "Decode tok/s at batch 1: an extracted dense copy of the size's weights; the engine, which "
-                    "runs the size on views of the full weights taken once per size; and `model(x, spec)`, which "
-                    "takes the views at every call. Ratios are to the extracted copy.\n\n"
-                    "| model | size | extracted copy | engine (views, sliced once) | sliced at every call |\n"
-                    "|---|---|---:|---:|---:|\n" + "\n".join(rows_d + rows_w)
-                    + f"\n\nGoal >= 0.95x: {goal(worst >= 0.95)} (worst {worst:.2f}x).\n\n"
-                    "Where the difference comes from, one matmul of the *wide* model's layer 0 at size S (slice view "
-                    "vs contiguous copy, time per call, copy/view):\n\n" + "\n".join(f"- {r}" for r in layout)
-                    + "\n\n" + LAYOUT_NOTE)
+    sections.append(
+        "### Elastic slicing vs a standalone extracted model of the same shape\n\n"
+        "Decode tok/s at batch 1: an extracted dense copy of the size's weights; the engine, which "
+        "runs the size on views of the full weights taken once per size; and `model(x, spec)`, which "
+        "takes the views at every call. Ratios are to the extracted copy.\n\n"
+        "| model | size | extracted copy | engine (views, sliced once) | sliced at every call |\n"
+        "|---|---|---:|---:|---:|\n"
+        + "\n".join(rows_d + rows_w)
+        + f"\n\nGoal >= 0.95x: {goal(worst >= 0.95)} (worst {worst:.2f}x).\n\n"
+        "Where the difference comes from, one matmul of the *wide* model's layer 0 at size S (slice view "
+        "vs contiguous copy, time per call, copy/view):\n\n"
+        + "\n".join(f"- {r}" for r in layout)
+        + "\n\n"
+        + LAYOUT_NOTE
+    )
 
     # compile once, timed: the graphs every later compiled figure uses
     log("torch.compile")
@@ -385,14 +441,18 @@ def main(quick: bool = False) -> str:
     log("vs transformers")
     rows_hf, worst_hf, same_hf = vs_transformers(demo, n, reps, compiled)
     rows_hfw, worst_hfw, same_hfw = vs_transformers(wide, max(16, n // 2), max(1, reps - 2))
-    sections.append("### Ours vs Hugging Face transformers `generate` (same weights, full model, greedy)\n\n"
-                    "End to end (prefill + decode), transformers' default dynamic cache and eager mode; ours eager "
-                    "and, for the demo model, compiled (graphs compiled beforehand, see below).\n\n"
-                    + "\n".join(f"- demo, {r}" for r in rows_hf) + "\n" + "\n".join(f"- wide, {r}" for r in rows_hfw)
-                    + f"\n\nIdentical greedy tokens: {same_hf and same_hfw}. Goal >= 1.5x: demo eager "
-                    f"{goal(worst_hf['ours'] >= 1.5)} (worst {worst_hf['ours']:.2f}x), demo compiled "
-                    f"{goal(worst_hf['ours compiled'] >= 1.5)} (worst {worst_hf['ours compiled']:.2f}x), wide eager "
-                    f"{goal(worst_hfw['ours'] >= 1.5)} (worst {worst_hfw['ours']:.2f}x).\n")
+    sections.append(
+        "### Ours vs Hugging Face transformers `generate` (same weights, full model, greedy)\n\n"
+        "End to end (prefill + decode), transformers' default dynamic cache and eager mode; ours eager "
+        "and, for the demo model, compiled (graphs compiled beforehand, see below).\n\n"
+        + "\n".join(f"- demo, {r}" for r in rows_hf)
+        + "\n"
+        + "\n".join(f"- wide, {r}" for r in rows_hfw)
+        + f"\n\nIdentical greedy tokens: {same_hf and same_hfw}. Goal >= 1.5x: demo eager "
+        f"{goal(worst_hf['ours'] >= 1.5)} (worst {worst_hf['ours']:.2f}x), demo compiled "
+        f"{goal(worst_hf['ours compiled'] >= 1.5)} (worst {worst_hf['ours compiled']:.2f}x), wide eager "
+        f"{goal(worst_hfw['ours'] >= 1.5)} (worst {worst_hfw['ours']:.2f}x).\n"
+    )
 
     # 4. speculative decoding
     log("speculative")
@@ -411,15 +471,21 @@ def main(quick: bool = False) -> str:
     c_configs = {"draft S (compiled)": dict(draft=uniform_spec(demo.cfg, "S"))}
     t_cs, st_cs, same_cs = speculative_runs(demo, prompts, n_spec, max(1, reps - 2), compiled, c_configs)
     c_costs = step_costs(compiled, reps)
-    sections.append(compile_section(compile_s, t_c, n) + "\n" +
-                    speculative_table("compiled", t_cs, st_cs, same_cs, len(prompts), n_spec, c_costs))
+    sections.append(
+        compile_section(compile_s, t_c, n)
+        + "\n"
+        + speculative_table("compiled", t_cs, st_cs, same_cs, len(prompts), n_spec, c_costs)
+    )
 
     # 6. memory
     log("memory")
     mem_rows, mem_ratio = memory_section()
-    sections.append("### Memory: one process serving every size\n\nPeak RSS of a process that loads the *wide* model "
-                    "and generates 32 tokens (subprocesses; KV caches included, interpreter and torch excluded):\n\n"
-                    + "\n".join(f"- {r}" for r in mem_rows) + f"\n\nGoal <= 1.05x: {goal(mem_ratio <= 1.05)}.\n")
+    sections.append(
+        "### Memory: one process serving every size\n\nPeak RSS of a process that loads the *wide* model "
+        "and generates 32 tokens (subprocesses; KV caches included, interpreter and torch excluded):\n\n"
+        + "\n".join(f"- {r}" for r in mem_rows)
+        + f"\n\nGoal <= 1.05x: {goal(mem_ratio <= 1.05)}.\n"
+    )
     sections.append(NOTES)
     sections.append(f"_Whole benchmark: {(time.perf_counter() - t_start) / 60:.1f} min._\n")
     body = "\n".join(sections)
@@ -441,12 +507,19 @@ def compile_engine(model: MatryoshkaLM) -> tuple[Engine, float]:
     return compiled, time.perf_counter() - t0
 
 
-def compiled_vs_eager(model: MatryoshkaLM, compiled: Engine, prompt: list[int], n: int,
-                      repeats: int) -> dict[str, float]:
+def compiled_vs_eager(
+    model: MatryoshkaLM, compiled: Engine, prompt: list[int], n: int, repeats: int
+) -> dict[str, float]:
     """Seconds of n - 1 batch-1 decode steps of XL and S, eager and compiled (interleaved medians)."""
     eager = Engine(model)
-    return interleaved({f"{s} {k}": decode_seconds(e, s, [prompt], n) for s in ("XL", "S")
-                        for k, e in (("eager", eager), ("compiled", compiled))}, repeats)
+    return interleaved(
+        {
+            f"{s} {k}": decode_seconds(e, s, [prompt], n)
+            for s in ("XL", "S")
+            for k, e in (("eager", eager), ("compiled", compiled))
+        },
+        repeats,
+    )
 
 
 def compile_only(quick: bool) -> str:
@@ -464,33 +537,50 @@ def compile_only(quick: bool) -> str:
     return compile_section(compile_s, compiled_vs_eager(model, compiled, prompt, n, reps), n)
 
 
-def speculative_table(kind: str, t: dict[str, float], stats: dict[str, SpeculativeStats], same: bool,
-                      n_prompts: int, n: int, costs: dict[str, float]) -> str:
+def speculative_table(
+    kind: str,
+    t: dict[str, float],
+    stats: dict[str, SpeculativeStats],
+    same: bool,
+    n_prompts: int,
+    n: int,
+    costs: dict[str, float],
+) -> str:
     base = t["target alone"]
-    rows = [f"### Speculative decoding, {kind} (demo model, target XL, {n_prompts} prompts x {n} tokens, greedy)\n",
-            "| decoding | s | speedup vs XL alone | acceptance | tokens per XL pass | mean gamma |",
-            "|---|---:|---:|---:|---:|---:|",
-            f"| XL alone | {base:.2f} | 1.00x | | 1.00 | |"]
+    rows = [
+        f"### Speculative decoding, {kind} (demo model, target XL, {n_prompts} prompts x {n} tokens, greedy)\n",
+        "| decoding | s | speedup vs XL alone | acceptance | tokens per XL pass | mean gamma |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| XL alone | {base:.2f} | 1.00x | | 1.00 | |",
+    ]
     best = 0.0
     for k, s in stats.items():
         best = max(best, base / t[k])
-        rows.append(f"| {k} | {t[k]:.2f} | **{base / t[k]:.2f}x** | {s.acceptance:.0%} | {s.tokens_per_round:.2f} | "
-                    f"{statistics.mean(s.gammas) if s.gammas else 0:.1f} |")
+        rows.append(
+            f"| {k} | {t[k]:.2f} | **{base / t[k]:.2f}x** | {s.acceptance:.0%} | {s.tokens_per_round:.2f} | "
+            f"{statistics.mean(s.gammas) if s.gammas else 0:.1f} |"
+        )
     xl = costs["XL step"]
-    why = (f"What a round costs here, relative to one XL decode step ({xl * 1e3:.2f} ms): an S draft step "
-           f"{costs['S step'] / xl:.2f}, an M draft step {costs['M step'] / xl:.2f}, verifying 5 tokens with XL "
-           f"{costs['XL verify 5'] / xl:.2f}.")
-    return ("\n".join(rows) + f"\n\nOutput identical to XL alone, token for token, in every run: {same}. "
-            f"Goal >= 1.5x: {goal(best >= 1.5)} (best {best:.2f}x). {why}\n")
+    why = (
+        f"What a round costs here, relative to one XL decode step ({xl * 1e3:.2f} ms): an S draft step "
+        f"{costs['S step'] / xl:.2f}, an M draft step {costs['M step'] / xl:.2f}, verifying 5 tokens with XL "
+        f"{costs['XL verify 5'] / xl:.2f}."
+    )
+    return (
+        "\n".join(rows) + f"\n\nOutput identical to XL alone, token for token, in every run: {same}. "
+        f"Goal >= 1.5x: {goal(best >= 1.5)} (best {best:.2f}x). {why}\n"
+    )
 
 
 def compile_section(compile_s: float, t: dict[str, float], n: int) -> str:
     rate = {k: (n - 1) / v for k, v in t.items()}
-    return (f"### torch.compile (demo model, batch 1)\n\nCompiling the decode and verify graphs took "
-            f"{compile_s:.0f} s (wall clock; XL at batch 1 and 8, S at batch 1). Decode: XL eager "
-            f"{rate['XL eager']:,.0f} tok/s vs compiled {rate['XL compiled']:,.0f} "
-            f"({t['XL eager'] / t['XL compiled']:.2f}x); S eager {rate['S eager']:,.0f} vs compiled "
-            f"{rate['S compiled']:,.0f} ({t['S eager'] / t['S compiled']:.2f}x).\n")
+    return (
+        f"### torch.compile (demo model, batch 1)\n\nCompiling the decode and verify graphs took "
+        f"{compile_s:.0f} s (wall clock; XL at batch 1 and 8, S at batch 1). Decode: XL eager "
+        f"{rate['XL eager']:,.0f} tok/s vs compiled {rate['XL compiled']:,.0f} "
+        f"({t['XL eager'] / t['XL compiled']:.2f}x); S eager {rate['S eager']:,.0f} vs compiled "
+        f"{rate['S compiled']:,.0f} ({t['S eager'] / t['S compiled']:.2f}x).\n"
+    )
 
 
 LAYOUT_NOTE = """Layout: weights keep the `nn.Linear` (out, in) row-major layout, so a size's output units are a
@@ -526,8 +616,9 @@ NOTES = """### Notes
   parameter ratio) keeps seeded output reproducible. It never picks gamma = 0 (plain decoding), so where drafting
   cannot pay, as here, it settles near gamma = 1-2 and limits the loss instead of avoiding it.
 - Zero copy: each size runs on a "view model", a module of the size's shape whose parameters are views of the full
-  weights, built bare on the meta device (no initialisation, no allocation) the first time the size is used. The
-  memory table is the end-to-end check; tests/test_engine.py checks storage pointers and allocations op by op.
+  weights, built uninitialised on the meta device (no allocation, and nothing process-wide patched) the first time
+  the size is used. The memory table is the end-to-end check; tests/test_engine.py checks storage pointers and
+  allocations op by op.
 - Shared cache (MatFormer): the draft reads the target's KV cache instead of its own. It saves the draft's prefill,
   its catch-up step and its cache memory, but the draft then attends to keys/values computed by the full model,
   which changes its predictions; the acceptance columns show the effect. The output is exact either way. It stays
@@ -535,8 +626,10 @@ NOTES = """### Notes
 - transformers: `LlamaForCausalLM.generate` with its default dynamic cache; on small models its per-step Python
   overhead (logits processors, cache objects, stopping criteria) is what the ratio measures. On the wide model the
   matmuls dominate and the two converge.
-- torch.compile: one graph per size (and per batch-1 / batched / padded shape), compiled on first use; positions and
-  cache lengths are dynamic, so a graph is reused for every step. Compiling costs tens of seconds per size here, so
+- torch.compile: plain `torch.compile` of the decode step, one region per size (graphs per batch-1 / batched /
+  padded shape), compiled on first use. Steps have static shapes, as in gpt-fast: the cache position is a tensor
+  and attention reads the whole cache (its length rounded up to a power of two) through a mask, so one graph
+  serves every step and every generation of that cache length. Compiling costs tens of seconds per size here, so
   the CLI compiles only on CUDA unless asked (`--compile`; `--no-compile` turns it off everywhere).
 """
 
@@ -549,8 +642,11 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny repeats, BENCHMARKS.md untouched")
     ap.add_argument("--memory-probe", choices=["full", "all", "separate"], help=argparse.SUPPRESS)
-    ap.add_argument("--compile-only", action="store_true",
-                    help="only the torch.compile decode comparison, printed (BENCHMARKS.md untouched)")
+    ap.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="only the torch.compile decode comparison, printed (BENCHMARKS.md untouched)",
+    )
     args = ap.parse_args()
     if args.compile_only:
         print(compile_only(args.quick))

@@ -1,4 +1,5 @@
 """The inference engine: zero-copy elastic sizes, batched == one at a time, cached == recomputed, sampling, stops."""
+
 from __future__ import annotations
 
 import os
@@ -6,22 +7,20 @@ import threading
 
 import pytest
 import torch
-from conftest import tiny_config
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from conftest import tiny_config
+from matryoshka_lm.core.model import KVCache, MatryoshkaLM
+from matryoshka_lm.core.spec import count_params, parse_spec, uniform_spec
+from matryoshka_lm.errors import MatryoshkaError
 from matryoshka_lm.infer.engine import Engine, decode_one_token, left_padded, prefill
 from matryoshka_lm.infer.sampling import Sampling, logits_to_probs
 from matryoshka_lm.infer.stops import held_back
-from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.core.model import KVCache, MatryoshkaLM
-from matryoshka_lm.core.spec import count_params, parse_spec, uniform_spec
 
 SPECS = ["XL", "L", "M", "S", "S,M,L,XL", "f16h2,f64h4,f8h2@d24"]
 PROMPTS = [[5, 17, 3, 88, 41, 2, 9], [60, 1], [33, 12, 70, 70, 4], [8]]
-
-
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +45,7 @@ def naive_greedy(model: MatryoshkaLM, prompt: list[int], spec, n: int) -> list[i
     with torch.no_grad():
         for _ in range(n):
             x.append(int(model(torch.tensor([x]), spec)[0, -1].argmax()))
-    return x[len(prompt):]
+    return x[len(prompt) :]
 
 
 # ---------------------------------------------------------------- zero copy
@@ -278,28 +277,34 @@ def test_held_back_keeps_possible_stop_prefixes():
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(prompts=[[]]), "empty"),
-    (dict(prompts=[]), "no prompts"),
-    (dict(prompts=[list(range(64))]), "context holds 64"),
-    (dict(prompts=[[1, 500]]), "outside the vocabulary"),
-    (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(max_new_tokens=-3), "max_new_tokens"),
-    (dict(stop_strings=["x"]), "decode function"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(prompts=[[]]), "empty"),
+        (dict(prompts=[]), "no prompts"),
+        (dict(prompts=[list(range(64))]), "context holds 64"),
+        (dict(prompts=[[1, 500]]), "outside the vocabulary"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=-3), "max_new_tokens"),
+        (dict(stop_strings=["x"]), "decode function"),
+    ],
+)
 def test_bad_generate_input_raises(model, kwargs, match):
     args = dict(prompts=[[1, 2]], max_new_tokens=4) | kwargs
     with pytest.raises(MatryoshkaError, match=match):
         Engine(model).generate(args.pop("prompts"), None, **args)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(temperature=-0.1), "temperature"),
-    (dict(temperature=float("nan")), "temperature"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p"),
-    (dict(top_k=0), "top_k"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=0), "top_k"),
+    ],
+)
 def test_bad_sampling_raises(kwargs, match):
     with pytest.raises(MatryoshkaError, match=match):
         Sampling(**kwargs)
@@ -327,8 +332,8 @@ def widened(model: MatryoshkaLM) -> MatryoshkaLM:
 def test_compiled_decoding_equals_eager():
     """Engine(compile=True): plain torch.compile of the static-shape step, with no graph break, gives eager's
     greedy tokens for the full size at batch 1 and a smaller size on a left-padded batch; another generation
-    of a different length (same cache length) compiles nothing new. Two graphs of a 2-layer model: about 40 s
-    of compiling on a loaded 2-core CPU with a cold inductor cache, a few seconds with a warm one."""
+    of a different length (same cache length) compiles nothing new. Two graphs of a 2-layer model: about 30 s
+    of compiling on a loaded 2-core CPU with a cold inductor cache, about 6 s with a warm one."""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
@@ -345,8 +350,10 @@ def test_compiled_decoding_equals_eager():
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-@pytest.mark.skipif(not os.environ.get("MATRYOSHKA_TEST_COMPILE"),
-                    reason="compiles several more graphs (~10-30 s each on a small CPU); set MATRYOSHKA_TEST_COMPILE=1")
+@pytest.mark.skipif(
+    not os.environ.get("MATRYOSHKA_TEST_COMPILE"),
+    reason="compiles several more graphs (~10-30 s each on a small CPU); set MATRYOSHKA_TEST_COMPILE=1",
+)
 def test_compiled_engine_matches_eager_everywhere(model):
     from matryoshka_lm.infer.speculative import speculative_decode
 
@@ -401,7 +408,6 @@ def test_building_a_view_model_leaves_other_threads_alone(model):
 
 def test_cli_generate_flags(tmp_path, corpus_file, capsys):
     from _tiny_ckpt import make_checkpoint
-
     from matryoshka_lm.cli import main
 
     ckpt = str(make_checkpoint(tmp_path / "ckpt", corpus_file))
@@ -415,9 +421,13 @@ def test_cli_generate_flags(tmp_path, corpus_file, capsys):
     args = ["--temperature", "0.9", "--top-k", "20", "--top-p", "0.9", "--seed", "3", "--stop", "e", "--stop", "."]
     assert main([*base, *args, "--size", "M"]) == 0
     assert "e" not in capsys.readouterr().out.removeprefix("The").rstrip("\n")
-    for bad, match in ((["--draft", "XL", "--size", "S"], "larger than target"), (["--top-p", "0"], "top_p"),
-                       (["--temperature", "-1"], "temperature"), (["--max-new-tokens", "0"], "max_new_tokens"),
-                       (["--top-k", "0"], "top_k")):
+    for bad, match in (
+        (["--draft", "XL", "--size", "S"], "larger than target"),
+        (["--top-p", "0"], "top_p"),
+        (["--temperature", "-1"], "temperature"),
+        (["--max-new-tokens", "0"], "max_new_tokens"),
+        (["--top-k", "0"], "top_k"),
+    ):
         assert main([*base, *bad]) == 2
         err = capsys.readouterr()
         assert err.out == "" and match in err.err and len(err.err.strip().splitlines()) == 1

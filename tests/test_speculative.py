@@ -1,16 +1,19 @@
 """Speculative decoding inside one nested model is lossless: greedy output == the target's, sampled output ~ p."""
+
 from __future__ import annotations
+
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
 
-from matryoshka_lm.infer.engine import Engine
-from matryoshka_lm.infer.sampling import Sampling, logits_to_probs
-from matryoshka_lm.errors import MatryoshkaError
+from conftest import tiny_config
 from matryoshka_lm.core.model import KVCache, MatryoshkaLM
 from matryoshka_lm.core.spec import parse_spec, uniform_spec
+from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.infer.engine import Engine
+from matryoshka_lm.infer.sampling import Sampling, logits_to_probs
 from matryoshka_lm.infer.speculative import (
     SpeculativeStats,
     accept_reject,
@@ -23,8 +26,6 @@ from matryoshka_lm.infer.speculative import (
 
 PROMPTS = [[5, 17, 3, 88, 41, 2, 9], [60, 1], [33, 12, 70, 70, 4, 4, 4, 19, 80]]
 DRAFTS = ["S", "M", "L", "S,M,L,XL", "f8h2,f16h2,f32h4@d24"]
-
-
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +62,9 @@ def test_greedy_speculative_equals_target_greedy(model, draft, share):
     for prompt in PROMPTS:
         want = target_greedy(model, prompt, None, 24)
         for gamma, adaptive in ((1, False), (3, False), (4, True)):
-            got, stats = speculative_decode(model, prompt, None, spec, 24, gamma=gamma, adaptive=adaptive,
-                                            share_cache=share)
+            got, stats = speculative_decode(
+                model, prompt, None, spec, 24, gamma=gamma, adaptive=adaptive, share_cache=share
+            )
             assert got.tokens == want, (draft, share, gamma)
             accepted += stats.accepted
     assert accepted > 0
@@ -76,8 +78,7 @@ def test_greedy_speculative_to_a_smaller_target(model):
 
 
 def test_both_paths_run_and_stats_add_up(model):
-    got, stats = speculative_decode(model, PROMPTS[0], None, uniform_spec(model.cfg, "S"), 40, gamma=4,
-                                    adaptive=False)
+    got, stats = speculative_decode(model, PROMPTS[0], None, uniform_spec(model.cfg, "S"), 40, gamma=4, adaptive=False)
     assert len(got.tokens) == 40
     assert 0 < stats.accepted < stats.drafted == 4 * stats.rounds
     assert 1 + stats.accepted + stats.rounds >= 40  # first token from the prefill, then n + 1 per round
@@ -153,15 +154,18 @@ def test_shared_cache_is_a_view_of_the_target_cache(model):
         assert k.shape[1] == draft.layers[0].heads // model.cfg.group_size
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(target="S", draft="XL"), "larger than target"),
-    (dict(target="M", draft="L"), "larger than target"),
-    (dict(gamma=0), "gamma"),
-    (dict(gamma=9), "gamma"),
-    (dict(prompt=[]), "empty"),
-    (dict(prompt=list(range(64))), "context"),
-    (dict(max_new_tokens=0), "max_new_tokens"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(target="S", draft="XL"), "larger than target"),
+        (dict(target="M", draft="L"), "larger than target"),
+        (dict(gamma=0), "gamma"),
+        (dict(gamma=9), "gamma"),
+        (dict(prompt=[]), "empty"),
+        (dict(prompt=list(range(64))), "context"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+    ],
+)
 def test_bad_speculative_input_raises(model, kwargs, match):
     args = dict(prompt=[1, 2, 3], target="XL", draft="S", max_new_tokens=5) | kwargs
     target, draft = (parse_spec(model.cfg, args.pop(k)) for k in ("target", "draft"))
@@ -190,23 +194,25 @@ def exact_joint(model, prompt, sampling, n):
 def test_sampled_speculative_is_distributed_as_the_target(model, share):
     """The first three sampled tokens (the first from the target's prefill, then one draft-and-verify round of
     gamma 2: accepted drafts, a resampled rejection or the bonus token) over many seeds follow the target's
-    exact joint distribution (top-k 3: 27 outcomes); chi-square, cells with expected counts under 5 merged."""
+    exact joint distribution (top-k 3: 27 outcomes); chi-square, cells with expected counts under 5 merged.
+    (Resampling a rejection from p instead of the residual max(0, p - q) scores p ~ 1e-15 here.)"""
     from scipy.stats import chisquare
 
-    prompt, n, N = PROMPTS[1], 3, 600
+    prompt, n, N = PROMPTS[1], 3, 300
     draft, engine = uniform_spec(model.cfg, "S"), Engine(model)
     exact = exact_joint(model, prompt, Sampling(temperature=1.5, top_k=3), n)
-    counts = dict.fromkeys(exact, 0)
-    rounds = SpeculativeStats()
+    counts: Counter[tuple[int, ...]] = Counter()
+    total = SpeculativeStats()
     for seed in range(N):
         s = Sampling(temperature=1.5, top_k=3, seed=seed)
-        got, stats = speculative_decode(model, prompt, None, draft, n, s, gamma=2, adaptive=False,
-                                        share_cache=share, engine=engine)
+        got, stats = speculative_decode(
+            model, prompt, None, draft, n, s, gamma=2, adaptive=False, share_cache=share, engine=engine
+        )
         counts[tuple(got.tokens)] += 1
-        rounds.accepted, rounds.drafted = rounds.accepted + stats.accepted, rounds.drafted + stats.drafted
-    assert 0.2 < rounds.acceptance < 0.95  # both the accept and the reject paths ran often
-    cells = sorted(exact, key=exact.get, reverse=True)
-    big = [c for c in cells if exact[c] * N >= 5]
+        total.accepted, total.drafted = total.accepted + stats.accepted, total.drafted + stats.drafted
+    assert set(counts) <= set(exact)  # never a token outside the target's top-k
+    assert 0.1 < total.acceptance < 0.9  # both the accept and the reject paths ran often
+    big = [c for c in sorted(exact, key=exact.get, reverse=True) if exact[c] * N >= 5]
     observed = [counts[c] for c in big] + [N - sum(counts[c] for c in big)]
     expected = [exact[c] * N for c in big] + [N - sum(exact[c] * N for c in big)]
     assert len(big) >= 8

@@ -5,6 +5,7 @@ L cache slots.
 The modules are ordinary; which prefix of each weight a size reads is decided in nested.py only, so the
 full model and every submodel are the same code, and a standalone extracted model is this class too.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import nested
 from matryoshka_lm.config import ModelConfig
+
+from . import nested
 from .spec import LayerSpec, SubmodelSpec, full_spec
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]
@@ -39,9 +41,7 @@ class KVCache(nn.Module):
     """Preallocated keys/values per layer, shaped for one spec: (B, kv, L, hd); optionally left padding.
 
     Row b's tokens fill slots pad[b].. and slot s holds RoPE position s - pad[b] (`pad` None: no padding).
-    Steps after the first write their slots in place at tensor positions and attend to all L slots through a
-    mask, so every decode step has the same shapes (torch.compile: one graph serves them all). A module, so that
-    compiled code treats its tensors as static addresses (CUDA graphs write into them in place).
+    A module, so that compiled code treats its tensors as static addresses (CUDA graphs write into them in place).
     """
 
     def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], pad: torch.Tensor | None = None):
@@ -49,16 +49,39 @@ class KVCache(nn.Module):
         self.k, self.v, self.pad = k, v, pad
 
     @classmethod
-    def allocate(cls, cfg: ModelConfig, spec: SubmodelSpec, batch: int, max_len: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 pad: torch.Tensor | None = None) -> "KVCache":
+    def allocate(
+        cls,
+        cfg: ModelConfig,
+        spec: SubmodelSpec,
+        batch: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        pad: torch.Tensor | None = None,
+    ) -> KVCache:
         shapes = [(batch, nested.kv_heads(l.heads, cfg.group_size), max_len, cfg.head_dim) for l in spec.layers]
-        return cls([torch.zeros(s, device=device, dtype=dtype) for s in shapes],
-                   [torch.zeros(s, device=device, dtype=dtype) for s in shapes], pad)
+        return cls(
+            [torch.zeros(s, device=device, dtype=dtype) for s in shapes],
+            [torch.zeros(s, device=device, dtype=dtype) for s in shapes],
+            pad,
+        )
 
     @property
     def length(self) -> int:
         return self.k[0].shape[2]
+
+    def update(
+        self, i: int, k: torch.Tensor, v: torch.Tensor, at: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store layer i's keys/values (B, kv, T, hd) at slots at..at+T (`at` an int) or at the slots `at` (T,)
+        (a tensor, written in place); return what to attend to: the slots up to the new ones, or all L slots
+        (then the shapes do not depend on the position)."""
+        if isinstance(at, torch.Tensor):
+            return self.k[i].index_copy_(2, at, k), self.v[i].index_copy_(2, at, v)
+        end = at + k.shape[2]
+        self.k[i][:, :, at:end] = k
+        self.v[i][:, :, at:end] = v
+        return self.k[i][:, :, :end], self.v[i][:, :, :end]
 
 
 class Linear(nn.Linear):
@@ -107,23 +130,26 @@ class Attention(nn.Module):
         self.wo = Linear(n_heads * hd, C, init)
         self.heads_out = nn.Identity()  # (B, T, h*hd) per-head outputs before wo: a hook point (reorder.py)
 
-    def forward(self, x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, layer_idx: int, slots: torch.Tensor | None,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        """`slots` (T,): the cache slots these tokens go to, attending to every slot through `mask`;
-        None: they are the whole sequence (a prefill writes them to slots 0..T)."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        heads: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        layer_idx: int,
+        at: int | torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`at`: where the tokens go in the cache (KVCache.update); `mask` None: plain causal attention."""
         B, T, C = x.shape
         hd, kv = self.hd, nested.kv_heads(heads, self.group)
         q = nested.linear(x, self.wq.weight, heads * hd).view(B, T, heads, hd).transpose(1, 2)
         k = nested.linear(x, self.wk.weight, kv * hd).view(B, T, kv, hd).transpose(1, 2)
         v = nested.linear(x, self.wv.weight, kv * hd).view(B, T, kv, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None and slots is None:
-            cache.k[layer_idx][:, :, :T] = k
-            cache.v[layer_idx][:, :, :T] = v
-        elif cache is not None:
-            k = cache.k[layer_idx].index_copy_(2, slots, k)
-            v = cache.v[layer_idx].index_copy_(2, slots, v)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v, at)
         gqa = self.group > 1  # == (kv != heads), but a module int: static under torch.compile
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
@@ -157,9 +183,17 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = FeedForward(cfg.d_model, cfg.layer_ffn[i], init)
 
-    def forward(self, x: torch.Tensor, layer: LayerSpec, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, slots: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), layer.heads, cos, sin, cache, self.idx, slots, mask)
+    def forward(
+        self,
+        x: torch.Tensor,
+        layer: LayerSpec,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        at: int | torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), layer.heads, cos, sin, cache, self.idx, at, mask)
         return x + self.ffn(self.ffn_norm(x), layer.ffn)
 
 
@@ -193,31 +227,41 @@ class MatryoshkaLM(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden_states(self, idx: torch.Tensor, spec: SubmodelSpec | None = None, cache: KVCache | None = None,
-                      start: int | torch.Tensor = 0) -> torch.Tensor:
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        spec: SubmodelSpec | None = None,
+        cache: KVCache | None = None,
+        start: int | torch.Tensor = 0,
+    ) -> torch.Tensor:
         """Final-normed hidden states (B, T, C_spec) of the submodel `spec` (default: the full model).
 
-        With a `cache`, the tokens go to cache slots start..start+T: `start` 0 (the int) is a prefill of the
-        whole prompt; otherwise (an int, or a tensor of one element, which compiled decoding passes so that the
-        position is data, not code) they attend to every cached slot up to their own.
+        With a `cache`, the tokens go to cache slots start..start+T and attend to the slots up to their own.
+        `start` an int: attention reads just those slots (eager decoding; 0 is a prefill). A tensor of one
+        element: it reads all the cache's slots through a mask, so no shape depends on the position, which is
+        data, not code (compiled decoding: one graph serves every step).
         """
         spec = spec or self.full
         B, T = idx.shape
-        if not isinstance(start, torch.Tensor) and start + T > self.cfg.max_seq_len:
+        static = isinstance(start, torch.Tensor)
+        if not static and start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         x = nested.embed(idx, self.tok_emb.weight, spec.width)
-        slots, mask = None, None
-        if cache is None:
-            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
-        elif isinstance(start, int) and start == 0:
-            pos, mask = prefill_layout(T, cache.pad, x.device)
-            cos, sin = self.rope_at(pos)
+        pad = None if cache is None else cache.pad
+        at: int | torch.Tensor = start
+        if not static and pad is None:  # one sequence at start..: slices; a mask only for a chunk after a prefix
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+            plain = cache is None or start == 0 or T == 1
+            mask = None if plain else attention_layout(start + torch.arange(T, device=x.device), start + T, None)[1]
         else:
             slots = start + torch.arange(T, device=x.device)
-            pos, mask = step_layout(slots, cache.length, cache.pad)
+            pos, mask = attention_layout(slots, cache.length if static else start + T, pad)
             cos, sin = self.rope_at(pos)
+            at = slots if static else start
+        if mask is not None:  # additive, once per forward: SDPA would convert a boolean mask in every layer
+            mask = torch.where(mask, 0.0, float("-inf")).to(x.dtype)
         for block, layer in zip(self.layers, spec.layers):
-            x = block(x, layer, cos, sin, cache, slots, mask)
+            x = block(x, layer, cos, sin, cache, at, mask)
         return self.norm(x)
 
     def rope_at(self, pos: torch.Tensor) -> RopeTables:
@@ -226,34 +270,26 @@ class MatryoshkaLM(nn.Module):
             return self.rope_cos[pos], self.rope_sin[pos]
         return self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
 
-    def forward(self, idx: torch.Tensor, spec: SubmodelSpec | None = None, cache: KVCache | None = None,
-                start: int | torch.Tensor = 0) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        spec: SubmodelSpec | None = None,
+        cache: KVCache | None = None,
+        start: int | torch.Tensor = 0,
+    ) -> torch.Tensor:
         """Logits (B, T, V) of the submodel `spec`; `cache`/`start` for incremental decoding (see hidden_states)."""
         h = self.hidden_states(idx, spec, cache, start)
         return F.linear(h, self.head_weight()[:, : h.shape[-1]])
 
 
-def prefill_layout(T: int, pad: torch.Tensor | None, device: torch.device
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """RoPE positions and attention mask of a prompt filling slots 0..T: (T,) and a plain causal mask (None)
-    without padding; with it, (B, T) and (B, 1, T, T), True = attend: causal, no pad keys, and a pad query sees
-    itself only (never a row of -inf, hence no NaN)."""
-    slots = torch.arange(T, device=device)
+def attention_layout(slots: torch.Tensor, n_keys: int, pad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE positions and attention mask (True = attend) of tokens at cache `slots` (T,) reading slots 0..n_keys:
+    each attends to the slots up to its own and, with padding, to none of its row's pad slots (a pad query, in a
+    prefill, to itself only: never a row of -inf, hence no NaN). (T,) and (T, n_keys); with padding, per row:
+    (B, T) and (B, 1, T, n_keys)."""
+    keys = torch.arange(n_keys, device=slots.device)
+    causal = keys[None, :] <= slots[:, None]
     if pad is None:
-        return slots, None
-    keep = (slots[None, :] <= slots[:, None])[None] & (slots >= pad[:, None])[:, None, :]  # (B, T, T)
-    mask = keep | torch.eye(T, dtype=torch.bool, device=device)
-    return (slots[None] - pad[:, None]).clamp(min=0), mask.unsqueeze(1)
-
-
-def step_layout(slots: torch.Tensor, n_slots: int, pad: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE positions and attention mask of tokens going to `slots` (T,) of a cache of n_slots: each attends to
-    the slots up to its own (and, with padding, none of its row's pad slots): (T,) and (T, n_slots), or per row
-    (B, T) and (B, 1, T, n_slots)."""
-    keys = torch.arange(n_slots, device=slots.device)
-    mask = keys[None, :] <= slots[:, None]
-    if pad is None:
-        return slots, mask
-    mask = mask[None] & (keys >= pad[:, None])[:, None, :]
-    return slots[None] - pad[:, None], mask.unsqueeze(1)
+        return slots, causal
+    real = (keys[None, :] >= pad[:, None])[:, None, :] | (keys[None, :] == slots[:, None])  # (B, T, n_keys)
+    return (slots[None] - pad[:, None]).clamp(min=0), (causal & real).unsqueeze(1)

@@ -6,20 +6,23 @@ every call; the engine takes them once per size instead (`view_model`: a module 
 parameters ARE the views, from nested.slice_views), which saves the slicing ops of every step.
 
 The decoding loop follows gpt-fast: `prefill` the prompt into a KV cache preallocated at a fixed length, then
-`decode_one_token` per step. A step writes its cache slot in place at a tensor position and attends to all the
-cache's slots through a mask derived from that position, so every step of a generation has the same shapes and
-no Python int changes between steps: with `compile=True` each size's step is compiled once by plain
-torch.compile and reused for every step (and, on CUDA, replayed as a CUDA graph). `Engine` adds batching,
-sampling, stop conditions and streaming around it.
+`decode_one_token` per step; `Engine` adds batching, sampling, stop conditions and streaming around it.
+
+Compiled decoding (`compile=True`) has static shapes: a step gets its cache slot as a tensor, writes it in place
+(index_copy_) and attends to all the cache's slots through a mask derived from that position, so no shape and no
+Python int changes from step to step, and plain torch.compile compiles each size's step once for every step
+("reduce-overhead", i.e. CUDA graphs, on CUDA; its caches are reused so that their addresses stay fixed). Cache
+lengths are rounded up to a power of two there (`Engine.cache_slots`), so graphs see few distinct shapes. Eager
+decoding passes the slot as an int and attends to the slots written so far only, which is cheaper without a
+compiler (core/model.py has both; the compiled test checks they agree token for token).
 
 Batches of prompts of different lengths are LEFT-padded: every row's prompt ends in the same cache slot, so each
 decode step writes one slot for the whole batch. The cache records each row's padding; row b's tokens sit at
 RoPE positions `slot - pad[b]` and its queries never attend to its pad slots (core/model.py builds the masks).
 
-Cache lengths are rounded up to a power of two (`cache_slots`), so that compiled graphs see few distinct shapes.
-
 Shapes: B batch, P padded prompt length, L cache slots, V vocab.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,10 +33,10 @@ from contextlib import contextmanager
 import torch
 
 from matryoshka_lm.core import nested
-from matryoshka_lm.errors import MatryoshkaError
 from matryoshka_lm.core.model import KVCache, MatryoshkaLM
 from matryoshka_lm.core.nested import submodel_config
 from matryoshka_lm.core.spec import SubmodelSpec, validate_spec
+from matryoshka_lm.errors import MatryoshkaError
 from matryoshka_lm.infer.sampling import GREEDY, Sampling, sample
 from matryoshka_lm.infer.stops import Completion, Decode, StopRow, stream_rows
 
@@ -48,14 +51,17 @@ def prefill(model: MatryoshkaLM, idx: torch.Tensor, spec: SubmodelSpec, cache: K
     return nested.linear(h, model.head_weight(), model.cfg.vocab_size)[:, -1]
 
 
-def decode_one_token(model: MatryoshkaLM, tok: torch.Tensor, spec: SubmodelSpec | None, cache: KVCache,
-                     slot: torch.Tensor) -> torch.Tensor:
-    """One step for the whole batch: tokens (B,) into cache slot `slot` (a tensor (1,)); next-token logits (B, V)."""
+def decode_one_token(
+    model: MatryoshkaLM, tok: torch.Tensor, spec: SubmodelSpec | None, cache: KVCache, slot: int | torch.Tensor
+) -> torch.Tensor:
+    """One step for the whole batch: tokens (B,) into cache slot `slot` (an int, or a tensor (1,) for the
+    static shapes of compiled decoding: MatryoshkaLM.hidden_states); next-token logits (B, V)."""
     return model(tok.view(-1, 1), spec, cache, slot)[:, -1]
 
 
-def forward_chunk(model: MatryoshkaLM, idx: torch.Tensor, spec: SubmodelSpec | None, cache: KVCache,
-                  start: torch.Tensor) -> torch.Tensor:
+def forward_chunk(
+    model: MatryoshkaLM, idx: torch.Tensor, spec: SubmodelSpec | None, cache: KVCache, start: int | torch.Tensor
+) -> torch.Tensor:
     """Tokens (B, T) into slots start..start+T after a cached prefix; logits (B, T, V) (speculative verify)."""
     return model(idx, spec, cache, start)
 
@@ -73,11 +79,6 @@ def view_model(model: MatryoshkaLM, spec: SubmodelSpec) -> MatryoshkaLM:
     return sub.requires_grad_(False).eval()
 
 
-def cache_slots(needed: int, max_seq_len: int) -> int:
-    """Cache length for `needed` slots: the next power of two (at least 16), at most the context."""
-    return min(max_seq_len, max(16, 1 << (needed - 1).bit_length()))
-
-
 def left_padded(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Prompts as one (B, P) tensor, shorter ones left-padded with 0, and the pad slots of each row (B,)
     (None when all have the same length)."""
@@ -85,14 +86,15 @@ def left_padded(prompts: list[list[int]], device: torch.device) -> tuple[torch.T
     P = max(lengths)
     idx = torch.zeros(len(prompts), P, dtype=torch.long)
     for b, p in enumerate(prompts):
-        idx[b, P - len(p):] = torch.tensor(p)
+        idx[b, P - len(p) :] = torch.tensor(p)
     pad = torch.tensor([P - n for n in lengths], device=device) if len(set(lengths)) > 1 else None
     return idx.to(device), pad
 
 
 # ---------------------------------------------------------------- the engine
 
-Step = Callable[[MatryoshkaLM, torch.Tensor, SubmodelSpec | None, KVCache, torch.Tensor], torch.Tensor]
+RECOMPILE_LIMIT = 64  # graphs per size and step kind: batch sizes x cache lengths x padded or not
+Step = Callable[[MatryoshkaLM, torch.Tensor, SubmodelSpec | None, KVCache, int | torch.Tensor], torch.Tensor]
 
 
 class Engine:
@@ -144,48 +146,65 @@ class Engine:
             if not p:
                 raise MatryoshkaError(f"prompt {i} is empty")
             if len(p) >= self.cfg.max_seq_len:
-                raise MatryoshkaError(f"prompt {i} has {len(p)} tokens; the context holds {self.cfg.max_seq_len} "
-                                      f"(at most {self.cfg.max_seq_len - 1} prompt tokens leave room to generate)")
+                raise MatryoshkaError(
+                    f"prompt {i} has {len(p)} tokens; the context holds {self.cfg.max_seq_len} "
+                    f"(at most {self.cfg.max_seq_len - 1} prompt tokens leave room to generate)"
+                )
             bad = [t for t in p if not 0 <= t < self.cfg.vocab_size]
             if bad:
                 raise MatryoshkaError(
-                    f"prompt {i}: token id {bad[0]} is outside the vocabulary 0..{self.cfg.vocab_size - 1}")
+                    f"prompt {i}: token id {bad[0]} is outside the vocabulary 0..{self.cfg.vocab_size - 1}"
+                )
             out.append(p)
         return out
 
     # ---- the steps a decoder runs (compiled when the engine is)
 
-    def decode_step(self, model: MatryoshkaLM, tok: torch.Tensor, spec: SubmodelSpec, cache: KVCache,
-                    slot: torch.Tensor | int) -> torch.Tensor:
+    def cache_slots(self, needed: int) -> int:
+        """Cache length for `needed` slots: exactly that eagerly (attention reads every slot); compiled, the
+        next power of two (at least 16, at most the context), so that graphs see few distinct shapes and
+        caches can be reused."""
+        if not self.compiled:
+            return needed
+        return min(self.cfg.max_seq_len, max(16, 1 << (needed - 1).bit_length()))
+
+    def decode_step(
+        self, model: MatryoshkaLM, tok: torch.Tensor, spec: SubmodelSpec, cache: KVCache, slot: int
+    ) -> torch.Tensor:
         """Tokens (B,) into cache slot `slot`; next-token logits (B, V). (model, spec) from `runner`."""
         return self._run(decode_one_token, model, tok, spec, cache, slot)
 
-    def forward_chunk(self, model: MatryoshkaLM, idx: torch.Tensor, spec: SubmodelSpec, cache: KVCache,
-                      start: torch.Tensor | int) -> torch.Tensor:
+    def forward_chunk(
+        self, model: MatryoshkaLM, idx: torch.Tensor, spec: SubmodelSpec, cache: KVCache, start: int
+    ) -> torch.Tensor:
         """Tokens (B, T) into slots start..start+T after a cached prefix; logits (B, T, V)."""
         return self._run(forward_chunk, model, idx, spec, cache, start)
 
-    def _run(self, fn: Step, model: MatryoshkaLM, x: torch.Tensor, spec: SubmodelSpec, cache: KVCache,
-             start: torch.Tensor | int) -> torch.Tensor:
-        if isinstance(start, int):  # a tensor: positions are data, so a compiled step serves every position
-            start = torch.tensor([start], device=self.device)
-        if not self.compiled:
+    def _run(
+        self, fn: Step, model: MatryoshkaLM, x: torch.Tensor, spec: SubmodelSpec, cache: KVCache, start: int
+    ) -> torch.Tensor:
+        if not self.compiled:  # an int: attention reads only the slots written so far
             return fn(model, x, spec, cache, start)
-        # the model's own spec is read from the module inside: dynamo keeps a module's ints static, while the
-        # ints of an argument that changes between calls (another size) would turn symbolic
-        arg = None if spec == model.full else spec
         f = self._graphs.get((fn, spec))
         if f is None:
-            # a region of its own per size: one size's graphs never count against another's recompile limit
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            f = self._graphs.setdefault((fn, spec), torch.compile(fn, mode=mode, isolate_recompiles=True))
+            f = self._graphs.setdefault((fn, spec), self._compile(fn))
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
-        return f(model, x, arg, cache, start)
+        # a tensor: attention reads every slot through a mask, so one graph serves every position
+        return f(model, x, spec, cache, torch.tensor([start], device=self.device))
+
+    def _compile(self, fn: Step) -> Step:
+        """`fn` compiled for one size, in a region of its own (one size's graphs never count against another's
+        recompile limit). Static shapes (dynamic=False): a batch size or cache length not seen before compiles
+        a graph of its own. Otherwise dynamo, which tracks what changed between calls per function across all
+        sizes, would make the next size's head and FFN counts symbolic: slower graphs, or a graph break."""
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        return torch.compile(fn, mode=mode, dynamic=False, isolate_recompiles=True, recompile_limit=RECOMPILE_LIMIT)
 
     @contextmanager
-    def kv_cache(self, spec: SubmodelSpec, batch: int, n_slots: int,
-                 pad: torch.Tensor | None = None) -> Iterator[KVCache]:
+    def kv_cache(
+        self, spec: SubmodelSpec, batch: int, n_slots: int, pad: torch.Tensor | None = None
+    ) -> Iterator[KVCache]:
         """A KV cache for one generation. A compiled engine hands out caches of the same shape again once their
         generation ends: CUDA graphs replay on fixed addresses (stale slots are masked out, never read)."""
         if not self.compiled:
@@ -193,8 +212,13 @@ class Engine:
             return
         with self._lock:
             free = self._free_caches.setdefault((spec, batch, n_slots, pad is None), [])
-            cache = free.pop() if free else KVCache.allocate(self.cfg, spec, batch, n_slots, self.device,
-                                                             self.dtype, None if pad is None else pad.clone())
+            cache = (
+                free.pop()
+                if free
+                else KVCache.allocate(
+                    self.cfg, spec, batch, n_slots, self.device, self.dtype, None if pad is None else pad.clone()
+                )
+            )
         if pad is not None:
             cache.pad.copy_(pad)
         try:
@@ -206,8 +230,13 @@ class Engine:
     # ---- decoding
 
     @torch.no_grad()
-    def token_steps(self, prompts: Sequence[Sequence[int]], spec: SubmodelSpec | None = None,
-                    max_new_tokens: int = 64, sampling: Sampling = GREEDY) -> Iterator[torch.Tensor]:
+    def token_steps(
+        self,
+        prompts: Sequence[Sequence[int]],
+        spec: SubmodelSpec | None = None,
+        max_new_tokens: int = 64,
+        sampling: Sampling = GREEDY,
+    ) -> Iterator[torch.Tensor]:
         """Yield the next token of every row, (B,), for up to max_new_tokens steps (fewer if the context fills).
         The caller decides when to stop; every row keeps decoding until then."""
         model, spec = self.runner(self.check_spec(spec))
@@ -216,19 +245,24 @@ class Engine:
         B, P = idx.shape
         n_new = min(max_new_tokens, self.cfg.max_seq_len - P)
         gen = sampling.generator(self.device)
-        with self.kv_cache(spec, B, cache_slots(P + n_new, self.cfg.max_seq_len), pad) as cache:
+        with self.kv_cache(spec, B, self.cache_slots(P + n_new), pad) as cache:
             logits = prefill(model, idx, spec, cache)
-            slot = torch.tensor([P], device=self.device)
             for i in range(n_new):
                 tok = sample(logits, sampling, gen)
                 yield tok
                 if i + 1 < n_new:
-                    logits = self.decode_step(model, tok, spec, cache, slot)
-                    slot += 1
+                    logits = self.decode_step(model, tok, spec, cache, P + i)
 
-    def generate(self, prompts: Sequence[Sequence[int]], spec: SubmodelSpec | None = None, max_new_tokens: int = 64,
-                 sampling: Sampling = GREEDY, stop_tokens: Sequence[int] = (), stop_strings: Sequence[str] = (),
-                 decode: Decode | None = None) -> list[Completion]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        spec: SubmodelSpec | None = None,
+        max_new_tokens: int = 64,
+        sampling: Sampling = GREEDY,
+        stop_tokens: Sequence[int] = (),
+        stop_strings: Sequence[str] = (),
+        decode: Decode | None = None,
+    ) -> list[Completion]:
         """Continue every prompt (token ids) with the submodel `spec`.
 
         Args:
@@ -248,16 +282,24 @@ class Engine:
                 break
         return [r.completion() for r in rows]
 
-    def stream(self, prompt: Sequence[int], spec: SubmodelSpec | None = None, max_new_tokens: int = 64,
-               sampling: Sampling = GREEDY, stop_tokens: Sequence[int] = (), stop_strings: Sequence[str] = (),
-               decode: Decode | None = None) -> Iterator[int | str]:
+    def stream(
+        self,
+        prompt: Sequence[int],
+        spec: SubmodelSpec | None = None,
+        max_new_tokens: int = 64,
+        sampling: Sampling = GREEDY,
+        stop_tokens: Sequence[int] = (),
+        stop_strings: Sequence[str] = (),
+        decode: Decode | None = None,
+    ) -> Iterator[int | str]:
         """Yield new token ids one at a time, or, given `decode`, pieces of text (which join to the completion's
         text: a piece that might begin a stop string waits until the next token decides)."""
         steps = (t.tolist() for t in self.token_steps([prompt], spec, max_new_tokens, sampling))
         yield from stream_rows(steps, self.stop_rows(1, stop_tokens, stop_strings, decode)[0])
 
-    def stop_rows(self, n: int, stop_tokens: Sequence[int], stop_strings: Sequence[str],
-                  decode: Decode | None) -> list[StopRow]:
+    def stop_rows(
+        self, n: int, stop_tokens: Sequence[int], stop_strings: Sequence[str], decode: Decode | None
+    ) -> list[StopRow]:
         """The stop state of n output rows; stop strings need `decode`."""
         stop_strings = tuple(s for s in stop_strings if s)
         if stop_strings and decode is None:
@@ -265,7 +307,13 @@ class Engine:
         return [StopRow(frozenset(int(t) for t in stop_tokens), stop_strings, decode) for _ in range(n)]
 
 
-def generate(model: MatryoshkaLM, prompts: Sequence[Sequence[int]], spec: SubmodelSpec | None = None,
-             max_new_tokens: int = 64, sampling: Sampling = GREEDY, **kw) -> list[Completion]:
+def generate(
+    model: MatryoshkaLM,
+    prompts: Sequence[Sequence[int]],
+    spec: SubmodelSpec | None = None,
+    max_new_tokens: int = 64,
+    sampling: Sampling = GREEDY,
+    **kw,
+) -> list[Completion]:
     """Engine(model).generate(...) for one-off calls."""
     return Engine(model).generate(prompts, spec, max_new_tokens, sampling, **kw)

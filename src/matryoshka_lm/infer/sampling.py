@@ -1,4 +1,5 @@
 """How the next token is drawn from logits: greedy, temperature, top-k and top-p (nucleus)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,10 +12,11 @@ from matryoshka_lm.errors import MatryoshkaError
 @dataclass(frozen=True)
 class Sampling:
     """How the next token is picked from the logits; temperature 0 is greedy (top_k / top_p then ignored)."""
+
     temperature: float = 0.0
-    top_k: int | None = None   # keep the k most likely tokens
-    top_p: float = 1.0         # nucleus: the smallest set of tokens whose probability reaches top_p
-    seed: int | None = None    # seeds a torch.Generator: same seed, same output
+    top_k: int | None = None  # keep the k most likely tokens
+    top_p: float = 1.0  # nucleus: the smallest set of tokens whose probability reaches top_p
+    seed: int | None = None  # seeds a torch.Generator: same seed, same output
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:  # also rejects NaN

@@ -19,6 +19,7 @@ the target cache has the draft's shapes. The draft then skips its prefill and it
 keys/values computed by the target rather than by itself (the output stays exact; only acceptance can change).
 BENCHMARKS.md measures both.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,13 +31,14 @@ from dataclasses import dataclass, field
 import torch
 
 from matryoshka_lm.config import ModelConfig
+from matryoshka_lm.core.model import KVCache, MatryoshkaLM
 from matryoshka_lm.core.nested import kv_heads
-from .engine import Engine, cache_slots, prefill
+from matryoshka_lm.core.spec import SubmodelSpec, count_params
+from matryoshka_lm.errors import MatryoshkaError
+
+from .engine import Engine, prefill
 from .sampling import GREEDY, Sampling, logits_to_probs, sample_from
 from .stops import Completion, Decode, stream_rows
-from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.core.model import KVCache, MatryoshkaLM
-from matryoshka_lm.core.spec import SubmodelSpec, count_params
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +46,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class SpeculativeStats:
     rounds: int = 0
-    drafted: int = 0       # draft tokens proposed
-    accepted: int = 0      # of them, accepted by the target
+    drafted: int = 0  # draft tokens proposed
+    accepted: int = 0  # of them, accepted by the target
     gammas: list[int] = field(default_factory=list)  # γ used in each round
-    draft_s: float = 0.0   # wall time in draft forwards
+    draft_s: float = 0.0  # wall time in draft forwards
     verify_s: float = 0.0  # wall time in target forwards (verification)
 
     @property
@@ -62,8 +64,10 @@ class SpeculativeStats:
 def check_draft(cfg: ModelConfig, target: SubmodelSpec, draft: SubmodelSpec) -> None:
     t, d = count_params(cfg, target)["total"], count_params(cfg, draft)["total"]
     if d > t:
-        raise MatryoshkaError(f"draft {draft} ({d:,} params) is larger than target {target} ({t:,} params); "
-                              "the draft must be the smaller model")
+        raise MatryoshkaError(
+            f"draft {draft} ({d:,} params) is larger than target {target} ({t:,} params); "
+            "the draft must be the smaller model"
+        )
 
 
 def can_share_cache(cfg: ModelConfig, target: SubmodelSpec, draft: SubmodelSpec) -> bool:
@@ -79,9 +83,11 @@ def shared_cache(cfg: ModelConfig, cache: KVCache, draft: SubmodelSpec) -> KVCac
 
 def best_gamma(alpha: float, t_draft: float, t_verify: float, max_gamma: int) -> int:
     """argmax over γ of expected tokens per round / cost of a round."""
+
     def rate(g: int) -> float:
         expected = g + 1 if alpha >= 1 else (1 - alpha ** (g + 1)) / (1 - alpha)
         return expected / (g * t_draft + t_verify)
+
     return max(range(1, max_gamma + 1), key=rate)
 
 
@@ -111,8 +117,9 @@ def draw(probs: torch.Tensor, greedy: bool, generator: torch.Generator | None) -
     return probs.argmax(-1) if greedy else sample_from(probs, generator)
 
 
-def accept_reject(p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, greedy: bool,
-                  generator: torch.Generator | None) -> tuple[int, torch.Tensor]:
+def accept_reject(
+    p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, greedy: bool, generator: torch.Generator | None
+) -> tuple[int, torch.Tensor]:
     """p (γ+1, V) target probs, q (γ, V) draft probs, drafted (γ,) tokens -> (n accepted, next token (1,))."""
     g = drafted.numel()
     i = torch.arange(g, device=p.device)
@@ -129,9 +136,17 @@ def accept_reject(p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, greed
     return n, draw(dist.view(1, -1), greedy, generator)
 
 
-def draft_tokens(engine: Engine, model: MatryoshkaLM, draft: SubmodelSpec, cache: KVCache, pending: torch.Tensor,
-                 pos: int, gamma: int, sampling: Sampling,
-                 gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def draft_tokens(
+    engine: Engine,
+    model: MatryoshkaLM,
+    draft: SubmodelSpec,
+    cache: KVCache,
+    pending: torch.Tensor,
+    pos: int,
+    gamma: int,
+    sampling: Sampling,
+    gen: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """γ draft tokens (γ,) and, when sampling, their draft distributions q (γ, V). `pending` are the tokens the
     draft cache lacks, ending with the one that goes into slot `pos`; (model, draft) from Engine.runner."""
     drafted, qs, x, start = [], [], pending, pos - pending.numel() + 1
@@ -151,9 +166,18 @@ def draft_tokens(engine: Engine, model: MatryoshkaLM, draft: SubmodelSpec, cache
     return torch.cat(drafted), (torch.cat(qs) if qs else None)
 
 
-def verify(engine: Engine, model: MatryoshkaLM, target: SubmodelSpec, cache: KVCache, last: torch.Tensor,
-           drafted: torch.Tensor, q: torch.Tensor | None, pos: int, sampling: Sampling,
-           gen: torch.Generator | None) -> tuple[int, torch.Tensor]:
+def verify(
+    engine: Engine,
+    model: MatryoshkaLM,
+    target: SubmodelSpec,
+    cache: KVCache,
+    last: torch.Tensor,
+    drafted: torch.Tensor,
+    q: torch.Tensor | None,
+    pos: int,
+    sampling: Sampling,
+    gen: torch.Generator | None,
+) -> tuple[int, torch.Tensor]:
     """One target pass over [last, drafts] at slots pos.. -> (drafts accepted, the token after them (1,))."""
     logits = engine.forward_chunk(model, torch.cat([last, drafted]).view(1, -1), target, cache, pos)[0]
     if sampling.greedy:  # accept_reject with one-hot p and q, without building them
@@ -164,11 +188,21 @@ def verify(engine: Engine, model: MatryoshkaLM, target: SubmodelSpec, cache: KVC
 
 
 @torch.no_grad()
-def speculative_steps(model: MatryoshkaLM, prompt: Sequence[int], target: SubmodelSpec | None,
-                      draft: SubmodelSpec, max_new_tokens: int = 64, sampling: Sampling = GREEDY, gamma: int = 4,
-                      adaptive: bool = True, max_gamma: int = 8, share_cache: bool = False,
-                      draft_cost: float | None = None, stats: SpeculativeStats | None = None,
-                      engine: Engine | None = None) -> Iterator[list[int]]:
+def speculative_steps(
+    model: MatryoshkaLM,
+    prompt: Sequence[int],
+    target: SubmodelSpec | None,
+    draft: SubmodelSpec,
+    max_new_tokens: int = 64,
+    sampling: Sampling = GREEDY,
+    gamma: int = 4,
+    adaptive: bool = True,
+    max_gamma: int = 8,
+    share_cache: bool = False,
+    draft_cost: float | None = None,
+    stats: SpeculativeStats | None = None,
+    engine: Engine | None = None,
+) -> Iterator[list[int]]:
     """Yield the tokens each round adds (1 to γ+1 of them) until max_new_tokens (or the context) is reached."""
     engine = engine or Engine(model)
     cfg = model.cfg
@@ -180,18 +214,45 @@ def speculative_steps(model: MatryoshkaLM, prompt: Sequence[int], target: Submod
     stats = stats if stats is not None else SpeculativeStats()
     P = len(prompt)
     n_new = min(max_new_tokens, cfg.max_seq_len - P)
-    L = cache_slots(min(cfg.max_seq_len, P + n_new + max_gamma + 1), cfg.max_seq_len)  # slack: last drafts
+    L = engine.cache_slots(min(cfg.max_seq_len, P + n_new + max_gamma + 1))  # slack for the last drafts
     share = share_cache and can_share_cache(cfg, target, draft)
     with ExitStack() as caches:
         t_cache = caches.enter_context(engine.kv_cache(target, 1, L))
         d_cache = shared_cache(cfg, t_cache, draft) if share else caches.enter_context(engine.kv_cache(draft, 1, L))
-        yield from _rounds(engine, prompt, target, draft, t_cache, d_cache, share, n_new, sampling, gamma, adaptive,
-                           max_gamma, draft_cost, stats)
+        yield from _rounds(
+            engine,
+            prompt,
+            target,
+            draft,
+            t_cache,
+            d_cache,
+            share,
+            n_new,
+            sampling,
+            gamma,
+            adaptive,
+            max_gamma,
+            draft_cost,
+            stats,
+        )
 
 
-def _rounds(engine: Engine, prompt: list[int], target: SubmodelSpec, draft: SubmodelSpec, t_cache: KVCache,
-            d_cache: KVCache, share: bool, n_new: int, sampling: Sampling, gamma: int, adaptive: bool,
-            max_gamma: int, draft_cost: float | None, stats: SpeculativeStats) -> Iterator[list[int]]:
+def _rounds(
+    engine: Engine,
+    prompt: list[int],
+    target: SubmodelSpec,
+    draft: SubmodelSpec,
+    t_cache: KVCache,
+    d_cache: KVCache,
+    share: bool,
+    n_new: int,
+    sampling: Sampling,
+    gamma: int,
+    adaptive: bool,
+    max_gamma: int,
+    draft_cost: float | None,
+    stats: SpeculativeStats,
+) -> Iterator[list[int]]:
     """speculative_steps with its caches: the prefill, then draft and verify rounds."""
     cfg, dev, P, L = engine.cfg, engine.device, len(prompt), t_cache.length
     (t_model, t_spec), (d_model, d_spec) = engine.runner(target), engine.runner(draft)
@@ -202,8 +263,8 @@ def _rounds(engine: Engine, prompt: list[int], target: SubmodelSpec, draft: Subm
         prefill(d_model, idx, d_spec, d_cache)
     last = draw(probs, sampling.greedy, gen)  # (1,): the first new token comes from the target alone
     yield [int(last)]
-    produced, pos = 1, P         # `last` goes into slot `pos` next
-    pending = last               # tokens the draft cache lacks, ending with `last`
+    produced, pos = 1, P  # `last` goes into slot `pos` next
+    pending = last  # tokens the draft cache lacks, ending with `last`
     if draft_cost is None and not sampling.greedy:
         draft_cost = param_ratio(cfg, target, draft)
     control = GammaController(max_gamma, draft_cost)
@@ -228,12 +289,23 @@ def _rounds(engine: Engine, prompt: list[int], target: SubmodelSpec, draft: Subm
             gamma = control.update(g, n, t1 - t0, t2 - t1)
 
 
-def speculative_decode(model: MatryoshkaLM, prompt: Sequence[int], target: SubmodelSpec | None,
-                       draft: SubmodelSpec, max_new_tokens: int = 64, sampling: Sampling = GREEDY, gamma: int = 4,
-                       adaptive: bool = True, max_gamma: int = 8, share_cache: bool = False,
-                       draft_cost: float | None = None, stop_tokens: Sequence[int] = (),
-                       stop_strings: Sequence[str] = (), decode: Decode | None = None,
-                       engine: Engine | None = None) -> tuple[Completion, SpeculativeStats]:
+def speculative_decode(
+    model: MatryoshkaLM,
+    prompt: Sequence[int],
+    target: SubmodelSpec | None,
+    draft: SubmodelSpec,
+    max_new_tokens: int = 64,
+    sampling: Sampling = GREEDY,
+    gamma: int = 4,
+    adaptive: bool = True,
+    max_gamma: int = 8,
+    share_cache: bool = False,
+    draft_cost: float | None = None,
+    stop_tokens: Sequence[int] = (),
+    stop_strings: Sequence[str] = (),
+    decode: Decode | None = None,
+    engine: Engine | None = None,
+) -> tuple[Completion, SpeculativeStats]:
     """Continue `prompt` with the target spec's distribution, drafting with the smaller `draft` spec.
 
     Args:
@@ -249,8 +321,21 @@ def speculative_decode(model: MatryoshkaLM, prompt: Sequence[int], target: Submo
     engine = engine or Engine(model)
     row = engine.stop_rows(1, stop_tokens, stop_strings, decode)[0]
     stats = SpeculativeStats()
-    for toks in speculative_steps(model, prompt, target, draft, max_new_tokens, sampling, gamma, adaptive,
-                                  max_gamma, share_cache, draft_cost, stats, engine):
+    for toks in speculative_steps(
+        model,
+        prompt,
+        target,
+        draft,
+        max_new_tokens,
+        sampling,
+        gamma,
+        adaptive,
+        max_gamma,
+        share_cache,
+        draft_cost,
+        stats,
+        engine,
+    ):
         for t in toks:
             row.add(t)
             if row.done:
@@ -260,10 +345,20 @@ def speculative_decode(model: MatryoshkaLM, prompt: Sequence[int], target: Submo
     return row.completion(), stats
 
 
-def speculative_stream(model: MatryoshkaLM, prompt: Sequence[int], target: SubmodelSpec | None, draft: SubmodelSpec,
-                       max_new_tokens: int = 64, sampling: Sampling = GREEDY, stop_tokens: Sequence[int] = (),
-                       stop_strings: Sequence[str] = (), decode: Decode | None = None, engine: Engine | None = None,
-                       stats: SpeculativeStats | None = None, **kw) -> Iterator[int | str]:
+def speculative_stream(
+    model: MatryoshkaLM,
+    prompt: Sequence[int],
+    target: SubmodelSpec | None,
+    draft: SubmodelSpec,
+    max_new_tokens: int = 64,
+    sampling: Sampling = GREEDY,
+    stop_tokens: Sequence[int] = (),
+    stop_strings: Sequence[str] = (),
+    decode: Decode | None = None,
+    engine: Engine | None = None,
+    stats: SpeculativeStats | None = None,
+    **kw,
+) -> Iterator[int | str]:
     """Like Engine.stream, with speculative decoding: ids or text pieces as each round is verified."""
     engine = engine or Engine(model)
     row = engine.stop_rows(1, stop_tokens, stop_strings, decode)[0]
