@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from _tiny_ckpt import make_checkpoint
+from _tiny_router import length_router, predicted_gaps
 from matryoshka_lm.core.checkpoint import load_model, load_tokenizer
 from matryoshka_lm.core.spec import parse_spec
 from matryoshka_lm.embed import Embedder, embed_texts
@@ -538,3 +541,129 @@ def test_fuzzed_bodies_never_get_a_5xx(server, path, model, body):
     assert r.status_code < 500, r.text
     if r.status_code != 200:
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+# ---------------------------------------------------------------- NAME:auto with a size router
+
+SHORT_IDS = [7, 30, 101, 5]  # 4 tokens: the hand-made router sends them to S at any τ > 0
+LONG_IDS = [(11 * i + 3) % 250 for i in range(20)]  # 20 tokens: XL at τ 0.1 (its default), M at τ 0.5, S at 1e9
+
+
+@pytest.fixture(scope="module")
+def routed_ckpt(ckpt, tmp_path_factory) -> Path:
+    """The same checkpoint with the length router of tests/_tiny_router.py saved beside it."""
+    path = tmp_path_factory.mktemp("routed") / NAME
+    shutil.copytree(ckpt, path)
+    length_router(load_model(path).cfg).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def routed_server(routed_ckpt):
+    with LoopbackServer(create_app(routed_ckpt, batch_window_s=0.01)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def routed_client(routed_server):
+    return openai.OpenAI(base_url=routed_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def ids_text(local, ids: list[int], size: str, max_tokens: int) -> str:
+    engine, tok = local
+    eot = tok.token_to_id("<|endoftext|>")
+    spec = parse_spec(engine.cfg, size)
+    return engine.generate([ids], spec, max_tokens, GREEDY, stop_tokens=[eot], decode=tok.decode)[0].text
+
+
+def auto_choices(server) -> dict[str, float]:
+    """matryoshka_auto_choices_total per size label, from /metrics."""
+    text = httpx.get(server.url + "/metrics").text
+    found = re.findall(r'^matryoshka_auto_choices_total\{size="(\w+)"\} (\S+)$', text, re.M)
+    return {size: float(v) for size, v in found}
+
+
+@pytest.mark.parametrize(
+    ("model", "prompt", "size"),
+    [
+        ("auto", SHORT_IDS, "S"),
+        ("auto", LONG_IDS, "XL"),
+        ("auto@0.5", LONG_IDS, "M"),
+        ("auto@tau=1e9", LONG_IDS, "S"),
+        ("auto@budget=0.7", LONG_IDS, "M"),
+        ("auto@0", SHORT_IDS, "XL"),
+    ],
+)
+def test_auto_serves_each_prompt_at_the_size_the_router_picks(routed_server, routed_client, local, model, prompt, size):
+    before = auto_choices(routed_server)
+    raw = routed_client.completions.with_raw_response.create(
+        model=f"{NAME}:{model}", prompt=prompt, max_tokens=8, temperature=0
+    )
+    r = raw.parse()
+    assert r.model == f"{NAME}:{size}" and raw.headers["X-Matryoshka-Size"] == size
+    assert r.choices[0].text == ids_text(local, prompt, size, 8)
+    after = auto_choices(routed_server)
+    assert after[size] == before.get(size, 0) + 1
+    assert sum(after.values()) == sum(before.values()) + 1
+
+
+def test_auto_chat_and_several_prompts(routed_server, routed_client, local):
+    messages = [{"role": "user", "content": "Hi"}]
+    n = len(local[1].encode(chat_prompt([("user", "Hi")])).ids)
+    gap_s, gap_m = predicted_gaps(n)
+    want = "S" if gap_s < 0.1 else "M" if gap_m < 0.1 else "XL"
+    r = routed_client.chat.completions.create(model=f"{NAME}:auto", messages=messages, max_tokens=4, temperature=0)
+    assert r.model == f"{NAME}:{want}"
+    # several prompts: one response names one size, the largest any prompt needs
+    r = routed_client.completions.create(
+        model=f"{NAME}:auto@0.5", prompt=[SHORT_IDS, LONG_IDS], max_tokens=5, temperature=0
+    )
+    assert r.model == f"{NAME}:M"
+    assert [c.text for c in r.choices] == [ids_text(local, p, "M", 5) for p in (SHORT_IDS, LONG_IDS)]
+
+
+def test_models_say_whether_auto_is_routed(server, routed_server, routed_client):
+    routed = next(m for m in routed_client.models.list() if m.id == f"{NAME}:auto")
+    assert routed.owned_by == "matryoshka-lm"  # still an OpenAI model object
+    card = httpx.get(routed_server.url + f"/v1/models/{NAME}:auto@0.2").json()
+    assert card["id"] == f"{NAME}:auto" and card["size"] == "auto"
+    assert card["router"] == {"candidates": ["S", "M", "XL"], "kind": "learned", "tolerance": 0.1}
+    plain = httpx.get(server.url + f"/v1/models/{NAME}:auto").json()
+    assert plain["router"] is None and plain["size"] == "XL" and "no router" in plain["description"]
+
+
+@pytest.mark.parametrize(
+    ("knob", "words"),
+    [
+        ("-0.1", "tau must be a number >= 0"),
+        ("nan", "tau must be a number >= 0"),
+        ("tau=", "tau must be a number"),
+        ("0.1x", "tau must be a number"),
+        ("budget=0", "budget must be a mean compute fraction in (0, 1]"),
+        ("budget=1.5", "budget must be a mean compute fraction in (0, 1]"),
+        ("budget=nan", "budget must be a mean compute fraction in (0, 1]"),
+        ("budget=0.1", "below the smallest mean compute"),
+        ("speed=2", "unknown setting 'speed'"),
+    ],
+)
+def test_bad_routing_settings_are_a_400_on_model(routed_client, knob, words):
+    with pytest.raises(openai.BadRequestError) as e:
+        routed_client.completions.create(model=f"{NAME}:auto@{knob}", prompt="Hi", max_tokens=2)
+    err = e.value.body
+    assert err["param"] == "model" and err["code"] == "invalid_model" and words in err["message"], err
+
+
+def test_routing_settings_without_a_router_are_a_400(client):
+    with pytest.raises(openai.BadRequestError, match="no router is saved"):
+        client.completions.create(model=f"{NAME}:auto@0.1", prompt="Hi", max_tokens=2)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/embeddings"]),
+    model=st.sampled_from(["tiny:auto", "tiny:auto@0.2", "tiny:auto@budget=0.7", "auto@x", "tiny:auto@", "auto"]),
+    body=st.dictionaries(st.sampled_from(_fields), _small, max_size=6),
+)
+def test_fuzzed_auto_bodies_never_get_a_5xx(routed_server, path, model, body):
+    r = httpx.post(routed_server.url + path, json={"model": model, **body}, timeout=60)
+    assert r.status_code < 500, r.text

@@ -1,10 +1,12 @@
-"""`matryoshka generate`: sample text at one size, every size, or speculatively (a small size drafts)."""
+"""`matryoshka generate`: sample text at one size, every size, the size the router picks (`--size auto`), or
+speculatively (a small size drafts)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 from matryoshka_lm.errors import MatryoshkaError
 
@@ -19,6 +21,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     from matryoshka_lm.infer.sampling import Sampling
     from matryoshka_lm.infer.speculative import check_draft
 
+    router = _load_router(a) if a.size == "auto" else None  # before the model: a missing router fails fast
     device = pick_device(a.device)
     model = load_model(a.ckpt, device)
     tok = load_tokenizer(a.ckpt)
@@ -30,6 +33,10 @@ def cmd_generate(a: argparse.Namespace) -> None:
     engine = Engine(model, compile=device.startswith("cuda") if a.compile is None else a.compile)
     eot = tok.token_to_id(EOT)
     stops = dict(stop_tokens=[] if eot is None else [eot], stop_strings=a.stop or [], decode=tok.decode)
+    if router is not None:
+        return _generate_auto(a, engine, router, ids, sampling, stops)
+    if a.tolerance is not None or a.budget is not None:
+        raise MatryoshkaError("--tolerance and --budget apply to --size auto only")
     draft = parse_spec(model.cfg, a.draft) if a.draft else None
     sizes = size_names(model.cfg) if a.size == "all" else [a.size]
     specs = [parse_spec(model.cfg, size) for size in sizes]
@@ -41,6 +48,40 @@ def cmd_generate(a: argparse.Namespace) -> None:
     for size, spec in zip(sizes, specs):
         print(f"[{size}] {a.prompt}" if len(sizes) > 1 else a.prompt, end="", flush=True)
         _print_pieces(a, model, engine, ids, spec, draft, sampling, stops, size)
+
+
+def _load_router(a: argparse.Namespace):
+    """The router saved beside the checkpoint, for --size auto."""
+    from matryoshka_lm.infer.router import ROUTER_JSON, Router
+
+    if a.draft:
+        raise MatryoshkaError("--draft does not combine with --size auto")
+    if a.tolerance is not None and a.budget is not None:
+        raise MatryoshkaError("give --tolerance or --budget, not both")
+    if not (Path(a.ckpt) / ROUTER_JSON).is_file():
+        raise MatryoshkaError(
+            f"--size auto needs a router: {Path(a.ckpt) / ROUTER_JSON} does not exist; "
+            f"run `matryoshka route fit {a.ckpt}` first"
+        )
+    return Router.load(a.ckpt)
+
+
+def _generate_auto(a: argparse.Namespace, engine, router, ids: list[int], sampling, stops: dict) -> None:
+    """--size auto: the router picks the size; its prefill is reused when it picks the smallest."""
+    from matryoshka_lm.infer.routed import describe, routed_generate, routed_stream
+
+    args = (engine, router, ids, a.max_new_tokens, sampling, a.tolerance, a.budget)
+    if a.stream:
+        decision, pieces = routed_stream(*args, **stops)
+    else:
+        decision, done = routed_generate(*args, **stops)
+        pieces = [done.text]
+    budget = f"budget {a.budget:g} -> " if a.budget is not None else ""
+    print(f"auto: {budget}{describe(router, decision)}", file=sys.stderr, flush=True)
+    print(a.prompt, end="", flush=True)
+    for piece in pieces:
+        print(piece, end="", flush=True)
+    print()
 
 
 def _print_pieces(
@@ -80,7 +121,9 @@ def _print_pieces(
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="sample text at one size (or --size all)")
     g.add_argument("ckpt")
-    g.add_argument("--size", default="XL", help="size name, Mix'n'Match spec, or 'all'")
+    g.add_argument(
+        "--size", default="XL", help="size name, Mix'n'Match spec, 'all', or 'auto' (the router beside CKPT picks)"
+    )
     g.add_argument("--prompt", required=True)
     # --max-new-tokens, --top-k and --gamma stay plain ints: the library names the bad value in one error line
     g.add_argument("--max-new-tokens", type=int, default=48)
@@ -89,6 +132,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this much probability")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", action="append", help="stop at this string (repeatable); <|endoftext|> always stops")
+    g.add_argument("--tolerance", type=float, help="--size auto: τ, nats/token of quality given up (default: router's)")
+    g.add_argument("--budget", type=float, help="--size auto: target mean compute fraction instead of τ (1 = full)")
     g.add_argument("--draft", help="speculative decoding: this smaller size or spec drafts, --size verifies")
     g.add_argument("--gamma", type=int, default=4, help="draft tokens per verification (start value; adapts)")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")

@@ -13,10 +13,10 @@ import sys
 
 from matryoshka_lm.errors import MatryoshkaError
 
-from . import convert, embed, evaluate, generate, serve, study, train
+from . import convert, embed, evaluate, generate, route, serve, study, train
 
 # the order of `matryoshka --help`
-GROUPS = (train, evaluate, generate, convert, study, embed, serve)
+GROUPS = (train, evaluate, generate, convert, study, embed, serve, route)
 
 
 def build_parser() -> argparse.ArgumentParser:

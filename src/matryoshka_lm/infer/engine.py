@@ -6,7 +6,9 @@ every call; the engine takes them once per size instead (`view_model`: a module 
 parameters ARE the views, from nested.slice_views), which saves the slicing ops of every step.
 
 The decoding loop follows gpt-fast: `prefill` the prompt into a KV cache preallocated at a fixed length, then
-`decode_one_token` per step; `Engine` adds batching, sampling, stop conditions and streaming around it.
+`decode_one_token` per step; `Engine` adds batching, sampling, stop conditions and streaming around it. Its decode
+loop (`decode_steps`) also continues a prefill run elsewhere: the size router's, when it picks the size whose prefill
+it already ran (routed.py).
 
 Compiled decoding (`compile=True`) has static shapes: a step gets its cache slot as a tensor, writes it in place
 (index_copy_) and attends to all the cache's slots through a mask derived from that position, so no shape and no
@@ -243,15 +245,34 @@ class Engine:
         prompts = self.check_prompts(prompts, max_new_tokens)
         idx, pad = left_padded(prompts, self.device)
         B, P = idx.shape
-        n_new = min(max_new_tokens, self.cfg.max_seq_len - P)
-        gen = sampling.generator(self.device)
+        n_new = self.new_tokens(P, max_new_tokens)
         with self.kv_cache(spec, B, self.cache_slots(P + n_new), pad) as cache:
             logits = prefill(model, idx, spec, cache)
-            for i in range(n_new):
-                tok = sample(logits, sampling, gen)
-                yield tok
-                if i + 1 < n_new:
-                    logits = self.decode_step(model, tok, spec, cache, P + i)
+            yield from self.decode_steps(model, spec, cache, logits, P, n_new, sampling)
+
+    def new_tokens(self, prompt_len: int, max_new_tokens: int) -> int:
+        """Tokens a prompt of `prompt_len` (padded) may still get: max_new_tokens, or fewer if the context fills."""
+        return min(max_new_tokens, self.cfg.max_seq_len - prompt_len)
+
+    def decode_steps(
+        self,
+        model: MatryoshkaLM,
+        spec: SubmodelSpec,
+        cache: KVCache,
+        logits: torch.Tensor,
+        start: int,
+        n_new: int,
+        sampling: Sampling = GREEDY,
+    ) -> Iterator[torch.Tensor]:
+        """The decode loop after a prefill, wherever that ran (token_steps, or the router's: infer/routed.py):
+        `cache` holds slots 0..start, `logits` (B, V) are the last prompt slot's. Yields n_new tokens (B,).
+        (model, spec) from `runner`."""
+        gen = sampling.generator(self.device)
+        for i in range(n_new):
+            tok = sample(logits, sampling, gen)
+            yield tok
+            if i + 1 < n_new:
+                logits = self.decode_step(model, tok, spec, cache, start + i)
 
     def generate(
         self,
@@ -275,12 +296,7 @@ class Engine:
             decode: token ids -> text, e.g. a tokenizer's decode.
         """
         rows = self.stop_rows(len(prompts), stop_tokens, stop_strings, decode)
-        for tok in self.token_steps(prompts, spec, max_new_tokens, sampling):
-            for row, t in zip(rows, tok.tolist()):
-                row.add(t)
-            if all(r.done for r in rows):
-                break
-        return [r.completion() for r in rows]
+        return complete(self.token_steps(prompts, spec, max_new_tokens, sampling), rows)
 
     def stream(
         self,
@@ -305,6 +321,16 @@ class Engine:
         if stop_strings and decode is None:
             raise MatryoshkaError("stop strings need a decode function (token ids -> text)")
         return [StopRow(frozenset(int(t) for t in stop_tokens), stop_strings, decode) for _ in range(n)]
+
+
+def complete(steps: Iterator[torch.Tensor], rows: list[StopRow]) -> list[Completion]:
+    """Feed token steps (B,) to the stop state of each row until every row is done (or the steps end)."""
+    for tok in steps:
+        for row, t in zip(rows, tok.tolist()):
+            row.add(t)
+        if all(r.done for r in rows):
+            break
+    return [r.completion() for r in rows]
 
 
 def generate(

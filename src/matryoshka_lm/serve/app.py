@@ -3,17 +3,32 @@
     matryoshka serve runs/demo --port 8000          # then: OpenAI(base_url="http://127.0.0.1:8000/v1")
 
 Routes
-  GET  /v1/models             one model id per size, NAME:XL ... NAME:S, plus NAME:auto
+  GET  /v1/models             one model id per size, NAME:XL ... NAME:S, plus NAME:auto (routed, see below)
   GET  /v1/models/{id}
   POST /v1/completions        prompt: string | strings | token ids | arrays of token ids
   POST /v1/chat/completions   messages through the chat template (protocol.chat_prompt)
   POST /v1/embeddings         mean-pooled final hidden states of the size, cut to `dimensions`, L2-normalized
   GET  /health                liveness and queue depth (never needs the API key)
-  GET  /metrics               Prometheus text: requests, errors, tokens, latency and batch size per size
+  GET  /metrics               Prometheus text: requests, errors, tokens, latency, batch size and auto choices per size
 
 The `model` field picks the size: "NAME:M" (or just "M"), any Mix'n'Match spec ("NAME:S,M,L,XL",
-"NAME:f128h4,f256h4@d144"), or "NAME:auto" (the full size until a router exists). Responses name the size that
-served them in `model` (e.g. "demo:XL" for auto) and in the X-Matryoshka-Size header.
+"NAME:f128h4,f256h4@d144"), or "NAME:auto". Responses name the size that served them in `model` (e.g. "demo:M"
+for auto) and in the X-Matryoshka-Size header.
+
+NAME:auto. With a size router saved beside the checkpoint (CKPT/router.json, `matryoshka route fit CKPT`), each
+completion or chat request is served at the smallest size the router predicts it needs (infer/router.py); without
+one, auto is the full size, and its /v1/models entry says which ("description", "router": null or the router's
+candidates, kind and default τ). Per request, after '@':
+  NAME:auto@0.1 or NAME:auto@tau=0.1   tolerance τ >= 0, nats per token of quality given up (0 = always the full
+                                       size; default: the router's own τ)
+  NAME:auto@budget=0.5                 a target mean compute fraction in (0, 1] (1 = always full): the τ the router
+                                       calibrated to meet it on held-out text
+A bad setting (negative, NaN, a budget outside (0, 1] or below what the router can reach, unparsable) is a 400 on
+`model`; a setting on a server without a router is too. Routing runs one prefill of the router's smallest size
+per prompt on the worker thread, before the generation is queued at the chosen size; that prefill is not reused
+here (batches are formed per size, after routing; `matryoshka generate --size auto` reuses it). A request with
+several prompts is served at the largest size any of them needs, since one response names one size. Embeddings
+take auto as the full size. /metrics counts the routed requests per chosen size (matryoshka_auto_choices_total).
 
 Generation: max_tokens (default 16 for completions, the rest of the context for chat; at most
 `max_tokens_limit`), temperature (0..2, default 1; 0 = greedy), top_p (0..1; 0 = the most likely token), stop
@@ -62,7 +77,7 @@ from .protocol import (
     validation_error,
 )
 from .replies import generation_reply
-from .state import Server, load_checkpoint
+from .state import Server, load_checkpoint, load_router
 
 __all__ = ["create_app", "serve", "APIError", "CHAT_STOPS", "chat_prompt"]
 
@@ -88,7 +103,8 @@ def create_app(
         device: where a checkpoint is loaded.
         embedder: an embed.Embedder over the same model (default: mean pooling, no projection).
         options: Server settings: compile, max_batch, max_batches, batch_window_s, max_body_bytes,
-            max_tokens_limit, max_waiting.
+            max_tokens_limit, max_waiting, router (an infer.router.Router for NAME:auto; default: the one saved
+            beside the checkpoint directory, if any).
     """
     if isinstance(ckpt_or_model, MatryoshkaLM):
         if tokenizer is None:
@@ -96,6 +112,8 @@ def create_app(
         model, default_name = ckpt_or_model, "matryoshka"
     else:
         model, tok, loaded_embedder, default_name = load_checkpoint(ckpt_or_model, device)
+        if "router" not in options:
+            options["router"] = load_router(ckpt_or_model)
         tokenizer = tok if tokenizer is None else tokenizer
         embedder = loaded_embedder if embedder is None else embedder
     name = name or default_name
@@ -148,6 +166,24 @@ def _resolve(srv: Server, model: str, request: Request) -> tuple[str, SubmodelSp
     return served, spec
 
 
+async def _generation_size(
+    srv: Server,
+    request: Request,
+    req: CompletionRequest | ChatRequest,
+    prompts: list[list[int]],
+    max_tokens: int | None,
+    default_max: int,
+) -> tuple[str, SubmodelSpec]:
+    """The id and size that serve a generation request: NAME:auto with a router is routed on the worker thread
+    (after the settings are checked, so bad input costs no model work); anything else as srv.resolve."""
+    served, spec, tau = srv.resolve_generation(req.model)
+    if tau is not None:
+        srv.settings(req, max_tokens, default_max)
+        served, spec = await srv.route(prompts, tau)
+    request.state.size = size_label(spec)
+    return served, spec
+
+
 def _add_routes(app: FastAPI, srv: Server) -> None:
     def authorized(request: Request) -> None:
         if srv.api_key is None:
@@ -178,15 +214,17 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
 
     def card(model_id: str) -> dict[str, Any]:
         size = model_id.rpartition(":")[2]
-        spec = srv.auto if size == "auto" else parse_spec(srv.cfg, size)
+        auto = size == "auto"
+        spec = srv.auto if auto else parse_spec(srv.cfg, size)
         return {
             "id": model_id,
             "object": "model",
             "created": srv.created,
             "owned_by": "matryoshka-lm",
-            "size": format_spec(spec),
-            "params": count_params(srv.cfg, spec)["total"],
+            "size": "auto" if auto and srv.router is not None else format_spec(spec),
+            "params": count_params(srv.cfg, spec)["total"],  # auto: the most it uses
             "context_length": srv.cfg.max_seq_len,
+            **(srv.auto_card() if auto else {}),
         }
 
     @app.get("/v1/models", dependencies=auth)
@@ -196,21 +234,24 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
     @app.get("/v1/models/{model_id:path}", dependencies=auth)
     async def model_card(model_id: str, request: Request) -> dict[str, Any]:
         served, _ = _resolve(srv, model_id, request)
-        return card(model_id if model_id.endswith(":auto") else served)
+        auto = model_id.rpartition(":")[2].partition("@")[0] == "auto"
+        return card(f"{srv.name}:auto" if auto else served)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request) -> Response:
         req = await parse_body(request, CompletionRequest, srv.max_body_bytes)
-        served, spec = _resolve(srv, req.model, request)
+        _resolve(srv, req.model, request)  # the model field is checked before the prompts
         prompts = srv.prompts(req.prompt)
+        served, spec = await _generation_size(srv, request, req, prompts, req.max_tokens, 16)
         return await generation_reply(srv, request, req, served, spec, prompts, req.max_tokens, 16, chat=False)
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat(request: Request) -> Response:
         req = await parse_body(request, ChatRequest, srv.max_body_bytes)
-        served, spec = _resolve(srv, req.model, request)
+        _resolve(srv, req.model, request)
         prompts = [srv.chat_ids(req.messages)]
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        served, spec = await _generation_size(srv, request, req, prompts, max_tokens, srv.max_tokens_limit)
         return await generation_reply(
             srv, request, req, served, spec, prompts, max_tokens, srv.max_tokens_limit, chat=True
         )

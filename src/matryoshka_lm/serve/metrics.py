@@ -43,6 +43,12 @@ class Metrics:
             ["size", "kind"],
             registry=r,
         )
+        self.auto_choices = Counter(
+            "matryoshka_auto_choices",
+            "NAME:auto generation requests the router sent to each size",
+            ["size"],
+            registry=r,
+        )
         self.disconnects = Counter(
             "matryoshka_disconnects", "Streams whose client went away before the end", ["size"], registry=r
         )

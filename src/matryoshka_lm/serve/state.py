@@ -7,16 +7,24 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.spec import SubmodelSpec, format_spec, parse_spec, size_names, uniform_spec
 from matryoshka_lm.data import EOT
 from matryoshka_lm.errors import MatryoshkaError
 from matryoshka_lm.infer.engine import Engine
+from matryoshka_lm.infer.router import ROUTER_JSON, Router
 from matryoshka_lm.infer.sampling import Sampling
 
 from .batcher import Batcher, GenRequest, Ticket
 from .metrics import Metrics, size_label
 from .protocol import CHAT_ROLES, MAX_INPUTS, MAX_STOPS, APIError, ChatMessage, GenerationRequest, chat_prompt
+
+
+def load_router(ckpt: str | Path) -> Router | None:
+    """The size router saved beside a checkpoint (CKPT/router.json), or None: NAME:auto is then the full size."""
+    return Router.load(ckpt) if (Path(ckpt) / ROUTER_JSON).is_file() else None
 
 
 def load_checkpoint(ckpt: str | Path, device: str) -> tuple[MatryoshkaLM, Any, Any, str]:
@@ -48,6 +56,7 @@ class Server:
         max_body_bytes: int = 1 << 20,
         max_tokens_limit: int | None = None,
         max_waiting: int = 4096,
+        router: Router | None = None,
     ):
         from matryoshka_lm.embed import Embedder
 
@@ -61,6 +70,9 @@ class Server:
         self.eot = [] if eot is None else [eot]
         self.sizes = size_names(self.cfg)
         self.auto = self._full_size()
+        self.router = router
+        # the router's candidates, checked against this model now rather than at the first auto request
+        self.router_specs = [] if router is None else [self.engine.check_spec(s) for s in router.specs(self.cfg)]
         self.batcher = Batcher(
             self.engine,
             tokenizer.decode,
@@ -96,12 +108,21 @@ class Server:
         )
 
     def resolve(self, model: str) -> tuple[str, SubmodelSpec]:
-        """NAME:SIZE | NAME:SPEC | NAME:auto | SIZE | SPEC -> (the id that serves it, its spec)."""
+        """NAME:SIZE | NAME:SPEC | NAME:auto[@KNOB] | SIZE | SPEC -> (the id that serves it, its spec); auto is the
+        full size here (embeddings; generation routes it: resolve_generation)."""
+        served, spec, _ = self.resolve_generation(model)
+        return served, spec
+
+    def resolve_generation(self, model: str) -> tuple[str, SubmodelSpec, float | None]:
+        """As resolve, plus the τ to route the request's prompts at: None unless the model field is NAME:auto[@KNOB]
+        and a router is loaded (the spec is then the full size until routing picks one)."""
         prefix, colon, size = model.rpartition(":")  # spec strings never contain ':'
         if colon and prefix != self.name:
             raise self._not_found(model)
-        if size == "auto":
-            spec = self.auto
+        tau = None
+        base, at, knob = size.partition("@")
+        if base == "auto":
+            spec, tau = self.auto, self._auto_tau(model, knob if at else None)
         else:
             try:
                 spec = parse_spec(self.cfg, size)
@@ -111,7 +132,66 @@ class Server:
                         400, f"Invalid size spec in model '{model}': {e}", "model", "invalid_model"
                     ) from None
                 raise self._not_found(model) from None
+        return f"{self.name}:{format_spec(spec)}", spec, tau
+
+    def _auto_tau(self, model: str, knob: str | None) -> float | None:
+        """The τ of NAME:auto (the router's default), NAME:auto@T, NAME:auto@tau=T or NAME:auto@budget=F; None
+        without a router. A bad setting is a 400 naming the model field."""
+
+        def bad(why: str) -> APIError:
+            return APIError(400, f"Invalid routing setting in model '{model}': {why}.", "model", "invalid_model")
+
+        if self.router is None:
+            if knob is not None:
+                raise bad(f"no router is saved beside this checkpoint, so {self.name}:auto is the full size")
+            return None
+        if knob is None:
+            return self.router.tolerance
+        field, eq, value = knob.rpartition("=")
+        field = field if eq else "tau"
+        if field not in ("tau", "budget"):
+            raise bad(f"unknown setting '{field}'; use {self.name}:auto@T, @tau=T or @budget=F")
+        try:
+            x = float(value)
+        except ValueError:
+            raise bad(f"{field} must be a number, got '{value}'") from None
+        if field == "tau":
+            if not x >= 0:  # also NaN
+                raise bad(f"tau must be a number >= 0 (nats per token), got '{value}'")
+            return x
+        if not 0 < x <= 1:
+            raise bad(f"budget must be a mean compute fraction in (0, 1] (1 = always the full size), got '{value}'")
+        try:
+            return self.router.tau_for_budget(x)
+        except MatryoshkaError as e:
+            raise bad(str(e)) from None
+
+    async def route(self, prompts: list[list[int]], tau: float) -> tuple[str, SubmodelSpec]:
+        """The size that serves NAME:auto at τ: the largest any of the prompts needs (one response names one size),
+        each routed by one small-size prefill on the worker thread. The router's prefill is not reused: batches
+        are formed per size, after routing. Counted in the auto-choice metric."""
+        from matryoshka_lm.infer.router import route
+
+        assert self.router is not None
+
+        def choose() -> int:
+            x = [torch.tensor(p, device=self.engine.device) for p in prompts]
+            return max(route(self.model, ids, self.router, tolerance=tau).index for ids in x)
+
+        spec = self.router_specs[await self.batcher.call(choose)]
+        self.metrics.auto_choices.labels(size_label(spec)).inc()
         return f"{self.name}:{format_spec(spec)}", spec
+
+    def auto_card(self) -> dict[str, Any]:
+        """What /v1/models says about NAME:auto: routed (by which router) or always the full size."""
+        full = format_spec(self.auto)
+        if self.router is None:
+            return {"description": f"the full size ({full}): no router is saved beside this checkpoint", "router": None}
+        r = self.router
+        return {
+            "description": f"the smallest of {', '.join(r.candidates)} each prompt needs, as the router predicts",
+            "router": {"candidates": r.candidates, "kind": r.default, "tolerance": r.tolerance},
+        }
 
     # ---- prompts
 

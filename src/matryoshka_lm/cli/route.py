@@ -1,0 +1,98 @@
+"""`matryoshka route fit|eval`: fit the size router beside a checkpoint, and measure it on any text."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from matryoshka_lm.errors import MatryoshkaError
+
+from .options import pick_device, positive_int
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _tokens(ckpt: str, data: str | None):
+    """The checkpoint's own held-out split when no data is given, else all of `data`."""
+    from matryoshka_lm.core import checkpoint as ck
+    from matryoshka_lm.data import encode_corpus, read_corpus
+    from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
+
+    if data is None:
+        return checkpoint_val_split(Path(ckpt))[2]
+    return encode_corpus(ck.load_tokenizer(Path(ckpt)), read_corpus(data))
+
+
+def cmd_fit(a: argparse.Namespace) -> None:
+    import torch
+
+    from matryoshka_lm.core.checkpoint import load_model
+    from matryoshka_lm.study.routing import fit_on_tokens
+
+    torch.manual_seed(a.seed)
+    model = load_model(Path(a.ckpt), pick_device(a.device))
+    router = fit_on_tokens(model, _tokens(a.ckpt, a.data), a.queries, a.window, a.cont, a.tolerance, a.seed)
+    out = Path(a.output or a.ckpt)
+    router.save(out)
+    apgr = ", ".join(f"{k} {v:.3f}" for k, v in router.info["calibration_apgr"].items())
+    print(f"router for {', '.join(router.candidates)} -> {out}/router.json")
+    print(f"calibration APGR: {apgr}; default: {router.default}, tolerance {router.tolerance:g}")
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    from matryoshka_lm.core.checkpoint import load_model
+    from matryoshka_lm.infer.router import Router
+    from matryoshka_lm.study.routing import evaluate, format_report, label_tokens, plot_curves
+
+    if a.tolerance is not None and a.budget is not None:
+        raise MatryoshkaError("give --tolerance or --budget, not both")
+    router = Router.load(Path(a.router or a.ckpt))
+    model = load_model(Path(a.ckpt), pick_device(a.device))
+    tau = router.resolve_tau(a.tolerance, a.budget)
+    window, cont = router.info.get("window", 128), router.info.get("cont", 32)
+    _, labels = label_tokens(model, _tokens(a.ckpt, a.data), a.queries, window, cont, a.seed)
+    rep = evaluate(model, router, labels, tau, n_boot=a.bootstrap)
+    print(format_report(rep))
+    if a.plot:
+        plot_curves(rep, a.plot, title=f"{Path(a.data).name}: {rep['queries']} queries")
+        print(f"plot -> {a.plot}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rep, indent=2) + "\n")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser("route", help="the size router: fit it beside a checkpoint, evaluate it on a text file")
+    rs = r.add_subparsers(dest="route_command", required=True)
+    f = rs.add_parser("fit", help="label held-out queries with every size (the oracle), fit, calibrate, save")
+    f.add_argument("ckpt")
+    f.add_argument("--data", help="text to cut queries from (default: the checkpoint's validation split)")
+    f.add_argument("-o", "--output", help="directory for router.json/.safetensors (default: CKPT)")
+    f.add_argument("--queries", type=positive_int, default=1000, help="labelled queries (default 1000)")
+    f.add_argument("--window", type=positive_int, default=128, help="prompt + continuation tokens per query")
+    f.add_argument("--cont", type=positive_int, default=32, help="continuation tokens scored per query")
+    f.add_argument("--tolerance", type=_nonnegative_float, default=0.1, help="default τ saved (nats/token)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--device", default="cpu")
+    f.set_defaults(func=cmd_fit)
+    e = rs.add_parser("eval", help="curves, APGR and CPT of the router against baselines and the oracle")
+    e.add_argument("ckpt")
+    e.add_argument("--data", required=True, help="any text file (or folder of them)")
+    e.add_argument("--router", help="router directory (default: CKPT)")
+    e.add_argument("--tolerance", type=_nonnegative_float, help="τ in nats/token (default: the router's)")
+    e.add_argument("--budget", type=float, help="target mean compute fraction instead of τ (1 = always full)")
+    e.add_argument("--queries", type=positive_int, default=1000)
+    e.add_argument("--bootstrap", type=positive_int, default=200, help="bootstrap resamples for the CIs")
+    e.add_argument("--plot", help="write the compute-vs-quality PNG here")
+    e.add_argument("--json", help="write the full report as JSON here")
+    e.add_argument("--seed", type=int, default=1)
+    e.add_argument("--device", default="cpu")
+    e.set_defaults(func=cmd_eval)
