@@ -1,6 +1,6 @@
 """The size router (issue 11): fit on in-domain held-out text, measure in domain and out of domain.
 
-Model: a demo-preset checkpoint (default runs/router-demo; train one with
+Model: a demo-preset checkpoint (default runs/router-demo, trained here on first use, like
 `matryoshka train --preset demo --out runs/router-demo --steps 600`, about 10 minutes on 2 idle cores).
 In domain: the part of the default corpus (Shakespeare + KJV) that the run's `max_corpus_chars` limit left out, so
 neither the model nor the router saw it; its blocks alternate between the router's fit split and the test split.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import pydoc_data.topics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -173,6 +174,9 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     ckpt = Path(a.ckpt)
+    if not (ckpt / ck.WEIGHTS).exists():  # first run: train the benchmark model once, cached under runs/
+        cmd = ["train", "--preset", "demo", "--out", str(ckpt), "--steps", "600", "--quiet"]
+        subprocess.run([sys.executable, "-m", "matryoshka_lm.cli", *cmd], check=True)
     model, tok = ck.load_model(ckpt), ck.load_tokenizer(ckpt)
     _, tcfg = ck.read_config(ckpt)
     window, cont = min(128, tcfg.seq_len), 32
