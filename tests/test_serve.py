@@ -31,7 +31,7 @@ from matryoshka_lm.core.checkpoint import load_model, load_tokenizer
 from matryoshka_lm.core.spec import parse_spec
 from matryoshka_lm.embed import Embedder, embed_texts
 from matryoshka_lm.infer.engine import Engine
-from matryoshka_lm.infer.sampling import GREEDY
+from matryoshka_lm.infer.sampling import GREEDY, Sampling
 from matryoshka_lm.serve.app import create_app
 from matryoshka_lm.serve.protocol import CHAT_STOPS, chat_prompt
 
@@ -399,7 +399,8 @@ def test_oversize_chunked_body_is_413(server):
         for _ in range(100):
             yield b"x" * 1024
 
-    r = httpx.post(server.url + "/v1/completions", content=chunks(), timeout=30)
+    headers = {"Content-Type": "application/json"}  # without it the answer is 415, before the body is read
+    r = httpx.post(server.url + "/v1/completions", content=chunks(), headers=headers, timeout=30)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 
@@ -667,3 +668,102 @@ def test_routing_settings_without_a_router_are_a_400(client):
 def test_fuzzed_auto_bodies_never_get_a_5xx(routed_server, path, model, body):
     r = httpx.post(routed_server.url + path, json={"model": model, **body}, timeout=60)
     assert r.status_code < 500, r.text
+
+
+# ---------------------------------------------------------------- the sampling surface
+
+
+def _post(server, **kw) -> httpx.Response:
+    return httpx.post(server.url + "/v1/completions", json=_completion(**kw), timeout=60)
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-10, 1.0, 2.0])
+def test_extreme_sampling_values_are_answered(server, ckpt, temperature):
+    vocab = load_model(ckpt, "cpu").cfg.vocab_size
+    for top_p in (1e-300, 1e-10, 0.5, 1.0):
+        for top_k in (1, vocab):
+            for min_p in (0.0, 1.0):
+                r = _post(server, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=1)
+                assert r.status_code == 200, (top_p, top_k, min_p, r.text)
+
+
+def _greedy_ids(local, ids: list[int], n: int) -> list[int]:
+    engine, _ = local
+    return engine.generate([ids], parse_spec(engine.cfg, "M"), n, GREEDY)[0].tokens
+
+
+def test_logit_bias_bans_and_forces_tokens(server, local):
+    engine, tok = local
+    ids = tok.encode("The class statement").ids
+    first = _greedy_ids(local, ids, 1)[0]
+    plain = _post(server, prompt=ids, max_tokens=1, temperature=0).json()["choices"][0]["text"]
+    assert plain == tok.decode([first])
+    ban = Sampling(0.0, logit_bias=((first, -100.0),))
+    second = engine.generate([ids], parse_spec(engine.cfg, "M"), 1, ban)[0].tokens[0]
+    assert second != first
+    banned = _post(server, prompt=ids, max_tokens=1, temperature=0, logit_bias={str(first): -100})
+    assert banned.status_code == 200 and banned.json()["choices"][0]["text"] == tok.decode([second])
+    forced = tok.encode(" the").ids[0]
+    r = _post(server, prompt=ids, max_tokens=3, temperature=1.0, seed=3, logit_bias={str(forced): 100})
+    assert r.json()["choices"][0]["text"] == tok.decode([forced] * 3)
+
+
+def test_stop_token_ids_and_ignore_eos(server, local):
+    _, tok = local
+    ids = tok.encode("The class statement").ids
+    first = _greedy_ids(local, ids, 1)[0]
+    r = _post(server, prompt=ids, max_tokens=8, temperature=0).json()["choices"][0]
+    assert r["finish_reason"] == "length"
+    r = _post(server, prompt=ids, max_tokens=8, temperature=0, stop_token_ids=[first]).json()["choices"][0]
+    assert (r["text"], r["finish_reason"]) == ("", "stop")
+    eot = {str(tok.token_to_id("<|endoftext|>")): 100}
+    r = _post(server, prompt=ids, max_tokens=3, temperature=0, logit_bias=eot).json()["choices"][0]
+    assert (r["text"], r["finish_reason"]) == ("", "stop")
+    r = _post(server, prompt=ids, max_tokens=3, temperature=0, logit_bias=eot, ignore_eos=True).json()
+    assert r["choices"][0]["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", -1),
+        ("repetition_penalty", 1.2),
+        ("repetition_penalty", True),
+        ("min_tokens", 3),
+        ("presence_penalty", False),
+    ],
+)
+def test_unsupported_sampling_fields_are_a_400_naming_them(server, field, value):
+    r = _post(server, **{field: value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field
+    assert "not supported" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "field,value", [("presence_penalty", 0), ("frequency_penalty", 0.0), ("repetition_penalty", 1), ("min_tokens", 0)]
+)
+def test_unsupported_fields_at_their_off_value_are_fine(server, field, value):
+    assert _post(server, **{field: value}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "kw,param",
+    [
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"stream_options": {"include_usage": True}, "stream": False}, "stream_options"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": {"five": 1}}, "logit_bias"),
+        ({"logit_bias": {"99999": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 1, "05": 2}}, "logit_bias"),
+        ({"stop_token_ids": [99999]}, "stop_token_ids"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"top_k": -2}, "top_k"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"ignore_eos": 1}, "ignore_eos"),
+    ],
+)
+def test_bad_sampling_values_are_a_400_naming_the_field(server, kw, param):
+    r = _post(server, **kw)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"].split(".")[0] == param

@@ -24,6 +24,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
         name=a.name,
         max_batch=a.max_batch,
         compile=a.compile,
+        allowed_hosts=a.allowed_host or (),
+        cors_origins=a.cors_origin or (),
     )
 
 
@@ -33,6 +35,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     sv.add_argument("--port", type=port, default=8000)
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MATRYOSHKA_API_KEY, else none)")
+    sv.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="NAME",
+        help="also accept this Host header name (repeatable; default: localhost, 127.0.0.1 and [::1] only, "
+        "checked when reached on loopback; once given, checked on every address; '*' accepts any)",
+    )
+    sv.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="let web pages from this origin call the API, e.g. http://localhost:3000 (repeatable; default: none)",
+    )
     sv.add_argument("--name", help="model name in ids NAME:SIZE (default: the checkpoint folder's name)")
     sv.add_argument("--max-batch", type=positive_int, default=16, help="rows per generation batch")
     sv.add_argument(

@@ -41,9 +41,17 @@ All model work runs on one worker thread (batcher.py): the event loop only parse
 The modules: protocol (bodies, validation, errors, the chat template), state (the Server: checkpoint, model
 field, prompts, settings), replies (whole and streamed answers), metrics (Prometheus), app (routes, this file).
 
+Browser safety (the default has no API key, so any web page the user visits could otherwise reach the server):
+POSTs need Content-Type application/json, which a page can only send after a CORS preflight, so a cross-site
+"simple" text/plain or form POST never starts generation (415); a request arriving on a loopback address must
+name localhost, 127.0.0.1 or [::1] (any port) or an `allowed_hosts` entry in its Host header, which defeats DNS
+rebinding (400; on other addresses only when `allowed_hosts` is given); CORS is off unless `cors_origins` names
+the pages allowed to call it.
+
 Errors are OpenAI-shaped, {"error": {"message", "type", "param", "code"}}: 400 bad input (invalid JSON, wrong
-types, values out of range, malformed spec, prompt longer than the context), 401 missing or wrong API key,
-404 unknown model or route, 405, 413 body over `max_body_bytes`, 503 queue full, 500 only for a model failure.
+types, values out of range, malformed spec, prompt longer than the context, a Host not allowed), 401 missing or
+wrong API key, 404 unknown model or route, 405, 413 body over `max_body_bytes`, 415 a POST body not declared
+application/json, 503 queue full, 500 only for a model failure.
 """
 
 from __future__ import annotations
@@ -51,13 +59,15 @@ from __future__ import annotations
 import base64
 import contextlib
 import hmac
+import ipaddress
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -92,6 +102,8 @@ def create_app(
     api_key: str | None = None,
     device: str = "cpu",
     embedder: Any = None,
+    allowed_hosts: Iterable[str] = (),
+    cors_origins: Iterable[str] = (),
     **options: Any,
 ) -> FastAPI:
     """The FastAPI app serving a checkpoint directory (or a loaded model plus its `tokenizers` tokenizer).
@@ -102,6 +114,9 @@ def create_app(
         api_key: if set, /v1/* and /metrics need "Authorization: Bearer <api_key>".
         device: where a checkpoint is loaded.
         embedder: an embed.Embedder over the same model (default: mean pooling, no projection).
+        allowed_hosts: Host header names (or name:port) accepted besides localhost, 127.0.0.1 and [::1]; "*"
+            accepts any. Checked on requests that arrive on a loopback address, and on every request if given.
+        cors_origins: origins (e.g. "http://localhost:3000", or "*") whose pages may call the API; none by default.
         options: Server settings: compile, max_batch, max_batches, batch_window_s, max_body_bytes,
             max_tokens_limit, max_waiting, router (an infer.router.Router for NAME:auto; default: the one saved
             beside the checkpoint directory, if any).
@@ -129,10 +144,80 @@ def create_app(
 
     app = FastAPI(title="matryoshka-lm", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = srv
+    # last added runs first: metrics count every answer, then the Host check, then CORS (so even a preflight
+    # needs an allowed Host)
+    cors_origins = list(cors_origins)
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],  # the openai SDK sends its own x-stainless-* headers
+            expose_headers=["X-Matryoshka-Size"],
+        )
+    app.add_middleware(HostCheckMiddleware, allowed_hosts=allowed_hosts)
     app.add_middleware(MetricsMiddleware, metrics=srv.metrics)
     _add_error_handlers(app)
     _add_routes(app, srv)
     return app
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+
+def _is_loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:  # a unix socket path, or no address at all
+        return False
+
+
+class HostCheckMiddleware:
+    """Rejects a request whose Host header the server does not answer to (DNS rebinding: a page on evil.example
+    re-points its name at 127.0.0.1, and the browser then sends Host: evil.example to this server).
+
+    The check applies to requests that arrive on a loopback address (the local end of the connection, so a server
+    bound to 0.0.0.0 is protected when reached through 127.0.0.1 too), and to every request once `allowed_hosts`
+    is given."""
+
+    def __init__(self, app: Any, allowed_hosts: Iterable[str] = ()):
+        self.app = app
+        self.extra = {h.strip().lower() for h in allowed_hosts if h.strip()}
+        self.allowed = set(LOOPBACK_NAMES) | self.extra
+
+    def accepts(self, host: str) -> bool:
+        host = host.strip().lower()
+        if "*" in self.allowed or host in self.allowed:
+            return True
+        # name:port, with IPv6 literals bracketed: "[::1]:8000".rpartition(":") gives "[::1]"
+        name, colon, port = host.rpartition(":")
+        return bool(colon) and port.isdigit() and name in self.allowed
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and (self.extra or _is_loopback(str((scope.get("server") or ("",))[0]))):
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
+            if host is None or not self.accepts(host):
+                got = "no Host header" if host is None else f"Host {host!r}"
+                message = (
+                    f"Request rejected: {got} is not a name this server answers to. Allowed: "
+                    f"{', '.join(sorted(self.allowed))} (any port); add one with --allowed-host."
+                )
+                return await APIError(400, message, None, "invalid_host").response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+async def require_json(request: Request) -> None:
+    """POST bodies must be declared application/json: a web page can send text/plain or form bodies cross-site
+    without a CORS preflight, but not application/json."""
+    received = request.headers.get("content-type")
+    if (received or "").partition(";")[0].strip().lower() != "application/json":
+        got = "no Content-Type" if received is None else f"Content-Type {received!r}"
+        raise APIError(
+            415,
+            f"Request body must be sent as 'Content-Type: application/json'; got {got}.",
+            None,
+            "unsupported_media_type",
+        )
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -195,6 +280,7 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
             )
 
     auth = [Depends(authorized)]
+    post = [Depends(authorized), Depends(require_json)]  # the key first: a stranger learns nothing else
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -237,7 +323,7 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
         auto = model_id.rpartition(":")[2].partition("@")[0] == "auto"
         return card(f"{srv.name}:auto" if auto else served)
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post("/v1/completions", dependencies=post)
     async def completions(request: Request) -> Response:
         req = await parse_body(request, CompletionRequest, srv.max_body_bytes)
         _resolve(srv, req.model, request)  # the model field is checked before the prompts
@@ -245,7 +331,7 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
         served, spec = await _generation_size(srv, request, req, prompts, req.max_tokens, 16)
         return await generation_reply(srv, request, req, served, spec, prompts, req.max_tokens, 16, chat=False)
 
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post("/v1/chat/completions", dependencies=post)
     async def chat(request: Request) -> Response:
         req = await parse_body(request, ChatRequest, srv.max_body_bytes)
         _resolve(srv, req.model, request)
@@ -256,7 +342,7 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
             srv, request, req, served, spec, prompts, max_tokens, srv.max_tokens_limit, chat=True
         )
 
-    @app.post("/v1/embeddings", dependencies=auth)
+    @app.post("/v1/embeddings", dependencies=post)
     async def embeddings(request: Request) -> Response:
         req = await parse_body(request, EmbeddingRequest, srv.max_body_bytes)
         served, spec = _resolve(srv, req.model, request)

@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -87,8 +87,8 @@ class GenRequest:
             sampling_key: Any = "greedy"
         elif s.seed is not None:
             sampling_key = id(self)  # alone
-        else:
-            sampling_key = (s.temperature, s.top_k, s.top_p)
+        else:  # one Sampling serves the whole batch: every setting but the seed must match
+            sampling_key = replace(s, seed=None)
         return (self.spec.width, self.spec.layers, sampling_key)
 
 

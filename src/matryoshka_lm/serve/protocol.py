@@ -4,7 +4,7 @@ chat template. Nothing here touches the model."""
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 MAX_STOPS = 4
 MAX_CHOICES = 8
 MAX_INPUTS = 256  # prompts per completion request, texts per embedding request
+MAX_STOP_TOKEN_IDS = 64
 
 # The chat template: one line per message, "Role: content", then "Assistant:" for the model to continue.
 # Roles: system (and developer) -> System, user -> User, assistant -> Assistant. The reply ends where the model
@@ -102,16 +103,18 @@ class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
 
-# fields we do not implement, with the values that mean "off" (anything else gets a 400 naming the field)
+# fields we do not implement, with the values that mean "off" (anything else, true for 1 included, gets a 400
+# naming the field). The penalties and min_tokens need each row's generated tokens at sampling time.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "logprobs": (None, False, 0),
     "top_logprobs": (None, 0),
     "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
-    "logit_bias": (None, {}),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "repetition_penalty": (None, 1, 1.0),
+    "min_tokens": (None, 0),
     "tools": (None, []),
     "functions": (None, []),
     "tool_choice": (None, "none", "auto"),
@@ -136,6 +139,13 @@ class GenerationRequest(_Body):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     user: str | None = None
+    # vLLM's extra_body fields (top-level JSON keys on the wire)
+    top_k: int | None = Field(None, ge=-1)  # 0 and -1 mean off, as in vLLM
+    min_p: float | None = Field(None, ge=0, le=1)
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    ignore_eos: bool | None = None
+    # token id (a decimal string: JSON keys are strings) -> bias added to its logit, as OpenAI
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
 
 
 class CompletionRequest(GenerationRequest):
@@ -206,6 +216,14 @@ async def parse_body(request: Request, model: type[_Body], max_bytes: int) -> An
     except ValidationError as e:
         raise validation_error(e.errors()) from None
     for name, off in UNSUPPORTED.items():
-        if not any((body.model_extra or {}).get(name) == v for v in off):
+        value = (body.model_extra or {}).get(name)
+        if not any(value == v and type(value) is type(v) for v in off):
             raise APIError(400, f"'{name}' is not supported by this server.", name, "unsupported_parameter")
+    if isinstance(body, GenerationRequest) and body.stream_options is not None and not body.stream:
+        raise APIError(
+            400,
+            "Invalid value for 'stream_options': it is only allowed when 'stream' is true.",
+            "stream_options",
+            "invalid_value",
+        )
     return body

@@ -91,6 +91,7 @@ async def generation_reply(
 ) -> Response:
     """Queue the request's rows and answer: one JSON object, or a stream of chunks when req.stream."""
     n_tokens, sampling, stops = srv.settings(req, max_tokens, default_max)
+    stop_tokens = srv.stop_tokens(req)
     if chat:
         stops = stops + CHAT_STOPS
     n = req.n or 1
@@ -99,7 +100,7 @@ async def generation_reply(
             400, f"{len(prompts)} prompts x n={n} asks for more than {MAX_INPUTS} choices.", "n", "invalid_value"
         )
     ticket = Ticket(asyncio.get_running_loop())
-    rows = srv.rows(ticket, prompts, spec, n, n_tokens, sampling, stops)
+    rows = srv.rows(ticket, prompts, spec, n, n_tokens, sampling, stops, stop_tokens)
     srv.submit(rows)
     label = size_label(spec)
     prompt_tokens = sum(len(p) for p in prompts)

@@ -4,6 +4,7 @@ turn a request's model field, prompts and settings into generation rows."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -286,8 +287,39 @@ class Server:
         if top_p == 0:
             temperature = 0.0  # only the most likely token is left
         seed = None if req.seed is None else req.seed % 2**64
-        sampling = Sampling(temperature, None, top_p or 1.0, seed)
+        top_k = req.top_k if req.top_k and req.top_k > 0 else None  # 0 and -1 mean off
+        sampling = Sampling(temperature, top_k, top_p or 1.0, seed, req.min_p or 0.0, self._logit_bias(req))
         return n, sampling, tuple(s for s in stop if s)
+
+    def _token_id(self, key: str | int, param: str) -> int:
+        if isinstance(key, str) and not (key.isascii() and key.isdigit()):
+            raise APIError(400, f"Invalid value for '{param}': {key!r} is not a token id.", param, "invalid_value")
+        tok = int(key)
+        if not 0 <= tok < self.cfg.vocab_size:
+            raise APIError(
+                400,
+                f"Invalid value for '{param}': token id {tok} is outside the vocabulary 0..{self.cfg.vocab_size - 1}.",
+                param,
+                "invalid_value",
+            )
+        return tok
+
+    def _logit_bias(self, req: GenerationRequest) -> tuple[tuple[int, float], ...]:
+        """logit_bias as sorted (token id, bias) pairs: equal settings give equal batching keys."""
+        bias: dict[int, float] = {}
+        for key, value in (req.logit_bias or {}).items():
+            tok = self._token_id(key, "logit_bias")
+            if tok in bias:
+                raise APIError(
+                    400, f"Invalid value for 'logit_bias': token id {tok} appears twice.", "logit_bias", "invalid_value"
+                )
+            bias[tok] = float(value)
+        return tuple(sorted((t, b) for t, b in bias.items() if b != 0))
+
+    def stop_tokens(self, req: GenerationRequest) -> frozenset[int]:
+        """The token ids that end a row: <|endoftext|> unless ignore_eos, plus stop_token_ids."""
+        extra = [self._token_id(t, "stop_token_ids") for t in req.stop_token_ids or []]
+        return frozenset(([] if req.ignore_eos else self.eot) + extra)
 
     def rows(
         self,
@@ -298,17 +330,16 @@ class Server:
         max_tokens: int,
         sampling: Sampling,
         stops: tuple[str, ...],
+        stop_tokens: frozenset[int] | None = None,
     ) -> list[GenRequest]:
-        """One generation row per prompt and choice; seeded choices after the first get seed + k."""
+        """One generation row per prompt and choice; seeded choices after the first get seed + k. stop_tokens:
+        <|endoftext|> unless given (see stop_tokens)."""
+        stop_tokens = frozenset(self.eot) if stop_tokens is None else stop_tokens
         rows = []
         for p, ids in enumerate(prompts):
             for k in range(n):
-                s = (
-                    sampling
-                    if sampling.seed is None or k == 0
-                    else Sampling(sampling.temperature, None, sampling.top_p, (sampling.seed + k) % 2**64)
-                )
-                rows.append(GenRequest(ticket, p * n + k, ids, spec, max_tokens, s, frozenset(self.eot), stops))
+                s = sampling if sampling.seed is None or k == 0 else replace(sampling, seed=(sampling.seed + k) % 2**64)
+                rows.append(GenRequest(ticket, p * n + k, ids, spec, max_tokens, s, stop_tokens, stops))
         return rows
 
     def submit(self, rows: list[GenRequest]) -> None:
