@@ -26,7 +26,19 @@ def cmd_serve(a: argparse.Namespace) -> None:
         compile=a.compile,
         allowed_hosts=a.allowed_host or (),
         cors_origins=a.cors_origin or (),
+        drain_timeout=a.drain_timeout,
     )
+
+
+def seconds(text: str) -> float:
+    """argparse type for a duration: a finite number >= 0 (0 = at once)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not 0 <= value < float("inf"):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -58,6 +70,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     sv.add_argument(
         "--threads", type=positive_int, help="torch CPU threads (default: torch's; 1 suits a small shared CPU)"
+    )
+    sv.add_argument(
+        "--drain-timeout",
+        type=seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, let accepted requests finish for this long, then answer the rest 503 (default 30)",
     )
     sv.add_argument("--device", default="auto")
     sv.set_defaults(func=cmd_serve)

@@ -56,6 +56,7 @@ application/json, 503 queue full, 500 only for a model failure.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hmac
@@ -75,6 +76,7 @@ from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.spec import SubmodelSpec, count_params, format_spec, parse_spec
 from matryoshka_lm.errors import MatryoshkaError
 
+from .batcher import BatcherClosed
 from .metrics import MetricsMiddleware, size_label
 from .protocol import (
     CHAT_STOPS,
@@ -86,7 +88,7 @@ from .protocol import (
     parse_body,
     validation_error,
 )
-from .replies import generation_reply
+from .replies import generation_reply, shutting_down
 from .state import Server, load_checkpoint, load_router
 
 __all__ = ["create_app", "serve", "APIError", "CHAT_STOPS", "chat_prompt"]
@@ -237,6 +239,10 @@ def _add_error_handlers(app: FastAPI) -> None:
             e.status_code, str(e.detail)
         )
         return APIError(e.status_code, message, None, code).response()
+
+    @app.exception_handler(BatcherClosed)
+    async def closed(request: Request, e: BatcherClosed) -> Response:
+        return shutting_down().response()
 
     @app.exception_handler(Exception)
     async def crash(request: Request, e: Exception) -> Response:
@@ -396,10 +402,33 @@ def serve(
     api_key: str | None = None,
     device: str = "cpu",
     log_level: str = "info",
+    drain_timeout: float = 30.0,
     **options: Any,
 ) -> None:
-    """Load `ckpt` and serve it with uvicorn until interrupted."""
+    """Load `ckpt` and serve it with uvicorn until SIGTERM or SIGINT, then drain: stop accepting connections, let
+    the requests in flight and queued finish for up to `drain_timeout` seconds, then answer what is left with a
+    503 (streams: an error event and [DONE])."""
     import uvicorn
 
     app = create_app(ckpt, api_key=api_key, device=device, **options)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    srv: Server = app.state.server
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            # uvicorn's shutdown closes the listeners and waits for open connections; the batcher keeps working
+            # meanwhile, and at the deadline stops, which fails its leftovers as shutdown errors (503s)
+            log.info(
+                "draining: %d waiting, %d batches in flight; up to %gs",
+                srv.batcher.waiting,
+                srv.batcher.in_flight,
+                drain_timeout,
+            )
+            deadline = asyncio.get_running_loop().call_later(drain_timeout, srv.batcher.stop)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                deadline.cancel()
+
+    # uvicorn's own limit only backs ours up: when it passes, it cancels handlers and drops their connections
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout + 5)
+    DrainingServer(config).run()

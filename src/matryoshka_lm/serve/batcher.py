@@ -45,6 +45,11 @@ class Event:
     tokens: int = 0  # tokens generated for this choice so far
     finish_reason: str | None = None  # set on the last event of a choice: "stop" | "length"
     error: str | None = None  # the request failed (the message is for logs, not clients)
+    shutdown: bool = False  # the error is the server shutting down (a 503), not a model failure (a 500)
+
+
+class BatcherClosed(RuntimeError):
+    """Work sent to (or left in) a batcher that has stopped: the server is shutting down."""
 
 
 class Ticket:
@@ -168,11 +173,16 @@ class Batcher:
             self._thread = threading.Thread(target=self._run, name="matryoshka-batcher", daemon=True)
             self._thread.start()
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop the worker; requests still waiting or in flight get an error event."""
+    def stop(self) -> None:
+        """Tell the worker to stop after its current step, without waiting for it (safe on the event loop);
+        requests still waiting or in flight then get a shutdown error event."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker and wait for it; requests still waiting or in flight get a shutdown error event."""
+        self.stop()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -180,7 +190,7 @@ class Batcher:
     def submit(self, rows: Sequence[GenRequest]) -> None:
         with self._cv:
             if self._closed:
-                raise RuntimeError("the batcher is closed")
+                raise BatcherClosed("the batcher is closed")
             self._pending.extend(rows)
             self._cv.notify()
 
@@ -190,7 +200,7 @@ class Batcher:
         fut = loop.create_future()
         with self._cv:
             if self._closed:
-                raise RuntimeError("the batcher is closed")
+                raise BatcherClosed("the batcher is closed")
             self._jobs.append((fn, fut, loop))
             self._cv.notify()
         return fut
@@ -291,14 +301,16 @@ class Batcher:
         if all(r.done for r in batch.rows):
             self._end(batch)
 
-    def _end(self, batch: _Batch, error: str | None = None) -> None:
+    def _end(self, batch: _Batch, error: str | None = None, shutdown: bool = False) -> None:
         batch.steps.close()
         if batch in self._active:
             self._active.remove(batch)
         for row in batch.rows:
             if not row.done:
                 row.done = True
-                row.req.ticket.put(row.finish() if error is None else Event(row.req.index, error=error))
+                row.req.ticket.put(
+                    row.finish() if error is None else Event(row.req.index, error=error, shutdown=shutdown)
+                )
 
     def _run_job(self, fn: Callable[[], Any], fut: asyncio.Future, loop: asyncio.AbstractEventLoop) -> None:
         try:
@@ -324,11 +336,11 @@ class Batcher:
             pending, self._pending = list(self._pending), deque()
             jobs, self._jobs = list(self._jobs), deque()
         for req in pending:
-            req.ticket.put(Event(req.index, error=message))
+            req.ticket.put(Event(req.index, error=message, shutdown=True))
         for batch in list(self._active):
-            self._end(batch, error=message)
+            self._end(batch, error=message, shutdown=True)
         for _, fut, loop in jobs:
-            self._run_job(_raiser(RuntimeError(message)), fut, loop)
+            self._run_job(_raiser(BatcherClosed(message)), fut, loop)
 
 
 def _raiser(exc: Exception) -> Callable[[], Any]:

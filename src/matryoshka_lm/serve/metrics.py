@@ -50,7 +50,7 @@ class Metrics:
             registry=r,
         )
         self.disconnects = Counter(
-            "matryoshka_disconnects", "Streams whose client went away before the end", ["size"], registry=r
+            "matryoshka_disconnects", "Requests whose client went away before the end", ["size"], registry=r
         )
         lat = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.latency = Histogram(

@@ -112,18 +112,41 @@ async def generation_reply(
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         body = sse_stream(srv, request, ticket, reply, label, t0, prompt_tokens, include_usage)
         return StreamingResponse(body, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
+    # nothing is sent until the end, so nothing else notices a client that leaves: race the result against the
+    # disconnect and cancel the ticket, or its rows would generate to max_tokens for nobody
+    collect = asyncio.ensure_future(_collect(srv, ticket, reply, label, t0))
+    gone = asyncio.ensure_future(client_gone(request))
     try:
-        async for ev in events(ticket, len(rows)):
-            if reply.first:
-                srv.metrics.ttft.labels(label).observe(time.perf_counter() - t0)
-            reply.add(ev)
+        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        ticket.cancel()  # a no-op when done; stops the rows when the client left or this handler is cancelled
+        gone.cancel()
+        collect.cancel()
+    srv.metrics.tokens.labels(label, "completion").inc(reply.completion_tokens)
+    if not collect.done() or collect.cancelled():
+        srv.metrics.disconnects.labels(label).inc()
+        # nobody reads this answer; 499 (nginx's "client closed request") keeps it apart in /metrics
+        raise APIError(499, "The client closed the request.", None, "client_disconnected")
+    try:
+        collect.result()
     except APIError:
         request.state.failed = True
         raise
-    finally:
-        ticket.cancel()  # a no-op when done; stops the rows when this handler is cancelled
-    srv.metrics.tokens.labels(label, "completion").inc(reply.completion_tokens)
     return JSONResponse(reply.final(prompt_tokens), headers=headers)
+
+
+async def _collect(srv: Server, ticket: Ticket, reply: Reply, label: str, t0: float) -> None:
+    async for ev in events(ticket, len(reply.tokens)):
+        if reply.first:
+            srv.metrics.ttft.labels(label).observe(time.perf_counter() - t0)
+        reply.add(ev)
+
+
+async def client_gone(request: Request) -> None:
+    """Returns once the client has disconnected. The body is already read, so the server's next message is
+    http.disconnect, sent when the connection closes (uvicorn sends nothing else until the response is done)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.05)  # not expected; never spin if a server sends something else
 
 
 async def events(ticket: Ticket, n_choices: int) -> AsyncIterator[Event]:
@@ -131,11 +154,19 @@ async def events(ticket: Ticket, n_choices: int) -> AsyncIterator[Event]:
     left = n_choices
     while left:
         ev = await ticket.queue.get()
+        if ev.error is not None and ev.shutdown:
+            raise shutting_down()
         if ev.error is not None:
             raise APIError(500, "Generation failed inside the server.", None, "generation_failed", "server_error")
         if ev.finish_reason is not None:
             left -= 1
         yield ev
+
+
+def shutting_down() -> APIError:
+    return APIError(
+        503, "The server shut down before this request finished; retry it.", None, "shutting_down", "server_error"
+    )
 
 
 def sse_line(obj: dict[str, Any]) -> str:
@@ -171,6 +202,7 @@ async def sse_stream(
     except APIError as e:
         request.state.failed = True
         yield sse_line(e.body())
+        yield "data: [DONE]\n\n"  # the stream ends as every stream does: clients wait for it
         finished = True
     finally:
         ticket.cancel()
