@@ -474,16 +474,7 @@ def test_cli_serve_binds_loopback_and_stops(ckpt):
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_healthy(proc, url)
         assert httpx.get(url + "/v1/models").status_code == 401
         r = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
         assert r.json()["data"][0]["id"] == f"{NAME}:XL"
@@ -767,3 +758,17 @@ def test_bad_sampling_values_are_a_400_naming_the_field(server, kw, param):
     r = _post(server, **kw)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"].split(".")[0] == param
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 60.0) -> None:
+    """Poll /health until a server process answers; fail with its output if it exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.monotonic() < deadline, f"no answer from {url} within {timeout} s"
+        time.sleep(0.1)

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
@@ -17,7 +16,7 @@ import uvicorn
 
 from _tiny_ckpt import make_checkpoint
 from matryoshka_lm.serve.app import create_app
-from test_serve import KEY, NAME, LoopbackServer
+from test_serve import KEY, NAME, LoopbackServer, wait_healthy
 
 openai = pytest.importorskip("openai")
 
@@ -222,16 +221,7 @@ def test_cli_allowed_host_and_cors_origin(ckpt):
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_healthy(proc, url)
         for host in ("model.internal", f"other.internal:{port}"):
             assert httpx.get(url + "/v1/models", headers={"Host": host}).status_code == 200
         assert httpx.get(url + "/v1/models", headers={"Host": "evil.example"}).status_code == 400
