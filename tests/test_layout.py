@@ -48,9 +48,6 @@ def imports_of(path: Path) -> set[str]:
     package = here if path.name == "__init__.py" else here.rpartition(".")[0]
     found = set()
     tree = ast.parse(path.read_text())
-    for node in ast.walk(tree):  # names imported for type hints only do not run: drop them
-        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
-            node.body = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("matryoshka_lm")}

@@ -10,15 +10,25 @@ k / group KV heads, and a size keeps whole groups only (kv_heads).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from matryoshka_lm.config import ModelConfig
 
-if TYPE_CHECKING:  # spec.py counts parameters with kv_heads below, so nested.py only names its type
-    from matryoshka_lm.core.spec import SubmodelSpec
+
+# What the slicing rules read of a spec. spec.SubmodelSpec has this shape; nested.py does not import spec.py, because
+# spec.py imports kv_heads from here to count parameters (imports point one way).
+class LayerShape(Protocol):
+    ffn: int
+    heads: int
+
+
+class SpecShape(Protocol):
+    width: int
+    layers: Sequence[LayerShape]
 
 
 def kv_heads(heads: int, group: int) -> int:
@@ -50,12 +60,12 @@ def embed(idx: torch.Tensor, table: torch.Tensor, width: int) -> torch.Tensor:
     return F.embedding(idx, table[:, :width])
 
 
-def slice_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, spec: SubmodelSpec) -> dict[str, torch.Tensor]:
+def slice_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, spec: SpecShape) -> dict[str, torch.Tensor]:
     """The weights a submodel reads, as contiguous copies: a standalone dense model of the spec's shape."""
     return {k: v.contiguous().clone() for k, v in slice_views(state, cfg, spec).items()}
 
 
-def slice_views(state: dict[str, torch.Tensor], cfg: ModelConfig, spec: SubmodelSpec) -> dict[str, torch.Tensor]:
+def slice_views(state: dict[str, torch.Tensor], cfg: ModelConfig, spec: SpecShape) -> dict[str, torch.Tensor]:
     """The weights a submodel reads, as views of `state`'s tensors (no copy), named as in a standalone model."""
     C, hd, g = spec.width, cfg.head_dim, cfg.group_size
     out: dict[str, torch.Tensor] = {}
@@ -82,7 +92,7 @@ def slice_views(state: dict[str, torch.Tensor], cfg: ModelConfig, spec: Submodel
     return out
 
 
-def submodel_config(cfg: ModelConfig, spec: SubmodelSpec) -> ModelConfig:
+def submodel_config(cfg: ModelConfig, spec: SpecShape) -> ModelConfig:
     """Config of a standalone dense model with exactly the spec's shape (per-layer widths where they differ)."""
     heads = [l.heads for l in spec.layers]
     ffn = [l.ffn for l in spec.layers]
