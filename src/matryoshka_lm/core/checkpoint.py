@@ -3,7 +3,9 @@
 A checkpoint directory holds
   config.json          {"model": ModelConfig, "train": TrainConfig}
   tokenizer.json       Hugging Face `tokenizers` BPE
-  model.safetensors    the weights (all sizes share them)
+  model.safetensors    the weights (all sizes share them); in a quantized checkpoint (config "quant" section:
+                       group_size, embeddings, bits) int8 codes under each quantized weight's name plus
+                       NAME.scale (core/quant.py), and every narrower bit width is read from their top bits
   trainer_state.safetensors  (training runs only) weights + optimizer moments + step, in ONE file so a resume
                        never sees weights and optimizer state from different steps
 Nothing is ever unpickled.
@@ -24,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from matryoshka_lm.config import ModelConfig, TrainConfig, load_json
 from matryoshka_lm.errors import MatryoshkaError
 
+from . import quant
 from .model import MatryoshkaLM
 
 CONFIG, TOKENIZER, WEIGHTS, STATE = "config.json", "tokenizer.json", "model.safetensors", "trainer_state.safetensors"
@@ -88,12 +91,58 @@ def read_config(ckpt: Path) -> tuple[ModelConfig, TrainConfig | None]:
     return model_cfg, train_cfg
 
 
+def read_quant(ckpt: Path) -> tuple[quant.QuantConfig, int] | None:
+    """(quantization settings, stored bit width) of a quantized checkpoint; None for a full-precision one."""
+    raw = load_json(Path(ckpt) / CONFIG)
+    q = raw.get("quant") if isinstance(raw, dict) else None
+    if not q:
+        return None
+    q = dict(q)
+    bits = q.pop("bits", 8)
+    try:
+        return quant.QuantConfig.from_dict(q), quant.check_bits(int(bits))
+    except (TypeError, ValueError) as e:
+        raise MatryoshkaError(f"bad quant section in {Path(ckpt) / CONFIG}: {e}") from None
+
+
+def save_quantized(
+    out: Path,
+    cfg: ModelConfig,
+    qstate: dict[str, torch.Tensor],
+    qcfg: quant.QuantConfig,
+    bits: int = 8,
+    train_cfg: TrainConfig | None = None,
+    tokenizer_json: str | None = None,
+) -> None:
+    """A quantized checkpoint: codes and scales (quant.quantize_state) stored at `bits`."""
+    out = Path(out)
+    if tokenizer_json is not None:
+        atomic_write(out / TOKENIZER, lambda tmp: Path(tmp).write_text(tokenizer_json))
+    save_tensors(out / WEIGHTS, qstate)
+    conf = {"model": cfg.to_dict(), "train": train_cfg.to_dict() if train_cfg else None}
+    write_json(out / CONFIG, {**conf, "quant": {**qcfg.to_dict(), "bits": bits}})
+
+
 def load_model(ckpt: Path, device: str | torch.device = "cpu") -> MatryoshkaLM:
-    """Build the model from config.json and load model.safetensors (strict: every key, every shape)."""
+    """Build the model from config.json and load model.safetensors (strict: every key, every shape). A quantized
+    checkpoint loads at its stored bit width and keeps its codes for the narrower ones (MatryoshkaLM.for_bits)."""
     cfg, _ = read_config(ckpt)
     state = load_tensors(Path(ckpt) / WEIGHTS)
     model = MatryoshkaLM(cfg)
+    q = read_quant(ckpt)
+    if q is not None:
+        qcfg, bits = q
+        expected = quant.quantize_state(model.state_dict(), qcfg)
+        check_state(expected, state, Path(ckpt) / WEIGHTS)
+        for k, v in expected.items():
+            if v.dtype == torch.int8 and state[k].dtype != torch.int8:
+                raise MatryoshkaError(f"{Path(ckpt) / WEIGHTS}: {k} should hold int8 codes, not {state[k].dtype}")
+        codes = {k: state[k] for k in expected}
+        state = quant.dequantize_state(codes, bits, bits)
+        model.native_bits, model.code_bits, model.codes, model.quant = bits, bits, codes, qcfg
     load_state(model, state, Path(ckpt) / WEIGHTS)
+    if model.codes is not None:
+        model.codes = {k: v.to(device) for k, v in model.codes.items()}
     return model.to(device).eval()
 
 

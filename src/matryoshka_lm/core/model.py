@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from matryoshka_lm.config import ModelConfig
 
-from . import nested
+from . import nested, quant
 from .spec import LayerSpec, SubmodelSpec, full_spec
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]
@@ -211,6 +211,13 @@ class MatryoshkaLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.full = full_spec(cfg)
+        # precision (core/quant.py): the loaded weights' bit width (None: full precision), how other widths are
+        # quantized, the stored int8 codes when loaded from a quantized checkpoint, and the r-bit models built
+        self.native_bits: int | None = None
+        self.quant = quant.QuantConfig()
+        self.codes: dict[str, torch.Tensor] | None = None
+        self.code_bits = nested.CODE_BITS  # the width of the stored codes (an extracted r-bit cell stores r)
+        self._bit_models: dict[int, tuple[tuple, MatryoshkaLM]] = {}
         if init:
             self.reset_parameters()
 
@@ -227,6 +234,32 @@ class MatryoshkaLM(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
+    def for_bits(self, bits: int | None) -> MatryoshkaLM:
+        """The model that computes at `bits` (None or the loaded precision: this one). Others are derived from
+        the stored int8 codes (a quantized checkpoint) or by round-to-nearest from these weights, built once and
+        rebuilt when the weights change. They share the RoPE tables and hold dequantized fp32 weights."""
+        if bits is None or bits == self.native_bits:
+            return self
+        quant.check_bits(bits)
+        if self.native_bits is not None and self.codes is None:
+            raise ValueError(f"an int{self.native_bits} model without its codes cannot compute at int{bits}")
+        if self.codes is not None and bits > self.code_bits:
+            raise ValueError(f"weights stored at int{self.code_bits} cannot compute at int{bits}")
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        hit = self._bit_models.get(bits)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.no_grad():
+            codes = self.codes if self.codes is not None else quant.quantize_state(self.state_dict(), self.quant)
+            state = quant.dequantize_state(codes, bits, self.code_bits if self.codes is not None else nested.CODE_BITS)
+            with torch.device("meta"):
+                sib = MatryoshkaLM(self.cfg, rope=(self.rope_cos, self.rope_sin), init=False)
+            sib.load_state_dict({k: v.to(self.rope_cos.device) for k, v in state.items()}, assign=True)
+        sib.native_bits, sib.quant = bits, self.quant
+        sib.requires_grad_(False).train(self.training)
+        self._bit_models[bits] = (key, sib)
+        return sib
+
     def hidden_states(
         self,
         idx: torch.Tensor,
@@ -242,6 +275,8 @@ class MatryoshkaLM(nn.Module):
         data, not code (compiled decoding: one graph serves every step).
         """
         spec = spec or self.full
+        if spec.bits is not None and spec.bits != self.native_bits:
+            return self.for_bits(spec.bits).hidden_states(idx, spec.shape, cache, start)
         B, T = idx.shape
         static = isinstance(start, torch.Tensor)
         if not static and start + T > self.cfg.max_seq_len:
@@ -277,7 +312,10 @@ class MatryoshkaLM(nn.Module):
         cache: KVCache | None = None,
         start: int | torch.Tensor = 0,
     ) -> torch.Tensor:
-        """Logits (B, T, V) of the submodel `spec`; `cache`/`start` for incremental decoding (see hidden_states)."""
+        """Logits (B, T, V) of the submodel `spec` (at its bit width when it names one); `cache`/`start` for
+        incremental decoding (see hidden_states)."""
+        if spec is not None and spec.bits is not None and spec.bits != self.native_bits:
+            return self.for_bits(spec.bits)(idx, spec.shape, cache, start)
         h = self.hidden_states(idx, spec, cache, start)
         return F.linear(h, self.head_weight()[:, : h.shape[-1]])
 

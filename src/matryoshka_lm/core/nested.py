@@ -6,6 +6,10 @@ Every weight is laid out so that a submodel reads the leading rows/columns:
   Embedding (V, C):        table[:, :C_k]
 Query heads are grouped (GQA): query head j reads KV head j // group, so the first k query heads use the first
 k / group KV heads, and a size keeps whole groups only (kv_heads).
+
+Precision nests the same way (Matryoshka Quantization): a weight stored as a signed int8 code q with a scale s
+(dequantized s*q) is, at r bits, the r most significant bits of q, t = q >> (8 - r) (an arithmetic shift: floor),
+read back as the mean of the 2^(8-r) int8 levels that share those bits (top_bits, bit_levels).
 """
 
 from __future__ import annotations
@@ -112,3 +116,25 @@ def submodel_config(cfg: ModelConfig, spec: SpecShape) -> ModelConfig:
         sizes={"XL": {a: "1" for a in ("width", "heads", "ffn", "depth")}},
     )
     return ModelConfig.from_dict(d)
+
+
+# ---------------------------------------------------------------- precision: the top bits of int8 codes
+
+CODE_BITS = 8  # codes are stored at this precision; every narrower one is a prefix of their bits
+BIT_WIDTHS = range(2, CODE_BITS + 1)  # 1 bit would keep a single level per sign: not a model
+
+
+def top_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The `bits` most significant bits of int8 codes, as signed integers in [-2^(bits-1), 2^(bits-1) - 1]:
+    exactly the top bits of each two's-complement byte (floor(q / 2^(8 - bits)))."""
+    if bits not in BIT_WIDTHS:
+        raise ValueError(f"bits must be in {BIT_WIDTHS.start}..{BIT_WIDTHS.stop - 1}, got {bits}")
+    return codes >> (CODE_BITS - bits)
+
+
+def bit_levels(top: torch.Tensor, bits: int) -> torch.Tensor:
+    """The int8-scale value of r-bit codes t: 2^k t + (2^k - 1) / 2 with k = 8 - r, the mean of the int8 codes
+    whose top bits are t (so int8 itself reads t, and slicing the codes of a round-to-nearest int8 model is
+    round-to-nearest on this r-bit grid). Multiply by the scale to get the weight."""
+    k = CODE_BITS - bits
+    return top.float() * (1 << k) + ((1 << k) - 1) / 2

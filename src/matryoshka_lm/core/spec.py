@@ -5,16 +5,18 @@ String form (Mix'n'Match):
     "M,M,L,XL"                          one granularity per layer; depth = number of entries
     "f128h4,f256h4,L@d144"              explicit FFN width (f) and query heads (h) per layer, optional @width
     "S,M,M@M"                           residual width taken from a named size (default: the widest listed)
+    "M@int4" | "S,M,L,XL@int2"          any of the above at a bit width (2..8): the top bits of the int8 codes
+                                        (core/quant.py); no suffix = the weights as loaded
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 from matryoshka_lm.config import ModelConfig
-from matryoshka_lm.core.nested import kv_heads
+from matryoshka_lm.core.nested import BIT_WIDTHS, kv_heads
 from matryoshka_lm.errors import MatryoshkaError
 
 
@@ -29,13 +31,22 @@ class SubmodelSpec:
     width: int  # residual width C kept
     layers: tuple[LayerSpec, ...]  # one entry per kept layer (depth = len)
     name: str | None = None  # set for the trained uniform sizes
+    bits: int | None = None  # weight precision (a cell of the size x bits grid); None = the weights as loaded
 
     @property
     def depth(self) -> int:
         return len(self.layers)
 
+    @property
+    def shape(self) -> SubmodelSpec:
+        """The same submodel at the loaded precision (what slicing needs; bits are applied by the model)."""
+        return self if self.bits is None else replace(self, bits=None)
+
+    def at_bits(self, bits: int | None) -> SubmodelSpec:
+        return replace(self, bits=bits)
+
     def __str__(self) -> str:
-        return self.name or format_spec(self)
+        return format_spec(self)
 
 
 def _scaled(total: int, frac: Fraction, what: str, size: str) -> int:
@@ -72,11 +83,21 @@ def size_names(cfg: ModelConfig) -> list[str]:
 
 
 _LAYER_RE = re.compile(r"^f(\d+)h(\d+)$")
+_BITS_RE = re.compile(r"^(.*)@int(\d+)$")
 
 
 def parse_spec(cfg: ModelConfig, text: str) -> SubmodelSpec:
-    """Parse a size name or a Mix'n'Match string (see module doc); errors name the bad part."""
+    """Parse a size name or a Mix'n'Match string, optionally @int<bits> (see module doc); errors name the bad
+    part."""
     text = (text or "").strip()
+    if m := _BITS_RE.match(text):
+        bits = int(m.group(2))
+        if bits not in BIT_WIDTHS:
+            raise MatryoshkaError(
+                f"bad bit width in {text!r}: int{bits}; the weights are int8 codes whose top bits give "
+                f"int{BIT_WIDTHS.start}..int{BIT_WIDTHS.stop - 1}"
+            )
+        return parse_spec(cfg, m.group(1)).at_bits(bits)
     if not text:
         raise MatryoshkaError("empty size spec")
     if text in cfg.sizes:
@@ -162,9 +183,10 @@ def validate_spec(cfg: ModelConfig, spec: SubmodelSpec) -> None:
 
 def format_spec(spec: SubmodelSpec) -> str:
     """Canonical string form; parse_spec(cfg, format_spec(s)) == s."""
+    bits = "" if spec.bits is None else f"@int{spec.bits}"
     if spec.name:
-        return spec.name
-    return ",".join(f"f{l.ffn}h{l.heads}" for l in spec.layers) + f"@d{spec.width}"
+        return spec.name + bits
+    return ",".join(f"f{l.ffn}h{l.heads}" for l in spec.layers) + f"@d{spec.width}" + bits
 
 
 def count_params(cfg: ModelConfig, spec: SubmodelSpec) -> dict[str, int]:
