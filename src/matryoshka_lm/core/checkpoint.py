@@ -138,7 +138,7 @@ def load_model(ckpt: Path, device: str | torch.device = "cpu") -> MatryoshkaLM:
             if v.dtype == torch.int8 and state[k].dtype != torch.int8:
                 raise MatryoshkaError(f"{Path(ckpt) / WEIGHTS}: {k} should hold int8 codes, not {state[k].dtype}")
         codes = {k: state[k] for k in expected}
-        state = quant.dequantize_state(codes, bits, bits)
+        state = quant.dequantize_state(codes, qcfg, bits, bits)
         model.native_bits, model.code_bits, model.codes, model.quant = bits, bits, codes, qcfg
     load_state(model, state, Path(ckpt) / WEIGHTS)
     if model.codes is not None:

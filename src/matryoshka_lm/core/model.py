@@ -96,6 +96,10 @@ class Linear(nn.Linear):
         if self.init:
             super().reset_parameters()
 
+    def forward(self, x: torch.Tensor, out_features: int | None = None) -> torch.Tensor:
+        """x @ W[:out, :in].T (nested.linear); modules that replace this one (infer/packed.py) keep the call."""
+        return nested.linear(x, self.weight, self.out_features if out_features is None else out_features)
+
 
 class Embedding(nn.Embedding):
     """nn.Embedding that can skip its initialisation (see Linear)."""
@@ -144,9 +148,9 @@ class Attention(nn.Module):
         """`at`: where the tokens go in the cache (KVCache.update); `mask` None: plain causal attention."""
         B, T, C = x.shape
         hd, kv = self.hd, nested.kv_heads(heads, self.group)
-        q = nested.linear(x, self.wq.weight, heads * hd).view(B, T, heads, hd).transpose(1, 2)
-        k = nested.linear(x, self.wk.weight, kv * hd).view(B, T, kv, hd).transpose(1, 2)
-        v = nested.linear(x, self.wv.weight, kv * hd).view(B, T, kv, hd).transpose(1, 2)
+        q = self.wq(x, heads * hd).view(B, T, heads, hd).transpose(1, 2)
+        k = self.wk(x, kv * hd).view(B, T, kv, hd).transpose(1, 2)
+        v = self.wv(x, kv * hd).view(B, T, kv, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v, at)
@@ -156,7 +160,7 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = self.heads_out(y.transpose(1, 2).reshape(B, T, heads * hd))
-        return nested.linear(y, self.wo.weight, C)
+        return self.wo(y, C)
 
 
 class FeedForward(nn.Module):
@@ -170,8 +174,8 @@ class FeedForward(nn.Module):
         self.hidden = nn.Identity()  # (B, T, ffn) activations before w_down: a hook point (reorder.py)
 
     def forward(self, x: torch.Tensor, ffn: int) -> torch.Tensor:
-        a = self.hidden(F.silu(nested.linear(x, self.w_gate.weight, ffn)) * nested.linear(x, self.w_up.weight, ffn))
-        return nested.linear(a, self.w_down.weight, x.shape[-1])
+        a = self.hidden(F.silu(self.w_gate(x, ffn)) * self.w_up(x, ffn))
+        return self.w_down(a, x.shape[-1])
 
 
 class Block(nn.Module):
@@ -251,7 +255,9 @@ class MatryoshkaLM(nn.Module):
             return hit[1]
         with torch.no_grad():
             codes = self.codes if self.codes is not None else quant.quantize_state(self.state_dict(), self.quant)
-            state = quant.dequantize_state(codes, bits, self.code_bits if self.codes is not None else nested.CODE_BITS)
+            state = quant.dequantize_state(
+                codes, self.quant, bits, self.code_bits if self.codes is not None else nested.CODE_BITS
+            )
             with torch.device("meta"):
                 sib = MatryoshkaLM(self.cfg, rope=(self.rope_cos, self.rope_sin), init=False)
             sib.load_state_dict({k: v.to(self.rope_cos.device) for k, v in state.items()}, assign=True)

@@ -28,7 +28,7 @@ import torch
 from matryoshka_lm.config import ModelConfig
 from matryoshka_lm.errors import MatryoshkaError
 
-from .nested import BIT_WIDTHS, CODE_BITS, SpecShape, bit_levels, kv_heads, top_bits
+from .nested import BIT_WIDTHS, CODE_BITS, SpecShape, bit_levels, kv_heads, slice_views, top_bits
 
 SCALE = ".scale"  # state-dict suffix of a quantized weight's scales (the codes keep the weight's own name)
 LINEAR = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "ffn.w_gate", "ffn.w_up", "ffn.w_down")
@@ -94,17 +94,17 @@ def quantize(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize(
-    codes: torch.Tensor, scales: torch.Tensor, bits: int = CODE_BITS, stored: int = CODE_BITS
+    codes: torch.Tensor, scales: torch.Tensor, group: int, bits: int = CODE_BITS, stored: int = CODE_BITS
 ) -> torch.Tensor:
-    """W_r = s * level(top r bits of the codes), fp32, shaped like the codes. `stored`: the codes' own width
-    (an extracted r-bit cell stores only its top bits; the top bits of those are the narrower cells)."""
+    """W_r = s * level(top r bits of the codes), fp32, shaped like the codes (a column prefix of a quantized
+    weight may end inside a group: its scales are those of the groups its columns fall in). `stored`: the codes'
+    own width (an extracted r-bit cell stores only its top bits; the top bits of those are the narrower cells)."""
     if bits > stored:
         raise MatryoshkaError(f"weights stored at int{stored} cannot be read at int{bits}")
-    out, n_in = codes.shape
-    group = n_in // scales.shape[1]
+    n_in = codes.shape[1]
     # codes of width `stored` shifted right by stored - bits: the top bits of the top bits
     levels = bit_levels(top_bits(codes, CODE_BITS - stored + bits), bits)
-    return (levels.reshape(out, -1, group) * scales[..., None]).reshape(out, n_in)
+    return levels * scales.repeat_interleave(group or n_in, dim=1)[:, :n_in]
 
 
 def fake_quant(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
@@ -112,7 +112,7 @@ def fake_quant(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     dequantize(top r bits of quantize(w)); the gradient passes to `w` unchanged (no code is clamped: the
     scale covers every weight of its group)."""
     codes, s = quantize(w, group)
-    return w + (dequantize(codes, s, bits).to(w.dtype) - w).detach()
+    return w + (dequantize(codes, s, group, bits).to(w.dtype) - w).detach()
 
 
 def quantize_state(state: dict[str, torch.Tensor], qcfg: QuantConfig) -> dict[str, torch.Tensor]:
@@ -127,13 +127,28 @@ def quantize_state(state: dict[str, torch.Tensor], qcfg: QuantConfig) -> dict[st
     return out
 
 
-def dequantize_state(qstate: dict[str, torch.Tensor], bits: int, stored: int = CODE_BITS) -> dict[str, torch.Tensor]:
+def dequantize_state(
+    qstate: dict[str, torch.Tensor], qcfg: QuantConfig, bits: int, stored: int = CODE_BITS
+) -> dict[str, torch.Tensor]:
     """The fp32 weights of the r-bit model from stored codes and scales."""
     out: dict[str, torch.Tensor] = {}
     for name, t in qstate.items():
         if name.endswith(SCALE):
             continue
-        out[name] = dequantize(t, qstate[name + SCALE], bits, stored) if name + SCALE in qstate else t
+        out[name] = dequantize(t, qstate[name + SCALE], qcfg.group_size, bits, stored) if name + SCALE in qstate else t
+    return out
+
+
+def slice_qstate(qstate: dict[str, torch.Tensor], cfg: ModelConfig, spec: SpecShape) -> dict[str, torch.Tensor]:
+    """The codes and scales a submodel reads (views), named as in a standalone model: each weight's prefix
+    (nested.slice_views) and the scales of its rows and of the groups its columns fall in."""
+    codes = {k: v for k, v in qstate.items() if not k.endswith(SCALE)}
+    out = slice_views(codes, cfg, spec)
+    for name, c in list(out.items()):
+        if name + SCALE in qstate:
+            s = qstate[name + SCALE]
+            group = qstate[name].shape[1] // s.shape[1]  # whole rows are whole groups
+            out[name + SCALE] = s[: c.shape[0], : -(-c.shape[1] // group)]
     return out
 
 
