@@ -78,6 +78,7 @@ def view_model(model: MatryoshkaLM, spec: SubmodelSpec) -> MatryoshkaLM:
         sub = MatryoshkaLM(submodel_config(model.cfg, spec), rope=(model.rope_cos, model.rope_sin), init=False)
     views = nested.slice_views(dict(model.named_parameters()), model.cfg, spec)
     sub.load_state_dict({k: v.detach() for k, v in views.items()}, assign=True)
+    sub.native_bits = model.native_bits  # a view computes at its model's precision (and only at that)
     return sub.requires_grad_(False).eval()
 
 
@@ -124,18 +125,20 @@ class Engine:
         return spec
 
     def runner(self, spec: SubmodelSpec) -> tuple[MatryoshkaLM, SubmodelSpec]:
-        """The module that runs `spec` and the spec to pass it: the model itself for the full size, else the
-        size's view model (built on first use; views stay valid while the model's tensors are updated in place,
-        so build a new Engine after replacing them)."""
-        full = self.model.full
+        """The module that runs `spec` and the spec to pass it: the model at the spec's bit width
+        (MatryoshkaLM.for_bits) for its full size, else the size's view model of it (built on first use; views
+        stay valid while the model's tensors are updated in place, so build a new Engine after replacing them).
+        The spec returned names the bit width the module computes at, so compiled graphs are per cell."""
+        base = self.model.for_bits(spec.bits)
+        full = base.full.at_bits(base.native_bits)
         if (spec.width, spec.layers) == (full.width, full.layers):
-            return self.model, full
+            return base, full
         if not self.slice_once:
-            return self.model, spec
+            return base, spec.at_bits(base.native_bits)
         sub = self._views.get(spec)
         if sub is None:
-            sub = self._views[spec] = view_model(self.model, spec)
-        return sub, sub.full
+            sub = self._views[spec] = view_model(base, spec.shape)
+        return sub, sub.full.at_bits(sub.native_bits)
 
     def check_prompts(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         if max_new_tokens <= 0:
