@@ -146,6 +146,12 @@ class TrainConfig:
     sample_sizes: int = 0  # >0: train a random subset of this many sizes per step (the full size always)
     distill: float = 0.0  # weight of KL(full || size) self-distillation for the smaller sizes
     only: str | None = None  # baseline mode: train one dense model of this size's shape
+    # Matryoshka Quantization (core/quant.py): quantization-aware training of these bit widths jointly (every
+    # size at every width, the top bits of one set of int8 codes; straight-through estimator); None = off
+    bits: list[int] | None = None
+    bit_weights: list[float] | None = None  # loss weight per bit width; None -> all 1
+    quant_group: int = 32  # input features per quantization scale (0 = one scale per output row)
+    sample_cells: int = 0  # with bits: >0 trains this many (size, bits) cells per step (always the widest pair)
     dtype: str = "auto"  # auto -> bf16 autocast where supported (CUDA), else fp32
     eval_every: int = 100
     eval_batches: int = 8
@@ -166,6 +172,16 @@ class TrainConfig:
             raise MatryoshkaError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.distill < 0:
             raise MatryoshkaError(f"distill must be >= 0, got {self.distill}")
+        if self.bits is not None:
+            bad = [b for b in self.bits if not 2 <= int(b) <= 8]
+            if bad or not self.bits or len(set(self.bits)) != len(self.bits):
+                raise MatryoshkaError(f"bits must be distinct widths in 2..8 (the top bits of int8), got {self.bits}")
+            if self.bit_weights is not None and len(self.bit_weights) != len(self.bits):
+                raise MatryoshkaError(f"{len(self.bit_weights)} bit weights for bits {self.bits}")
+            if self.fsdp:
+                raise MatryoshkaError("quantization-aware training (bits) runs with DDP or on one process, not FSDP")
+        if self.quant_group < 0:
+            raise MatryoshkaError(f"quant_group must be >= 0 (0 = one scale per output row), got {self.quant_group}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,4 +1,4 @@
-"""`matryoshka extract | export-hf | import-hf`: checkpoints in and out."""
+"""`matryoshka extract | export-hf | export-gguf | import-hf`: checkpoints in and out."""
 
 from __future__ import annotations
 
@@ -20,6 +20,13 @@ def cmd_export_hf(a: argparse.Namespace) -> None:
 
     out = export_hf(a.ckpt, a.size, a.out, force=a.force, pad=a.pad)
     print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)", file=sys.stderr)
+
+
+def cmd_export_gguf(a: argparse.Namespace) -> None:
+    from matryoshka_lm.convert.gguf import export_gguf
+
+    out = export_gguf(a.ckpt, a.size, a.out, bits=a.bits, dtype=a.dtype, force=a.force)
+    print(f"wrote {out} ({out.stat().st_size:,} bytes; llama.cpp / ollama load it)", file=sys.stderr)
 
 
 def cmd_import_hf(a: argparse.Namespace) -> None:
@@ -59,6 +66,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     h.add_argument("--force", action="store_true", help="replace --out if it exists")
     h.set_defaults(func=cmd_export_hf)
+
+    g = sub.add_parser("export-gguf", help="write one uniform size as a GGUF file (llama.cpp, ollama)")
+    g.add_argument("ckpt")
+    g.add_argument("--size", required=True, help="size name or a spec whose layers share one granularity (@int8/@int4)")
+    g.add_argument(
+        "--bits",
+        type=int,
+        help="write the int8 (Q8_0) or int4 (Q4_1) codes as GGUF blocks, no re-quantization (default: the size's "
+        "@int suffix, else the checkpoint's stored codes, else floats)",
+    )
+    g.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="float matrices (norms stay f32)")
+    g.add_argument("-o", "--out", required=True, help="the .gguf file to write")
+    g.add_argument("--force", action="store_true", help="replace --out if it exists")
+    g.set_defaults(func=cmd_export_gguf)
 
     i = sub.add_parser("import-hf", help="convert a Hugging Face Llama folder into a checkpoint for train --init")
     i.add_argument("src", help="folder with config.json, model.safetensors and tokenizer.json")

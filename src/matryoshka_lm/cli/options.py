@@ -56,6 +56,16 @@ def int_list(text: str | None, what: str) -> list[int] | None:
         raise MatryoshkaError(f"{what} must be comma-separated integers, got {text!r}") from None
 
 
+def float_list(text: str | None, what: str) -> list[float] | None:
+    """'1,1,2.5' -> [1.0, 1.0, 2.5]; None or '' -> None."""
+    if not text:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MatryoshkaError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
 def spec_list(text: str | None) -> list[str] | None:
     """Sizes or Mix'n'Match specs: comma-separated, or ';'-separated when the specs contain commas."""
     if not text:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from matryoshka_lm.errors import MatryoshkaError
 
-from .options import nonnegative_int, pick_device, positive_int
+from .options import float_list, int_list, nonnegative_int, pick_device, positive_int
 
 
 def cmd_train(a: argparse.Namespace) -> None:
@@ -33,6 +33,10 @@ def cmd_train(a: argparse.Namespace) -> None:
         "dtype": a.dtype,
         "sizes": a.sizes.split(",") if a.sizes else None,
         "save_every": a.save_every,
+        "bits": int_list(a.bits, "--bits"),
+        "bit_weights": float_list(a.bit_weights, "--bit-weights"),
+        "quant_group": a.quant_group,
+        "sample_cells": a.sample_cells,
     }
     for k, v in overrides.items():
         if v is not None:
@@ -100,6 +104,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="train the full size plus a random subset: this many sizes per step",
     )
     t.add_argument("--distill", type=float, help="weight of self-distillation from the full size (default 0)")
+    t.add_argument(
+        "--bits",
+        help="Matryoshka Quantization: train these bit widths jointly, e.g. 8,4,2 (every size at each; the top "
+        "bits of one set of int8 codes); then `matryoshka quantize` stores the codes",
+    )
+    t.add_argument("--bit-weights", help="loss weight per --bits entry, e.g. 1,1,2 (default: all 1)")
+    t.add_argument("--quant-group", type=nonnegative_int, help="input features per scale (default 32; 0 = per row)")
+    t.add_argument(
+        "--sample-cells", type=nonnegative_int, help="with --bits: train this many (size, bits) cells per step"
+    )
     t.add_argument("--nest", help="axes to nest, comma-separated: width,heads,ffn,depth (default: all)")
     t.add_argument("--batch-size", type=positive_int, help="global sequences per step")
     t.add_argument("--seq-len", type=positive_int)

@@ -89,13 +89,17 @@ def extract_submodel(ckpt: str | Path, size: str, out: str | Path, force: bool =
         out: the new checkpoint directory; refused if it exists unless `force`.
         force: replace an existing `out`.
     Returns the path written. The result loads with checkpoint.load_model and runs with spec "XL" (its only size).
+    A spec with a bit width ("M@int4"), or any spec of a quantized checkpoint, writes a quantized checkpoint
+    holding the cell's codes only (convert/quantize.py).
     """
     ckpt = Path(ckpt)
-    cfg, spec, sub_cfg, state = sliced_checkpoint(ckpt, size)
-    _, tcfg = ck.read_config(ckpt)
+    cfg, tcfg = ck.read_config(ckpt)
     tok_path = ckpt / ck.TOKENIZER
     if not tok_path.is_file():
         raise MatryoshkaError(f"missing tokenizer {tok_path}")
+    if ck.read_quant(ckpt) is not None or parse_spec(cfg, size).bits is not None:
+        return _extract_cell(ckpt, size, out, force)
+    cfg, spec, sub_cfg, state = sliced_checkpoint(ckpt, size)
     n_params = sum(t.numel() for t in state.values())
     want = count_params(cfg, spec)["total"]
     if n_params != want:  # the invariant that defines extraction; a mismatch is a bug, not bad input
@@ -117,3 +121,27 @@ def _standalone_train_config(tcfg: TrainConfig | None) -> dict | None:
     d = tcfg.to_dict()
     d.update(sizes=None, size_weights=None, only=None, sample_sizes=0)
     return d
+
+
+def _extract_cell(ckpt: Path, size: str, out: str | Path, force: bool) -> Path:
+    from matryoshka_lm.core import quant
+
+    from .quantize import cell_codes, stored_codes
+
+    cfg, tcfg = ck.read_config(ckpt)
+    spec = parse_spec(cfg, size)
+    sub_cfg = submodel_config(cfg, spec)
+    qstate, qcfg, stored = stored_codes(ckpt)
+    try:
+        quant.check_groups(sub_cfg, qcfg)
+    except MatryoshkaError as e:
+        raise MatryoshkaError(f"{format_spec(spec)} cuts quantization groups: {e}") from None
+    codes, bits = cell_codes(qstate, qcfg, stored, cfg, spec)
+    source = {"checkpoint": str(ckpt), "spec": format_spec(spec.at_bits(bits)), "size": size}
+    with staged_dir(out, force, source=ckpt) as tmp:
+        shutil.copyfile(ckpt / ck.TOKENIZER, tmp / ck.TOKENIZER)
+        ck.save_quantized(tmp, sub_cfg, codes, qcfg, bits)
+        raw = {"model": sub_cfg.to_dict(), "train": _standalone_train_config(tcfg), "extracted_from": source}
+        ck.write_json(tmp / ck.CONFIG, {**raw, "quant": {**qcfg.to_dict(), "bits": bits}})
+    log.info("extracted %s from %s into %s", source["spec"], ckpt, out)
+    return Path(out)

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from matryoshka_lm.config import ModelConfig
+from matryoshka_lm.errors import MatryoshkaError
 
 from . import nested, quant
 from .spec import LayerSpec, SubmodelSpec, full_spec
@@ -238,17 +239,23 @@ class MatryoshkaLM(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
+    def check_bits(self, bits: int | None) -> None:
+        """Whether this model can compute at `bits` (MatryoshkaError naming why not)."""
+        if bits is None or bits == self.native_bits:
+            return
+        quant.check_bits(bits)
+        if self.native_bits is not None and self.codes is None:
+            raise MatryoshkaError(f"this int{self.native_bits} model has no codes to compute at int{bits} from")
+        if self.codes is not None and bits > self.code_bits:
+            raise MatryoshkaError(f"the weights are stored at int{self.code_bits}: int{bits} is not available")
+
     def for_bits(self, bits: int | None) -> MatryoshkaLM:
         """The model that computes at `bits` (None or the loaded precision: this one). Others are derived from
         the stored int8 codes (a quantized checkpoint) or by round-to-nearest from these weights, built once and
         rebuilt when the weights change. They share the RoPE tables and hold dequantized fp32 weights."""
         if bits is None or bits == self.native_bits:
             return self
-        quant.check_bits(bits)
-        if self.native_bits is not None and self.codes is None:
-            raise ValueError(f"an int{self.native_bits} model without its codes cannot compute at int{bits}")
-        if self.codes is not None and bits > self.code_bits:
-            raise ValueError(f"weights stored at int{self.code_bits} cannot compute at int{bits}")
+        self.check_bits(bits)
         key = tuple((p.data_ptr(), p._version) for p in self.parameters())
         hit = self._bit_models.get(bits)
         if hit is not None and hit[0] == key:

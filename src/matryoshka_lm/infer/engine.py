@@ -122,6 +122,7 @@ class Engine:
     def check_spec(self, spec: SubmodelSpec | None) -> SubmodelSpec:
         spec = spec or self.model.full
         validate_spec(self.cfg, spec)
+        self.model.check_bits(spec.bits)
         return spec
 
     def runner(self, spec: SubmodelSpec) -> tuple[MatryoshkaLM, SubmodelSpec]:

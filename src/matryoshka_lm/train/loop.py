@@ -22,9 +22,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from matryoshka_lm.config import ModelConfig, TrainConfig
 from matryoshka_lm.core import checkpoint as ck
+from matryoshka_lm.core import quant
 from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.nested import submodel_config
 from matryoshka_lm.core.spec import SubmodelSpec, size_names, uniform_spec
@@ -54,19 +56,30 @@ __all__ = [
 
 
 class JointLoss(nn.Module):
-    """One forward = the weighted sum of every trained size's loss, so DDP sees one forward per backward."""
+    """One forward = the weighted sum of every trained size's loss, so DDP sees one forward per backward.
+
+    A spec with a bit width (quantization-aware training) runs on its fake-quantized weights (quant.fake_quant:
+    round-to-nearest int8, top bits, straight-through gradient), computed once per width per forward."""
 
     def __init__(self, model: MatryoshkaLM, distill: float):
         super().__init__()
         self.model = model
         self.distill = distill
 
+    def logits(self, x: torch.Tensor, spec: SubmodelSpec, fq: dict[int, dict[str, torch.Tensor]]) -> torch.Tensor:
+        if spec.bits is None:
+            return self.model(x, spec)
+        if spec.bits not in fq:
+            fq[spec.bits] = quant.fake_quant_params(dict(self.model.named_parameters()), spec.bits, self.model.quant)
+        return functional_call(self.model, fq[spec.bits], (x, spec.shape))
+
     def forward(self, x: torch.Tensor, y: torch.Tensor, specs: list[SubmodelSpec], weights: list[float]):
         total = x.new_zeros((), dtype=torch.float32)
         losses = []
         full_logp = None
-        for spec, w in zip(specs, weights):  # specs[0] is the largest trained size
-            logits = self.model(x, spec).float()
+        fq: dict[int, dict[str, torch.Tensor]] = {}
+        for spec, w in zip(specs, weights):  # specs[0] is the largest trained size (at the widest bits)
+            logits = self.logits(x, spec, fq).float()
             ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
             loss = ce
             if self.distill > 0:
@@ -97,11 +110,13 @@ def trained_sizes(cfg: ModelConfig, tcfg: TrainConfig) -> list[str]:
 
 
 def step_sizes(names: list[str], weights: list[float], tcfg: TrainConfig, step: int) -> tuple[list[str], list[float]]:
-    """The sizes trained at `step`: all, or the largest plus a seeded random subset (same on every rank)."""
-    if tcfg.sample_sizes <= 0 or tcfg.sample_sizes >= len(names):
+    """The sizes (cells, with bits) trained at `step`: all, or the first (the largest, at the widest bits) plus a
+    seeded random subset (same on every rank)."""
+    k = tcfg.sample_cells if tcfg.bits else tcfg.sample_sizes
+    if k <= 0 or k >= len(names):
         return names, weights
     rng = random.Random(tcfg.seed * 7919 + step)
-    rest = sorted(rng.sample(range(1, len(names)), tcfg.sample_sizes - 1))
+    rest = sorted(rng.sample(range(1, len(names)), k - 1))
     idx = [0] + rest
     return [names[i] for i in idx], [weights[i] for i in idx]
 
@@ -184,11 +199,19 @@ class Run:
 
 
 def size_plan(model_cfg: ModelConfig, tcfg: TrainConfig) -> tuple[list[str], list[float], dict[str, SubmodelSpec]]:
+    """The trained sizes, largest first, with their loss weights and specs; with bits, every (size, bits) cell
+    ("M@int4"), the widest bits first, weighted by size weight x bit weight."""
     names = trained_sizes(model_cfg, tcfg) if not tcfg.only else ["XL"]
     weights = tcfg.size_weights or [1.0] * len(names)
     if len(weights) != len(names):
         raise MatryoshkaError(f"{len(weights)} size weights for {len(names)} sizes {names}")
-    return names, weights, {n: uniform_spec(model_cfg, n) for n in names}
+    specs = {n: uniform_spec(model_cfg, n) for n in names}
+    if not tcfg.bits:
+        return names, weights, specs
+    quant.check_groups(model_cfg, quant.QuantConfig(tcfg.quant_group))
+    bits = sorted(zip(tcfg.bits, tcfg.bit_weights or [1.0] * len(tcfg.bits)), key=lambda bw: -bw[0])
+    cells = {str(specs[n].at_bits(b)): (specs[n].at_bits(b), w * bw) for b, bw in bits for n, w in zip(names, weights)}
+    return list(cells), [w for _, w in cells.values()], {c: spec for c, (spec, _) in cells.items()}
 
 
 def check_batch_split(tcfg: TrainConfig, d: Dist) -> None:
@@ -224,6 +247,7 @@ def prepare(
     check_batch_split(tcfg, d)
     torch.manual_seed(tcfg.seed)
     model = MatryoshkaLM(model_cfg)
+    model.quant = quant.QuantConfig(tcfg.quant_group)  # how its cells are quantized, in training and evaluation
     if init is not None and not resume:
         ck.load_state(model, ck.load_tensors(Path(init) / ck.WEIGHTS), Path(init) / ck.WEIGHTS)
     model.to(device)

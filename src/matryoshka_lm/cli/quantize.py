@@ -1,0 +1,43 @@
+"""`matryoshka quantize`: store a checkpoint as int8 codes whose top bits are its int4 and int2 models."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .options import nonnegative_int
+
+
+def cmd_quantize(a: argparse.Namespace) -> None:
+    from matryoshka_lm.convert.quantize import quantize_checkpoint
+    from matryoshka_lm.core import checkpoint as ck
+    from matryoshka_lm.core import quant
+    from matryoshka_lm.core.spec import size_names, uniform_spec
+
+    out = quantize_checkpoint(a.ckpt, a.out, group_size=a.group_size, embeddings=a.embeddings, force=a.force)
+    cfg, _ = ck.read_config(out)
+    qcfg, bits = ck.read_quant(out)
+    print(f"wrote {out}: int{bits} codes, groups of {qcfg.group_size or 'one row'}", file=sys.stderr)
+    print("bytes of weights per cell (fp32 for reference):", file=sys.stderr)
+    for name in size_names(cfg):
+        spec = uniform_spec(cfg, name)
+        cells = [("fp32", None)] + [(f"int{b}", b) for b in (8, 4, 2)]
+        row = "  ".join(f"{label} {quant.weight_bytes(cfg, spec, b, qcfg) / 1e6:.2f} MB" for label, b in cells)
+        print(f"  {name:>4}: {row}", file=sys.stderr)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    q = sub.add_parser(
+        "quantize",
+        help="store a checkpoint as int8 codes (round-to-nearest); every size then also runs @int4, @int2, ...",
+    )
+    q.add_argument("ckpt")
+    q.add_argument("-o", "--out", required=True, help="new checkpoint directory")
+    q.add_argument(
+        "--group-size",
+        type=nonnegative_int,
+        help="input features per scale (default: the training run's --quant-group, else 32; 0 = one per row)",
+    )
+    q.add_argument("--embeddings", action="store_true", help="quantize the token embedding (and LM head) too")
+    q.add_argument("--force", action="store_true", help="replace --out if it exists")
+    q.set_defaults(func=cmd_quantize)
