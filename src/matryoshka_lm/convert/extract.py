@@ -22,8 +22,9 @@ import torch
 
 from matryoshka_lm.config import ModelConfig, TrainConfig
 from matryoshka_lm.core import checkpoint as ck
+from matryoshka_lm.core import quant
 from matryoshka_lm.core.model import MatryoshkaLM
-from matryoshka_lm.core.nested import slice_state_dict, submodel_config
+from matryoshka_lm.core.nested import CODE_BITS, slice_state_dict, submodel_config
 from matryoshka_lm.core.spec import SubmodelSpec, count_params, format_spec, parse_spec
 from matryoshka_lm.errors import MatryoshkaError
 
@@ -124,10 +125,6 @@ def _standalone_train_config(tcfg: TrainConfig | None) -> dict | None:
 
 
 def _extract_cell(ckpt: Path, size: str, out: str | Path, force: bool) -> Path:
-    from matryoshka_lm.core import quant
-
-    from .quantize import cell_codes, stored_codes
-
     cfg, tcfg = ck.read_config(ckpt)
     spec = parse_spec(cfg, size)
     sub_cfg = submodel_config(cfg, spec)
@@ -145,3 +142,42 @@ def _extract_cell(ckpt: Path, size: str, out: str | Path, force: bool) -> Path:
         ck.write_json(tmp / ck.CONFIG, {**raw, "quant": {**qcfg.to_dict(), "bits": bits}})
     log.info("extracted %s from %s into %s", source["spec"], ckpt, out)
     return Path(out)
+
+
+# ---------------------------------------------------------------- quantized cells (size x bits)
+
+
+def stored_codes(ckpt: Path, group_size: int | None = None, embeddings: bool = False):
+    """(codes and scales, their QuantConfig, their bit width) of a checkpoint: as stored when it is quantized,
+    else round-to-nearest int8 of its weights with `group_size` (default: the training run's, else 32)."""
+    cfg, tcfg = ck.read_config(ckpt)
+    state = ck.load_tensors(ckpt / ck.WEIGHTS)
+    q = ck.read_quant(ckpt)
+    if q is not None:
+        qcfg, bits = q
+        if group_size is not None and group_size != qcfg.group_size:
+            raise MatryoshkaError(f"{ckpt} is already quantized with groups of {qcfg.group_size}, not {group_size}")
+        return state, qcfg, bits
+    check_shapes(cfg, state, ckpt / ck.WEIGHTS)
+    if group_size is None:
+        group_size = tcfg.quant_group if tcfg is not None else quant.QuantConfig().group_size
+    qcfg = quant.QuantConfig(group_size=group_size, embeddings=embeddings)
+    quant.check_groups(cfg, qcfg)
+    return quant.quantize_state(state, qcfg), qcfg, CODE_BITS
+
+
+def cell_codes(
+    qstate: dict[str, torch.Tensor], qcfg: quant.QuantConfig, stored: int, cfg: ModelConfig, spec: SubmodelSpec
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The codes a standalone model of `spec` stores, and their width: its slice of the codes, kept to the
+    spec's top bits when it names fewer bits than are stored."""
+    bits = spec.bits or stored
+    quant.check_bits(bits)
+    if bits > stored:
+        raise MatryoshkaError(f"the checkpoint stores int{stored} codes; int{bits} cannot be extracted from them")
+    out = {}
+    for name, t in quant.slice_qstate(qstate, cfg, spec.shape).items():
+        if t.dtype == torch.int8 and not name.endswith(quant.SCALE):
+            t = t >> (stored - bits)  # the top bits of the stored codes
+        out[name] = t.contiguous().clone()
+    return out, bits

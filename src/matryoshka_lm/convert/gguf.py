@@ -25,12 +25,13 @@ bits of q as s * (2^(8-r) t + (2^(8-r) - 1) / 2)):
 
 Q4_1's byte j holds weight j of the block in its low nibble and weight j + 16 in its high one. Norm gains stay
 F32; the token embedding (and an untied head) stay F32 / F16 unless the checkpoint quantized embeddings too.
-int2 (and int3, int5..7) have no GGUF block type of their own size that holds our levels exactly (the 2- and
-3-bit types are 256-weight k-quant super-blocks whose sub-block scales are themselves quantized).
+Other widths are refused: GGUF's 2- and 3-bit types are 256-weight k-quant super-blocks whose sub-block scales
+are quantized again, so no block of that size holds our int2/int3 levels exactly (Q4_1 would, at int4's size);
+int5 would fit Q5_1 (not written yet), int6/int7 fit no type.
 
-The tokenizer (a Hugging Face byte-level BPE with GPT-2's pre-tokenizer regex) is written as
-tokenizer.ggml.model "gpt2" with pre-tokenizer "gpt2": tokens, token types, merges; bos = eos = <|endoftext|>,
-never added automatically (our models see none at the start of a text).
+The tokenizer (a Hugging Face byte-level BPE with GPT-2's pre-tokenizer regex) is written as tokenizer.ggml.model
+"gpt2" with pre-tokenizer "gpt-2" (llama.cpp's name for that regex): tokens, token types, merges;
+bos = eos = <|endoftext|>, never added automatically (our models see none at the start of a text).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def q8_0_blocks(codes: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
 
 def q4_1_blocks(top: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
     """4-bit codes t in -8..7 (rows, n) and scales (rows, n/32) -> Q4_1 bytes (rows, n/32 * 20) that read back
-    as s * (16 t + 7.5): n = t + 8, d = 16 s, m = -120.5 s (rounded to fp16; see the module doc)."""
+    as s * (16 t + 7.5): nibble t + 8, d = 16 s, m = -120.5 s (rounded to fp16; see the module doc)."""
     rows, n = top.shape
     nib = (top.to(torch.int16) + 8).to(torch.uint8).numpy().reshape(rows, n // BLOCK, BLOCK)
     qs = nib[..., : BLOCK // 2] | (nib[..., BLOCK // 2 :] << np.uint8(4))
@@ -156,19 +157,21 @@ def _uniform_config(cfg: ModelConfig, spec: SubmodelSpec, size: str) -> ModelCon
     return sub
 
 
-def _check_blocks(sliced: dict[str, torch.Tensor], qcfg: quant.QuantConfig) -> None:
+def _check_blocks(sliced: dict[str, torch.Tensor], qcfg: quant.QuantConfig, stored_codes: bool) -> None:
     """Every weight to be written as blocks has whole blocks of 32 input features (the error names it)."""
+    # a quantized checkpoint has no float weights of its own to fall back on
+    instead = "re-quantize the full-precision checkpoint" if stored_codes else "export without --bits / @int for floats"
     if qcfg.group_size != BLOCK:
         what = "one scale per output row" if qcfg.group_size == 0 else f"groups of {qcfg.group_size}"
         raise MatryoshkaError(
             f"this checkpoint is quantized in {what}; GGUF's Q8_0 / Q4_1 blocks hold one scale per {BLOCK} weights, "
-            f"so only group_size {BLOCK} exports without re-quantization (export without --bits for fp32/fp16)"
+            f"so only group_size {BLOCK} exports without re-quantization ({instead})"
         )
     for name, w in sliced.items():
         if quant.is_quantized(name, qcfg) and w.shape[1] % BLOCK:
             raise MatryoshkaError(
                 f"{name} has {w.shape[1]} input features at this size, not a multiple of GGUF's {BLOCK}-weight "
-                f"blocks; export it unquantized (no --bits) or pick a size whose widths are multiples of {BLOCK}"
+                f"blocks; pick a size whose widths are multiples of {BLOCK} ({instead})"
             )
 
 
@@ -199,7 +202,7 @@ def gguf_tensors(
     if bits is None:
         state, scales = sliced, {}
     else:
-        _check_blocks(sliced, model.quant)
+        _check_blocks(sliced, model.quant, model.codes is not None)
         codes = model.codes if model.codes is not None else quant.quantize_state(model.state_dict(), model.quant)
         qstate = quant.slice_qstate(codes, cfg, spec.shape)
         state = {k: v for k, v in qstate.items() if not k.endswith(quant.SCALE)}
@@ -291,7 +294,7 @@ def write_gguf(
         if key != "name":
             w.add_string(f"matryoshka.{key}", value)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt2")  # ByteLevel(use_regex=True) splits text with GPT-2's regex
+    w.add_tokenizer_pre("gpt-2")  # llama.cpp's name for GPT-2's split regex, which ByteLevel(use_regex=True) uses
     w.add_token_list(vocab["tokens"])
     w.add_token_types([int(t) for t in vocab["types"]])
     w.add_token_merges(vocab["merges"])
@@ -337,12 +340,14 @@ def export_gguf(
         raise MatryoshkaError(f"output {out} is a directory; give a file name such as model.gguf")
     if out.exists() and not force:
         raise MatryoshkaError(f"output {out} already exists; pass --force to replace it")
-    cfg, _ = ck.read_config(ckpt)
+    cfg, tcfg = ck.read_config(ckpt)
     spec = parse_spec(cfg, size)  # bad specs fail before the weights are read
     bits = spec.bits if bits is None else bits
     _check_bits(bits)
     sub = _uniform_config(cfg, spec, size)
     model = ck.load_model(ckpt)
+    if model.codes is None and tcfg is not None:  # round-to-nearest in the groups its cells were trained with
+        model.quant = quant.QuantConfig(group_size=tcfg.quant_group)
     if bits is None:
         bits = model.native_bits  # a quantized checkpoint exports its own codes
         _check_bits(bits)

@@ -126,9 +126,11 @@ def save_quantized(
 def load_model(ckpt: Path, device: str | torch.device = "cpu") -> MatryoshkaLM:
     """Build the model from config.json and load model.safetensors (strict: every key, every shape). A quantized
     checkpoint loads at its stored bit width and keeps its codes for the narrower ones (MatryoshkaLM.for_bits)."""
-    cfg, _ = read_config(ckpt)
+    cfg, tcfg = read_config(ckpt)
     state = load_tensors(Path(ckpt) / WEIGHTS)
     model = MatryoshkaLM(cfg)
+    if tcfg is not None:  # its cells quantize as its training did
+        model.quant = quant.QuantConfig(group_size=tcfg.quant_group)
     q = read_quant(ckpt)
     if q is not None:
         qcfg, bits = q
