@@ -106,13 +106,24 @@ def engine_text(local, prompt: str, size: str, max_tokens: int, stops=()) -> str
 # ---------------------------------------------------------------- the openai client
 
 
-def test_models_lists_every_size_and_auto(client):
-    ids = [m.id for m in client.models.list()]
-    assert ids == [f"{NAME}:XL", f"{NAME}:L", f"{NAME}:M", f"{NAME}:S", f"{NAME}:auto"]
+def test_models_lists_every_size_its_cells_and_auto(client):
+    models = client.models.list().data
+    sizes = ["XL", "L", "M", "S"]
+    cells = [f"{s}@int{b}" for b in (8, 4, 2) for s in sizes]
+    assert [m.id for m in models] == [f"{NAME}:{s}" for s in sizes + cells] + [f"{NAME}:auto"]
+    card = {m.id: m for m in models}
+    assert card[f"{NAME}:M"].bits is None and card[f"{NAME}:M@int4"].bits == 4
+    assert card[f"{NAME}:M@int2"].weight_bytes < card[f"{NAME}:M@int4"].weight_bytes < card[f"{NAME}:M"].weight_bytes
     assert client.models.retrieve(f"{NAME}:S,M,L,XL").id.startswith(f"{NAME}:")
+    assert client.models.retrieve(f"{NAME}:S,M,L,XL@int4").bits == 4
 
 
-@pytest.mark.parametrize("size", ["M", "S,M,L,XL"])
+def test_a_bad_bit_width_is_a_400_naming_it(client):
+    with pytest.raises(openai.BadRequestError, match="int1"):
+        client.completions.create(model=f"{NAME}:M@int1", prompt="The", max_tokens=2)
+
+
+@pytest.mark.parametrize("size", ["M", "S,M,L,XL", "M@int4", "S,M,L,XL@int2"])
 def test_completion_equals_engine(client, local, size):
     r = client.completions.create(model=f"{NAME}:{size}", prompt="The class statement", max_tokens=12, temperature=0)
     assert r.choices[0].text == engine_text(local, "The class statement", size, 12)

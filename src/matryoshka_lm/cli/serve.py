@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .options import pick_device, port, positive_int
+from .options import int_list, pick_device, port, positive_int
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
@@ -27,6 +27,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         allowed_hosts=a.allowed_host or (),
         cors_origins=a.cors_origin or (),
         drain_timeout=a.drain_timeout,
+        bits=int_list(a.bits, "--bits"),
     )
 
 
@@ -77,6 +78,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default=30.0,
         metavar="SECONDS",
         help="on SIGTERM/SIGINT, let accepted requests finish for this long, then answer the rest 503 (default 30)",
+    )
+    sv.add_argument(
+        "--bits",
+        help="bit widths /v1/models lists per size as NAME:SIZE@intR (default: 8,4,2, or below the stored width of "
+        "a quantized checkpoint); any width the weights allow is served either way",
     )
     sv.add_argument("--device", default="auto")
     sv.set_defaults(func=cmd_serve)

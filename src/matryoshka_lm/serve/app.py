@@ -3,7 +3,8 @@
     matryoshka serve runs/demo --port 8000          # then: OpenAI(base_url="http://127.0.0.1:8000/v1")
 
 Routes
-  GET  /v1/models             one model id per size, NAME:XL ... NAME:S, plus NAME:auto (routed, see below)
+  GET  /v1/models             one model id per size, NAME:XL ... NAME:S, per cell NAME:M@int4 (size x bits:
+                               the top bits of int8 codes, core/quant.py), plus NAME:auto (routed, see below)
   GET  /v1/models/{id}
   POST /v1/completions        prompt: string | strings | token ids | arrays of token ids
   POST /v1/chat/completions   messages through the chat template (protocol.chat_prompt)
@@ -73,6 +74,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from matryoshka_lm.core.model import MatryoshkaLM
+from matryoshka_lm.core.quant import weight_bytes
 from matryoshka_lm.core.spec import SubmodelSpec, count_params, format_spec, parse_spec
 from matryoshka_lm.errors import MatryoshkaError
 
@@ -121,7 +123,7 @@ def create_app(
         cors_origins: origins (e.g. "http://localhost:3000", or "*") whose pages may call the API; none by default.
         options: Server settings: compile, max_batch, max_batches, batch_window_s, max_body_bytes,
             max_tokens_limit, max_waiting, router (an infer.router.Router for NAME:auto; default: the one saved
-            beside the checkpoint directory, if any).
+            beside the checkpoint directory, if any), bits (the widths /v1/models lists per size).
     """
     if isinstance(ckpt_or_model, MatryoshkaLM):
         if tokenizer is None:
@@ -308,6 +310,7 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
         size = model_id.rpartition(":")[2]
         auto = size == "auto"
         spec = srv.auto if auto else parse_spec(srv.cfg, size)
+        bits = spec.bits or srv.model.native_bits
         return {
             "id": model_id,
             "object": "model",
@@ -315,6 +318,8 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
             "owned_by": "matryoshka-lm",
             "size": "auto" if auto and srv.router is not None else format_spec(spec),
             "params": count_params(srv.cfg, spec)["total"],  # auto: the most it uses
+            "bits": bits,  # weight precision: None = fp32, else int8 codes' top `bits` bits
+            "weight_bytes": weight_bytes(srv.cfg, spec, bits, srv.model.quant),
             "context_length": srv.cfg.max_seq_len,
             **(srv.auto_card() if auto else {}),
         }

@@ -58,6 +58,7 @@ class Server:
         max_tokens_limit: int | None = None,
         max_waiting: int = 4096,
         router: Router | None = None,
+        bits: list[int] | None = None,
     ):
         from matryoshka_lm.embed import Embedder
 
@@ -72,6 +73,7 @@ class Server:
         self.sizes = size_names(self.cfg)
         self.auto = self._full_size()
         self.router = router
+        self.bits = self._served_bits(bits)
         # the router's candidates, checked against this model now rather than at the first auto request
         self.router_specs = [] if router is None else [self.engine.check_spec(s) for s in router.specs(self.cfg)]
         self.batcher = Batcher(
@@ -97,7 +99,19 @@ class Server:
     # ---- the model field
 
     def model_ids(self) -> list[str]:
-        return [f"{self.name}:{s}" for s in self.sizes] + [f"{self.name}:auto"]
+        """Every size, every listed cell (size@intR) and auto; any other spec or cell is served too."""
+        cells = [f"{self.name}:{s}@int{b}" for b in self.bits for s in self.sizes]
+        return [f"{self.name}:{s}" for s in self.sizes] + cells + [f"{self.name}:auto"]
+
+    def _served_bits(self, bits: list[int] | None) -> list[int]:
+        """The bit widths /v1/models lists: those given, else for a quantized checkpoint its stored width's
+        narrower MatQuant widths (int4, int2), for a full-precision one int8/int4/int2 (round-to-nearest)."""
+        if bits is not None:
+            for b in bits:
+                self.model.check_bits(b)
+            return bits
+        stored = self.model.code_bits if self.model.codes is not None else None
+        return [b for b in (8, 4, 2) if stored is None or b < stored]
 
     def _not_found(self, model: str) -> APIError:
         return APIError(
@@ -127,6 +141,7 @@ class Server:
         else:
             try:
                 spec = parse_spec(self.cfg, size)
+                self.model.check_bits(spec.bits)
             except MatryoshkaError as e:
                 if colon:
                     raise APIError(
