@@ -176,3 +176,35 @@ def test_budget_errors(ckpt, tmp_path, capsys, budget, msg):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0], err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_memory_budget_searches_size_x_bits(ckpt, tmp_path, capsys):
+    """A memory budget tries every candidate at fp32, int8, int4 and int2; the best fits the bytes and is the
+    lowest loss among the evaluated cells that fit; its name round-trips with its bit width."""
+    from matryoshka_lm.core import checkpoint as ck
+    from matryoshka_lm.core import quant
+
+    cfg, _ = ck.read_config(ckpt)
+    full = quant.weight_bytes(cfg, parse_spec(cfg, "XL"), None, quant.QuantConfig())
+    budget = int(full * 0.3)
+    args = ["mixnmatch", str(ckpt), "--budget", f"memory={budget}B", "--batches", "1", "--max-evals", "8"]
+    assert main([*args, "--plot", str(tmp_path / "m.png"), "--json", str(tmp_path / "m.json")]) == 0
+    best = capsys.readouterr().out.strip().splitlines()[-1].split(": ", 1)[1]
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert {p["bits"] for p in report["points"]} == {None, 8, 4, 2}
+    spec = parse_spec(cfg, best)
+    assert spec.bits is not None and quant.weight_bytes(cfg, spec, spec.bits, quant.QuantConfig()) <= budget
+    fits = [p for p in report["points"] if p["weight_bytes"] <= budget]
+    assert min(fits, key=lambda p: p["val_loss"])["spec"] == best
+    for p in report["points"]:  # every cell's bytes are the formula's
+        s = parse_spec(cfg, p["spec"])
+        assert p["weight_bytes"] == quant.weight_bytes(cfg, s, s.bits, quant.QuantConfig())
+    assert main([*args[:4], "--bits", "fp32,int9"]) == 2
+    assert "bit width 9" in capsys.readouterr().err
+
+
+def test_memory_budget_units():
+    assert parse_budget("memory=1.5MB") == Budget("memory", 1.5e6)
+    assert parse_budget("memory=200kb").value == 2e5
+    with pytest.raises(MatryoshkaError, match="not one of B, KB"):
+        parse_budget("memory=3ms")

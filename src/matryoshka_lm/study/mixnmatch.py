@@ -11,10 +11,14 @@ for all of them; only a few are evaluated on a validation subset:
   - the trained uniform sizes (drawn differently in the plot).
 Latency is measured (best of a few forwards of one sequence on this machine); to rank candidates before
 timing them, it is predicted from FLOPs by a line fitted to the spread's measurements.
+With bit widths (Matryoshka Quantization, core/quant.py) every candidate is also tried at each width: the search
+is over size x bits, and a memory budget (bytes of weights, quant.weight_bytes) searches fp32, int8, int4 and
+int2 by default.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 
 from matryoshka_lm.config import ModelConfig
+from matryoshka_lm.core import quant
 from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.nested import kv_heads
 from matryoshka_lm.core.spec import (
@@ -43,29 +48,38 @@ from matryoshka_lm.train.evaluate import human
 
 log = logging.getLogger(__name__)
 
-METRICS = ("params", "flops", "latency")
+METRICS = ("params", "flops", "latency", "memory")
 _SCALE = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9, "t": 1e12}
+_BYTES = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9}
+MEMORY_BITS = (None, 8, 4, 2)  # the widths a memory budget searches by default (None = fp32)
 _TIME = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
 @dataclass(frozen=True)
 class Budget:
-    metric: str  # params (total) | flops (forward FLOPs per token) | latency (seconds per forward)
+    metric: str  # params (total) | flops (forward FLOPs per token) | latency (seconds per forward) | memory (bytes)
     value: float
 
     def __str__(self) -> str:
         if self.metric == "latency":
             return f"latency={self.value * 1e3:g}ms"
+        if self.metric == "memory":
+            return f"memory={self.value / 1e6:g}MB"
         return f"{self.metric}={human(self.value)}"
 
 
 def parse_budget(text: str) -> Budget:
-    """'params=5M', 'flops=1.5G', 'latency=3ms' (units: K M G/B T for counts; us ms s for time)."""
+    """'params=5M', 'flops=1.5G', 'latency=3ms', 'memory=1.5MB' (units: K M G/B T for counts; us ms s for time;
+    B KB MB GB for bytes of weights)."""
     m = re.fullmatch(r"\s*([a-z]+)\s*=\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([a-z]*)\s*", (text or "").lower())
     if not m or m.group(1) not in METRICS:
-        raise MatryoshkaError(f"bad budget {text!r}: use params=5M, flops=1.5G or latency=3ms")
+        raise MatryoshkaError(f"bad budget {text!r}: use params=5M, flops=1.5G, latency=3ms or memory=1.5MB")
     metric, number, unit = m.group(1), float(m.group(2)), m.group(3)
-    if metric == "latency":
+    if metric == "memory":
+        if unit not in _BYTES:
+            raise MatryoshkaError(f"bad memory budget {text!r}: unit {unit!r} is not one of B, KB, MB, GB")
+        value = number * _BYTES[unit]
+    elif metric == "latency":
         if unit not in _TIME:
             raise MatryoshkaError(f"bad latency budget {text!r}: give a unit, e.g. latency=3ms (us, ms, s)")
         value = number * _TIME[unit]
@@ -91,13 +105,14 @@ class Candidate:
     val_loss: float | None = None
     text: str = ""
     kind: str = "mix'n'match"  # or "uniform" for a trained size
+    memory: int = 0  # bytes of weights at spec.bits (quant.weight_bytes)
 
     @property
     def changes(self) -> int:
         return sum(a != b for a, b in zip(self.levels, self.levels[1:]))
 
     def cost(self, metric: str) -> float:
-        return {"params": self.params, "flops": self.flops, "latency": self.latency}[metric]
+        return {"params": self.params, "flops": self.flops, "latency": self.latency, "memory": self.memory}[metric]
 
 
 def granularity_levels(cfg: ModelConfig) -> tuple[list[str], list[tuple[LayerSpec, ...]]]:
@@ -132,8 +147,15 @@ def monotone_sequences(depth: int, n_levels: int):
         yield from grow([start])
 
 
-def enumerate_candidates(cfg: ModelConfig, limit: int = 200_000) -> list[Candidate]:
-    """Every pruned candidate at every trained (width, depth), with params and FLOPs from the formulas."""
+def enumerate_candidates(
+    cfg: ModelConfig,
+    limit: int = 200_000,
+    bits: tuple[int | None, ...] = (None,),
+    qcfg: quant.QuantConfig | None = None,
+) -> list[Candidate]:
+    """Every pruned candidate at every trained (width, depth) and each of `bits` (None = the loaded weights),
+    with params, FLOPs and bytes of weights from the formulas."""
+    qcfg = qcfg or quant.QuantConfig()
     names, tables = granularity_levels(cfg)
     widths: dict[int, str] = {}
     for name in size_names(cfg):  # largest first: a width is named after the largest size that has it
@@ -142,25 +164,26 @@ def enumerate_candidates(cfg: ModelConfig, limit: int = 200_000) -> list[Candida
     out = []
     for width, wname in widths.items():
         for depth in depths:
-            for levels in monotone_sequences(depth, len(names)):
-                spec = SubmodelSpec(width=width, layers=tuple(tables[l][i] for i, l in enumerate(levels)))
-                out.append(
-                    Candidate(
-                        spec, levels, wname, tuple(names), count_params(cfg, spec)["total"], flops_per_token(cfg, spec)
-                    )
+            for levels, b in itertools.product(monotone_sequences(depth, len(names)), bits):
+                spec = SubmodelSpec(width=width, layers=tuple(tables[l][i] for i, l in enumerate(levels)), bits=b)
+                c = Candidate(
+                    spec, levels, wname, tuple(names), count_params(cfg, spec)["total"], flops_per_token(cfg, spec)
                 )
+                c.memory = quant.weight_bytes(cfg, spec, b, qcfg)
+                out.append(c)
                 if len(out) > limit:
                     raise MatryoshkaError(f"more than {limit} Mix'n'Match candidates; train fewer sizes")
     return out
 
 
 def spec_text(cfg: ModelConfig, c: Candidate) -> str:
-    """The spec in the name form ('S,S,M,M@M'), which parse_spec reads back to the same spec."""
+    """The spec in the name form ('S,S,M,M@M', 'M@int4'), which parse_spec reads back to the same spec."""
     body = ",".join(c.level_names[l] for l in c.levels)
+    bits = "" if c.spec.bits is None else f"@int{c.spec.bits}"
     for text in (body, f"{body}@{c.width_name}"):
         spec = parse_spec(cfg, text)
         if (spec.width, spec.layers) == (c.spec.width, c.spec.layers):
-            return spec.name or text
+            return (spec.name or text) + bits
     return format_spec(c.spec)
 
 
@@ -234,15 +257,18 @@ def mixnmatch_search(
     max_evals: int = 24,
     latency_tokens: int = 128,
     device: str | torch.device = "cpu",
+    bits: tuple[int | None, ...] | None = None,
 ) -> tuple[list[Candidate], Candidate]:
-    """Search; returns (every evaluated candidate, the best one that fits the budget).
+    """Search; returns (every evaluated candidate, the best one that fits the budget). `bits`: the widths to
+    try every candidate at (None in it = the loaded weights); default: MEMORY_BITS (those the weights allow) for
+    a memory budget, else the loaded weights only.
 
     Raises MatryoshkaError when no submodel fits, naming the smallest possible cost.
     """
     from matryoshka_lm.train.evaluate import evaluate_specs
 
     cfg = model.cfg
-    cands = enumerate_candidates(cfg)
+    cands = enumerate_candidates(cfg, bits=search_bits(model, budget, bits), qcfg=model.quant)
     metric = budget.metric
     if metric == "latency":
         _predict_latency(model, cands, max(4, max_evals // 4), latency_tokens, device)
@@ -251,7 +277,7 @@ def mixnmatch_search(
     picked += [c for c in _uniform(cfg, cands) if all(c is not p for p in picked)]
     for c in picked:
         c.text = spec_text(cfg, c)
-        c.kind = "uniform" if c.text in cfg.sizes else "mix'n'match"
+        c.kind = "uniform" if c.text.partition("@int")[0] in cfg.sizes else "mix'n'match"  # at any width
         if metric == "latency" and c.latency is None:
             _measure(model, c, latency_tokens, device)
     log.info("evaluating %d of %d candidates", len(picked), len(cands))
@@ -277,7 +303,7 @@ def check_fits(
     device: str | torch.device = "cpu",
 ) -> None:
     """Raise a clear error when even the smallest submodel (timed, for latency) exceeds the budget."""
-    cands = cands or enumerate_candidates(model.cfg)
+    cands = cands or enumerate_candidates(model.cfg, bits=search_bits(model, budget, None), qcfg=model.quant)
     metric = budget.metric
     cheapest = min(cands, key=lambda c: (c.flops, c.params) if metric == "latency" else c.cost(metric))
     if metric == "latency":
@@ -287,6 +313,20 @@ def check_fits(
             f"no submodel fits {budget}: the smallest is {spec_text(model.cfg, cheapest)} at "
             f"{_cost_str(cheapest, metric)}"
         )
+
+
+def search_bits(model: MatryoshkaLM, budget: Budget, bits: tuple[int | None, ...] | None) -> tuple[int | None, ...]:
+    """The widths to search: those given (checked against the weights), else MEMORY_BITS for a memory budget
+    (the widths a quantized checkpoint's codes hold; its own width as None), else the loaded weights only."""
+    if bits is not None:
+        for b in bits:
+            model.check_bits(b)
+        return tuple(bits)
+    if budget.metric != "memory":
+        return (None,)
+    if model.codes is None:
+        return MEMORY_BITS
+    return (None,) + tuple(b for b in MEMORY_BITS if b is not None and b < model.code_bits)
 
 
 def _uniform(cfg: ModelConfig, cands: list[Candidate]) -> list[Candidate]:
@@ -314,6 +354,8 @@ def _predict_latency(model: MatryoshkaLM, cands: list[Candidate], n: int, tokens
 def _cost_str(c: Candidate, metric: str) -> str:
     if metric == "latency":
         return f"{c.latency * 1e3:.2f} ms here"
+    if metric == "memory":
+        return f"{c.memory / 1e6:.3g} MB of weights"
     return f"{human(c.cost(metric))} {'params' if metric == 'params' else 'FLOPs/token'}"
 
 
@@ -321,11 +363,15 @@ def format_frontier(points: list[Candidate], best: Candidate, budget: Budget) ->
     """Markdown table of every evaluated candidate, cheapest first; '*' marks the Pareto frontier."""
     front = {id(c) for c in pareto_front(points, budget.metric)}
     lat = any(c.latency is not None for c in points)
-    head = "| spec | kind | params | FLOPs/token |" + (" latency ms |" if lat else "") + " val loss | frontier | fits |"
-    lines = [head, "|---|---|---:|---:|" + ("---:|" if lat else "") + "---:|:-:|:-:|"]
+    head = (
+        "| spec | kind | params | FLOPs/token | MB |"
+        + (" latency ms |" if lat else "")
+        + " val loss | frontier | fits |"
+    )
+    lines = [head, "|---|---|---:|---:|---:|" + ("---:|" if lat else "") + "---:|:-:|:-:|"]
     for c in points:
         name = f"**{c.text}**" if c is best else c.text
-        row = f"| {name} | {c.kind} | {human(c.params)} | {human(c.flops)} |"
+        row = f"| {name} | {c.kind} | {human(c.params)} | {human(c.flops)} | {c.memory / 1e6:.3g} |"
         if lat:
             row += f" {c.latency * 1e3:.2f} |" if c.latency is not None else " |"
         fits = c.cost(budget.metric) <= budget.value
@@ -341,6 +387,7 @@ def plot_frontier(points: list[Candidate], best: Candidate, budget: Budget, path
         "params": (1, "parameters"),
         "flops": (1, "forward FLOPs / token"),
         "latency": (1e3, "latency (ms, one forward, this machine)"),
+        "memory": (1e-6, "bytes of weights (MB)"),
     }[metric]
     mm = [c for c in points if c.kind != "uniform"]
     uni = [c for c in points if c.kind == "uniform"]
@@ -392,8 +439,10 @@ def run_mixnmatch(
     json_path: str | Path | None = None,
     latency_tokens: int = 128,
     device: str = "cpu",
+    bits: tuple[int | None, ...] | None = None,
 ) -> tuple[Candidate, str]:
-    """`matryoshka mixnmatch`: search the checkpoint, write the PNG and JSON, return (best, Markdown table)."""
+    """`matryoshka mixnmatch`: search the checkpoint, write the PNG and JSON, return (best, Markdown table).
+    `bits`: widths to search besides the loaded weights' (see mixnmatch_search)."""
     from matryoshka_lm.core import checkpoint as ck
     from matryoshka_lm.core.checkpoint import write_json
     from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
@@ -401,11 +450,21 @@ def run_mixnmatch(
     ckpt = Path(ckpt)
     b = parse_budget(budget)  # bad input fails before anything is loaded
     model = ck.load_model(ckpt, device)
-    check_fits(model, b, latency_tokens=latency_tokens, device=device)  # before the corpus is tokenized
+    bits = search_bits(model, b, bits)
+    cands = enumerate_candidates(model.cfg, bits=bits, qcfg=model.quant)
+    check_fits(model, b, cands, latency_tokens=latency_tokens, device=device)  # before the corpus is tokenized
     tcfg, _, val = checkpoint_val_split(ckpt)
     seq_len = min(tcfg.seq_len, model.cfg.max_seq_len)
     points, best = mixnmatch_search(
-        model, val, b, seq_len, n_batches=n_batches, max_evals=max_evals, latency_tokens=latency_tokens, device=device
+        model,
+        val,
+        b,
+        seq_len,
+        n_batches=n_batches,
+        max_evals=max_evals,
+        latency_tokens=latency_tokens,
+        device=device,
+        bits=bits,
     )
     plot_frontier(points, best, b, Path(plot_path or ckpt / "mixnmatch.png"), f"{ckpt.name}: Mix'n'Match, {b}")
     front = {id(c) for c in pareto_front(points, b.metric)}
@@ -417,6 +476,8 @@ def run_mixnmatch(
             "params": c.params,
             "flops_per_token": c.flops,
             "latency_ms": None if c.latency is None else c.latency * 1e3,
+            "bits": c.spec.bits,
+            "weight_bytes": c.memory,
             "val_loss": c.val_loss,
             "pareto": id(c) in front,
         }
