@@ -255,3 +255,31 @@ def test_generation_labeller_full_size_gap_is_zero_and_scores_the_greedy_continu
     assert labels.nll[0, 0] == pytest.approx(-logp.gather(-1, gen[:, None]).mean().item(), abs=1e-5)
     with pytest.raises(MatryoshkaError, match="quality"):
         R.label_tokens(model, tokens, 12, 32, 8, quality="bleu")
+
+
+def test_router_candidates_may_be_cells_costed_in_bytes(tiny_ckpt, corpus_file):
+    """Candidates of the size x bits grid: ordered by bytes of weights, labelled at their own bit width, and
+    routed to; a huge τ picks the cheapest cell, τ 0 the most expensive."""
+    from matryoshka_lm.core import quant
+    from matryoshka_lm.core.checkpoint import load_model, load_tokenizer
+    from matryoshka_lm.core.spec import parse_spec
+    from matryoshka_lm.data import encode_corpus, read_corpus
+
+    model = load_model(tiny_ckpt)
+    tokens = encode_corpus(load_tokenizer(tiny_ckpt), read_corpus(corpus_file))
+    cells = ["XL", "M@int4", "S@int2", "L@int8"]
+    specs, labels = R.label_tokens(model, tokens, 40, 48, 12, candidates=cells)
+    assert [str(s) for s in specs] == ["S@int2", "M@int4", "L@int8", "XL"]
+    # each column is that cell's own loss: S@int2 labels differ from S's
+    _, s_labels = R.label_tokens(model, tokens, 40, 48, 12, candidates=["S", "XL"])
+    assert not np.allclose(labels.nll[:, 0], s_labels.nll[:, 0])
+    router = R.fit_router(model, labels, candidates=cells)
+    full = quant.weight_bytes(model.cfg, full_spec(model.cfg), None, model.quant)
+    want = [quant.weight_bytes(model.cfg, s, s.bits, model.quant) / full for s in specs]
+    assert router.costs == pytest.approx(want) and router.costs == sorted(router.costs)
+    assert [s for s in router.specs(model.cfg)] == [parse_spec(model.cfg, c) for c in router.candidates]
+    ids = torch.as_tensor(tokens[:20].astype(np.int64))
+    assert route(model, ids, router, tolerance=1e9).index == 0
+    assert route(model, ids, router, tolerance=0.0).index == 3
+    with pytest.raises(MatryoshkaError, match="distinct"):
+        R.candidate_specs(model, ["M@int4", "M@int4"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from matryoshka_lm.errors import MatryoshkaError
 
-from .options import pick_device, positive_int
+from .options import pick_device, positive_int, spec_list
 
 
 def _nonnegative_float(text: str) -> float:
@@ -40,7 +40,9 @@ def cmd_fit(a: argparse.Namespace) -> None:
 
     torch.manual_seed(a.seed)
     model = load_model(Path(a.ckpt), pick_device(a.device))
-    router = fit_on_tokens(model, _tokens(a.ckpt, a.data), a.queries, a.window, a.cont, a.tolerance, a.seed)
+    tokens = _tokens(a.ckpt, a.data)
+    candidates = spec_list(a.candidates)
+    router = fit_on_tokens(model, tokens, a.queries, a.window, a.cont, a.tolerance, a.seed, candidates=candidates)
     out = Path(a.output or a.ckpt)
     router.save(out)
     apgr = ", ".join(f"{k} {v:.3f}" for k, v in router.info["calibration_apgr"].items())
@@ -80,6 +82,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--window", type=positive_int, default=128, help="prompt + continuation tokens per query")
     f.add_argument("--cont", type=positive_int, default=32, help="continuation tokens scored per query")
     f.add_argument("--tolerance", type=_nonnegative_float, default=0.1, help="default τ saved (nats/token)")
+    f.add_argument(
+        "--candidates",
+        help="specs or cells to route between, e.g. S@int2,M@int4,XL (';'-separated if they contain commas; "
+        "default: the trained sizes); with bit widths the cost is bytes of weights, else FLOPs",
+    )
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--device", default="cpu")
     f.set_defaults(func=cmd_fit)

@@ -43,7 +43,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from matryoshka_lm.core.model import MatryoshkaLM
-from matryoshka_lm.core.spec import SubmodelSpec, flops_per_token, format_spec, full_spec, size_names, uniform_spec
+from matryoshka_lm.core.quant import weight_bytes
+from matryoshka_lm.core.spec import (
+    SubmodelSpec,
+    flops_per_token,
+    format_spec,
+    full_spec,
+    parse_spec,
+    size_names,
+    uniform_spec,
+)
 from matryoshka_lm.errors import MatryoshkaError
 from matryoshka_lm.infer.engine import Engine
 from matryoshka_lm.infer.router import (
@@ -91,14 +100,35 @@ def make_queries(
     return Queries(windows, lens, cont)
 
 
-def candidate_specs(model: MatryoshkaLM) -> list[SubmodelSpec]:
-    """The trained sizes, smallest first, ending with the full size."""
+def candidate_specs(model: MatryoshkaLM, candidates: list[str] | None = None) -> list[SubmodelSpec]:
+    """The trained sizes, smallest first, ending with the full size; or the given specs or cells ("S@int2",
+    "M@int4", "XL"), cheapest first (relative_costs)."""
     cfg = model.cfg
+    if candidates:
+        specs = [parse_spec(cfg, c) for c in candidates]
+        for spec in specs:
+            model.check_bits(spec.bits)
+        if len(set(specs)) != len(specs) or len(specs) < 2:
+            raise MatryoshkaError(f"router candidates must be at least two distinct specs, got {candidates}")
+        costs = relative_costs(model, specs)
+        return [s for _, s in sorted(zip(costs, specs), key=lambda cs: cs[0])]
     specs = [uniform_spec(cfg, s) for s in reversed(size_names(cfg))]
     full = full_spec(cfg)
     if (specs[-1].width, specs[-1].layers) != (full.width, full.layers):
         specs.append(full)
     return specs
+
+
+def relative_costs(model: MatryoshkaLM, specs: list[SubmodelSpec], context: int | None = None) -> list[float]:
+    """Each candidate's cost relative to the full model: FLOPs per token (over `context`), or, when any
+    candidate names a bit width, bytes of weights read per token (weight-only quantization leaves the FLOPs as
+    they are; batch-1 decoding is bound by the bytes)."""
+    cfg = model.cfg
+    if any(s.bits is not None for s in specs):
+        full = weight_bytes(cfg, full_spec(cfg), model.native_bits, model.quant)
+        return [weight_bytes(cfg, s, s.bits or model.native_bits, model.quant) / full for s in specs]
+    f_full = flops_per_token(cfg, full_spec(cfg), context)
+    return [flops_per_token(cfg, s, context) / f_full for s in specs]
 
 
 @dataclass
@@ -237,7 +267,7 @@ def query_costs(model: MatryoshkaLM, specs: list[SubmodelSpec], labels: Labels) 
     total = p + labels.cont
     window = int(total.max())
     f_full = flops_per_token(cfg, full_spec(cfg), window)
-    rel = np.array([flops_per_token(cfg, s, window) / f_full for s in specs])
+    rel = np.array(relative_costs(model, specs, window))
     per = total[:, None] * rel[None]
     n_feat, n_pred = labels.features.shape[1], len(specs) - 1
     pred = np.array([router_flops(cfg, specs[0], int(pi), n_feat, n_pred)["predictor"] / f_full for pi in p])
@@ -382,11 +412,16 @@ def calibrate(router: Router, labels: Labels, costs: Costs) -> None:
 
 
 def fit_router(
-    model: MatryoshkaLM, labels: Labels, tolerance: float = 0.1, cal_fraction: float = 0.3, seed: int = 0
+    model: MatryoshkaLM,
+    labels: Labels,
+    tolerance: float = 0.1,
+    cal_fraction: float = 0.3,
+    seed: int = 0,
+    candidates: list[str] | None = None,
 ) -> Router:
     """Fit both predictors on part of the labelled queries, calibrate on the rest, and make the one with the
-    higher APGR on the calibration split the default."""
-    specs = candidate_specs(model)
+    higher APGR on the calibration split the default. `candidates`: as the labels were made with."""
+    specs = candidate_specs(model, candidates)
     n = labels.nll.shape[0]
     if n < 10:
         raise MatryoshkaError(f"fitting a router needs at least 10 labelled queries, got {n}")
@@ -394,11 +429,9 @@ def fit_router(
     n_cal = max(2, int(n * cal_fraction))
     fit_idx, cal_idx = np.sort(perm[n_cal:]), np.sort(perm[:n_cal])
     fit, cal = labels.subset(fit_idx), labels.subset(cal_idx)
-    cfg = model.cfg
-    f_full = flops_per_token(cfg, full_spec(cfg))
     router = Router(
         candidates=[format_spec(s) for s in specs],
-        costs=[flops_per_token(cfg, s) / f_full for s in specs],
+        costs=relative_costs(model, specs),
         features=feature_names(specs[0].width),
         predictors=fit_predictors(fit),
         tolerance=tolerance,
@@ -534,14 +567,16 @@ def label_tokens(
     seed: int = 0,
     quality: str = "scoring",
     new_tokens: int = 16,
+    candidates: list[str] | None = None,
 ) -> tuple[list[SubmodelSpec], Labels]:
     """Queries cut from `tokens` (window clipped to the model's context), labelled by every candidate.
 
     quality: "scoring" (the default: NLL of the reference continuation, `label`) or "generation" (the full size's
-    NLL of each candidate's greedy continuation of `new_tokens`, `label_generation`; same prompts)."""
+    NLL of each candidate's greedy continuation of `new_tokens`, `label_generation`; same prompts).
+    candidates: specs or cells to route between (candidate_specs; default: the trained sizes)."""
     window = min(window, model.cfg.max_seq_len)
     cont = min(cont, window // 2)
-    specs = candidate_specs(model)
+    specs = candidate_specs(model, candidates)
     queries = make_queries(tokens, n, window, cont, seed=seed)
     if quality == "scoring":
         return specs, label(model, queries, specs)
@@ -558,9 +593,10 @@ def fit_on_tokens(
     cont: int = 32,
     tolerance: float = 0.1,
     seed: int = 0,
+    candidates: list[str] | None = None,
 ) -> Router:
     """Label, fit, calibrate: the library side of `matryoshka route fit`."""
-    _, labels = label_tokens(model, tokens, n, window, cont, seed)
-    router = fit_router(model, labels, tolerance=tolerance, seed=seed)
+    _, labels = label_tokens(model, tokens, n, window, cont, seed, candidates=candidates)
+    router = fit_router(model, labels, tolerance=tolerance, seed=seed, candidates=candidates)
     router.info |= {"window": min(window, model.cfg.max_seq_len), "cont": labels.cont}
     return router
