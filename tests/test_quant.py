@@ -206,3 +206,24 @@ def test_cli_quantize_then_generate_and_extract_cells(fp_ckpt, tmp_path, capsys)
     capsys.readouterr()
     assert main(["extract", str(q), "--size", "S,M,L,XL@int2", "-o", str(tmp_path / "y")]) == 2  # S's FFN: 16 units
     assert "cuts quantization groups" in capsys.readouterr().err
+
+
+def test_cli_eval_reports_every_cell_it_is_given(fp_ckpt, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    args = [
+        "eval",
+        str(fp_ckpt),
+        "--sizes",
+        "XL;XL@int8;XL@int2",
+        "--json",
+        str(out),
+        "--plot",
+        str(tmp_path / "e.png"),
+    ]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "XL@int2" in text
+    rows = {r["size"]: r for r in json.loads(out.read_text())["sizes"]}
+    assert rows["XL@int8"]["val_loss"] != rows["XL@int2"]["val_loss"]
+    assert rows["XL"]["bits"] is None and rows["XL@int2"]["bits"] == 2
+    assert rows["XL@int2"]["weight_bytes"] < rows["XL@int8"]["weight_bytes"] < rows["XL"]["weight_bytes"]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from matryoshka_lm.config import ModelConfig
 from matryoshka_lm.core.model import MatryoshkaLM
+from matryoshka_lm.core.quant import QuantConfig, weight_bytes
 from matryoshka_lm.core.spec import SubmodelSpec, count_params, flops_per_token
 from matryoshka_lm.data import eval_batches
 from matryoshka_lm.plots import figure
@@ -50,8 +51,14 @@ def evaluate_specs(
 
 
 def size_table(
-    cfg: ModelConfig, specs: dict[str, SubmodelSpec], results: dict[str, dict[str, float]]
+    cfg: ModelConfig,
+    specs: dict[str, SubmodelSpec],
+    results: dict[str, dict[str, float]],
+    qcfg: QuantConfig | None = None,
+    native_bits: int | None = None,
 ) -> list[dict[str, Any]]:
+    """One row per spec; `qcfg`/`native_bits`: how the model's cells are quantized and the loaded precision (for
+    the bytes of weights each row reads)."""
     rows = []
     for name, spec in specs.items():
         p = count_params(cfg, spec)
@@ -63,6 +70,8 @@ def size_table(
                 "params": p["total"],
                 "non_embedding_params": p["non_embedding"],
                 "flops_per_token": flops_per_token(cfg, spec),
+                "bits": spec.bits or native_bits,
+                "weight_bytes": weight_bytes(cfg, spec, spec.bits or native_bits, qcfg or QuantConfig()),
                 "val_loss": r["loss"],
                 "perplexity": math.exp(r["loss"]),
                 "top1_agreement": r["agree"],
