@@ -217,3 +217,16 @@ def test_sampled_speculative_is_distributed_as_the_target(model, share):
     expected = [exact[c] * N for c in big] + [N - sum(exact[c] * N for c in big)]
     assert len(big) >= 8
     assert chisquare(observed, expected).pvalue > 1e-3, (observed, [round(e) for e in expected])
+
+
+@pytest.mark.parametrize("draft", ["XL@int4", "S@int2"])
+def test_a_quantized_cell_drafts_losslessly(model, draft):
+    """The draft may be a cell of the size x bits grid (the same size at int4, or a small size at int2): the
+    output is still exactly the target's greedy output."""
+    spec = parse_spec(model.cfg, draft)
+    accepted = 0
+    for prompt in PROMPTS:
+        got, stats = speculative_decode(model, prompt, None, spec, 16, gamma=3)
+        assert got.tokens == target_greedy(model, prompt, None, 16)
+        accepted += stats.accepted
+    assert accepted > 0
