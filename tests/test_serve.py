@@ -223,6 +223,23 @@ def test_two_sizes_in_flight_at_once_equal_the_engine(client, local):
         assert r.model == f"{NAME}:{size}"
 
 
+def test_one_size_at_two_bit_widths_in_flight_at_once_never_share_weights(client, local):
+    """Rows of L and L@int2 arrive together; a batch holds one cell, so each answer is its own cell's."""
+    jobs = [(size, p) for p in ("One", "Two words here", "Three: a longer prompt") for size in ("L", "L@int2")]
+
+    def ask(job):
+        size, prompt = job
+        return client.completions.create(model=f"{NAME}:{size}", prompt=prompt, max_tokens=12, temperature=0)
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(ask, jobs))
+    texts = {}
+    for (size, prompt), r in zip(jobs, results):
+        assert r.choices[0].text == engine_text(local, prompt, size, 12), (size, prompt)
+        texts[size, prompt] = r.choices[0].text
+    assert any(texts["L", p] != texts["L@int2", p] for _, p in jobs)  # the cells differ, so the test can fail
+
+
 def shared_batches(server, size: str) -> float:
     """Generation batches of `size` started so far with two or more rows (from the batch-size histogram)."""
     registry = server.app.state.server.metrics.registry

@@ -94,7 +94,7 @@ class GenRequest:
             sampling_key = id(self)  # alone
         else:  # one Sampling serves the whole batch: every setting but the seed must match
             sampling_key = replace(s, seed=None)
-        return (self.spec.width, self.spec.layers, sampling_key)
+        return (self.spec.width, self.spec.layers, self.spec.bits, sampling_key)  # a cell's bits: other weights
 
 
 class RowStream:

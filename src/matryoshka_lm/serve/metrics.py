@@ -13,8 +13,9 @@ ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/m
 
 
 def size_label(spec: SubmodelSpec) -> str:
-    """The metrics label of a size: its name, or "mixnmatch" for every other spec (bounded label values)."""
-    return spec.name or "mixnmatch"
+    """The metrics label of a size: its name, or "mixnmatch" for every other spec, with its bit width for a cell
+    ("M@int4", "mixnmatch@int2"): bounded label values."""
+    return (spec.name or "mixnmatch") + ("" if spec.bits is None else f"@int{spec.bits}")
 
 
 class Metrics:
