@@ -145,7 +145,9 @@ def test_chat_uses_the_documented_template(client, local):
     prompt = chat_prompt([(m["role"], m["content"]) for m in messages])
     assert prompt == "System: Be brief.\nUser: What is a list?\nAssistant:"
     assert r.choices[0].message.role == "assistant"
-    assert r.choices[0].message.content == engine_text(local, prompt, "L", 10, CHAT_STOPS)
+    raw = engine_text(local, prompt, "L", 10, CHAT_STOPS)
+    # the reply is the model's continuation without the space the template's "Assistant:" leaves before it
+    assert r.choices[0].message.content == raw.lstrip() and not r.choices[0].message.content[:1].isspace()
     assert r.usage.prompt_tokens == len(local[1].encode(prompt).ids)
 
 
@@ -336,7 +338,10 @@ BAD = [  # (id, path, raw body or JSON object, status, param)
     ("too-many-stops", "/v1/completions", _completion(stop=list("abcde")), 400, "stop"),
     ("seed-string", "/v1/completions", _completion(seed="x"), 400, "seed"),
     ("n-zero", "/v1/completions", _completion(n=0), 400, "n"),
-    ("logprobs", "/v1/completions", _completion(logprobs=2), 400, "logprobs"),
+    ("logprobs-too-many", "/v1/completions", _completion(logprobs=21), 400, "logprobs"),
+    ("logprobs-bool", "/v1/completions", _completion(logprobs=True), 400, "logprobs"),
+    ("max-tokens-0-no-echo", "/v1/completions", _completion(max_tokens=0), 400, "max_tokens"),
+    ("logprobs-stream", "/v1/completions", _completion(logprobs=1, stream=True), 400, "logprobs"),
     (
         "deep-nesting",
         "/v1/completions",
@@ -800,3 +805,77 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 60.0) -> Non
         assert proc.poll() is None, proc.stdout.read().decode()
         assert time.monotonic() < deadline, f"no answer from {url} within {timeout} s"
         time.sleep(0.1)
+
+
+# ---------------------------------------------------------------- echo and logprobs (prompt scoring, lm-eval)
+
+
+def direct_logprobs(local, ids: list[int], size: str):
+    """log p(ids[j] | ids[:j]) for j >= 1 from one forward of the locally loaded model."""
+    import torch
+
+    engine, _ = local
+    with torch.no_grad():
+        logits = engine.model(torch.tensor([ids]), parse_spec(engine.cfg, size))[0, :-1]
+    logp = torch.log_softmax(logits.float(), -1)
+    return logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist(), logp
+
+
+@pytest.mark.parametrize("size", ["M", "L@int4"])
+def test_echo_with_max_tokens_zero_scores_the_prompt(client, local, size):
+    _, tok = local
+    ids = tok.encode("The class statement defines a new class object").ids
+    r = client.completions.create(model=f"{NAME}:{size}", prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    c = r.choices[0]
+    assert c.text == tok.decode(ids) and c.finish_reason == "length" and r.usage.completion_tokens == 0
+    lp = c.logprobs
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    want, logp = direct_logprobs(local, ids, size)
+    np.testing.assert_allclose(lp.token_logprobs[1:], want, atol=1e-4)
+    for j, top in enumerate(lp.top_logprobs[1:]):  # the most likely token, and the token itself when it is not
+        assert max(top.values()) == pytest.approx(float(logp[j].max()), abs=1e-4)
+        assert lp.token_logprobs[j + 1] in top.values()
+    assert lp.text_offset == [len(tok.decode(ids[:j])) for j in range(len(ids))]
+
+
+def test_logprobs_of_generated_tokens_are_the_models(client, local):
+    _, tok = local
+    r = client.completions.create(model=f"{NAME}:S", prompt="A function", max_tokens=8, temperature=0, logprobs=3)
+    c = r.choices[0]
+    lp = c.logprobs
+    assert "".join(lp.tokens) == c.text and len(lp.tokens) == r.usage.completion_tokens == 8
+    prompt = tok.encode("A function").ids
+    gen = tok.encode(c.text).ids
+    want, _ = direct_logprobs(local, prompt + gen, "S")
+    np.testing.assert_allclose(lp.token_logprobs, want[len(prompt) - 1 :], atol=1e-4)
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 3 and chosen == max(top.values())  # greedy: each token is the most likely
+    assert lp.text_offset[0] == len("A function")
+
+
+def test_logprobs_zero_still_reports_each_tokens_logprob(client):
+    r = client.completions.create(model=f"{NAME}:M", prompt="The", max_tokens=3, temperature=0, logprobs=0)
+    lp = r.choices[0].logprobs
+    assert lp is not None and len(lp.token_logprobs) == 3 and all(v <= 0 for v in lp.token_logprobs)
+    assert all(len(top) == 1 for top in lp.top_logprobs)
+
+
+def test_chat_logprobs_and_top_logprobs(client):
+    r = client.chat.completions.create(
+        model=f"{NAME}:M",
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(t.token for t in content).lstrip() == r.choices[0].message.content
+    for t in content:
+        assert [a.logprob for a in t.top_logprobs] == sorted((a.logprob for a in t.top_logprobs), reverse=True)
+        assert t.logprob == t.top_logprobs[0].logprob and t.bytes == list(t.token.encode())
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(
+            model=f"{NAME}:M", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, top_logprobs=2
+        )

@@ -45,6 +45,7 @@ class Event:
     tokens: int = 0  # tokens generated for this choice so far
     finish_reason: str | None = None  # set on the last event of a choice: "stop" | "length"
     error: str | None = None  # the request failed (the message is for logs, not clients)
+    ids: tuple[int, ...] = ()  # on the last event of a choice: every token generated (for logprobs)
     shutdown: bool = False  # the error is the server shutting down (a 503), not a model failure (a 500)
 
 
@@ -106,14 +107,16 @@ class RowStream:
         self.req, self.budget = req, budget
         self.stops = StopRow(req.stop_tokens, req.stop_strings, decode)
         self.steps = 0  # tokens the model generated for this row
+        self.ids: list[int] = []
         self.done = False
 
     def push(self, tok: int) -> Event | None:
         self.steps += 1
+        self.ids.append(tok)
         self.stops.add(tok)
         if self.stops.done:
             self.done = True
-            return Event(self.req.index, self.stops.take(), self.steps, self.stops.reason)
+            return Event(self.req.index, self.stops.take(), self.steps, self.stops.reason, ids=tuple(self.ids))
         if self.steps >= self.budget:
             return self.finish()
         piece = self.stops.take()
@@ -122,7 +125,7 @@ class RowStream:
     def finish(self) -> Event:
         """End the row by length: what was held back is final."""
         self.done = True
-        return Event(self.req.index, self.stops.flush(), self.steps, "length")
+        return Event(self.req.index, self.stops.flush(), self.steps, "length", ids=tuple(self.ids))
 
 
 @dataclass

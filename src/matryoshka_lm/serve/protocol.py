@@ -14,6 +14,7 @@ MAX_STOPS = 4
 MAX_CHOICES = 8
 MAX_INPUTS = 256  # prompts per completion request, texts per embedding request
 MAX_STOP_TOKEN_IDS = 64
+MAX_LOGPROBS = 20  # most likely alternatives per token (completions' `logprobs`, chat's `top_logprobs`)
 
 # The chat template: one line per message, "Role: content", then "Assistant:" for the model to continue.
 # Roles: system (and developer) -> System, user -> User, assistant -> Assistant. The reply ends where the model
@@ -106,9 +107,6 @@ class _Body(BaseModel):
 # fields we do not implement, with the values that mean "off" (anything else, true for 1 included, gets a 400
 # naming the field). The penalties and min_tokens need each row's generated tokens at sampling time.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
-    "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
     "presence_penalty": (None, 0, 0.0),
@@ -150,6 +148,9 @@ class GenerationRequest(_Body):
 
 class CompletionRequest(GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt only
+    echo: bool | None = False  # the reply's text (and logprobs) start with the prompt
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # per token: its logprob and this many alternatives
 
 
 class ContentPart(_Body):
@@ -166,6 +167,8 @@ class ChatMessage(_Body):
 class ChatRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 class EmbeddingRequest(_Body):
@@ -226,4 +229,25 @@ async def parse_body(request: Request, model: type[_Body], max_bytes: int) -> An
             "stream_options",
             "invalid_value",
         )
+    _check_scoring(body)
     return body
+
+
+def _check_scoring(body: Any) -> None:
+    """echo / logprobs / top_logprobs: consistent with each other and with max_tokens and stream."""
+
+    def bad(param: str, why: str) -> APIError:
+        return APIError(400, f"Invalid value for '{param}': {why}.", param, "invalid_value")
+
+    if isinstance(body, CompletionRequest):
+        if body.max_tokens == 0 and not body.echo:
+            raise bad("max_tokens", "0 generates nothing; it is only allowed with 'echo': true (score the prompt)")
+        scored = [name for name in ("echo", "logprobs") if getattr(body, name) not in (None, False)]
+    elif isinstance(body, ChatRequest):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise bad("top_logprobs", "it needs 'logprobs': true")
+        scored = ["logprobs"] if body.logprobs else []
+    else:
+        return
+    if scored and body.stream:
+        raise bad(scored[0], "not supported together with 'stream' here; ask without streaming")

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from matryoshka_lm.core.spec import SubmodelSpec, format_spec
 
 from .batcher import Event, Ticket
+from .logprobs import chat_logprobs, kept_ids, legacy_logprobs, score
 from .metrics import size_label
 from .protocol import CHAT_STOPS, MAX_INPUTS, APIError, GenerationRequest
 from .state import Server
@@ -33,6 +34,10 @@ class Reply:
         self.texts: list[list[str]] = [[] for _ in range(n)]
         self.tokens = [0] * n
         self.reasons: list[str | None] = [None] * n
+        self.ids: list[tuple[int, ...]] = [()] * n  # every generated token, for logprobs
+        self.prefix = [""] * n  # echo: the prompt's text
+        self.logprobs: list[dict[str, Any] | None] = [None] * n
+        self.started = [False] * n  # chat: the reply's first visible character was sent
         self.first = True
 
     @property
@@ -44,6 +49,8 @@ class Reply:
         self.texts[ev.index].append(ev.text)
         self.tokens[ev.index] = ev.tokens
         self.reasons[ev.index] = ev.finish_reason
+        if ev.ids:
+            self.ids[ev.index] = ev.ids
 
     def usage(self, prompt_tokens: int) -> dict[str, int]:
         return {
@@ -59,14 +66,19 @@ class Reply:
     def final(self, prompt_tokens: int) -> dict[str, Any]:
         choices = []
         for i, parts in enumerate(self.texts):
-            text = "".join(parts)
+            text = self.prefix[i] + "".join(parts)
+            if self.chat:  # the template ends "Assistant:", so the model's reply starts with a space
+                text = text.lstrip()
             body = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
-            choices.append({"index": i, **body, "logprobs": None, "finish_reason": self.reasons[i]})
+            choices.append({"index": i, **body, "logprobs": self.logprobs[i], "finish_reason": self.reasons[i]})
         return {**self._head(False), "choices": choices, "usage": self.usage(prompt_tokens)}
 
     def chunk(self, index: int, text: str | None, finish_reason: str | None, role: bool = False) -> dict[str, Any]:
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            if text and not self.started[index]:  # as in final(): no leading whitespace
+                text = text.lstrip()
+                self.started[index] = bool(text)
             if text:
                 delta["content"] = text
             choice = {"index": index, "delta": delta}
@@ -101,13 +113,18 @@ async def generation_reply(
         )
     ticket = Ticket(asyncio.get_running_loop())
     rows = srv.rows(ticket, prompts, spec, n, n_tokens, sampling, stops, stop_tokens)
-    srv.submit(rows)
     label = size_label(spec)
     prompt_tokens = sum(len(p) for p in prompts)
-    srv.metrics.tokens.labels(label, "prompt").inc(prompt_tokens)
     t0 = time.perf_counter()
     reply = Reply(chat, new_id("chatcmpl" if chat else "cmpl"), served, len(rows))
     headers = {"X-Matryoshka-Size": format_spec(spec)}
+    if n_tokens == 0:  # echo only (protocol checked): the prompts are scored, nothing is generated
+        srv.metrics.tokens.labels(label, "prompt").inc(prompt_tokens)
+        reply.reasons = ["length"] * len(rows)
+        await add_logprobs(srv, reply, req, spec, prompts, n, stop_tokens)
+        return JSONResponse(reply.final(prompt_tokens), headers=headers)
+    srv.submit(rows)
+    srv.metrics.tokens.labels(label, "prompt").inc(prompt_tokens)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         body = sse_stream(srv, request, ticket, reply, label, t0, prompt_tokens, include_usage)
@@ -132,7 +149,47 @@ async def generation_reply(
     except APIError:
         request.state.failed = True
         raise
+    await add_logprobs(srv, reply, req, spec, prompts, n, stop_tokens)
     return JSONResponse(reply.final(prompt_tokens), headers=headers)
+
+
+async def add_logprobs(
+    srv: Server,
+    reply: Reply,
+    req: GenerationRequest,
+    spec: SubmodelSpec,
+    prompts: list[list[int]],
+    n: int,
+    stop_tokens: frozenset[int],
+) -> None:
+    """echo (completions) and logprobs: every choice's prompt + kept tokens scored in one job on the worker
+    thread (serve/logprobs.py)."""
+    echo = bool(getattr(req, "echo", False))
+    if reply.chat:
+        top = (req.top_logprobs or 0) if req.logprobs else None
+    else:
+        top = req.logprobs
+    if not echo and top is None:
+        return
+    decode = srv.tok.decode
+    texts = ["".join(parts) for parts in reply.texts]
+    seqs = []
+    for i in range(len(reply.texts)):
+        prompt = prompts[i // n]
+        seqs.append((prompt, kept_ids(reply.ids[i], texts[i], stop_tokens, decode)))
+    scored = await srv.batcher.call(lambda: [score(srv.engine, spec, p + g, top or 0) for p, g in seqs])
+    for i, ((prompt, gen), sc) in enumerate(zip(seqs, scored)):
+        prompt_text = decode(prompt)
+        if echo:
+            reply.prefix[i] = prompt_text
+        if top is None:
+            continue
+        ids = prompt + gen
+        if reply.chat:
+            reply.logprobs[i] = chat_logprobs(sc, ids, len(prompt), top, decode)
+        else:
+            first, offset0 = (0, 0) if echo else (len(prompt), len(prompt_text))
+            reply.logprobs[i] = legacy_logprobs(sc, ids, first, decode, offset0)
 
 
 async def _collect(srv: Server, ticket: Ticket, reply: Reply, label: str, t0: float) -> None:
