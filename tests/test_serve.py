@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,10 +20,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _loopback import LoopbackServer
 from _tiny_ckpt import make_checkpoint
 from _tiny_router import length_router, predicted_gaps
 from matryoshka_lm.core.checkpoint import load_model, load_tokenizer
@@ -39,33 +38,6 @@ openai = pytest.importorskip("openai")
 
 NAME = "tiny"
 KEY = "sk-test-key"
-
-
-class LoopbackServer:
-    """uvicorn serving `app` in a thread on a free 127.0.0.1 port (the socket is bound first: no port race)."""
-
-    def __init__(self, app):
-        self.app = app
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> LoopbackServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
-        assert not self.thread.is_alive(), "uvicorn did not shut down"
 
 
 @pytest.fixture(scope="module")

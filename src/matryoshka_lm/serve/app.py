@@ -70,7 +70,9 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from matryoshka_lm.core.model import MatryoshkaLM
@@ -277,7 +279,26 @@ async def _generation_size(
     return served, spec
 
 
+def json_body(app: FastAPI, model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI requestBody of a route that parses its body itself (parse_body: size limit, strict JSON,
+    OpenAI-shaped errors): `model`'s JSON schema, its nested models added to the app's components (openapi())."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    app.state.schema_defs = {**getattr(app.state, "schema_defs", {}), **schema.pop("$defs", {})}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's OpenAPI document plus the request bodies' nested schemas (json_body)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(getattr(app.state, "schema_defs", {}))
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def _add_routes(app: FastAPI, srv: Server) -> None:
+    app.openapi = lambda: _openapi(app)
+
     def authorized(request: Request) -> None:
         if srv.api_key is None:
             return
@@ -334,7 +355,7 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
         auto = model_id.rpartition(":")[2].partition("@")[0] == "auto"
         return card(f"{srv.name}:auto" if auto else served)
 
-    @app.post("/v1/completions", dependencies=post)
+    @app.post("/v1/completions", dependencies=post, openapi_extra=json_body(app, CompletionRequest))
     async def completions(request: Request) -> Response:
         req = await parse_body(request, CompletionRequest, srv.max_body_bytes)
         _resolve(srv, req.model, request)  # the model field is checked before the prompts
@@ -342,7 +363,7 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
         served, spec = await _generation_size(srv, request, req, prompts, req.max_tokens, 16)
         return await generation_reply(srv, request, req, served, spec, prompts, req.max_tokens, 16, chat=False)
 
-    @app.post("/v1/chat/completions", dependencies=post)
+    @app.post("/v1/chat/completions", dependencies=post, openapi_extra=json_body(app, ChatRequest))
     async def chat(request: Request) -> Response:
         req = await parse_body(request, ChatRequest, srv.max_body_bytes)
         _resolve(srv, req.model, request)
@@ -353,7 +374,7 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
             srv, request, req, served, spec, prompts, max_tokens, srv.max_tokens_limit, chat=True
         )
 
-    @app.post("/v1/embeddings", dependencies=post)
+    @app.post("/v1/embeddings", dependencies=post, openapi_extra=json_body(app, EmbeddingRequest))
     async def embeddings(request: Request) -> Response:
         req = await parse_body(request, EmbeddingRequest, srv.max_body_bytes)
         served, spec = _resolve(srv, req.model, request)
