@@ -10,6 +10,7 @@ Routes
   POST /v1/chat/completions   messages through the chat template (protocol.chat_prompt)
   POST /v1/embeddings         mean-pooled final hidden states of the size, cut to `dimensions`, L2-normalized
   GET  /health                liveness and queue depth (never needs the API key)
+  GET  /                      a page to try the sizes in a browser (serve/page.py; the API key is typed into it)
   GET  /metrics               Prometheus text: requests, errors, tokens, latency, batch size and auto choices per size
 
 The `model` field picks the size: "NAME:M" (or just "M"), any Mix'n'Match spec ("NAME:S,M,L,XL",
@@ -92,6 +93,7 @@ from .protocol import (
     parse_body,
     validation_error,
 )
+from .page import add_page_routes
 from .replies import generation_reply, shutting_down
 from .state import Server, load_checkpoint, load_router
 
@@ -165,6 +167,7 @@ def create_app(
     app.add_middleware(MetricsMiddleware, metrics=srv.metrics)
     _add_error_handlers(app)
     _add_routes(app, srv)
+    add_page_routes(app)
     return app
 
 
