@@ -83,6 +83,7 @@ from matryoshka_lm.errors import MatryoshkaError
 
 from .batcher import BatcherClosed
 from .metrics import MetricsMiddleware, size_label
+from .page import add_page_routes
 from .protocol import (
     CHAT_STOPS,
     APIError,
@@ -93,7 +94,6 @@ from .protocol import (
     parse_body,
     validation_error,
 )
-from .page import add_page_routes
 from .replies import generation_reply, shutting_down
 from .state import Server, load_checkpoint, load_router
 

@@ -49,8 +49,10 @@ HTML = """<!doctype html>
   <button id="run">Generate</button>
 </div>
 <div class="panes">
-  <div class="pane" id="pane-a"><h2 id="title-a">A</h2><div class="out" id="out-a"></div><div class="stat" id="stat-a"></div></div>
-  <div class="pane" id="pane-b"><h2 id="title-b">B</h2><div class="out" id="out-b"></div><div class="stat" id="stat-b"></div></div>
+  <div class="pane" id="pane-a"><h2 id="title-a">A</h2>
+    <div class="out" id="out-a"></div><div class="stat" id="stat-a"></div></div>
+  <div class="pane" id="pane-b"><h2 id="title-b">B</h2>
+    <div class="out" id="out-b"></div><div class="stat" id="stat-b"></div></div>
 </div>
 <script src="/page.js"></script>
 </body>
@@ -120,7 +122,9 @@ async function stream(which, model) {
       }
     }
     const s = (performance.now() - t0) / 1000;
-    const rate = first === null || tokens < 2 ? '' : ', ' + ((tokens - 1) / ((performance.now() - first) / 1000)).toFixed(1) + ' tokens/s';
+    // decode speed: the tokens after the first over the time since the first arrived
+    const rate = first === null || tokens < 2 ? ''
+      : ', ' + ((tokens - 1) / ((performance.now() - first) / 1000)).toFixed(1) + ' tokens/s';
     stat.textContent = 'done: ' + tokens + ' tokens in ' + s.toFixed(2) + ' s' + rate + ', served by ' + served;
     stat.dataset.done = '1';
   } catch (e) {
@@ -129,7 +133,9 @@ async function stream(which, model) {
 }
 
 $('run').addEventListener('click', () => {
-  for (const w of ['a', 'b']) { delete $('stat-' + w).dataset.done; $('out-' + w).textContent = ''; $('stat-' + w).textContent = ''; }
+  for (const w of ['a', 'b']) {
+    delete $('stat-' + w).dataset.done; $('out-' + w).textContent = ''; $('stat-' + w).textContent = '';
+  }
   const a = chosen('a'), b = chosen('b');
   stream('a', a);
   if (b) stream('b', b); else $('stat-b').dataset.done = '1';
