@@ -13,10 +13,10 @@ import sys
 
 from matryoshka_lm.errors import MatryoshkaError
 
-from . import convert, embed, evaluate, generate, quantize, route, serve, study, train
+from . import convert, embed, evaluate, generate, harness, quantize, route, serve, study, train
 
 # the order of `matryoshka --help`
-GROUPS = (train, evaluate, generate, convert, quantize, study, embed, serve, route)
+GROUPS = (train, evaluate, generate, convert, quantize, study, harness, embed, serve, route)
 
 
 def build_parser() -> argparse.ArgumentParser:
