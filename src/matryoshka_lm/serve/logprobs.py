@@ -49,12 +49,11 @@ def score(engine: Engine, spec: SubmodelSpec, ids: Sequence[int], top: int) -> S
     return Scored(chosen.tolist(), alts)
 
 
-def kept_ids(ids: Sequence[int], text: str, stop_tokens: frozenset[int], decode: Decode) -> list[int]:
-    """The generated tokens that make up the returned text: without a final stop token, and without the tokens of
-    a stop string the text was cut before."""
+def kept_ids(ids: Sequence[int], text: str, decode: Decode) -> list[int]:
+    """The generated tokens behind the returned text: all of them, a final stop token (<|endoftext|>) included as
+    OpenAI and vLLM report it (lm-eval expects max_tokens tokens after an echoed prompt), but not the tokens of a
+    stop string the text was cut before."""
     ids = list(ids)
-    if ids and ids[-1] in stop_tokens:
-        ids.pop()
     while ids and len(decode(ids)) > len(text):
         ids.pop()
     return ids

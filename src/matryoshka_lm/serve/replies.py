@@ -121,7 +121,7 @@ async def generation_reply(
     if n_tokens == 0:  # echo only (protocol checked): the prompts are scored, nothing is generated
         srv.metrics.tokens.labels(label, "prompt").inc(prompt_tokens)
         reply.reasons = ["length"] * len(rows)
-        await add_logprobs(srv, reply, req, spec, prompts, n, stop_tokens)
+        await add_logprobs(srv, reply, req, spec, prompts, n)
         return JSONResponse(reply.final(prompt_tokens), headers=headers)
     srv.submit(rows)
     srv.metrics.tokens.labels(label, "prompt").inc(prompt_tokens)
@@ -149,7 +149,7 @@ async def generation_reply(
     except APIError:
         request.state.failed = True
         raise
-    await add_logprobs(srv, reply, req, spec, prompts, n, stop_tokens)
+    await add_logprobs(srv, reply, req, spec, prompts, n)
     return JSONResponse(reply.final(prompt_tokens), headers=headers)
 
 
@@ -160,7 +160,6 @@ async def add_logprobs(
     spec: SubmodelSpec,
     prompts: list[list[int]],
     n: int,
-    stop_tokens: frozenset[int],
 ) -> None:
     """echo (completions) and logprobs: every choice's prompt + kept tokens scored in one job on the worker
     thread (serve/logprobs.py)."""
@@ -171,15 +170,19 @@ async def add_logprobs(
         top = req.logprobs
     if not echo and top is None:
         return
-    decode = srv.tok.decode
+
+    def decode(ids: list[int]) -> str:  # a special token alone reads as its name, not as ""
+        text = srv.tok.decode(ids)
+        return text if text or len(ids) != 1 else srv.tok.id_to_token(ids[0]) or ""
+
     texts = ["".join(parts) for parts in reply.texts]
     seqs = []
     for i in range(len(reply.texts)):
         prompt = prompts[i // n]
-        seqs.append((prompt, kept_ids(reply.ids[i], texts[i], stop_tokens, decode)))
+        seqs.append((prompt, kept_ids(reply.ids[i], texts[i], srv.tok.decode)))
     scored = await srv.batcher.call(lambda: [score(srv.engine, spec, p + g, top or 0) for p, g in seqs])
     for i, ((prompt, gen), sc) in enumerate(zip(seqs, scored)):
-        prompt_text = decode(prompt)
+        prompt_text = srv.tok.decode(prompt)
         if echo:
             reply.prefix[i] = prompt_text
         if top is None:

@@ -63,8 +63,13 @@ class MatryoshkaHarnessLM(TemplateLM):
         batch_size: int = 8,
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
         engine: Engine | None = None,
+        max_length: int | None = None,
     ):
+        """`max_length`: tokens per scored window (default and most: the model's context)."""
         super().__init__()
+        if max_length is not None and not 1 < max_length <= model.cfg.max_seq_len:
+            raise MatryoshkaError(f"max_length must be in 2..{model.cfg.max_seq_len}, got {max_length}")
+        self._max_length = max_length or model.cfg.max_seq_len
         self.model = model.eval()
         self.tok = tokenizer  # not `self.tokenizer`: lm-eval reads HF attributes (pad_token...) from that
         self.spec = parse_spec(model.cfg, spec) if isinstance(spec, str) else (spec or model.full)
@@ -105,7 +110,7 @@ class MatryoshkaHarnessLM(TemplateLM):
 
     @property
     def max_length(self) -> int:
-        return self.model.cfg.max_seq_len
+        return self._max_length
 
     @property
     def device(self) -> torch.device:
