@@ -81,6 +81,7 @@ from matryoshka_lm.core.quant import weight_bytes
 from matryoshka_lm.core.spec import SubmodelSpec, count_params, format_spec, parse_spec
 from matryoshka_lm.errors import MatryoshkaError
 
+from . import responses as R
 from .batcher import BatcherClosed
 from .metrics import MetricsMiddleware, size_label
 from .page import add_page_routes
@@ -282,6 +283,9 @@ async def _generation_size(
     return served, spec
 
 
+GENERATION_ERRORS = (400, 401, 404, 413, 415, 500, 503)
+
+
 def json_body(app: FastAPI, model: type[BaseModel]) -> dict[str, Any]:
     """The OpenAPI requestBody of a route that parses its body itself (parse_body: size limit, strict JSON,
     OpenAI-shaped errors): `model`'s JSON schema, its nested models added to the app's components (openapi())."""
@@ -294,7 +298,13 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     """FastAPI's OpenAPI document plus the request bodies' nested schemas (json_body)."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        schema.setdefault("components", {}).setdefault("schemas", {}).update(getattr(app.state, "schema_defs", {}))
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas.update(getattr(app.state, "schema_defs", {}))
+        for ops in schema["paths"].values():  # errors are 400s here (validation_error), never FastAPI's 422
+            for op in ops.values():
+                op.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
         app.openapi_schema = schema
     return app.openapi_schema
 
@@ -314,7 +324,7 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
     auth = [Depends(authorized)]
     post = [Depends(authorized), Depends(require_json)]  # the key first: a stranger learns nothing else
 
-    @app.get("/health")
+    @app.get("/health", responses=R.responses(None, 400))
     async def health() -> dict[str, Any]:
         return {
             "status": "ok",
@@ -324,7 +334,12 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
             "batches_in_flight": srv.batcher.in_flight,
         }
 
-    @app.get("/metrics", dependencies=auth)
+    @app.get(
+        "/metrics",
+        dependencies=auth,
+        response_class=PlainTextResponse,
+        responses={200: {"description": "Prometheus text format"}, **R.responses(None, 400, 401)},
+    )
     async def metrics() -> PlainTextResponse:
         from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -348,17 +363,22 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
             **(srv.auto_card() if auto else {}),
         }
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models", dependencies=auth, responses=R.responses(R.ModelList, 400, 401))
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [card(m) for m in srv.model_ids()]}
 
-    @app.get("/v1/models/{model_id:path}", dependencies=auth)
+    @app.get("/v1/models/{model_id:path}", dependencies=auth, responses=R.responses(R.ModelCard, 400, 401, 404))
     async def model_card(model_id: str, request: Request) -> dict[str, Any]:
         served, _ = _resolve(srv, model_id, request)
         auto = model_id.rpartition(":")[2].partition("@")[0] == "auto"
         return card(f"{srv.name}:auto" if auto else served)
 
-    @app.post("/v1/completions", dependencies=post, openapi_extra=json_body(app, CompletionRequest))
+    @app.post(
+        "/v1/completions",
+        dependencies=post,
+        openapi_extra=json_body(app, CompletionRequest),
+        responses=R.responses(R.Completion, *GENERATION_ERRORS, stream=True),
+    )
     async def completions(request: Request) -> Response:
         req = await parse_body(request, CompletionRequest, srv.max_body_bytes)
         _resolve(srv, req.model, request)  # the model field is checked before the prompts
@@ -366,7 +386,12 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
         served, spec = await _generation_size(srv, request, req, prompts, req.max_tokens, 16)
         return await generation_reply(srv, request, req, served, spec, prompts, req.max_tokens, 16, chat=False)
 
-    @app.post("/v1/chat/completions", dependencies=post, openapi_extra=json_body(app, ChatRequest))
+    @app.post(
+        "/v1/chat/completions",
+        dependencies=post,
+        openapi_extra=json_body(app, ChatRequest),
+        responses=R.responses(R.ChatCompletion, *GENERATION_ERRORS, stream=True),
+    )
     async def chat(request: Request) -> Response:
         req = await parse_body(request, ChatRequest, srv.max_body_bytes)
         _resolve(srv, req.model, request)
@@ -377,7 +402,12 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
             srv, request, req, served, spec, prompts, max_tokens, srv.max_tokens_limit, chat=True
         )
 
-    @app.post("/v1/embeddings", dependencies=post, openapi_extra=json_body(app, EmbeddingRequest))
+    @app.post(
+        "/v1/embeddings",
+        dependencies=post,
+        openapi_extra=json_body(app, EmbeddingRequest),
+        responses=R.responses(R.EmbeddingList, 400, 401, 404, 413, 415, 503),
+    )
     async def embeddings(request: Request) -> Response:
         req = await parse_body(request, EmbeddingRequest, srv.max_body_bytes)
         served, spec = _resolve(srv, req.model, request)
