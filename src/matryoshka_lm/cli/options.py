@@ -46,24 +46,23 @@ def port(text: str) -> int:
     return value
 
 
-def int_list(text: str | None, what: str) -> list[int] | None:
-    """'8,16,64' -> [8, 16, 64]; None or '' -> None."""
+def _number_list(text: str | None, what: str, kind: type, words: str) -> list | None:
     if not text:
         return None
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        return [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise MatryoshkaError(f"{what} must be comma-separated integers, got {text!r}") from None
+        raise MatryoshkaError(f"{what} must be comma-separated {words}, got {text!r}") from None
+
+
+def int_list(text: str | None, what: str) -> list[int] | None:
+    """'8,16,64' -> [8, 16, 64]; None or '' -> None."""
+    return _number_list(text, what, int, "integers")
 
 
 def float_list(text: str | None, what: str) -> list[float] | None:
     """'1,1,2.5' -> [1.0, 1.0, 2.5]; None or '' -> None."""
-    if not text:
-        return None
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise MatryoshkaError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    return _number_list(text, what, float, "numbers")
 
 
 def spec_list(text: str | None) -> list[str] | None:
