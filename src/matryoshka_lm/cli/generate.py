@@ -30,7 +30,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
     ids = tok.encode(a.prompt).ids
     sampling = Sampling(a.temperature, a.top_k, a.top_p, a.seed)  # checks the settings: before any output
     # compiling costs tens of seconds per size on CPU, more than a CLI run gains; on CUDA it pays at once
-    engine = Engine(model, compile=device.startswith("cuda") if a.compile is None else a.compile)
+    compile = device.startswith("cuda") if a.compile is None else a.compile
+    engine = Engine(model, compile=compile, kernels=a.kernels)
     eot = tok.token_to_id(EOT)
     stops = dict(stop_tokens=[] if eot is None else [eot], stop_strings=a.stop or [], decode=tok.decode)
     if router is not None:
@@ -125,6 +126,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--size", default="XL", help="size name, Mix'n'Match spec, 'all', or 'auto' (the router beside CKPT picks)"
     )
     g.add_argument("--prompt", required=True)
+    g.add_argument(
+        "--kernels",
+        choices=["bf16", "fp32"],
+        help="cells (@intR, or a quantized checkpoint) compute from packed codes: bf16 = PyTorch's int4/int8 CPU "
+        "kernels (fast, ~1e-2 relative error), fp32 = exact; default: dequantized fp32 weights",
+    )
     # --max-new-tokens, --top-k and --gamma stay plain ints: the library names the bad value in one error line
     g.add_argument("--max-new-tokens", type=int, default=48)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")

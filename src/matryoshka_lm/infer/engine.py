@@ -39,6 +39,7 @@ from matryoshka_lm.core.model import KVCache, MatryoshkaLM
 from matryoshka_lm.core.nested import submodel_config
 from matryoshka_lm.core.spec import SubmodelSpec, validate_spec
 from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.infer.packed import cell_codes, packed_view
 from matryoshka_lm.infer.sampling import GREEDY, Sampling, sample
 from matryoshka_lm.infer.stops import Completion, Decode, StopRow, stream_rows
 
@@ -96,6 +97,7 @@ def left_padded(prompts: list[list[int]], device: torch.device) -> tuple[torch.T
 
 # ---------------------------------------------------------------- the engine
 
+KERNELS = (None, "bf16", "fp32")  # Engine(kernels=...): how cells compute
 RECOMPILE_LIMIT = 64  # graphs per size and step kind: batch sizes x cache lengths x padded or not
 Step = Callable[[MatryoshkaLM, torch.Tensor, SubmodelSpec | None, KVCache, int | torch.Tensor], torch.Tensor]
 
@@ -105,8 +107,15 @@ class Engine:
     speculative verify chunk) with torch.compile, one compiled region per size, on first use; "reduce-overhead"
     (CUDA graphs) on CUDA. See BENCHMARKS.md for when it pays off on CPU."""
 
-    def __init__(self, model: MatryoshkaLM, compile: bool = False, slice_once: bool = True):
+    def __init__(self, model: MatryoshkaLM, compile: bool = False, slice_once: bool = True, kernels: str | None = None):
+        """`kernels`: how cells with a bit width compute. None: on dequantized fp32 weights (MatryoshkaLM.for_bits);
+        "bf16": from packed codes with PyTorch's int4/int8 CPU kernels (fast; bf16 activations, ~1e-2 relative
+        error); "fp32": from the codes, exactly (infer/packed.py)."""
+        if kernels not in KERNELS:
+            raise MatryoshkaError(f"kernels must be one of {', '.join(str(k) for k in KERNELS)}, got {kernels!r}")
         self.model = model.eval()
+        self.kernels = kernels
+        self._codes: dict[str, torch.Tensor] | None = None
         self.cfg = model.cfg
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -130,6 +139,9 @@ class Engine:
         (MatryoshkaLM.for_bits) for its full size, else the size's view model of it (built on first use; views
         stay valid while the model's tensors are updated in place, so build a new Engine after replacing them).
         The spec returned names the bit width the module computes at, so compiled graphs are per cell."""
+        bits = spec.bits if spec.bits is not None else self.model.native_bits
+        if self.kernels is not None and bits is not None and self.device.type == "cpu":
+            return self._packed(spec, bits)
         base = self.model.for_bits(spec.bits)
         full = base.full.at_bits(base.native_bits)
         if (spec.width, spec.layers) == (full.width, full.layers):
@@ -140,6 +152,16 @@ class Engine:
         if sub is None:
             sub = self._views[spec] = view_model(base, spec.shape)
         return sub, sub.full.at_bits(sub.native_bits)
+
+    def _packed(self, spec: SubmodelSpec, bits: int) -> tuple[MatryoshkaLM, SubmodelSpec]:
+        """The cell's packed view (built on first use; the codes are quantized once per engine)."""
+        sub = self._views.get(spec.at_bits(bits))
+        if sub is None:
+            if self._codes is None:
+                self._codes = cell_codes(self.model)[0]
+            act = torch.bfloat16 if self.kernels == "bf16" else torch.float32
+            sub = self._views[spec.at_bits(bits)] = packed_view(self.model, spec, bits, act, codes=self._codes)
+        return sub, sub.full.at_bits(bits)
 
     def check_prompts(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         if max_new_tokens <= 0:

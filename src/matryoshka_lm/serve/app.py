@@ -128,7 +128,8 @@ def create_app(
         cors_origins: origins (e.g. "http://localhost:3000", or "*") whose pages may call the API; none by default.
         options: Server settings: compile, max_batch, max_batches, batch_window_s, max_body_bytes,
             max_tokens_limit, max_waiting, router (an infer.router.Router for NAME:auto; default: the one saved
-            beside the checkpoint directory, if any), bits (the widths /v1/models lists per size).
+            beside the checkpoint directory, if any), bits (the widths /v1/models lists per size), kernels (how
+            cells compute: None, "bf16" or "fp32"; see infer.engine.Engine).
     """
     if isinstance(ckpt_or_model, MatryoshkaLM):
         if tokenizer is None:

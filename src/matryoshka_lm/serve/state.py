@@ -59,12 +59,13 @@ class Server:
         max_waiting: int = 4096,
         router: Router | None = None,
         bits: list[int] | None = None,
+        kernels: str | None = None,
     ):
         from matryoshka_lm.embed import Embedder
 
         self.model, self.tok, self.name, self.api_key = model.eval(), tokenizer, name, api_key
         self.cfg = model.cfg
-        self.engine = Engine(model, compile=compile)
+        self.engine = Engine(model, compile=compile, kernels=kernels)
         self.embedder = (embedder if embedder is not None else Embedder(model)).eval()
         self.max_body_bytes, self.max_waiting = max_body_bytes, max_waiting
         self.max_tokens_limit = max_tokens_limit or self.cfg.max_seq_len - 1
