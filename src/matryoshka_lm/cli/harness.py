@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from matryoshka_lm.errors import MatryoshkaError
 
@@ -17,6 +18,8 @@ def cmd_harness(a: argparse.Namespace) -> None:
     except ImportError as e:  # lm-eval itself is checked in harness.py; this is one of its dependencies
         raise MatryoshkaError(f'lm-evaluation-harness is not usable ({e}): pip install "lm-eval>=0.4"') from None
 
+    if not a.verbose:  # lm-eval warns about every task config it fills in; the tables are what this prints
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
     res = run_harness(
         a.ckpt,
