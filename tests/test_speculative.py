@@ -190,8 +190,8 @@ def exact_joint(model, prompt, sampling, n):
     return joint
 
 
-@pytest.mark.parametrize("share", [False, True])
-def test_sampled_speculative_is_distributed_as_the_target(model, share):
+@pytest.mark.parametrize("draft_text,share", [("S", False), ("S", True), ("XL,XL", False)])
+def test_sampled_speculative_is_distributed_as_the_target(model, draft_text, share):
     """The first three sampled tokens (the first from the target's prefill, then one draft-and-verify round of
     gamma 2: accepted drafts, a resampled rejection or the bonus token) over many seeds follow the target's
     exact joint distribution (top-k 3: 27 outcomes); chi-square, cells with expected counts under 5 merged.
@@ -199,7 +199,7 @@ def test_sampled_speculative_is_distributed_as_the_target(model, share):
     from scipy.stats import chisquare
 
     prompt, n, N = PROMPTS[1], 3, 300
-    draft, engine = uniform_spec(model.cfg, "S"), Engine(model)
+    draft, engine = parse_spec(model.cfg, draft_text), Engine(model)  # XL,XL: the early exit, reused
     exact = exact_joint(model, prompt, Sampling(temperature=1.5, top_k=3), n)
     counts: Counter[tuple[int, ...]] = Counter()
     total = SpeculativeStats()
@@ -230,3 +230,48 @@ def test_a_quantized_cell_drafts_losslessly(model, draft):
         assert got.tokens == target_greedy(model, prompt, None, 16)
         accepted += stats.accepted
     assert accepted > 0
+
+
+# ---------------------------------------------------------------- early exit with exact reuse (self-speculation)
+
+
+@pytest.mark.parametrize(
+    "target,draft", [("XL", "XL,XL"), ("XL", "XL"), ("XL", "XL,XL,XL"), ("L", "L,L"), ("XL@int4", "XL,XL@int4")]
+)
+def test_early_exit_draft_with_reuse_is_the_targets_greedy_output(model, target, draft):
+    """The draft is the target's first k layers; reused or not, the output is the target's own greedy output."""
+    from matryoshka_lm.infer.speculative import early_exit_depth
+
+    cfg = model.cfg
+    t, d = parse_spec(cfg, target), parse_spec(cfg, draft.replace("XL", "XL", 1))
+    if draft == "XL":  # the first layer alone: a one-layer prefix
+        d = type(t)(width=t.width, layers=t.layers[:1])
+    assert early_exit_depth(t, d) == d.depth
+    accepted = 0
+    for prompt in PROMPTS:
+        want = target_greedy(model, prompt, t, 20)
+        reused, stats = speculative_decode(model, prompt, t, d, 20, gamma=3)
+        plain, _ = speculative_decode(model, prompt, t, d, 20, gamma=3, reuse=False)
+        assert reused.tokens == want == plain.tokens, (target, draft)
+        accepted += stats.accepted
+    assert accepted > 0
+
+
+def test_the_verifier_does_not_recompute_the_reused_layers(model):
+    """Per round, layers 1..k run once per drafted token (the draft) plus once for the last draft (the verifier);
+    layers k+1..L once (the verifier, on all γ+1 tokens together)."""
+    cfg, k = model.cfg, 2
+    target, draft = parse_spec(cfg, "XL"), parse_spec(cfg, "XL,XL")
+    calls = [0] * cfg.n_layers
+    hooks = [
+        b.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1)) for i, b in enumerate(model.layers)
+    ]
+    try:
+        _, stats = speculative_decode(model, PROMPTS[0], target, draft, 20, gamma=3, adaptive=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert stats.rounds > 0
+    for i, c in enumerate(calls):
+        want = 1 + (stats.drafted + stats.rounds if i < k else stats.rounds)  # 1: the prefill
+        assert c == want, (i, calls, stats.rounds, stats.drafted)

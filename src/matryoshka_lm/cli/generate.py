@@ -141,7 +141,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--stop", action="append", help="stop at this string (repeatable); <|endoftext|> always stops")
     g.add_argument("--tolerance", type=float, help="--size auto: τ, nats/token of quality given up (default: router's)")
     g.add_argument("--budget", type=float, help="--size auto: target mean compute fraction instead of τ (1 = full)")
-    g.add_argument("--draft", help="speculative decoding: this smaller size or spec drafts, --size verifies")
+    g.add_argument(
+        "--draft",
+        help="speculative decoding: this smaller size or spec drafts, --size verifies; the target's own first layers "
+        "(e.g. XL,XL for XL) are an early exit whose cache and states the verifier reuses",
+    )
     g.add_argument("--gamma", type=int, default=4, help="draft tokens per verification (start value; adapts)")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     g.add_argument(

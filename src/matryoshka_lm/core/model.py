@@ -275,10 +275,14 @@ class MatryoshkaLM(nn.Module):
 
     def hidden_states(
         self,
-        idx: torch.Tensor,
+        idx: torch.Tensor | None,
         spec: SubmodelSpec | None = None,
         cache: KVCache | None = None,
         start: int | torch.Tensor = 0,
+        *,
+        h: torch.Tensor | None = None,
+        first_layer: int = 0,
+        norm: bool = True,
     ) -> torch.Tensor:
         """Final-normed hidden states (B, T, C_spec) of the submodel `spec` (default: the full model).
 
@@ -286,15 +290,18 @@ class MatryoshkaLM(nn.Module):
         `start` an int: attention reads just those slots (eager decoding; 0 is a prefill). A tensor of one
         element: it reads all the cache's slots through a mask, so no shape depends on the position, which is
         data, not code (compiled decoding: one graph serves every step).
+        Early exit (self-speculation): `norm=False` returns the residual stream after the spec's last layer, before
+        the final norm; `h` (B, T, C) with `first_layer` k resumes from such a state at layer k (idx unused).
         """
         spec = spec or self.full
         if spec.bits is not None and spec.bits != self.native_bits:
-            return self.for_bits(spec.bits).hidden_states(idx, spec.shape, cache, start)
-        B, T = idx.shape
+            sib = self.for_bits(spec.bits)
+            return sib.hidden_states(idx, spec.shape, cache, start, h=h, first_layer=first_layer, norm=norm)
+        B, T = (idx if h is None else h).shape[:2]
         static = isinstance(start, torch.Tensor)
         if not static and start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        x = nested.embed(idx, self.tok_emb.weight, spec.width)
+        x = nested.embed(idx, self.tok_emb.weight, spec.width) if h is None else h
         pad = None if cache is None else cache.pad
         at: int | torch.Tensor = start
         if not static and pad is None:  # one sequence at start..: slices; a mask only for a chunk after a prefix
@@ -308,9 +315,13 @@ class MatryoshkaLM(nn.Module):
             at = slots if static else start
         if mask is not None:  # additive, once per forward: SDPA would convert a boolean mask in every layer
             mask = torch.where(mask, 0.0, float("-inf")).to(x.dtype)
-        for block, layer in zip(self.layers, spec.layers):
+        for block, layer in zip(self.layers[first_layer:], spec.layers[first_layer:]):
             x = block(x, layer, cos, sin, cache, at, mask)
-        return self.norm(x)
+        return self.norm(x) if norm else x
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head on final-normed hidden states (B, T, C) of any width."""
+        return F.linear(h, self.head_weight()[:, : h.shape[-1]])
 
     def rope_at(self, pos: torch.Tensor) -> RopeTables:
         """cos/sin at positions (T,) -> (T, hd), or per row (B, T) -> (B, 1, T, hd) (broadcast over heads)."""
@@ -329,8 +340,7 @@ class MatryoshkaLM(nn.Module):
         incremental decoding (see hidden_states)."""
         if spec is not None and spec.bits is not None and spec.bits != self.native_bits:
             return self.for_bits(spec.bits)(idx, spec.shape, cache, start)
-        h = self.hidden_states(idx, spec, cache, start)
-        return F.linear(h, self.head_weight()[:, : h.shape[-1]])
+        return self.logits(self.hidden_states(idx, spec, cache, start))
 
 
 def attention_layout(slots: torch.Tensor, n_keys: int, pad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

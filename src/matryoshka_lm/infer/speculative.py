@@ -18,6 +18,13 @@ own: the draft's KV heads are a prefix of the target's and its layers a prefix o
 the target cache has the draft's shapes. The draft then skips its prefill and its catch-up steps, but attends to
 keys/values computed by the target rather than by itself (the output stays exact; only acceptance can change).
 BENCHMARKS.md measures both.
+
+Early exit with exact reuse (self-speculation, as LayerSkip: Elhoushi et al. 2024): when the draft is the target's
+own first k layers (same width, same heads and FFN in those layers, e.g. draft "XL,XL" for target XL), the draft's
+KV cache *is* the target's for layers 1..k and its hidden state after layer k is the target's. The draft writes
+into the target cache; the verifier runs layers 1..k only for the one token the draft has not seen, then layers
+k+1..L on all γ+1 tokens from the saved states. Nothing is recomputed, and the output is the target's (greedy: token
+for token; sampled: its distribution). `reuse=False` runs such a draft like any other (for comparison).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -187,6 +194,74 @@ def verify(
     return accept_reject(logits_to_probs(logits, sampling), q, drafted, False, gen)
 
 
+def early_exit_depth(target: SubmodelSpec, draft: SubmodelSpec) -> int | None:
+    """k when the draft is the target's first k layers exactly (so its work can be reused), else None."""
+    k = draft.depth
+    same = draft.width == target.width and draft.bits == target.bits and draft.layers == target.layers[:k]
+    return k if same and k < target.depth else None
+
+
+def early_exit_rounds(
+    engine: Engine,
+    prompt: list[int],
+    target: SubmodelSpec,
+    k: int,
+    cache: KVCache,
+    n_new: int,
+    sampling: Sampling,
+    gamma: int,
+    adaptive: bool,
+    max_gamma: int,
+    draft_cost: float | None,
+    stats: SpeculativeStats,
+) -> Iterator[list[int]]:
+    """speculative rounds of the early-exit draft (the target's first k layers) with exact reuse (module doc)."""
+    model, spec = engine.runner(target)
+    draft = replace(spec, layers=spec.layers[:k], name=None)  # the same layers, on the module that runs the target
+    dev, P, L = engine.device, len(prompt), cache.length
+    gen = sampling.generator(dev)
+    probs = logits_to_probs(prefill(model, torch.tensor([prompt], device=dev), spec, cache), sampling)
+    last = draw(probs, sampling.greedy, gen)
+    yield [int(last)]
+    produced, pos = 1, P
+    control = GammaController(max_gamma, draft_cost if draft_cost is not None or sampling.greedy else k / spec.depth)
+    while produced < n_new:
+        g = min(gamma, L - pos - 1)
+        t0 = time.perf_counter()
+        states, drafted, qs, x = [], [], [], last
+        for j in range(g):  # layers 1..k of each token, into the target's cache: the draft's work is the target's
+            states.append(model.hidden_states(x.view(1, 1), draft, cache, pos + j, norm=False))
+            logits = model.logits(model.norm(states[-1]))[:, -1]
+            if sampling.greedy:
+                x = logits.argmax(-1)
+            else:
+                qs.append(logits_to_probs(logits, sampling))
+                x = sample_from(qs[-1], gen)
+            drafted.append(x)
+        drafted_t = torch.cat(drafted)
+        t1 = time.perf_counter()
+        # the last draft has not been through layers 1..k; then layers k+1..L for all γ+1 tokens at once
+        states.append(model.hidden_states(drafted_t[-1:].view(1, 1), draft, cache, pos + g, norm=False))
+        h = model.hidden_states(None, spec, cache, pos, h=torch.cat(states, dim=1), first_layer=k)
+        logits = model.logits(h)[0]
+        if sampling.greedy:
+            best = logits.argmax(-1).tolist()
+            n = next((i for i, (d, b) in enumerate(zip(drafted_t.tolist(), best)) if d != b), len(best) - 1)
+            nxt = torch.tensor([best[n]], device=dev)
+        else:
+            n, nxt = accept_reject(logits_to_probs(logits, sampling), torch.cat(qs), drafted_t, False, gen)
+        t2 = time.perf_counter()
+        pos, last = pos + n + 1, nxt  # every layer's cache holds `last` and the accepted drafts
+        stats.rounds, stats.drafted, stats.accepted = stats.rounds + 1, stats.drafted + g, stats.accepted + n
+        stats.gammas.append(g)
+        stats.draft_s, stats.verify_s = stats.draft_s + t1 - t0, stats.verify_s + t2 - t1
+        new = (drafted_t[:n].tolist() + [int(nxt)])[: n_new - produced]
+        produced += len(new)
+        yield new
+        if adaptive:
+            gamma = control.update(g, n, t1 - t0, t2 - t1)
+
+
 @torch.no_grad()
 def speculative_steps(
     model: MatryoshkaLM,
@@ -202,8 +277,10 @@ def speculative_steps(
     draft_cost: float | None = None,
     stats: SpeculativeStats | None = None,
     engine: Engine | None = None,
+    reuse: bool = True,
 ) -> Iterator[list[int]]:
-    """Yield the tokens each round adds (1 to γ+1 of them) until max_new_tokens (or the context) is reached."""
+    """Yield the tokens each round adds (1 to γ+1 of them) until max_new_tokens (or the context) is reached.
+    `reuse`: an early-exit draft (the target's first layers) shares the target's cache and states (module doc)."""
     engine = engine or Engine(model)
     cfg = model.cfg
     target, draft = engine.check_spec(target), engine.check_spec(draft)
@@ -215,6 +292,13 @@ def speculative_steps(
     P = len(prompt)
     n_new = min(max_new_tokens, cfg.max_seq_len - P)
     L = engine.cache_slots(min(cfg.max_seq_len, P + n_new + max_gamma + 1))  # slack for the last drafts
+    k = early_exit_depth(target, draft) if reuse else None
+    if k is not None:
+        with engine.kv_cache(target, 1, L) as cache:
+            yield from early_exit_rounds(
+                engine, prompt, target, k, cache, n_new, sampling, gamma, adaptive, max_gamma, draft_cost, stats
+            )
+        return
     share = share_cache and can_share_cache(cfg, target, draft)
     with ExitStack() as caches:
         t_cache = caches.enter_context(engine.kv_cache(target, 1, L))
@@ -305,6 +389,7 @@ def speculative_decode(
     stop_strings: Sequence[str] = (),
     decode: Decode | None = None,
     engine: Engine | None = None,
+    reuse: bool = True,
 ) -> tuple[Completion, SpeculativeStats]:
     """Continue `prompt` with the target spec's distribution, drafting with the smaller `draft` spec.
 
@@ -316,6 +401,7 @@ def speculative_decode(
         draft_cost: cost of a draft step / a verify pass for adaptive γ; None = measured when greedy, the
             parameter ratio when sampling (see the module doc).
         stop_tokens, stop_strings, decode: as in Engine.generate.
+        reuse: an early-exit draft (the target's first k layers) reuses its cache and states in verification.
     Returns the completion and acceptance statistics.
     """
     engine = engine or Engine(model)
@@ -335,6 +421,7 @@ def speculative_decode(
         draft_cost,
         stats,
         engine,
+        reuse,
     ):
         for t in toks:
             row.add(t)
