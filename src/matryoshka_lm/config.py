@@ -224,6 +224,38 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             max_corpus_chars=3_000_000,
         ),
     ),
+    # batch-1 decode memory-bound on a CPU (118 MB of fp32 weights, past the caches), for speculative decoding:
+    # early exits at half and a quarter of the depth (drafts that reuse the target's work) and a width-nested size
+    "memory": (
+        dict(
+            d_model=512,
+            n_layers=8,
+            n_heads=8,
+            n_kv_heads=4,
+            ffn_dim=1536,
+            max_seq_len=256,
+            vocab_size=4096,
+            nest_width=False,
+            sizes={
+                "XL": {"depth": "1"},
+                "E4": {"depth": "1/2"},
+                "E2": {"depth": "1/4"},
+                "W": {"heads": "1/2", "ffn": "1/4"},
+            },
+        ),
+        dict(
+            steps=300,
+            batch_size=8,
+            seq_len=128,
+            lr=2e-3,
+            warmup_steps=20,
+            eval_every=100,
+            save_every=50,
+            eval_batches=8,
+            vocab_size=4096,
+            max_corpus_chars=3_000_000,
+        ),
+    ),
     "small": (
         dict(d_model=384, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1024, max_seq_len=512, vocab_size=8192),
         dict(
