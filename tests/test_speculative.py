@@ -275,3 +275,15 @@ def test_the_verifier_does_not_recompute_the_reused_layers(model):
     for i, c in enumerate(calls):
         want = 1 + (stats.drafted + stats.rounds if i < k else stats.rounds)  # 1: the prefill
         assert c == want, (i, calls, stats.rounds, stats.drafted)
+
+
+def test_the_memory_presets_early_exits_are_reusable_drafts():
+    from matryoshka_lm.config import preset
+    from matryoshka_lm.core.spec import count_params
+    from matryoshka_lm.infer.speculative import early_exit_depth
+
+    cfg, _ = preset("memory")
+    xl = uniform_spec(cfg, "XL")
+    assert 4 * count_params(cfg, xl)["total"] >= 100e6  # past the CPU's caches: batch-1 decode is memory-bound
+    assert early_exit_depth(xl, uniform_spec(cfg, "E2")) == 2 and early_exit_depth(xl, uniform_spec(cfg, "E4")) == 4
+    assert early_exit_depth(xl, uniform_spec(cfg, "W")) is None  # narrower layers: an ordinary draft
