@@ -256,3 +256,64 @@ def test_cli_resume_with_more_steps_trains_the_extra_steps(tmp_path, corpus_file
     assert err.startswith("error: ") and "seed (saved 0, given 9)" in err and err.count("\n") == 1
     assert main(common + ["--steps", "3", "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- sampling: all | sandwich | mix
+
+
+def test_sandwich_and_mix_sample_what_they_say():
+    from matryoshka_lm.core.spec import validate_spec
+    from matryoshka_lm.train.mixes import step_specs
+
+    cfg = tiny_config()
+    names = ["XL", "L", "M", "S"]
+    specs = {n: uniform_spec(cfg, n) for n in names}
+    sandwich = tiny_train_config(sampling="sandwich", mixes=3)
+    drawn = set()
+    for step in range(20):
+        labels, got, w = step_specs(cfg, sandwich, names, specs, step)
+        assert labels == ["XL", "S", "mix0", "mix1", "mix2"] and w == [1.0] * 5
+        assert got[0] == specs["XL"] and got[1] == specs["S"]
+        for s in got[2:]:
+            validate_spec(cfg, s)
+            drawn.add((s.width, s.layers))
+        assert step_specs(cfg, sandwich, names, specs, step)[1] == got  # seeded by (seed, step)
+    uniform = {(s.width, s.layers) for s in specs.values()}
+    assert len(drawn - uniform) >= 20  # mostly real per-layer mixes, many different ones
+    assert len({len(layers) for _, layers in drawn}) > 1  # depths vary (depth is nested)
+    labels, got, w = step_specs(cfg, tiny_train_config(sampling="mix", mixes=2), names, specs, 0)
+    assert labels == ["mix0", "mix1"] and w == [1.0, 1.0]
+    labels, got, w = step_specs(cfg, tiny_train_config(sampling="mix", mixes=2, distill=1.0), names, specs, 0)
+    assert labels[0] == "XL" and w == [0.0, 1.0, 1.0]  # the teacher leads, untrained
+    with pytest.raises(MatryoshkaError, match="sampling"):
+        tiny_train_config(sampling="sometimes")
+
+
+def test_sandwich_training_runs_and_logs_its_mixes(tmp_path, corpus_file):
+    out = tmp_path / "sw"
+    train(
+        tiny_config(), tiny_train_config(steps=3, sampling="sandwich", mixes=2, distill=0.5), out, data=str(corpus_file)
+    )
+    for r in read_metrics(out):
+        assert list(r["loss"]) == ["XL", "S", "mix0", "mix1"]
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "tiny",
+                "--steps",
+                "1",
+                "--sampling",
+                "mix",
+                "--out",
+                str(tmp_path / "m"),
+                "--data",
+                str(corpus_file),
+                "--quiet",
+                "--max-corpus-chars",
+                "50000",
+            ]
+        )
+        == 0
+    )

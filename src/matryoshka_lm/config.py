@@ -12,6 +12,7 @@ from typing import Any
 from matryoshka_lm.errors import MatryoshkaError
 
 AXES = ("width", "heads", "ffn", "depth")
+SAMPLINGS = ("all", "sandwich", "mix")  # TrainConfig.sampling
 
 # Default granularities (G=4). MatFormer nests the FFN with fractions 1, 1/2, 1/4, 1/8. When every axis is
 # nested we shrink a mix of axes rather than all at once, so that the non-embedding parameters fall roughly
@@ -145,6 +146,10 @@ class TrainConfig:
     size_weights: list[float] | None = None  # loss weight per trained size; None -> all 1
     sample_sizes: int = 0  # >0: train a random subset of this many sizes per step (the full size always)
     distill: float = 0.0  # weight of KL(full || size) self-distillation for the smaller sizes
+    # what each step trains: "all" trained sizes (MatFormer); "sandwich": the full and the smallest size plus
+    # `mixes` random Mix'n'Match specs; "mix": `mixes` random Mix'n'Match specs only (train/mixes.py)
+    sampling: str = "all"
+    mixes: int = 2
     only: str | None = None  # baseline mode: train one dense model of this size's shape
     # Matryoshka Quantization (core/quant.py): quantization-aware training of these bit widths jointly (every
     # size at every width, the top bits of one set of int8 codes; straight-through estimator); None = off
@@ -172,6 +177,12 @@ class TrainConfig:
             raise MatryoshkaError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.distill < 0:
             raise MatryoshkaError(f"distill must be >= 0, got {self.distill}")
+        if self.sampling not in SAMPLINGS:
+            raise MatryoshkaError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
+        if self.mixes < 1:
+            raise MatryoshkaError(f"mixes must be >= 1, got {self.mixes}")
+        if self.sampling != "all" and self.bits:
+            raise MatryoshkaError("sampled Mix'n'Match specs (sampling sandwich or mix) do not combine with --bits yet")
         if self.bits is not None:
             bad = [b for b in self.bits if not 2 <= int(b) <= 8]
             if bad or not self.bits or len(set(self.bits)) != len(self.bits):

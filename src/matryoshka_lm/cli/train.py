@@ -37,6 +37,8 @@ def cmd_train(a: argparse.Namespace) -> None:
         "bit_weights": float_list(a.bit_weights, "--bit-weights"),
         "quant_group": a.quant_group,
         "sample_cells": a.sample_cells,
+        "sampling": a.sampling,
+        "mixes": a.mixes,
     }
     for k, v in overrides.items():
         if v is not None:
@@ -104,6 +106,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="train the full size plus a random subset: this many sizes per step",
     )
     t.add_argument("--distill", type=float, help="weight of self-distillation from the full size (default 0)")
+    t.add_argument(
+        "--sampling",
+        choices=["all", "sandwich", "mix"],
+        help="what each step trains: all sizes (default); sandwich = full + smallest + --mixes random Mix'n'Match "
+        "specs; mix = --mixes random specs only",
+    )
+    t.add_argument("--mixes", type=positive_int, help="random Mix'n'Match specs per step (default 2)")
     t.add_argument(
         "--bits",
         help="Matryoshka Quantization: train these bit widths jointly, e.g. 8,4,2 (every size at each; the top "

@@ -34,6 +34,7 @@ from matryoshka_lm.data import encode_corpus, limit_chars, read_corpus, sample_b
 from matryoshka_lm.errors import MatryoshkaError
 
 from .evaluate import evaluate_specs
+from .mixes import step_specs as mix_specs
 from .optim import adamw, lr_at
 from .parallelize import Dist, global_mean, init_distributed, no_sync_of, parallelize
 from .resume import resume_settings
@@ -283,8 +284,11 @@ def prepare(
 def train_step(run: Run, step: int) -> dict[str, Any]:
     """One optimizer step (0-based `step`) on the global batch; returns its metrics."""
     tcfg, d = run.tcfg, run.d
-    step_names, step_w = step_sizes(run.names, run.weights, tcfg, step)
-    step_specs = [run.specs[n] for n in step_names]
+    if tcfg.sampling == "all":
+        step_names, step_w = step_sizes(run.names, run.weights, tcfg, step)
+        step_specs = [run.specs[n] for n in step_names]
+    else:
+        step_names, step_specs, step_w = mix_specs(run.model.cfg, tcfg, run.names, run.specs, step)
     lr = lr_at(step, tcfg)
     run.model.train()
     per_rank = tcfg.batch_size // d.world
