@@ -59,6 +59,11 @@ class SpeculativeStats:
     draft_s: float = 0.0  # wall time in draft forwards
     verify_s: float = 0.0  # wall time in target forwards (verification)
 
+    def add_round(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        self.rounds, self.drafted, self.accepted = self.rounds + 1, self.drafted + drafted, self.accepted + accepted
+        self.gammas.append(drafted)
+        self.draft_s, self.verify_s = self.draft_s + draft_s, self.verify_s + verify_s
+
     @property
     def acceptance(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
@@ -162,11 +167,7 @@ def draft_tokens(
             logits = engine.decode_step(model, x, draft, cache, start)
         else:  # catching up on the previous round's last draft too
             logits = engine.forward_chunk(model, x.view(1, -1), draft, cache, start)[:, -1]
-        if sampling.greedy:
-            x_next = logits.argmax(-1)
-        else:
-            qs.append(logits_to_probs(logits, sampling))
-            x_next = sample_from(qs[-1], gen)
+        x_next = next_draft(logits, sampling, gen, qs)
         start += x.numel()
         x = x_next
         drafted.append(x)
@@ -187,6 +188,23 @@ def verify(
 ) -> tuple[int, torch.Tensor]:
     """One target pass over [last, drafts] at slots pos.. -> (drafts accepted, the token after them (1,))."""
     logits = engine.forward_chunk(model, torch.cat([last, drafted]).view(1, -1), target, cache, pos)[0]
+    return accept(logits, drafted, q, sampling, gen)
+
+
+def next_draft(
+    logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None, qs: list[torch.Tensor]
+) -> torch.Tensor:
+    """The draft's next token (1,) from its logits (1, V); when sampling, its distribution is appended to qs."""
+    if sampling.greedy:
+        return logits.argmax(-1)
+    qs.append(logits_to_probs(logits, sampling))
+    return sample_from(qs[-1], gen)
+
+
+def accept(
+    logits: torch.Tensor, drafted: torch.Tensor, q: torch.Tensor | None, sampling: Sampling, gen
+) -> tuple[int, torch.Tensor]:
+    """The target's logits (γ+1, V) over [last, drafts] -> (drafts accepted, the token after them (1,))."""
     if sampling.greedy:  # accept_reject with one-hot p and q, without building them
         best = logits.argmax(-1).tolist()
         n = next((i for i, (d, b) in enumerate(zip(drafted.tolist(), best)) if d != b), len(best) - 1)
@@ -231,30 +249,17 @@ def early_exit_rounds(
         states, drafted, qs, x = [], [], [], last
         for j in range(g):  # layers 1..k of each token, into the target's cache: the draft's work is the target's
             states.append(model.hidden_states(x.view(1, 1), draft, cache, pos + j, norm=False))
-            logits = model.logits(model.norm(states[-1]))[:, -1]
-            if sampling.greedy:
-                x = logits.argmax(-1)
-            else:
-                qs.append(logits_to_probs(logits, sampling))
-                x = sample_from(qs[-1], gen)
+            x = next_draft(model.logits(model.norm(states[-1]))[:, -1], sampling, gen, qs)
             drafted.append(x)
         drafted_t = torch.cat(drafted)
         t1 = time.perf_counter()
         # the last draft has not been through layers 1..k; then layers k+1..L for all γ+1 tokens at once
         states.append(model.hidden_states(drafted_t[-1:].view(1, 1), draft, cache, pos + g, norm=False))
         h = model.hidden_states(None, spec, cache, pos, h=torch.cat(states, dim=1), first_layer=k)
-        logits = model.logits(h)[0]
-        if sampling.greedy:
-            best = logits.argmax(-1).tolist()
-            n = next((i for i, (d, b) in enumerate(zip(drafted_t.tolist(), best)) if d != b), len(best) - 1)
-            nxt = torch.tensor([best[n]], device=dev)
-        else:
-            n, nxt = accept_reject(logits_to_probs(logits, sampling), torch.cat(qs), drafted_t, False, gen)
+        n, nxt = accept(model.logits(h)[0], drafted_t, torch.cat(qs) if qs else None, sampling, gen)
         t2 = time.perf_counter()
         pos, last = pos + n + 1, nxt  # every layer's cache holds `last` and the accepted drafts
-        stats.rounds, stats.drafted, stats.accepted = stats.rounds + 1, stats.drafted + g, stats.accepted + n
-        stats.gammas.append(g)
-        stats.draft_s, stats.verify_s = stats.draft_s + t1 - t0, stats.verify_s + t2 - t1
+        stats.add_round(g, n, t1 - t0, t2 - t1)
         new = (drafted_t[:n].tolist() + [int(nxt)])[: n_new - produced]
         produced += len(new)
         yield new
@@ -363,9 +368,7 @@ def _rounds(
         # draft when all were accepted (it was never fed back)
         pending = torch.cat([drafted[-1:], nxt]) if n == g and not share else nxt
         pos, last = pos + n + 1, nxt
-        stats.rounds, stats.drafted, stats.accepted = stats.rounds + 1, stats.drafted + g, stats.accepted + n
-        stats.gammas.append(g)
-        stats.draft_s, stats.verify_s = stats.draft_s + t1 - t0, stats.verify_s + t2 - t1
+        stats.add_round(g, n, t1 - t0, t2 - t1)
         new = (drafted[:n].tolist() + [int(nxt)])[: n_new - produced]
         produced += len(new)
         yield new
