@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ROOT, machine, write_section
+from common import ROOT, machine, self_timed, write_section
 from matryoshka_lm.config import ModelConfig, preset
 from matryoshka_lm.core.checkpoint import load_model, load_tokenizer
 from matryoshka_lm.core.model import KVCache, MatryoshkaLM
@@ -100,17 +100,6 @@ def hf_llama(model: MatryoshkaLM):
 clock = time.process_time  # CPU seconds of this process (see the module doc)
 
 
-def interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
-    """Each fn times itself and returns seconds; calls interleaved so machine noise hits all alike; median."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            times[k].append(fn())
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def decode_seconds(engine: Engine, size: str | None, prompts: list[list[int]], n: int) -> Callable[[], float]:
     """Seconds for n - 1 decode steps after the prefill (the first token comes from the prefill)."""
     spec = None if size is None else uniform_spec(engine.cfg, size)
@@ -166,7 +155,7 @@ def per_size_table(name: str, model: MatryoshkaLM, n: int, repeats: int) -> str:
         fns[f"{s} b1"] = decode_seconds(engine, s, one, n)
         fns[f"{s} b8"] = decode_seconds(engine, s, eight, n)
         fns[f"{s} prefill"] = prefill_seconds(model, s, 1, 128)
-    t = interleaved(fns, repeats)
+    t = self_timed(fns, repeats)
     rows = [
         "| size | params | decode tok/s, batch 1 | decode tok/s, batch 8 | prefill tok/s (1 x 128) |",
         "|---|---:|---:|---:|---:|",
@@ -188,7 +177,7 @@ def elastic_vs_extracted(name: str, model: MatryoshkaLM, n: int, repeats: int) -
         fns[f"{s} once"] = decode_seconds(once, s, one, n)
         fns[f"{s} per call"] = decode_seconds(per_call, s, one, n)
         fns[f"{s} extracted"] = decode_seconds(Engine(extracted(model, s)), None, one, n)
-    t = interleaved(fns, repeats)
+    t = self_timed(fns, repeats)
     rows, worst = [], 9.0
     for s in ("L", "M", "S"):
         r = t[f"{s} extracted"] / t[f"{s} once"]
@@ -227,7 +216,7 @@ def layout_rows(model: MatryoshkaLM, size: str, repeats: int, calls: int = 200) 
             return run
 
         fns[f"{name} view"], fns[f"{name} copy"] = loop(view_w), loop(copy_w)
-    t = interleaved(fns, repeats)
+    t = self_timed(fns, repeats)
     return [
         f"{n} {tuple(copies['tok_emb.weight' if n == 'head' else f'layers.0.{n}.weight'].shape)}: "
         f"{t[f'{n} view'] * 1e6:.1f} vs {t[f'{n} copy'] * 1e6:.1f} us ({t[f'{n} copy'] / t[f'{n} view']:.2f}x)"
@@ -266,7 +255,7 @@ def vs_transformers(
                 pad_token_id=0,
             )[:, 16:].tolist()
         same &= all([c.tokens for c in e.generate(ids.tolist(), None, n)] == want for e in engines.values())
-        t = interleaved(fns, repeats)
+        t = self_timed(fns, repeats)
         parts = [f"transformers {B * n / t['transformers']:,.0f} tok/s"]
         for k in engines:
             worst[k] = min(worst[k], t["transformers"] / t[k])
@@ -296,7 +285,7 @@ def speculative_runs(
 
     fns = {"target alone": wall(lambda: [engine.generate([p], None, n) for p in prompts])}
     fns |= {k: (lambda k=k: run_spec(k)) for k in configs}
-    return interleaved(fns, repeats), stats, same
+    return self_timed(fns, repeats), stats, same
 
 
 def vm_kb(field: str) -> int:
@@ -331,7 +320,7 @@ def step_costs(engine: Engine, repeats: int, calls: int = 50) -> dict[str, float
 
         return run
 
-    return interleaved(
+    return self_timed(
         {"XL step": loop("XL", 1), "M step": loop("M", 1), "S step": loop("S", 1), "XL verify 5": loop("XL", 5)},
         repeats,
     )
@@ -512,7 +501,7 @@ def compiled_vs_eager(
 ) -> dict[str, float]:
     """Seconds of n - 1 batch-1 decode steps of XL and S, eager and compiled (interleaved medians)."""
     eager = Engine(model)
-    return interleaved(
+    return self_timed(
         {
             f"{s} {k}": decode_seconds(e, s, [prompt], n)
             for s in ("XL", "S")

@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ROOT, interleaved_times, machine, write_section
+from common import ROOT, interleaved_times, machine, read_bandwidth, write_section
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core import quant
 from matryoshka_lm.core.model import MatryoshkaLM
@@ -129,18 +129,6 @@ def transformers_decoder(hf_dir: Path, n: int) -> Callable[[], float]:
             out = hf(tok, past_key_values=past, use_cache=True)
             past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
         return (time.perf_counter() - t0) / n
-
-    return run
-
-
-def read_bandwidth(mb: int = 512) -> Callable[[], float]:
-    """Seconds per byte of a large fp32 sum (the read roofline of a bandwidth-bound decode)."""
-    big = torch.ones(mb * 2**20 // 4)
-
-    def run() -> float:
-        t0 = time.perf_counter()
-        big.sum()
-        return (time.perf_counter() - t0) / (big.numel() * 4)
 
     return run
 

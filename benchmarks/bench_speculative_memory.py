@@ -20,7 +20,6 @@ Run: .venv/bin/python benchmarks/bench_speculative_memory.py [--tokens 48] [--re
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ROOT, machine, write_section
+from common import ROOT, machine, read_bandwidth, self_timed, write_section
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.nested import slice_state_dict, submodel_config
@@ -57,17 +56,6 @@ def model_checkpoint(path: Path) -> Path:
     return path
 
 
-def bandwidth(mb: int = 512) -> Callable[[], float]:
-    big = torch.ones(mb * 2**20 // 4)
-
-    def run() -> float:
-        t0 = time.perf_counter()
-        big.sum()
-        return (time.perf_counter() - t0) / (big.numel() * 4)  # seconds per byte
-
-    return run
-
-
 def decode(engine: Engine, spec, prompt: list[int], n: int) -> Callable[[], float]:
     """Seconds per decoded token (after the prefill's token)."""
 
@@ -79,16 +67,6 @@ def decode(engine: Engine, spec, prompt: list[int], n: int) -> Callable[[], floa
         return (time.perf_counter() - t0) / max(k, 1)
 
     return run
-
-
-def interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
-    for fn in fns.values():
-        fn()  # warm-up (and compilation)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            times[k].append(fn())
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def extracted(model: MatryoshkaLM, name: str) -> MatryoshkaLM:
@@ -132,14 +110,14 @@ def main() -> None:
 
     # 1. decode vs the roofline
     eager, compiled = Engine(model), Engine(model, compile=True)
-    fns = {"bandwidth": bandwidth()}
+    fns = {"bandwidth": read_bandwidth()}
     for name in names:
         spec = uniform_spec(cfg, name)
         fns[f"{name} eager"] = decode(eager, spec, prompts[0], n)
         fns[f"{name} compiled"] = decode(compiled, spec, prompts[0], n)
     for name in ("E4", "W"):
         fns[f"{name} extracted"] = decode(Engine(extracted(model, name)), None, prompts[0], n)
-    t = interleaved(fns, a.repeats)
+    t = self_timed(fns, a.repeats)
     gbs = 1 / t.pop("bandwidth") / 1e9
     rows = [
         f"Read bandwidth: {gbs:.1f} GB/s ({a.threads} threads, 512 MB fp32 sum).",
@@ -167,7 +145,7 @@ def main() -> None:
             key = f"{label}, γ={'adaptive' if adaptive else gamma}"
             stats[key] = SpeculativeStats()
             fns[key] = speculative(model, eager, prompts, n, draft, kw, gamma, adaptive, stats[key], want)
-    ts = interleaved(fns, a.repeats)
+    ts = self_timed(fns, a.repeats)
     base = ts.pop("target alone")
     spec_rows = [
         "| draft | speedup vs target alone | acceptance | tokens / target pass | draft : verify time |",

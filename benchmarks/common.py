@@ -57,3 +57,27 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int = 5, wa
             fn()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def self_timed(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Median of what each fn returns (it times itself: seconds of just the part that counts), one warm-up call
+    each, calls interleaved so machine noise hits all of them alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(fn())
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def read_bandwidth(mb: int = 512) -> Callable[[], float]:
+    """Seconds per byte of a large fp32 sum (the read roofline of a bandwidth-bound decode)."""
+    big = torch.ones(mb * 2**20 // 4)
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        big.sum()
+        return (time.perf_counter() - t0) / (big.numel() * 4)
+
+    return run

@@ -18,7 +18,6 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from _loopback import LoopbackServer  # noqa: E402
-
 from matryoshka_lm.serve.app import create_app  # noqa: E402
 
 
