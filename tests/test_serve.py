@@ -180,6 +180,58 @@ def test_embeddings_are_truncated_unit_vectors(client, local):
     assert len(full) == parse_spec(engine.cfg, "S").width
 
 
+# ---------------------------------------------------------------- speculative decoding
+
+
+@pytest.mark.parametrize("size,draft", [("XL", "S"), ("XL", "XL,XL"), ("L", "L,L@int8")])
+def test_a_draft_decodes_speculatively_and_losslessly(server, client, local, size, draft):
+    """The draft field: the answer is the size's own greedy output, and the drafted tokens were really verified
+    (the speculative counters moved). "XL,XL" is the early-exit draft that reuses the target's cache."""
+    registry = server.app.state.server.metrics.registry
+    label = {"size": size, "kind": "drafted"}
+    before = registry.get_sample_value("matryoshka_speculative_tokens_total", label) or 0
+    prompt = "The class statement"
+    r = client.completions.create(
+        model=f"{NAME}:{size}", prompt=prompt, max_tokens=20, temperature=0, extra_body={"draft": draft}
+    )
+    assert r.choices[0].text == engine_text(local, prompt, size, 20)
+    assert r.usage.completion_tokens == 20
+    assert (registry.get_sample_value("matryoshka_speculative_tokens_total", label) or 0) > before
+    chunks = client.completions.create(
+        model=f"{NAME}:{size}", prompt=prompt, max_tokens=20, temperature=0, stream=True, extra_body={"draft": draft}
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+
+
+def test_speculative_and_batched_requests_in_flight_at_once(client, local):
+    jobs = [("XL", "One", "XL,XL"), ("XL", "Two words here", None), ("M", "A function", "S"), ("M", "Four", None)]
+
+    def ask(job):
+        size, prompt, draft = job
+        extra = {"draft": draft} if draft else {}
+        return client.chat.completions.create(
+            model=f"{NAME}:{size}",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=16,
+            temperature=0,
+            extra_body=extra,
+        )
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(ask, jobs))
+    for (size, prompt, _), r in zip(jobs, results):
+        raw = engine_text(local, chat_prompt([("user", prompt)]), size, 16, CHAT_STOPS)
+        assert r.choices[0].message.content == raw.lstrip(), (size, prompt)
+
+
+def test_a_seeded_speculative_sample_is_reproducible(client):
+    kw = dict(model=f"{NAME}:XL", prompt="Lists", max_tokens=12, temperature=0.9, seed=7, n=2)
+    a = client.completions.create(**kw, extra_body={"draft": "XL,XL"})
+    b = client.completions.create(**kw, extra_body={"draft": "XL,XL"})
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert all(c.finish_reason in ("stop", "length") for c in a.choices)
+
+
 # ---------------------------------------------------------------- concurrency
 
 
@@ -295,6 +347,9 @@ BAD = [  # (id, path, raw body or JSON object, status, param)
     ("max-tokens-over-limit", "/v1/completions", _completion(max_tokens=10_000), 400, "max_tokens"),
     ("prompt-too-long", "/v1/completions", _completion(prompt="word " * 200), 400, "prompt"),
     ("token-out-of-vocab", "/v1/completions", _completion(prompt=[1, 2, 99999]), 400, "prompt"),
+    ("draft-larger-than-size", "/v1/completions", _completion(model="tiny:S", draft="XL"), 400, "draft"),
+    ("draft-malformed", "/v1/completions", _completion(draft="M,Q"), 400, "draft"),
+    ("draft-not-a-string", "/v1/completions", _completion(draft=3), 400, "draft"),
     ("temperature-high", "/v1/completions", _completion(temperature=2.5), 400, "temperature"),
     ("temperature-negative", "/v1/completions", _completion(temperature=-0.1), 400, "temperature"),
     ("top-p-high", "/v1/completions", _completion(top_p=1.5), 400, "top_p"),

@@ -35,9 +35,15 @@ take auto as the full size. /metrics counts the routed requests per chosen size 
 Generation: max_tokens (default 16 for completions, the rest of the context for chat; at most
 `max_tokens_limit`), temperature (0..2, default 1; 0 = greedy), top_p (0..1; 0 = the most likely token), stop
 (up to 4 strings), seed (same seed, same output: a seeded request is never batched with others), n (1..8),
-stream with stream_options.include_usage. Generation also ends at <|endoftext|> and at the end of the context
-(finish_reason "length"). Not supported (a 400 names the field): logprobs, echo, best_of, suffix, logit_bias,
-penalties, tools.
+stream with stream_options.include_usage; vLLM's top_k, min_p, stop_token_ids, ignore_eos; logit_bias;
+completions' echo and logprobs, chat's logprobs/top_logprobs. Generation also ends at <|endoftext|> and at the end
+of the context (finish_reason "length"). Not supported (a 400 names the field): best_of, suffix, penalties, tools.
+
+Speculative decoding: "draft": a smaller size or spec of the same model ("S", or the target's own first layers,
+"XL,XL" or an early-exit size such as "E2", which reuse the target's cache and hidden states) drafts and the
+requested size verifies. Lossless: greedy output is the size's own, sampled output has its distribution. Each
+choice then decodes alone (batch 1, the setting where drafting pays); /metrics counts drafted and accepted tokens
+(matryoshka_speculative_tokens_total). A draft that is not smaller than the size, or with NAME:auto, is a 400.
 
 All model work runs on one worker thread (batcher.py): the event loop only parses, tokenizes and forwards.
 The modules: protocol (bodies, validation, errors, the chat template), state (the Server: checkpoint, model
@@ -273,15 +279,17 @@ async def _generation_size(
     prompts: list[list[int]],
     max_tokens: int | None,
     default_max: int,
-) -> tuple[str, SubmodelSpec]:
-    """The id and size that serve a generation request: NAME:auto with a router is routed on the worker thread
-    (after the settings are checked, so bad input costs no model work); anything else as srv.resolve."""
+) -> tuple[str, SubmodelSpec, SubmodelSpec | None]:
+    """The id and size that serve a generation request, and its speculative draft: NAME:auto with a router is
+    routed on the worker thread (after the settings are checked, so bad input costs no model work); anything else
+    as srv.resolve."""
     served, spec, tau = srv.resolve_generation(req.model)
+    draft = srv.draft_spec(req, spec, routed=tau is not None)
     if tau is not None:
         srv.settings(req, max_tokens, default_max)
         served, spec = await srv.route(prompts, tau)
     request.state.size = size_label(spec)
-    return served, spec
+    return served, spec, draft
 
 
 GENERATION_ERRORS = (400, 401, 404, 413, 415, 500, 503)
@@ -384,8 +392,10 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
         req = await parse_body(request, CompletionRequest, srv.max_body_bytes)
         _resolve(srv, req.model, request)  # the model field is checked before the prompts
         prompts = srv.prompts(req.prompt)
-        served, spec = await _generation_size(srv, request, req, prompts, req.max_tokens, 16)
-        return await generation_reply(srv, request, req, served, spec, prompts, req.max_tokens, 16, chat=False)
+        served, spec, draft = await _generation_size(srv, request, req, prompts, req.max_tokens, 16)
+        return await generation_reply(
+            srv, request, req, served, spec, prompts, req.max_tokens, 16, chat=False, draft=draft
+        )
 
     @app.post(
         "/v1/chat/completions",
@@ -398,9 +408,9 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
         _resolve(srv, req.model, request)
         prompts = [srv.chat_ids(req.messages)]
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        served, spec = await _generation_size(srv, request, req, prompts, max_tokens, srv.max_tokens_limit)
+        served, spec, draft = await _generation_size(srv, request, req, prompts, max_tokens, srv.max_tokens_limit)
         return await generation_reply(
-            srv, request, req, served, spec, prompts, max_tokens, srv.max_tokens_limit, chat=True
+            srv, request, req, served, spec, prompts, max_tokens, srv.max_tokens_limit, chat=True, draft=draft
         )
 
     @app.post(

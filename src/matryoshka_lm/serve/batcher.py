@@ -84,11 +84,14 @@ class GenRequest:
     sampling: Sampling
     stop_tokens: frozenset[int] = frozenset()
     stop_strings: tuple[str, ...] = ()
+    draft: SubmodelSpec | None = None  # speculative decoding: this smaller spec drafts (the row runs alone)
     arrived: float = field(default_factory=time.perf_counter)
 
     def key(self) -> tuple:
         """Rows with equal keys may share a batch."""
         s = self.sampling
+        if self.draft is not None:  # speculative decoding is batch 1
+            return (id(self),)
         if s.greedy:
             sampling_key: Any = "greedy"
         elif s.seed is not None:
@@ -146,6 +149,7 @@ class Batcher:
         max_batches: batches in flight at once (each advances one token per turn).
         window_s: when the worker was idle, wait this long for companions before the first prefill.
         on_batch: called with (spec, rows) when a batch starts (metrics).
+        on_round: called with (spec, drafted, accepted) after each speculative round (metrics).
     """
 
     def __init__(
@@ -156,10 +160,11 @@ class Batcher:
         max_batches: int = 8,
         window_s: float = 0.002,
         on_batch: Callable[[SubmodelSpec, int], None] | None = None,
+        on_round: Callable[[SubmodelSpec, int, int], None] | None = None,
     ):
         self.engine, self.decode = engine, decode
         self.max_batch, self.max_batches, self.window_s = max_batch, max_batches, window_s
-        self.on_batch = on_batch
+        self.on_batch, self.on_round = on_batch, on_round
         self.ctx = engine.cfg.max_seq_len
         self._cv = threading.Condition()
         self._pending: deque[GenRequest] = deque()
@@ -273,11 +278,34 @@ class Batcher:
     def _start(self, group: list[GenRequest]) -> _Batch:
         spec = group[0].spec
         n = max(self._budget(r) for r in group)
-        steps = self.engine.token_steps([r.prompt for r in group], spec, n, group[0].sampling)
+        if group[0].draft is not None:
+            steps = self._speculative_steps(group[0], n)
+        else:
+            steps = self.engine.token_steps([r.prompt for r in group], spec, n, group[0].sampling)
         self.largest_batch = max(self.largest_batch, len(group))
         if self.on_batch is not None:
             self.on_batch(spec, len(group))
         return _Batch(spec, [RowStream(r, self._budget(r), self.decode) for r in group], steps)
+
+    def _speculative_steps(self, req: GenRequest, n: int) -> Iterator[torch.Tensor]:
+        """One row's speculative rounds as token steps: a round runs when its tokens are needed, and its 1..γ+1
+        tokens leave one per turn, so other batches keep their turns."""
+        from matryoshka_lm.infer.speculative import SpeculativeStats, speculative_steps
+
+        stats = SpeculativeStats()
+        rounds = speculative_steps(
+            self.engine.model, req.prompt, req.spec, req.draft, n, req.sampling, stats=stats, engine=self.engine
+        )
+        seen = (0, 0)  # drafted, accepted already reported
+        try:
+            for toks in rounds:
+                if self.on_round is not None and stats.drafted > seen[0]:
+                    self.on_round(req.spec, stats.drafted - seen[0], stats.accepted - seen[1])
+                    seen = (stats.drafted, stats.accepted)
+                for t in toks:
+                    yield torch.tensor([t])
+        finally:
+            rounds.close()
 
     def _step(self, batch: _Batch) -> None:
         try:
@@ -351,3 +379,4 @@ def _raiser(exc: Exception) -> Callable[[], Any]:
         raise exc
 
     return fail
+

@@ -50,6 +50,12 @@ class Metrics:
             ["size"],
             registry=r,
         )
+        self.speculative = Counter(
+            "matryoshka_speculative_tokens",
+            "Speculative decoding: draft tokens proposed and accepted, by the size that verified",
+            ["size", "kind"],
+            registry=r,
+        )
         self.disconnects = Counter(
             "matryoshka_disconnects", "Requests whose client went away before the end", ["size"], registry=r
         )

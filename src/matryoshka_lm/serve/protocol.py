@@ -14,6 +14,7 @@ MAX_STOPS = 4
 MAX_CHOICES = 8
 MAX_INPUTS = 256  # prompts per completion request, texts per embedding request
 MAX_STOP_TOKEN_IDS = 64
+MAX_SPEC_CHARS = 512  # a size spec in the draft field
 MAX_LOGPROBS = 20  # most likely alternatives per token (completions' `logprobs`, chat's `top_logprobs`)
 
 # The chat template: one line per message, "Role: content", then "Assistant:" for the model to continue.
@@ -144,6 +145,10 @@ class GenerationRequest(_Body):
     ignore_eos: bool | None = None
     # token id (a decimal string: JSON keys are strings) -> bias added to its logit, as OpenAI
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    # speculative decoding: a smaller size or spec of the same model drafts, the requested size verifies; lossless
+    # (the output is the requested size's own). The target's first layers ("XL,XL", or an early-exit size such as
+    # E2) reuse the target's KV cache and hidden states. Each choice then decodes alone (batch 1).
+    draft: str | None = Field(None, max_length=MAX_SPEC_CHARS)
 
 
 class CompletionRequest(GenerationRequest):

@@ -100,8 +100,10 @@ async def generation_reply(
     max_tokens: int | None,
     default_max: int,
     chat: bool,
+    draft: SubmodelSpec | None = None,
 ) -> Response:
-    """Queue the request's rows and answer: one JSON object, or a stream of chunks when req.stream."""
+    """Queue the request's rows and answer: one JSON object, or a stream of chunks when req.stream. With a draft
+    each row decodes speculatively (alone)."""
     n_tokens, sampling, stops = srv.settings(req, max_tokens, default_max)
     stop_tokens = srv.stop_tokens(req)
     if chat:
@@ -112,7 +114,7 @@ async def generation_reply(
             400, f"{len(prompts)} prompts x n={n} asks for more than {MAX_INPUTS} choices.", "n", "invalid_value"
         )
     ticket = Ticket(asyncio.get_running_loop())
-    rows = srv.rows(ticket, prompts, spec, n, n_tokens, sampling, stops, stop_tokens)
+    rows = srv.rows(ticket, prompts, spec, n, n_tokens, sampling, stops, stop_tokens, draft)
     label = size_label(spec)
     prompt_tokens = sum(len(p) for p in prompts)
     t0 = time.perf_counter()

@@ -17,6 +17,7 @@ from matryoshka_lm.errors import MatryoshkaError
 from matryoshka_lm.infer.engine import Engine
 from matryoshka_lm.infer.router import ROUTER_JSON, Router
 from matryoshka_lm.infer.sampling import Sampling
+from matryoshka_lm.infer.speculative import check_draft
 
 from .batcher import Batcher, GenRequest, Ticket
 from .metrics import Metrics, size_label
@@ -84,9 +85,29 @@ class Server:
             max_batches,
             batch_window_s,
             on_batch=lambda spec, n: self.metrics.batch_rows.labels(size_label(spec)).observe(n),
+            on_round=self._count_round,
         )
         self.metrics = Metrics(self.batcher)
         self.created = int(time.time())
+
+    def _count_round(self, spec: SubmodelSpec, drafted: int, accepted: int) -> None:
+        self.metrics.speculative.labels(size_label(spec), "drafted").inc(drafted)
+        self.metrics.speculative.labels(size_label(spec), "accepted").inc(accepted)
+
+    def draft_spec(self, req: GenerationRequest, target: SubmodelSpec, routed: bool) -> SubmodelSpec | None:
+        """The request's speculative draft, checked against the size that serves it; None without one."""
+        if req.draft is None:
+            return None
+        if routed:
+            raise APIError(
+                400, "'draft' does not combine with NAME:auto: name the size to verify.", "draft", "invalid_value"
+            )
+        try:
+            draft = self.engine.check_spec(parse_spec(self.cfg, req.draft))
+            check_draft(self.cfg, target, draft)
+        except MatryoshkaError as e:
+            raise APIError(400, f"Invalid value for 'draft': {e}", "draft", "invalid_value") from None
+        return draft
 
     def _full_size(self) -> SubmodelSpec:
         """auto = the full model, by its size name when one size is the full model."""
@@ -347,6 +368,7 @@ class Server:
         sampling: Sampling,
         stops: tuple[str, ...],
         stop_tokens: frozenset[int] | None = None,
+        draft: SubmodelSpec | None = None,
     ) -> list[GenRequest]:
         """One generation row per prompt and choice; seeded choices after the first get seed + k. stop_tokens:
         <|endoftext|> unless given (see stop_tokens)."""
@@ -355,7 +377,7 @@ class Server:
         for p, ids in enumerate(prompts):
             for k in range(n):
                 s = sampling if sampling.seed is None or k == 0 else replace(sampling, seed=(sampling.seed + k) % 2**64)
-                rows.append(GenRequest(ticket, p * n + k, ids, spec, max_tokens, s, stop_tokens, stops))
+                rows.append(GenRequest(ticket, p * n + k, ids, spec, max_tokens, s, stop_tokens, stops, draft))
         return rows
 
     def submit(self, rows: list[GenRequest]) -> None:

@@ -144,28 +144,49 @@ def train_all(
     data: str | None,
     device: str,
     on_run: Callable[[str, str], None] | None = None,
+    jobs: int = 1,
 ) -> dict[str, float]:
-    """Train each run unless complete; returns wall seconds per trained run."""
-    seconds = {}
+    """Train each run unless complete; returns wall seconds per trained run. jobs > 1 trains that many runs at
+    once in worker processes (one torch thread each: on a small CPU, runs in parallel beat threads in one run)."""
+    seconds, todo = {}, {}
     for name, (mcfg, tcfg) in runs.items():
-        out = work / name
-        if _complete(out, tcfg.steps):
+        if _complete(work / name, tcfg.steps):
             on_run and on_run(name, "cached")
-            seconds[name] = _logged_seconds(out, tcfg)
-            continue
-        if out.exists():  # an interrupted run: continue it if it has state, else start over
-            resume = (out / ck.STATE).is_file()
-            if not resume:
-                import shutil
-
-                shutil.rmtree(out)
+            seconds[name] = _logged_seconds(work / name, tcfg)
         else:
-            resume = False
-        on_run and on_run(name, "training")
-        t0 = time.perf_counter()
-        train(mcfg, tcfg, out, data=data, resume=resume, device=device)
-        seconds[name] = time.perf_counter() - t0
+            todo[name] = (mcfg, tcfg)
+    if jobs <= 1 or len(todo) <= 1:
+        for name, (mcfg, tcfg) in todo.items():
+            on_run and on_run(name, "training")
+            seconds[name] = train_one(mcfg, tcfg, work / name, data, device)
+        return seconds
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_one_thread) as pool:
+        futures = {pool.submit(train_one, m, t, work / n, data, device): n for n, (m, t) in todo.items()}
+        for n in todo:
+            on_run and on_run(n, "queued")
+        for f in as_completed(futures):
+            seconds[futures[f]] = f.result()
+            on_run and on_run(futures[f], f"trained in {seconds[futures[f]] / 60:.1f} min")
     return seconds
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def train_one(mcfg: ModelConfig, tcfg: TrainConfig, out: Path, data: str | None, device: str) -> float:
+    """Train one run, continuing it if it was interrupted with state saved; returns its wall seconds."""
+    resume = (out / ck.STATE).is_file()
+    if out.exists() and not resume:  # interrupted before its first checkpoint: start over
+        import shutil
+
+        shutil.rmtree(out)
+    t0 = time.perf_counter()
+    train(mcfg, tcfg, out, data=data, resume=resume, device=device)
+    return time.perf_counter() - t0
 
 
 def _logged_seconds(out: Path, tcfg: TrainConfig) -> float:

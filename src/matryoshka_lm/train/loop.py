@@ -10,7 +10,6 @@ atomic file (state.py) and may change some settings (resume.py).
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -29,13 +28,13 @@ from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core import quant
 from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.nested import submodel_config
-from matryoshka_lm.core.spec import SubmodelSpec, size_names, uniform_spec
+from matryoshka_lm.core.spec import SubmodelSpec, uniform_spec
 from matryoshka_lm.data import encode_corpus, limit_chars, read_corpus, sample_batch, split_tokens, train_tokenizer
 from matryoshka_lm.errors import MatryoshkaError
 
 from .evaluate import evaluate_specs
-from .mixes import step_specs as mix_specs
 from .optim import adamw, lr_at
+from .plan import size_plan, step_sizes, step_submodels, trained_sizes
 from .parallelize import Dist, global_mean, init_distributed, no_sync_of, parallelize
 from .resume import resume_settings
 from .state import load_state, save_state, trim_metrics, write_split_stats
@@ -80,7 +79,8 @@ class JointLoss(nn.Module):
         full_logp = None
         fq: dict[int, dict[str, torch.Tensor]] = {}
         for spec, w in zip(specs, weights):  # specs[0] is the largest trained size (at the widest bits)
-            logits = self.logits(x, spec, fq).float()
+            with torch.no_grad() if w == 0 else nullcontext():  # weight 0: a distillation teacher, not trained
+                logits = self.logits(x, spec, fq).float()
             ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
             loss = ce
             if self.distill > 0:
@@ -98,28 +98,6 @@ class JointLoss(nn.Module):
 def make_optimizer(model: nn.Module, cfg: TrainConfig, fused_ok: bool) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (norm gains are not decayed)."""
     return adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=fused_ok)
-
-
-def trained_sizes(cfg: ModelConfig, tcfg: TrainConfig) -> list[str]:
-    names = size_names(cfg)
-    if tcfg.sizes:
-        unknown = [s for s in tcfg.sizes if s not in cfg.sizes]
-        if unknown:
-            raise MatryoshkaError(f"unknown sizes {unknown}; the model config has {list(cfg.sizes)}")
-        names = [n for n in names if n in tcfg.sizes]
-    return names
-
-
-def step_sizes(names: list[str], weights: list[float], tcfg: TrainConfig, step: int) -> tuple[list[str], list[float]]:
-    """The sizes (cells, with bits) trained at `step`: all, or the first (the largest, at the widest bits) plus a
-    seeded random subset (same on every rank)."""
-    k = tcfg.sample_cells if tcfg.bits else tcfg.sample_sizes
-    if k <= 0 or k >= len(names):
-        return names, weights
-    rng = random.Random(tcfg.seed * 7919 + step)
-    rest = sorted(rng.sample(range(1, len(names)), k - 1))
-    idx = [0] + rest
-    return [names[i] for i in idx], [weights[i] for i in idx]
 
 
 def prepare_data(tcfg: TrainConfig, data: str | None, tokenizer=None):
@@ -199,22 +177,6 @@ class Run:
     start: int = 0
 
 
-def size_plan(model_cfg: ModelConfig, tcfg: TrainConfig) -> tuple[list[str], list[float], dict[str, SubmodelSpec]]:
-    """The trained sizes, largest first, with their loss weights and specs; with bits, every (size, bits) cell
-    ("M@int4"), the widest bits first, weighted by size weight x bit weight."""
-    names = trained_sizes(model_cfg, tcfg) if not tcfg.only else ["XL"]
-    weights = tcfg.size_weights or [1.0] * len(names)
-    if len(weights) != len(names):
-        raise MatryoshkaError(f"{len(weights)} size weights for {len(names)} sizes {names}")
-    specs = {n: uniform_spec(model_cfg, n) for n in names}
-    if not tcfg.bits:
-        return names, weights, specs
-    quant.check_groups(model_cfg, quant.QuantConfig(tcfg.quant_group))
-    bits = sorted(zip(tcfg.bits, tcfg.bit_weights or [1.0] * len(tcfg.bits)), key=lambda bw: -bw[0])
-    cells = {str(specs[n].at_bits(b)): (specs[n].at_bits(b), w * bw) for b, bw in bits for n, w in zip(names, weights)}
-    return list(cells), [w for _, w in cells.values()], {c: spec for c, (spec, _) in cells.items()}
-
-
 def check_batch_split(tcfg: TrainConfig, d: Dist) -> None:
     if tcfg.batch_size % (d.world * tcfg.grad_accum):
         raise MatryoshkaError(
@@ -284,11 +246,7 @@ def prepare(
 def train_step(run: Run, step: int) -> dict[str, Any]:
     """One optimizer step (0-based `step`) on the global batch; returns its metrics."""
     tcfg, d = run.tcfg, run.d
-    if tcfg.sampling == "all":
-        step_names, step_w = step_sizes(run.names, run.weights, tcfg, step)
-        step_specs = [run.specs[n] for n in step_names]
-    else:
-        step_names, step_specs, step_w = mix_specs(run.model.cfg, tcfg, run.names, run.specs, step)
+    step_names, step_specs, step_w = step_submodels(run.model.cfg, tcfg, (run.names, run.weights, run.specs), step)
     lr = lr_at(step, tcfg)
     run.model.train()
     per_rank = tcfg.batch_size // d.world

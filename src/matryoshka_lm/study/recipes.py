@@ -1,0 +1,229 @@
+"""Study v2: which training recipe makes every size and every Mix'n'Match mix good, at equal training FLOPs.
+
+Per scale it trains one Matryoshka model per recipe (what each step trains: all sizes, the sandwich rule, random
+mixes; each with and without in-place distillation) and one independent model per size, all on the same data.
+The recipes get the same training FLOPs as today's recipe ("all" for `steps` steps; train/plan.py counts them),
+the baselines the same tokens. Every model is evaluated on held-out text of the training corpus and on prose from
+another domain (Python's documentation, which ships with the interpreter). `run_recipe_study` trains what is
+missing (in parallel with `jobs`), evaluates and writes the report (recipes_report.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from matryoshka_lm.config import ModelConfig, TrainConfig
+from matryoshka_lm.core import checkpoint as ck
+from matryoshka_lm.core.spec import format_spec, uniform_spec
+from matryoshka_lm.data import encode_corpus
+from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.machine import describe_machine
+from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
+from matryoshka_lm.train.evaluate import evaluate_specs
+from matryoshka_lm.train.plan import run_flops, steps_for_flops, with_steps
+
+from .report import SIZES
+from .study import ABLATIONS, _point, fit_scaling, mixnmatch_specs, scale_config, train_all
+
+log = logging.getLogger(__name__)
+
+# name -> TrainConfig fields; "all" is today's default and sets the FLOPs budget
+RECIPES: dict[str, dict[str, Any]] = {
+    "all": {},
+    "all+distill": {"distill": 1.0},
+    "sandwich": {"sampling": "sandwich", "mixes": 2},
+    "sandwich+distill": {"sampling": "sandwich", "mixes": 2, "distill": 1.0},
+    "mix": {"sampling": "mix", "mixes": 2},
+    "mix+distill": {"sampling": "mix", "mixes": 2, "distill": 1.0},
+}
+
+
+@dataclass
+class RecipePreset:
+    scales: list[int]
+    n_layers: int = 4
+    steps: int = 300  # of the "all" recipe; the others run until they have spent its FLOPs
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    vocab_size: int = 1024
+    corpus_chars: int = 3_000_000
+    eval_batches: int = 16
+    mixnmatch: int = 16  # sampled Mix'n'Match specs evaluated per model
+    recipes: list[str] = field(default_factory=lambda: list(RECIPES))
+
+
+RECIPE_PRESETS = {
+    "micro": RecipePreset(
+        scales=[32, 48],
+        steps=4,
+        batch_size=4,
+        seq_len=32,
+        vocab_size=256,
+        corpus_chars=60_000,
+        eval_batches=2,
+        mixnmatch=3,
+        recipes=["all", "sandwich", "mix+distill"],
+    ),
+    # ~2 hours of this 2-core machine with --jobs 2; both scales are wider than anything in cpu-small (d <= 192)
+    "cpu-recipes": RecipePreset(scales=[256, 320]),
+}
+
+
+def plan_recipe_runs(p: RecipePreset, seed: int) -> dict[str, tuple[ModelConfig, TrainConfig]]:
+    """name -> (model config, train config): per scale one run per recipe at equal FLOPs, one baseline per size."""
+    runs = {}
+    for d in p.scales:
+        cfg = scale_config(d, p.n_layers, p.vocab_size, p.seq_len, ABLATIONS["all"])
+        base = TrainConfig(
+            steps=p.steps,
+            batch_size=p.batch_size,
+            seq_len=p.seq_len,
+            lr=p.lr,
+            warmup_steps=max(1, p.steps // 10),
+            eval_every=p.steps,
+            save_every=p.steps,
+            eval_batches=p.eval_batches,
+            vocab_size=p.vocab_size,
+            max_corpus_chars=p.corpus_chars,
+            seed=seed,
+        )
+        budget = run_flops(cfg, base)
+        for r in p.recipes:
+            if r not in RECIPES:
+                raise MatryoshkaError(f"unknown recipe {r!r}; choose from {list(RECIPES)}")
+            t = dataclasses.replace(base, **RECIPES[r])
+            runs[f"d{d}-recipe-{r}"] = (cfg, with_steps(t, steps_for_flops(cfg, t, budget)))
+        for s in SIZES:
+            runs[f"d{d}-baseline-{s}"] = (cfg, dataclasses.replace(base, only=s))
+    return runs
+
+
+def ood_text() -> str:
+    """Out-of-domain prose: the topic help of Python's documentation (stdlib pydoc_data), 0.46 M characters."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def ood_tokens(tok: Any, chars: int = 0) -> np.ndarray:
+    text = ood_text()
+    return encode_corpus(tok, [text[:chars] if chars else text])
+
+
+def evaluate_recipes(
+    runs: dict[str, tuple[ModelConfig, TrainConfig]], p: RecipePreset, work: Path, seed: int, device: str
+) -> dict[str, Any]:
+    """Loss in and out of domain per trained size (Matryoshka recipes and baselines), Mix'n'Match specs, and
+    agreement/KL with each model's own full size."""
+    first = next(iter(runs))
+    _, _, val = checkpoint_val_split(work / first)
+    tok0 = (work / first / ck.TOKENIZER).read_text()
+    ood = ood_tokens(ck.load_tokenizer(work / first))
+    sets = {"in_domain": val, "out_of_domain": ood}
+    res: dict[str, Any] = {"recipes": {}, "baseline": {}, "flops": {}, "steps": {}}
+    for name, (_, tcfg) in runs.items():
+        if (work / name / ck.TOKENIZER).read_text() != tok0:
+            raise MatryoshkaError(f"run {name} has a different tokenizer: the runs are not comparable")
+        res["steps"][name] = tcfg.steps
+    for d in p.scales:
+        res["baseline"][d] = {}
+        full = ck.load_model(work / f"d{d}-baseline-XL", device)
+        for s in SIZES:
+            b = ck.load_model(work / f"d{d}-baseline-{s}", device)
+            res["baseline"][d][s] = {
+                k: _point(b.cfg, b.full, _eval(b, tokens, {s: b.full}, p, device, (full, full.full))[s])
+                for k, tokens in sets.items()
+            }
+            res["flops"][f"d{d}-baseline-{s}"] = run_flops(b.cfg, runs[f"d{d}-baseline-{s}"][1])
+        res["recipes"][d] = {}
+        for r in p.recipes:
+            name = f"d{d}-recipe-{r}"
+            m = ck.load_model(work / name, device)
+            specs = {s: uniform_spec(m.cfg, s) for s in SIZES}
+            mixes = {format_spec(s): s for s in mixnmatch_specs(m.cfg, p.mixnmatch, seed)}
+            out: dict[str, Any] = {"sizes": {}, "mixnmatch": {}}
+            for k, tokens in sets.items():
+                ev = _eval(m, tokens, {**specs, **mixes}, p, device)
+                for s in SIZES:
+                    out["sizes"].setdefault(s, {})[k] = _point(m.cfg, specs[s], ev[s])
+                for text, spec in mixes.items():
+                    out["mixnmatch"].setdefault(text, {})[k] = _point(m.cfg, spec, ev[text])
+            res["recipes"][d][r] = out
+            res["flops"][name] = run_flops(m.cfg, runs[name][1])
+    res["fits"] = flops_fits(res, p)
+    return res
+
+
+def _eval(m, tokens, specs, p: RecipePreset, device: str, ref=None) -> dict[str, dict[str, float]]:
+    return evaluate_specs(m, tokens, specs, p.seq_len, 8, p.eval_batches, device, ref)
+
+
+def flops_fits(res: dict[str, Any], p: RecipePreset) -> dict[str, Any]:
+    """Per recipe: loss vs forward FLOPs per token over every size and Mix'n'Match spec of every scale, fitted as
+    L = a F^-b + c. The seed project's claim ("efficiency improving exponentially ... minor increases in loss") is a
+    claim about this curve."""
+    fits = {}
+    for r in p.recipes:
+        pts = []
+        for d in p.scales:
+            rec = res["recipes"][d][r]
+            pts += [(v["in_domain"]["flops_per_token"], v["in_domain"]["val_loss"]) for v in rec["sizes"].values()]
+            pts += [(v["in_domain"]["flops_per_token"], v["in_domain"]["val_loss"]) for v in rec["mixnmatch"].values()]
+        f, loss = map(np.array, zip(*pts))
+        try:
+            fits[r] = fit_scaling(f, loss)
+        except (RuntimeError, MatryoshkaError) as e:
+            fits[r] = {"error": str(e)}
+    return fits
+
+
+def run_recipe_study(
+    preset_name: str,
+    report: str | Path,
+    work: str | Path | None = None,
+    data: str | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    jobs: int = 1,
+    on_run: Callable[[str, str], None] | None = None,
+    train_only: bool = False,
+) -> dict[str, Any]:
+    """Train (or reuse) every run of the preset, evaluate and write the report folder; returns the results."""
+    from .recipes_report import write_recipe_report
+
+    if preset_name not in RECIPE_PRESETS:
+        raise MatryoshkaError(f"unknown recipe-study preset {preset_name!r}; choose from {list(RECIPE_PRESETS)}")
+    p = RECIPE_PRESETS[preset_name]
+    report, work = Path(report), Path(work) if work else Path("runs") / f"recipes-{preset_name}"
+    runs = plan_recipe_runs(p, seed)
+    t0 = time.perf_counter()
+    seconds = train_all(runs, work, data, device, on_run, jobs=jobs)
+    if train_only:
+        return {"train_seconds": seconds}
+    res = evaluate_recipes(runs, p, work, seed, device)
+    res["meta"] = {
+        "preset": preset_name,
+        "settings": dataclasses.asdict(p),
+        "seed": seed,
+        "data": data or "default corpus",
+        "tokens_per_baseline_run": p.steps * p.batch_size * p.seq_len,
+        "machine": describe_machine(device),
+        "jobs": jobs,
+        "train_seconds": seconds,
+        "train_seconds_total": sum(seconds.values()),
+        "wall_seconds": time.perf_counter() - t0,
+        "torch": torch.__version__,
+        "command": f"matryoshka study --preset {preset_name} -o {report} --seed {seed} --jobs {jobs}",
+    }
+    write_recipe_report(res, p, report)
+    return res

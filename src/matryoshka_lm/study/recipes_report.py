@@ -1,0 +1,2 @@
+def write_recipe_report(res, p, report):
+    raise NotImplementedError
