@@ -366,6 +366,10 @@ def test_compiled_engine_matches_eager_everywhere(model):
     for share in (False, True):
         got = speculative_decode(model, PROMPTS[0], None, spec, 16, engine=compiled, share_cache=share)[0]
         assert got.tokens == want
+    # the early-exit draft's own compiled steps (exit step, exit state, resume chunk), reusing the target's work
+    exit2 = parse_spec(model.cfg, ",".join(["XL"] * 2))
+    got = speculative_decode(model, PROMPTS[0], None, exit2, 16, engine=compiled, gamma=3, adaptive=False)[0]
+    assert got.tokens == want
 
 
 # ---------------------------------------------------------------- view models

@@ -44,17 +44,19 @@ def bit_widths(text: str | None) -> tuple[int | None, ...] | None:
 
 
 def cmd_study(a: argparse.Namespace) -> None:
+    from matryoshka_lm.study.recipes import RECIPE_PRESETS, run_recipe_study
     from matryoshka_lm.study.study import run_study
 
-    res = run_study(
-        a.preset,
-        a.out,
-        work=a.work,
-        data=a.data,
-        seed=a.seed,
-        device=pick_device(a.device),
-        on_run=lambda name, state: print(f"[study] {name}: {state}", file=sys.stderr, flush=True),
-    )
+    def on_run(name: str, state: str) -> None:
+        print(f"[study] {name}: {state}", file=sys.stderr, flush=True)
+
+    kw = dict(work=a.work, data=a.data, seed=a.seed, device=pick_device(a.device), on_run=on_run)
+    if a.preset in RECIPE_PRESETS:
+        res = run_recipe_study(a.preset, a.out, jobs=a.jobs, **kw)
+    else:
+        if a.jobs != 1:
+            raise MatryoshkaError("--jobs applies to the recipe study presets (recipes-micro, cpu-recipes)")
+        res = run_study(a.preset, a.out, **kw)
     print(f"report written to {a.out}/README.md ({res['meta']['wall_seconds'] / 60:.1f} min)")
 
 
@@ -80,8 +82,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--device", default="auto")
     m.set_defaults(func=cmd_mixnmatch)
 
-    st = sub.add_parser("study", help="Matryoshka vs independently trained baselines, axis ablation, scaling fits")
-    st.add_argument("--preset", default="cpu-small", help="micro | cpu-small | gpu-medium (default: cpu-small)")
+    st = sub.add_parser(
+        "study",
+        help="Matryoshka vs independently trained baselines: axis ablation and scaling fits (micro | cpu-small | "
+        "gpu-medium), or training recipes at equal FLOPs in and out of domain (recipes-micro | cpu-recipes)",
+    )
+    st.add_argument(
+        "--preset",
+        default="cpu-small",
+        help="micro | cpu-small | gpu-medium | recipes-micro | cpu-recipes (default: cpu-small)",
+    )
+    st.add_argument(
+        "--jobs", type=positive_int, default=1, help="recipe presets: train this many runs at once (one thread each)"
+    )
     st.add_argument("-o", "--out", default="report", help="report folder (default: report)")
     st.add_argument(
         "--work", help="where the runs' checkpoints go (default: runs/study-PRESET); finished runs are reused"

@@ -32,6 +32,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         "fsdp": a.fsdp or None,
         "dtype": a.dtype,
         "sizes": a.sizes.split(",") if a.sizes else None,
+        "size_weights": float_list(a.size_weights, "--size-weights"),
         "save_every": a.save_every,
         "bits": int_list(a.bits, "--bits"),
         "bit_weights": float_list(a.bit_weights, "--bit-weights"),
@@ -100,6 +101,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--init", help="start from this checkpoint's weights and tokenizer")
     t.add_argument("--sizes", help="comma-separated sizes to train jointly (default: all)")
+    t.add_argument(
+        "--size-weights",
+        help="loss weight per trained size, largest first, e.g. 1,2,1,2 (default: all 1); heavier early exits "
+        "raise their acceptance as speculative drafts",
+    )
     t.add_argument(
         "--sample-sizes",
         type=nonnegative_int,

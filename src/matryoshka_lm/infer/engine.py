@@ -31,6 +31,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -67,6 +68,29 @@ def forward_chunk(
 ) -> torch.Tensor:
     """Tokens (B, T) into slots start..start+T after a cached prefix; logits (B, T, V) (speculative verify)."""
     return model(idx, spec, cache, start)
+
+
+def exit_state(
+    model: MatryoshkaLM, tok: torch.Tensor, draft: SubmodelSpec, cache: KVCache, slot: int | torch.Tensor
+) -> torch.Tensor:
+    """Early exit: token (1,) through the draft's layers (the target's first k) into the target's cache; the
+    residual stream after layer k (1, 1, C), before the final norm (speculative.early_exit_rounds)."""
+    return model.hidden_states(tok.view(1, 1), draft, cache, slot, norm=False)
+
+
+def exit_step(
+    model: MatryoshkaLM, tok: torch.Tensor, draft: SubmodelSpec, cache: KVCache, slot: int | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """exit_state plus the draft's next-token logits (1, V) from the shared final norm and head."""
+    h = exit_state(model, tok, draft, cache, slot)
+    return h, model.logits(model.norm(h))[:, -1]
+
+
+def resume_chunk(
+    model: MatryoshkaLM, h: torch.Tensor, spec: SubmodelSpec, cache: KVCache, start: int | torch.Tensor, k: int
+) -> torch.Tensor:
+    """States (1, T, C) after layer k of tokens at slots start..start+T through layers k+1..L; logits (1, T, V)."""
+    return model.logits(model.hidden_states(None, spec, cache, start, h=h, first_layer=k))
 
 
 @torch.no_grad()
@@ -208,18 +232,30 @@ class Engine:
         """Tokens (B, T) into slots start..start+T after a cached prefix; logits (B, T, V)."""
         return self._run(forward_chunk, model, idx, spec, cache, start)
 
-    def _run(
-        self, fn: Step, model: MatryoshkaLM, x: torch.Tensor, spec: SubmodelSpec, cache: KVCache, start: int
+    def exit_step(
+        self, model: MatryoshkaLM, tok: torch.Tensor, draft: SubmodelSpec, cache: KVCache, slot: int, logits: bool
+    ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """Early-exit draft step into the target's cache: (state, logits), or the state alone (speculative.py)."""
+        return self._run(exit_step if logits else exit_state, model, tok, draft, cache, slot)
+
+    def resume_chunk(
+        self, model: MatryoshkaLM, h: torch.Tensor, spec: SubmodelSpec, cache: KVCache, start: int, k: int
     ) -> torch.Tensor:
+        """Layers k+1..L of the target on early-exit states (1, T, C) at slots start..; logits (1, T, V)."""
+        return self._run(resume_chunk, model, h, spec, cache, start, k)
+
+    def _run(
+        self, fn: Callable, model: MatryoshkaLM, x: torch.Tensor, spec: SubmodelSpec, cache: KVCache, start: int, *extra
+    ) -> Any:
         if not self.compiled:  # an int: attention reads only the slots written so far
-            return fn(model, x, spec, cache, start)
+            return fn(model, x, spec, cache, start, *extra)
         f = self._graphs.get((fn, spec))
         if f is None:
             f = self._graphs.setdefault((fn, spec), self._compile(fn))
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
         # a tensor: attention reads every slot through a mask, so one graph serves every position
-        return f(model, x, spec, cache, torch.tensor([start], device=self.device))
+        return f(model, x, spec, cache, torch.tensor([start], device=self.device), *extra)
 
     def _compile(self, fn: Step) -> Step:
         """`fn` compiled for one size, in a region of its own (one size's graphs never count against another's

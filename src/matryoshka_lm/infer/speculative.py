@@ -248,15 +248,16 @@ def early_exit_rounds(
         t0 = time.perf_counter()
         states, drafted, qs, x = [], [], [], last
         for j in range(g):  # layers 1..k of each token, into the target's cache: the draft's work is the target's
-            states.append(model.hidden_states(x.view(1, 1), draft, cache, pos + j, norm=False))
-            x = next_draft(model.logits(model.norm(states[-1]))[:, -1], sampling, gen, qs)
+            state, logits = engine.exit_step(model, x, draft, cache, pos + j, logits=True)
+            states.append(state)
+            x = next_draft(logits, sampling, gen, qs)
             drafted.append(x)
         drafted_t = torch.cat(drafted)
         t1 = time.perf_counter()
         # the last draft has not been through layers 1..k; then layers k+1..L for all γ+1 tokens at once
-        states.append(model.hidden_states(drafted_t[-1:].view(1, 1), draft, cache, pos + g, norm=False))
-        h = model.hidden_states(None, spec, cache, pos, h=torch.cat(states, dim=1), first_layer=k)
-        n, nxt = accept(model.logits(h)[0], drafted_t, torch.cat(qs) if qs else None, sampling, gen)
+        states.append(engine.exit_step(model, drafted_t[-1:], draft, cache, pos + g, logits=False))
+        logits = engine.resume_chunk(model, torch.cat(states, dim=1), spec, cache, pos, k)
+        n, nxt = accept(logits[0], drafted_t, torch.cat(qs) if qs else None, sampling, gen)
         t2 = time.perf_counter()
         pos, last = pos + n + 1, nxt  # every layer's cache holds `last` and the accepted drafts
         stats.add_round(g, n, t1 - t0, t2 - t1)

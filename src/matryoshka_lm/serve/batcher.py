@@ -379,4 +379,3 @@ def _raiser(exc: Exception) -> Callable[[], Any]:
         raise exc
 
     return fail
-

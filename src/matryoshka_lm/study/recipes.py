@@ -60,10 +60,11 @@ class RecipePreset:
     eval_batches: int = 16
     mixnmatch: int = 16  # sampled Mix'n'Match specs evaluated per model
     recipes: list[str] = field(default_factory=lambda: list(RECIPES))
+    harness: bool = True  # lm-eval cloze accuracy per size at the largest scale
 
 
 RECIPE_PRESETS = {
-    "micro": RecipePreset(
+    "recipes-micro": RecipePreset(
         scales=[32, 48],
         steps=4,
         batch_size=4,
@@ -73,6 +74,7 @@ RECIPE_PRESETS = {
         eval_batches=2,
         mixnmatch=3,
         recipes=["all", "sandwich", "mix+distill"],
+        harness=False,
     ),
     # ~2 hours of this 2-core machine with --jobs 2; both scales are wider than anything in cpu-small (d <= 192)
     "cpu-recipes": RecipePreset(scales=[256, 320]),
@@ -161,7 +163,24 @@ def evaluate_recipes(
             res["recipes"][d][r] = out
             res["flops"][name] = run_flops(m.cfg, runs[name][1])
     res["fits"] = flops_fits(res, p)
+    if p.harness:
+        res["harness"] = harness_scores(runs, p, work, device)
     return res
+
+
+def harness_scores(runs, p: RecipePreset, work: Path, device: str) -> dict[str, dict[str, float]]:
+    """lm-evaluation-harness next-line cloze accuracy (study/harness_tasks, held out by these runs' corpus share)
+    of every size of every recipe and of every baseline, at the largest scale: run name -> size -> accuracy."""
+    from .harness import run_harness
+
+    d = max(p.scales)
+    out = {}
+    for name in runs:
+        if not name.startswith(f"d{d}-"):
+            continue
+        r = run_harness(work / name, None, ["matryoshka_cloze"], device=device, bootstrap_iters=0)
+        out[name] = {s: v["results"]["matryoshka_cloze"]["acc,none"] for s, v in r["sizes"].items()}
+    return out
 
 
 def _eval(m, tokens, specs, p: RecipePreset, device: str, ref=None) -> dict[str, dict[str, float]]:
@@ -223,7 +242,8 @@ def run_recipe_study(
         "train_seconds_total": sum(seconds.values()),
         "wall_seconds": time.perf_counter() - t0,
         "torch": torch.__version__,
-        "command": f"matryoshka study --preset {preset_name} -o {report} --seed {seed} --jobs {jobs}",
+        "command": f"matryoshka study --preset {preset_name} -o {report} --seed {seed}"
+        + (f" --jobs {jobs}" if jobs > 1 else ""),
     }
     write_recipe_report(res, p, report)
     return res

@@ -34,8 +34,8 @@ from matryoshka_lm.errors import MatryoshkaError
 
 from .evaluate import evaluate_specs
 from .optim import adamw, lr_at
-from .plan import size_plan, step_sizes, step_submodels, trained_sizes
 from .parallelize import Dist, global_mean, init_distributed, no_sync_of, parallelize
+from .plan import size_plan, step_sizes, step_submodels, trained_sizes
 from .resume import resume_settings
 from .state import load_state, save_state, trim_metrics, write_split_stats
 from .steps import MetricsLog, optimizer_step

@@ -76,7 +76,8 @@ def step_flops(cfg: ModelConfig, tcfg: TrainConfig, plan, step: int) -> float:
     """Training FLOPs of one step: forward + backward of each trained submodel, a forward of a teacher."""
     _, specs, weights = step_submodels(cfg, tcfg, plan, step)
     tokens = tcfg.batch_size * tcfg.seq_len
-    per_token = sum(flops_per_token(cfg, s, tcfg.seq_len) * (1 + (BACKWARD if w > 0 else 0)) for s, w in zip(specs, weights))
+    passes = [1 + (BACKWARD if w > 0 else 0) for w in weights]
+    per_token = sum(flops_per_token(cfg, s, tcfg.seq_len) * k for s, k in zip(specs, passes))
     return float(tokens * per_token)
 
 
@@ -100,6 +101,4 @@ def steps_for_flops(cfg: ModelConfig, tcfg: TrainConfig, budget: float) -> int:
 
 def with_steps(tcfg: TrainConfig, steps: int) -> TrainConfig:
     """The same recipe run for `steps` steps, with warmup, eval and checkpoint cadences scaled to match."""
-    return dataclasses.replace(
-        tcfg, steps=steps, warmup_steps=max(1, steps // 10), eval_every=steps, save_every=steps
-    )
+    return dataclasses.replace(tcfg, steps=steps, warmup_steps=max(1, steps // 10), eval_every=steps, save_every=steps)
