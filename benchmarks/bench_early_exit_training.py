@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ROOT, write_section
+from common import ROOT, speculative_timer, write_section
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.spec import size_names, uniform_spec
 from matryoshka_lm.infer.engine import Engine
-from matryoshka_lm.infer.speculative import SpeculativeStats, speculative_decode
+from matryoshka_lm.infer.speculative import SpeculativeStats
 from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
 from matryoshka_lm.train.evaluate import evaluate_specs
 
@@ -47,16 +47,11 @@ def measure(path: Path, prompts: list[list[int]], n: int, val) -> dict:
     specs = {s: uniform_spec(cfg, s) for s in size_names(cfg)}
     ev = evaluate_specs(model, val, specs, 128, 8, 16)
     engine, out = Engine(model), {"loss": {s: r["loss"] for s, r in ev.items()}, "agree": {}, "spec": {}}
+    want = [engine.generate([p], None, n)[0].tokens for p in prompts]
     for exit_ in ("E2", "E4"):
         out["agree"][exit_] = ev[exit_]["agree"]
         stats = SpeculativeStats()
-        for p in prompts:
-            _, s = speculative_decode(model, p, None, specs[exit_], n, gamma=4, adaptive=False, engine=engine)
-            stats.rounds, stats.drafted, stats.accepted = (
-                stats.rounds + s.rounds,
-                stats.drafted + s.drafted,
-                stats.accepted + s.accepted,
-            )
+        speculative_timer(model, engine, prompts, n, specs[exit_], want, stats, gamma=4, adaptive=False)()
         out["spec"][exit_] = (stats.acceptance, stats.tokens_per_round)
     return out
 

@@ -30,14 +30,23 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ROOT, machine, read_bandwidth, self_timed, write_section
+from common import (
+    ROOT,
+    generate_timer,
+    machine,
+    read_bandwidth,
+    self_timed,
+    speculative_rows,
+    speculative_timer,
+    write_section,
+)
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.nested import slice_state_dict, submodel_config
 from matryoshka_lm.core.quant import weight_bytes
 from matryoshka_lm.core.spec import parse_spec, size_names, uniform_spec
 from matryoshka_lm.infer.engine import Engine
-from matryoshka_lm.infer.speculative import SpeculativeStats, speculative_decode
+from matryoshka_lm.infer.speculative import SpeculativeStats
 from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
 
 DRAFTS = {  # name: (draft spec, speculative_decode settings)
@@ -70,39 +79,11 @@ def decode(engine: Engine, spec, prompt: list[int], n: int) -> Callable[[], floa
     return run
 
 
-def whole(engine: Engine, prompts: list[list[int]], n: int) -> Callable[[], float]:
-    """Seconds to generate n tokens after each prompt, the prefill included (as speculative decoding is timed)."""
-
-    def run() -> float:
-        t0 = time.perf_counter()
-        for p in prompts:
-            engine.generate([p], None, n)
-        return time.perf_counter() - t0
-
-    return run
-
-
 def extracted(model: MatryoshkaLM, name: str) -> MatryoshkaLM:
     spec = uniform_spec(model.cfg, name)
     small = MatryoshkaLM(submodel_config(model.cfg, spec))
     small.load_state_dict(slice_state_dict(model.state_dict(), model.cfg, spec))
     return small.eval()
-
-
-def speculative(model, engine, prompts, n, draft_text, kw, gamma, adaptive, stats, want) -> Callable[[], float]:
-    draft = parse_spec(model.cfg, draft_text)
-
-    def run() -> float:
-        t0 = time.perf_counter()
-        for p, w in zip(prompts, want):
-            got, s = speculative_decode(model, p, None, draft, n, gamma=gamma, adaptive=adaptive, engine=engine, **kw)
-            assert got.tokens == w, f"{draft_text}: not the target's greedy output"
-            for f in ("rounds", "drafted", "accepted"):
-                setattr(stats, f, getattr(stats, f) + getattr(s, f))
-            stats.draft_s, stats.verify_s = stats.draft_s + s.draft_s, stats.verify_s + s.verify_s
-        return time.perf_counter() - t0
-
-    return run
 
 
 def main() -> None:
@@ -154,31 +135,25 @@ def main() -> None:
     fns, stats = {}, {}
     for mode, engine in (("eager", eager), ("compiled", compiled)):
         want = [engine.generate([p], None, n)[0].tokens for p in prompts]  # compiled may break a near-tie apart
-        fns[f"target alone, {mode}"] = whole(engine, prompts, n)
+        fns[f"target alone, {mode}"] = generate_timer(engine, prompts, n)
         for label, (draft, kw) in DRAFTS.items():
             for gamma, adaptive in ((4, False), (4, True)) if mode == "eager" else ((4, False),):
                 if mode == "compiled" and "no reuse" in label:
                     continue
                 key = f"{label}, γ={'adaptive' if adaptive else gamma}, {mode}"
                 stats[key] = SpeculativeStats()
-                fns[key] = speculative(model, engine, prompts, n, draft, kw, gamma, adaptive, stats[key], want)
+                draft_spec = parse_spec(cfg, draft)
+                fns[key] = speculative_timer(
+                    model, engine, prompts, n, draft_spec, want, stats[key], gamma=gamma, adaptive=adaptive, **kw
+                )
     ts = self_timed(fns, a.repeats)
     base = {mode: ts.pop(f"target alone, {mode}") for mode in ("eager", "compiled")}
     spec_rows = [
         f"Target alone: {len(prompts) * n / base['eager']:.1f} tok/s eager, "
         f"{len(prompts) * n / base['compiled']:.1f} tok/s compiled.",
         "",
-        "| draft | speedup vs target alone (same mode) | tok/s | acceptance | tokens / target pass "
-        "| draft : verify time |",
-        "|---|---:|---:|---:|---:|---:|",
+        *speculative_rows(ts, stats, base, len(prompts) * n),
     ]
-    for key, secs in ts.items():
-        s = stats[key]
-        split = s.draft_s / max(s.draft_s + s.verify_s, 1e-9)
-        spec_rows.append(
-            f"| {key} | {base[key.rsplit(', ', 1)[1]] / secs:.2f}x | {len(prompts) * n / secs:.1f} | "
-            f"{s.acceptance:.2f} | {s.tokens_per_round:.2f} | {split:.0%} : {1 - split:.0%} |"
-        )
     body = [
         "## Speculative decoding on a memory-bound model (`benchmarks/bench_speculative_memory.py`)",
         "",

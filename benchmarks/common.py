@@ -81,3 +81,54 @@ def read_bandwidth(mb: int = 512) -> Callable[[], float]:
         return (time.perf_counter() - t0) / (big.numel() * 4)
 
     return run
+
+
+def generate_timer(engine, prompts: list[list[int]], n: int) -> Callable[[], float]:
+    """Seconds to generate n tokens after each prompt (batch 1, the prefill included, as speculative runs are)."""
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        for p in prompts:
+            engine.generate([p], None, n)
+        return time.perf_counter() - t0
+
+    return run
+
+
+def speculative_timer(model, engine, prompts, n, draft, want, stats, **kw) -> Callable[[], float]:
+    """Seconds for speculative decoding after each prompt, checking each output is the target's (`want`) and
+    adding every run's counts and phase times into `stats` (a SpeculativeStats)."""
+    from matryoshka_lm.infer.speculative import speculative_decode
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        for p, w in zip(prompts, want):
+            got, s = speculative_decode(model, p, None, draft, n, engine=engine, **kw)
+            assert got.tokens == w, f"draft {draft}: not the target's greedy output"
+            stats.rounds, stats.drafted, stats.accepted = (
+                stats.rounds + s.rounds,
+                stats.drafted + s.drafted,
+                stats.accepted + s.accepted,
+            )
+            stats.draft_s, stats.verify_s = stats.draft_s + s.draft_s, stats.verify_s + s.verify_s
+        return time.perf_counter() - t0
+
+    return run
+
+
+def speculative_rows(times: dict[str, float], stats: dict, base: dict[str, float], tokens: int) -> list[str]:
+    """Markdown rows for speculative runs keyed "..., MODE": speedup over `base[MODE]` (the target alone, timed the
+    same way), tokens/s, acceptance, tokens per target pass and the draft/verify time split."""
+    rows = [
+        "| draft | speedup vs target alone (same mode) | tok/s | acceptance | tokens / target pass "
+        "| draft : verify time |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, secs in times.items():
+        s = stats[key]
+        split = s.draft_s / max(s.draft_s + s.verify_s, 1e-9)
+        rows.append(
+            f"| {key} | {base[key.rsplit(', ', 1)[1]] / secs:.2f}x | {tokens / secs:.1f} | "
+            f"{s.acceptance:.2f} | {s.tokens_per_round:.2f} | {split:.0%} : {1 - split:.0%} |"
+        )
+    return rows
