@@ -1,9 +1,9 @@
 """Does training raise an early exit's acceptance as a speculative draft? (issue #13)
 
-From the trained `memory` preset (runs/memory, see bench_speculative_memory.py) three fine-tunes of 100 steps each,
+From the trained `memory` preset (runs/memory, see bench_speculative_memory.py) fine-tunes of 100 steps each,
 identical but for the loss: `control` (the preset's recipe: every size weighted 1), `distill` (plus in-place
-distillation of each size towards the full size's distribution, --distill 1), `exits2x` (the early exits E4 and E2
-weighted 2, --size-weights 1,2,1,2). Each is measured on held-out text: val loss per size, top-1 agreement of each
+distillation of each size towards the full size's distribution, --distill 1) and, with --arms, `exits2x` (the early
+exits E4 and E2 weighted 2, --size-weights 1,2,1,2). Each is measured on held-out text: val loss per size, top-1 agreement of each
 exit with the full size (teacher-forced), and the greedy acceptance rate of E2 / E4 drafting for XL (γ = 4, fixed)
 with the speedup-relevant tokens per target pass. These counts do not depend on the machine's speed or load.
 Writes the `early-exit-training` section of BENCHMARKS.md.
@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--base", default=str(ROOT / "runs" / "memory"))
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--arms", default="control,distill", help=f"which fine-tunes, of {', '.join(ARMS)}")
     a = ap.parse_args()
     torch.set_num_threads(2)
     base = Path(a.base)
@@ -68,7 +69,7 @@ def main() -> None:
     step = (len(val) - 64) // a.prompts
     prompts = [val[i * step : i * step + 32].tolist() for i in range(a.prompts)]
     res = {"before (700 steps)": measure(base, prompts, a.tokens, val)}
-    for arm in ARMS:
+    for arm in a.arms.split(","):
         res[f"+100 steps, {arm}"] = measure(fine_tuned(base, arm), prompts, a.tokens, val)
     names = list(next(iter(res.values()))["loss"])
     rows = [
@@ -85,7 +86,7 @@ def main() -> None:
     body = [
         "## Training for early-exit drafts (`benchmarks/bench_early_exit_training.py`)",
         "",
-        f"The `memory` preset after 700 steps, then 100 more steps three ways ({' '.join(FT[:4])}; same batches). "
+        f"The `memory` preset after 700 steps, then 100 more steps per arm ({' '.join(FT[:4])}; same batches). "
         f"Greedy speculative decoding of {a.tokens} tokens after {a.prompts} held-out 32-token prompts, target XL; "
         "agreement is teacher-forced top-1 agreement on 16 x 8 x 128 held-out tokens. Counts, not timings.",
         "",
