@@ -32,7 +32,7 @@ from matryoshka_lm.train.evaluate import evaluate_specs
 from matryoshka_lm.train.plan import run_flops, steps_for_flops, with_steps
 
 from .report import SIZES
-from .study import ABLATIONS, _point, fit_scaling, mixnmatch_specs, scale_config, train_all
+from .study import ABLATIONS, _point, fit_scaling, mixnmatch_specs, preset_train_config, scale_config, train_all
 
 log = logging.getLogger(__name__)
 
@@ -86,19 +86,7 @@ def plan_recipe_runs(p: RecipePreset, seed: int) -> dict[str, tuple[ModelConfig,
     runs = {}
     for d in p.scales:
         cfg = scale_config(d, p.n_layers, p.vocab_size, p.seq_len, ABLATIONS["all"])
-        base = TrainConfig(
-            steps=p.steps,
-            batch_size=p.batch_size,
-            seq_len=p.seq_len,
-            lr=p.lr,
-            warmup_steps=max(1, p.steps // 10),
-            eval_every=p.steps,
-            save_every=p.steps,
-            eval_batches=p.eval_batches,
-            vocab_size=p.vocab_size,
-            max_corpus_chars=p.corpus_chars,
-            seed=seed,
-        )
+        base = preset_train_config(p, seed)
         budget = run_flops(cfg, base)
         for r in p.recipes:
             if r not in RECIPES:

@@ -95,24 +95,29 @@ def scale_config(d: int, n_layers: int, vocab: int, seq_len: int, axes: tuple[st
     )
 
 
+def preset_train_config(p: Any, seed: int, only: str | None = None) -> TrainConfig:
+    """The training settings every run of a study preset shares (StudyPreset or recipes.RecipePreset)."""
+    return TrainConfig(
+        steps=p.steps,
+        batch_size=p.batch_size,
+        seq_len=p.seq_len,
+        lr=p.lr,
+        warmup_steps=max(1, p.steps // 10),
+        eval_every=p.steps,
+        save_every=p.steps,
+        eval_batches=p.eval_batches,
+        vocab_size=p.vocab_size,
+        max_corpus_chars=p.corpus_chars,
+        seed=seed,
+        only=only,
+    )
+
+
 def plan_runs(p: StudyPreset, seed: int) -> dict[str, tuple[ModelConfig, TrainConfig]]:
     """Every run of the study: name -> (model config, train config). Same data, tokens, hyper-parameters."""
 
     def tcfg(only: str | None = None) -> TrainConfig:
-        return TrainConfig(
-            steps=p.steps,
-            batch_size=p.batch_size,
-            seq_len=p.seq_len,
-            lr=p.lr,
-            warmup_steps=max(1, p.steps // 10),
-            eval_every=p.steps,
-            save_every=p.steps,
-            eval_batches=p.eval_batches,
-            vocab_size=p.vocab_size,
-            max_corpus_chars=p.corpus_chars,
-            seed=seed,
-            only=only,
-        )
+        return preset_train_config(p, seed, only)
 
     def mcfg(d: int, axes: tuple[str, ...] = ABLATIONS["all"]) -> ModelConfig:
         return scale_config(d, p.n_layers, p.vocab_size, p.seq_len, axes)
