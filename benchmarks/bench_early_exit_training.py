@@ -3,9 +3,10 @@
 From the trained `memory` preset (runs/memory, see bench_speculative_memory.py) fine-tunes of 100 steps each,
 identical but for the loss: `control` (the preset's recipe: every size weighted 1), `distill` (plus in-place
 distillation of each size towards the full size's distribution, --distill 1) and, with --arms, `exits2x` (the early
-exits E4 and E2 weighted 2, --size-weights 1,2,1,2). Each is measured on held-out text: val loss per size, top-1 agreement of each
-exit with the full size (teacher-forced), and the greedy acceptance rate of E2 / E4 drafting for XL (γ = 4, fixed)
-with the speedup-relevant tokens per target pass. These counts do not depend on the machine's speed or load.
+exits E4 and E2 weighted 2, --size-weights 1,2,1,2). Each is measured on held-out text: val loss per size, top-1
+agreement of each exit with the full size (teacher-forced), and the greedy acceptance rate of E2 / E4 drafting
+for XL (γ = 4, fixed) with the speedup-relevant tokens per target pass. These counts do not depend on the
+machine's speed or load.
 Writes the `early-exit-training` section of BENCHMARKS.md.
 
 Run: .venv/bin/python benchmarks/bench_early_exit_training.py   (the fine-tunes: runs/ft_exits.sh, ~10 min each)

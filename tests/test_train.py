@@ -317,3 +317,51 @@ def test_sandwich_training_runs_and_logs_its_mixes(tmp_path, corpus_file):
         )
         == 0
     )
+
+
+# ---------------------------------------------------------------- a frozen teacher
+
+
+def test_a_teacher_is_the_soft_target_of_every_size_and_gets_no_gradient():
+    """With a teacher, total = sum over sizes (the full one too) of CE + distill * KL(teacher || size); the teacher
+    is neither trained nor part of the module that DDP, the optimizer and checkpoints see."""
+    torch.manual_seed(0)
+    model, teacher = MatryoshkaLM(tiny_config()), MatryoshkaLM(tiny_config()).requires_grad_(False)
+    specs = [uniform_spec(model.cfg, n) for n in ("XL", "S")]
+    x, y = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    loss = JointLoss(model, 0.5, teacher)
+    total, ce = loss(x, y, specs, [1.0, 1.0])
+    with torch.no_grad():
+        t = torch.log_softmax(teacher(x).float(), -1).flatten(0, 1)
+        kls = []
+        for s in specs:
+            p = torch.log_softmax(model(x, s).float(), -1).flatten(0, 1)
+            kls.append((t.exp() * (t - p)).sum(-1).mean())
+    assert min(kls) > 1e-4
+    torch.testing.assert_close(total, ce.sum() + 0.5 * sum(kls))
+    total.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert model.layers[0].ffn.w_gate.weight.grad is not None
+    assert not any(k.startswith("teacher") for k in loss.state_dict())
+
+
+def test_training_from_a_teacher(tmp_path, corpus_file):
+    teacher = train(tiny_config(), tiny_train_config(steps=2), tmp_path / "teacher", data=str(corpus_file))
+    out = train(
+        tiny_config(),
+        tiny_train_config(steps=2, distill=1.0, teacher=str(teacher)),
+        tmp_path / "student",
+        data=str(corpus_file),
+        init=teacher,
+    )
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    assert ck.read_config(out)[1].teacher == str(teacher)
+    with pytest.raises(MatryoshkaError, match="give distill > 0"):
+        tiny_train_config(teacher=str(teacher))
+    with pytest.raises(MatryoshkaError, match="another tokenizer"):  # a fresh run trains its own, larger BPE
+        train(
+            tiny_config(),
+            tiny_train_config(steps=1, distill=1.0, teacher=str(teacher), vocab_size=400),
+            tmp_path / "other",
+            data=str(corpus_file),
+        )

@@ -146,6 +146,9 @@ class TrainConfig:
     size_weights: list[float] | None = None  # loss weight per trained size; None -> all 1
     sample_sizes: int = 0  # >0: train a random subset of this many sizes per step (the full size always)
     distill: float = 0.0  # weight of KL(full || size) self-distillation for the smaller sizes
+    # a checkpoint whose full model is a frozen teacher: with distill > 0 every size (the full one too) learns
+    # KL(teacher || size) instead of KL(full || size) (distilling a pretrained model into an elastic one)
+    teacher: str | None = None
     # what each step trains: "all" trained sizes (MatFormer); "sandwich": the full and the smallest size plus
     # `mixes` random Mix'n'Match specs; "mix": `mixes` random Mix'n'Match specs only (train/mixes.py)
     sampling: str = "all"
@@ -177,6 +180,8 @@ class TrainConfig:
             raise MatryoshkaError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.distill < 0:
             raise MatryoshkaError(f"distill must be >= 0, got {self.distill}")
+        if self.teacher is not None and self.distill <= 0:
+            raise MatryoshkaError("a teacher is used through distillation: give distill > 0 (e.g. --distill 1)")
         if self.sampling not in SAMPLINGS:
             raise MatryoshkaError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
         if self.mixes < 1:

@@ -27,6 +27,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         "seed": a.seed,
         "only": a.only,
         "distill": a.distill,
+        "teacher": a.teacher,
         "sample_sizes": a.sample_sizes,
         "max_corpus_chars": a.max_corpus_chars,
         "fsdp": a.fsdp or None,
@@ -112,6 +113,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="train the full size plus a random subset: this many sizes per step",
     )
     t.add_argument("--distill", type=float, help="weight of self-distillation from the full size (default 0)")
+    t.add_argument(
+        "--teacher",
+        help="distil from this checkpoint's full model instead (frozen; same tokenizer): every size learns "
+        "KL(teacher || size) with weight --distill, e.g. --init imported --teacher imported --distill 1",
+    )
     t.add_argument(
         "--sampling",
         choices=["all", "sandwich", "mix"],

@@ -61,10 +61,12 @@ class JointLoss(nn.Module):
     A spec with a bit width (quantization-aware training) runs on its fake-quantized weights (quant.fake_quant:
     round-to-nearest int8, top bits, straight-through gradient), computed once per width per forward."""
 
-    def __init__(self, model: MatryoshkaLM, distill: float):
+    def __init__(self, model: MatryoshkaLM, distill: float, teacher: MatryoshkaLM | None = None):
         super().__init__()
         self.model = model
         self.distill = distill
+        # not a submodule: DDP/FSDP, the optimizer and checkpoints never see the frozen teacher
+        object.__setattr__(self, "teacher", teacher)
 
     def logits(self, x: torch.Tensor, spec: SubmodelSpec, fq: dict[int, dict[str, torch.Tensor]]) -> torch.Tensor:
         if spec.bits is None:
@@ -77,6 +79,9 @@ class JointLoss(nn.Module):
         total = x.new_zeros((), dtype=torch.float32)
         losses = []
         full_logp = None
+        if self.teacher is not None and self.distill > 0:
+            with torch.no_grad():  # the soft target of every size, the full one too
+                full_logp = F.log_softmax(self.teacher(x).float(), -1)
         fq: dict[int, dict[str, torch.Tensor]] = {}
         for spec, w in zip(specs, weights):  # specs[0] is the largest trained size (at the widest bits)
             with torch.no_grad() if w == 0 else nullcontext():  # weight 0: a distillation teacher, not trained
@@ -214,7 +219,8 @@ def prepare(
     if init is not None and not resume:
         ck.load_state(model, ck.load_tensors(Path(init) / ck.WEIGHTS), Path(init) / ck.WEIGHTS)
     model.to(device)
-    runner = parallelize(JointLoss(model, tcfg.distill), model.layers, model, d, device, tcfg.fsdp)
+    teacher = load_teacher(tcfg, model_cfg, tok, device)
+    runner = parallelize(JointLoss(model, tcfg.distill, teacher), model.layers, model, d, device, tcfg.fsdp)
     opt = make_optimizer(model, tcfg, fused_ok=device.startswith("cuda"))
     start = load_state(out, model, opt) if resume else 0
     if d.main:
@@ -238,6 +244,23 @@ def prepare(
         MetricsLog(out / "metrics.jsonl", callback, d.main),
         start,
     )
+
+
+def load_teacher(tcfg: TrainConfig, model_cfg: ModelConfig, tok: Any, device: str) -> MatryoshkaLM | None:
+    """The frozen teacher of tcfg.teacher (its full model), checked to share the run's tokenizer."""
+    if tcfg.teacher is None:
+        return None
+    path = Path(tcfg.teacher)
+    if not (path / ck.WEIGHTS).is_file():
+        raise MatryoshkaError(f"teacher {path}: no {ck.WEIGHTS} there; give a checkpoint directory")
+    if ck.load_tokenizer(path).to_str() != tok.to_str():
+        raise MatryoshkaError(f"teacher {path} has another tokenizer: its distribution is over different tokens")
+    teacher = ck.load_model(path, device)
+    if teacher.cfg.vocab_size != model_cfg.vocab_size:
+        raise MatryoshkaError(
+            f"teacher {path} has a vocabulary of {teacher.cfg.vocab_size}, the student {model_cfg.vocab_size}"
+        )
+    return teacher.eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------- step and run
