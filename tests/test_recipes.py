@@ -109,5 +109,12 @@ def test_recipe_study_end_to_end(tmp_path, corpus_file, capsys):
     for heading in ("## Headline", "out of domain", "FLOPs per token vs loss", "ordering of sizes"):
         assert heading in text
     assert (out / "flops_vs_loss.png").stat().st_size > 10_000 and (out / "delta_vs_baseline.png").is_file()
+    top = max(p.scales)  # lm-eval ran every size of every model at the largest scale, through our model class
+    for r in p.recipes:
+        sizes = res["harness"][f"d{top}-recipe-{r}"]
+        assert set(sizes) == {"XL", "L", "M", "S"}
+        assert all(0 < v["matryoshka_ppl"] < 20 and 0 <= v["matryoshka_cloze"] <= 1 for v in sizes.values())
+    assert set(res["harness"][f"d{top}-baseline-S"]) == {"XL"}  # a baseline is one dense model
+    assert "bits/byte" in text
     assert main(["study", "--preset", "cpu-small", "--jobs", "2", "-o", str(tmp_path / "x")]) not in (0, None)
     assert "--jobs applies to the recipe study presets" in capsys.readouterr().err

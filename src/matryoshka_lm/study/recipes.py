@@ -60,7 +60,8 @@ class RecipePreset:
     eval_batches: int = 16
     mixnmatch: int = 16  # sampled Mix'n'Match specs evaluated per model
     recipes: list[str] = field(default_factory=lambda: list(RECIPES))
-    harness: bool = True  # lm-eval cloze accuracy per size at the largest scale
+    harness: bool = True  # lm-eval bits per byte and cloze accuracy per size at the largest scale
+    harness_limit: int | None = None  # documents per task (None: all)
 
 
 RECIPE_PRESETS = {
@@ -74,7 +75,7 @@ RECIPE_PRESETS = {
         eval_batches=2,
         mixnmatch=3,
         recipes=["all", "sandwich", "mix+distill"],
-        harness=False,
+        harness_limit=3,
     ),
     # ~2 hours of this 2-core machine with --jobs 2; both scales are wider than anything in cpu-small (d <= 192)
     "cpu-recipes": RecipePreset(scales=[256, 320]),
@@ -156,9 +157,13 @@ def evaluate_recipes(
     return res
 
 
-def harness_scores(runs, p: RecipePreset, work: Path, device: str) -> dict[str, dict[str, float]]:
-    """lm-evaluation-harness next-line cloze accuracy (study/harness_tasks, held out by these runs' corpus share)
-    of every size of every recipe and of every baseline, at the largest scale: run name -> size -> accuracy."""
+HARNESS = {"matryoshka_ppl": "bits_per_byte,none", "matryoshka_cloze": "acc,none"}  # task -> reported metric
+
+
+def harness_scores(runs, p: RecipePreset, work: Path, device: str) -> dict[str, dict[str, dict[str, float]]]:
+    """lm-evaluation-harness on the packaged held-out tasks (study/harness_tasks: text outside these runs' share
+    of the corpus) for every size of every recipe and every baseline, at the largest scale: run name -> size ->
+    task -> metric (bits per byte of the perplexity task, accuracy of the cloze task)."""
     from .harness import run_harness
 
     d = max(p.scales)
@@ -166,8 +171,8 @@ def harness_scores(runs, p: RecipePreset, work: Path, device: str) -> dict[str, 
     for name in runs:
         if not name.startswith(f"d{d}-"):
             continue
-        r = run_harness(work / name, None, ["matryoshka_cloze"], device=device, bootstrap_iters=0)
-        out[name] = {s: v["results"]["matryoshka_cloze"]["acc,none"] for s, v in r["sizes"].items()}
+        r = run_harness(work / name, None, list(HARNESS), limit=p.harness_limit, device=device, bootstrap_iters=0)
+        out[name] = {s: {t: v["results"][t][m] for t, m in HARNESS.items()} for s, v in r["sizes"].items()}
     return out
 
 

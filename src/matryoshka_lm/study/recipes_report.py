@@ -158,13 +158,21 @@ def harness_table(res: dict[str, Any], p: Any) -> str:
     h = res.get("harness") or {}
     if not h:
         return "(not run in this preset)"
-    lines = ["| model | " + " | ".join(SIZES) + " |", "|---|" + "---:|" * len(SIZES)]
+    head = [f"{s} bits/byte" for s in SIZES] + [f"{s} cloze" for s in SIZES]
+    lines = [
+        "| model | " + " | ".join(head) + " |",
+        "|---|" + "---:|" * (2 * len(SIZES)),
+    ]
+
+    def row(label: str, scores: list[dict[str, float] | None]) -> str:
+        bpb = [f"{x['matryoshka_ppl']:.3f}" if x else "-" for x in scores]
+        acc = [f"{x['matryoshka_cloze']:.2f}" if x else "-" for x in scores]
+        return f"| {label} | " + " | ".join(bpb + acc) + " |"
+
     for r in p.recipes:
-        acc = h.get(f"d{d}-recipe-{r}", {})
-        lines.append(f"| {r} | " + " | ".join(f"{acc[s]:.3f}" if s in acc else "-" for s in SIZES) + " |")
-    base = [h.get(f"d{d}-baseline-{s}", {}).get("XL") for s in SIZES]
-    cells = " | ".join("-" if a is None else f"{a:.3f}" for a in base)
-    lines.append(f"| baselines (one model per size) | {cells} |")
+        got = h.get(f"d{d}-recipe-{r}", {})
+        lines.append(row(r, [got.get(s) for s in SIZES]))
+    lines.append(row("baselines (one model per size)", [h.get(f"d{d}-baseline-{s}", {}).get("XL") for s in SIZES]))
     return "\n".join(lines)
 
 
@@ -282,8 +290,10 @@ minor increases in loss". Fitted per recipe over every size and Mix'n'Match spec
 
 ![FLOPs vs loss](flops_vs_loss.png)
 
-## lm-evaluation-harness: next-line cloze accuracy at d={max(p.scales)}
-`matryoshka_cloze`: 200 held-out items, chance 0.25 (`matryoshka harness`, lm-eval's own evaluator).
+## lm-evaluation-harness at d={max(p.scales)}
+lm-eval's own evaluator through `matryoshka harness`'s model class, on the two packaged held-out tasks:
+`matryoshka_ppl` (bits per byte, lower is better; 50 passages) and `matryoshka_cloze` (accuracy on 200 four-way
+next-line choices; chance 0.25).
 
 {harness_table(res, p)}
 """
