@@ -422,6 +422,9 @@ def test_cli_generate_flags(tmp_path, corpus_file, capsys):
     out = capsys.readouterr()
     assert out.out == plain  # speculative + streamed == plain greedy
     assert "accepted" in out.err
+    assert main([*base, "--draft", "XL,XL"]) == 0  # the early-exit form: the target's first 2 layers, reused
+    out = capsys.readouterr()
+    assert out.out == plain and "accepted" in out.err
     args = ["--temperature", "0.9", "--top-k", "20", "--top-p", "0.9", "--seed", "3", "--stop", "e", "--stop", "."]
     assert main([*base, *args, "--size", "M"]) == 0
     assert "e" not in capsys.readouterr().out.removeprefix("The").rstrip("\n")
