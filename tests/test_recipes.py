@@ -104,6 +104,9 @@ def test_recipe_study_end_to_end(tmp_path, corpus_file, capsys):
             for v in rec["sizes"].values():
                 assert set(v) == {"in_domain", "out_of_domain"}
                 assert v["in_domain"]["val_loss"] != v["out_of_domain"]["val_loss"]
+    f = res["flops"]  # a baseline costs its own shape's FLOPs; every recipe about today's budget
+    assert f["d32-baseline-S"] < f["d32-baseline-M"] < f["d32-baseline-XL"] < f["d32-recipe-all"]
+    assert all(f[f"d48-recipe-{r}"] >= f["d48-recipe-all"] for r in p.recipes)
     assert res["best"] in p.recipes and {r["recipe"] for r in res["summary"]} == set(p.recipes)
     text = (out / "README.md").read_text()
     for heading in ("## Headline", "out of domain", "FLOPs per token vs loss", "ordering of sizes"):

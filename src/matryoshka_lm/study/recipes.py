@@ -112,68 +112,99 @@ def ood_tokens(tok: Any, chars: int = 0) -> np.ndarray:
 
 
 def evaluate_recipes(
-    runs: dict[str, tuple[ModelConfig, TrainConfig]], p: RecipePreset, work: Path, seed: int, device: str
+    runs: dict[str, tuple[ModelConfig, TrainConfig]],
+    p: RecipePreset,
+    work: Path,
+    seed: int,
+    device: str,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Loss in and out of domain per trained size (Matryoshka recipes and baselines), Mix'n'Match specs, and
-    agreement/KL with each model's own full size."""
+    agreement/KL with each model's own full size; `jobs` models are evaluated at once (worker processes)."""
     first = next(iter(runs))
     _, _, val = checkpoint_val_split(work / first)
     tok0 = (work / first / ck.TOKENIZER).read_text()
-    ood = ood_tokens(ck.load_tokenizer(work / first))
-    sets = {"in_domain": val, "out_of_domain": ood}
-    res: dict[str, Any] = {"recipes": {}, "baseline": {}, "flops": {}, "steps": {}}
-    for name, (_, tcfg) in runs.items():
+    sets = {"in_domain": val, "out_of_domain": ood_tokens(ck.load_tokenizer(work / first))}
+    res: dict[str, Any] = {"recipes": {d: {} for d in p.scales}, "baseline": {d: {} for d in p.scales}}
+    res["steps"] = {name: tcfg.steps for name, (_, tcfg) in runs.items()}
+    for name in runs:
         if (work / name / ck.TOKENIZER).read_text() != tok0:
             raise MatryoshkaError(f"run {name} has a different tokenizer: the runs are not comparable")
-        res["steps"][name] = tcfg.steps
-    for d in p.scales:
-        res["baseline"][d] = {}
-        full = ck.load_model(work / f"d{d}-baseline-XL", device)
-        for s in SIZES:
-            b = ck.load_model(work / f"d{d}-baseline-{s}", device)
-            res["baseline"][d][s] = {
-                k: _point(b.cfg, b.full, _eval(b, tokens, {s: b.full}, p, device, (full, full.full))[s])
-                for k, tokens in sets.items()
-            }
-            res["flops"][f"d{d}-baseline-{s}"] = run_flops(b.cfg, runs[f"d{d}-baseline-{s}"][1])
-        res["recipes"][d] = {}
-        for r in p.recipes:
-            name = f"d{d}-recipe-{r}"
-            m = ck.load_model(work / name, device)
-            specs = {s: uniform_spec(m.cfg, s) for s in SIZES}
-            mixes = {format_spec(s): s for s in mixnmatch_specs(m.cfg, p.mixnmatch, seed)}
-            out: dict[str, Any] = {"sizes": {}, "mixnmatch": {}}
-            for k, tokens in sets.items():
-                ev = _eval(m, tokens, {**specs, **mixes}, p, device)
-                for s in SIZES:
-                    out["sizes"].setdefault(s, {})[k] = _point(m.cfg, specs[s], ev[s])
-                for text, spec in mixes.items():
-                    out["mixnmatch"].setdefault(text, {})[k] = _point(m.cfg, spec, ev[text])
+    tasks = [(work, d, r, None, p, seed, device, sets) for d in p.scales for r in p.recipes]
+    tasks += [(work, d, None, s, p, seed, device, sets) for d in p.scales for s in SIZES]
+    for (d, r, s), out in _map(_evaluate_run, tasks, jobs):
+        if r is not None:
             res["recipes"][d][r] = out
-            res["flops"][name] = run_flops(m.cfg, runs[name][1])
+        else:
+            res["baseline"][d][s] = out
+    res["flops"] = {name: run_flops(*_shaped(work / name, tcfg)) for name, (_, tcfg) in runs.items()}
     res["fits"] = flops_fits(res, p)
     if p.harness:
-        res["harness"] = harness_scores(runs, p, work, device)
+        res["harness"] = harness_scores(runs, p, work, device, jobs)
     return res
+
+
+def _shaped(path: Path, tcfg: TrainConfig) -> tuple[ModelConfig, TrainConfig]:
+    """The run's own model config (a baseline's is its size's dense shape) with its train config."""
+    return ck.read_config(path)[0], tcfg
+
+
+def _map(fn: Callable, tasks: list, jobs: int) -> list:
+    """fn over tasks, in order; in `jobs` worker processes (one torch thread each) when jobs > 1."""
+    if jobs <= 1:
+        return [fn(t) for t in tasks]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from .study import _one_thread
+
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_one_thread) as pool:
+        return list(pool.map(fn, tasks))
+
+
+def _evaluate_run(task: tuple) -> tuple[tuple, dict[str, Any]]:
+    """One model's evaluation: a recipe's sizes and Mix'n'Match specs, or one baseline (agreement and KL against
+    its scale's baseline XL), on both domains."""
+    work, d, recipe, size, p, seed, device, sets = task
+    if recipe is None:
+        b = ck.load_model(work / f"d{d}-baseline-{size}", device)
+        full = ck.load_model(work / f"d{d}-baseline-XL", device)
+        ref = (full, full.full)
+        out = {k: _point(b.cfg, b.full, _eval(b, t, {size: b.full}, p, device, ref)[size]) for k, t in sets.items()}
+        return (d, None, size), out
+    m = ck.load_model(work / f"d{d}-recipe-{recipe}", device)
+    specs = {s: uniform_spec(m.cfg, s) for s in SIZES}
+    mixes = {format_spec(s): s for s in mixnmatch_specs(m.cfg, p.mixnmatch, seed)}
+    out: dict[str, Any] = {"sizes": {}, "mixnmatch": {}}
+    for k, tokens in sets.items():
+        ev = _eval(m, tokens, {**specs, **mixes}, p, device)
+        for s in SIZES:
+            out["sizes"].setdefault(s, {})[k] = _point(m.cfg, specs[s], ev[s])
+        for text, spec in mixes.items():
+            out["mixnmatch"].setdefault(text, {})[k] = _point(m.cfg, spec, ev[text])
+    return (d, recipe, None), out
 
 
 HARNESS = {"matryoshka_ppl": "bits_per_byte,none", "matryoshka_cloze": "acc,none"}  # task -> reported metric
 
 
-def harness_scores(runs, p: RecipePreset, work: Path, device: str) -> dict[str, dict[str, dict[str, float]]]:
+def harness_scores(
+    runs, p: RecipePreset, work: Path, device: str, jobs: int = 1
+) -> dict[str, dict[str, dict[str, float]]]:
     """lm-evaluation-harness on the packaged held-out tasks (study/harness_tasks: text outside these runs' share
     of the corpus) for every size of every recipe and every baseline, at the largest scale: run name -> size ->
     task -> metric (bits per byte of the perplexity task, accuracy of the cloze task)."""
+    names = [n for n in runs if n.startswith(f"d{max(p.scales)}-")]
+    scores = _map(_harness_run, [(work / n, p.harness_limit, device) for n in names], jobs)
+    return dict(zip(names, scores))
+
+
+def _harness_run(task: tuple) -> dict[str, dict[str, float]]:
     from .harness import run_harness
 
-    d = max(p.scales)
-    out = {}
-    for name in runs:
-        if not name.startswith(f"d{d}-"):
-            continue
-        r = run_harness(work / name, None, list(HARNESS), limit=p.harness_limit, device=device, bootstrap_iters=0)
-        out[name] = {s: {t: v["results"][t][m] for t, m in HARNESS.items()} for s, v in r["sizes"].items()}
-    return out
+    path, limit, device = task
+    r = run_harness(path, None, list(HARNESS), limit=limit, device=device, bootstrap_iters=0)
+    return {s: {t: v["results"][t][m] for t, m in HARNESS.items()} for s, v in r["sizes"].items()}
 
 
 def _eval(m, tokens, specs, p: RecipePreset, device: str, ref=None) -> dict[str, dict[str, float]]:
@@ -222,7 +253,7 @@ def run_recipe_study(
     seconds = train_all(runs, work, data, device, on_run, jobs=jobs)
     if train_only:
         return {"train_seconds": seconds}
-    res = evaluate_recipes(runs, p, work, seed, device)
+    res = evaluate_recipes(runs, p, work, seed, device, jobs)
     res["meta"] = {
         "preset": preset_name,
         "settings": dataclasses.asdict(p),
