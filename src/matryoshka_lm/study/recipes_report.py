@@ -82,7 +82,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
             f"| {r['recipe']} | {i['within']}/{i['sizes']} / {o['within']}/{o['sizes']} | "
             f"{i['mean_delta']:+.3f} / {o['mean_delta']:+.3f} | "
             f"{i['below']}/{i['mixes']} / {o['below']}/{o['mixes']} | "
-            f"{r['worst_vs_today']:+.3f} | {human(r['flops'])} |"
+            f"{r['worst_vs_today']:+.3f} | {r['flops']:.3g} |"
         )
     return "\n".join(lines)
 
@@ -239,6 +239,8 @@ def write_recipe_report(res: dict[str, Any], p: Any, report: Path) -> None:
     wall = meta["wall_seconds"] / 60
     train = meta["train_seconds_total"] / 60
     parallel = f"; {meta['jobs']} runs trained at once, one torch thread each" if meta["jobs"] > 1 else ""
+    notes = report / "READING.md"  # a reading written after the run; kept when the report is written again
+    reading = f"\n{notes.read_text().strip()}\n" if notes.is_file() else ""
     b = next(r for r in rows if r["recipe"] == best)
     a = next(r for r in rows if r["recipe"] == "all")
     text = f"""# Which training recipe makes every size good? — preset `{meta["preset"]}`
@@ -256,7 +258,7 @@ Training: {train:.0f} min summed over {len(meta["train_seconds"])} runs; this in
 {headline(rows, best, a, b)}
 
 {summary_table(rows)}
-
+{reading}
 Recipes (`matryoshka train --sampling … --mixes … --distill …`): `all` trains every size each step (MatFormer; the
 default); `sandwich` the full size, the smallest and 2 random Mix'n'Match specs; `mix` 2 random Mix'n'Match specs
 only; `+distill` adds KL(full ‖ size) from the full size's detached distribution (weight 1). A random spec draws a
@@ -317,6 +319,12 @@ def headline(rows: list[dict[str, Any]], best: str, a: dict[str, Any], b: dict[s
         f"- Out of domain the same recipe has {o['within']} of {o['sizes']} sizes within {BAR} and "
         f"{o['below']} of {o['mixes']} mixes on or below the line."
     )
+    ood = min(rows, key=lambda x: x["out_of_domain"]["mean_delta"])  # the closest to the baselines off-domain
+    r = ood["out_of_domain"]
+    out.append(
+        f"- Closest to the baselines out of domain: **{ood['recipe']}** (mean Δ {r['mean_delta']:+.3f}; "
+        f"{r['within']} of {r['sizes']} sizes within {BAR})."
+    )
     return "\n".join(out)
 
 
@@ -332,19 +340,45 @@ def fit_at(f: dict[str, float], x: float) -> float:
 
 
 def fit_reading(res: dict[str, Any], p: Any) -> str:
-    """What the fits say, in numbers: the loss cost of a 4x cut in compute vs the gap between neighbouring sizes."""
-    top, parts, gaps = top_flops(res, p), [], []
+    """What the fits say, in numbers: the loss cost of a 4x cut in compute, or that the fit cannot tell; and, without
+    a fit, what going from the full size to the smallest costs in loss and saves in FLOPs."""
+    top, parts, loose = top_flops(res, p), [], []
     for r in p.recipes:
         f = res["fits"][r]
-        if "error" not in f:
-            parts.append(f"{r} {fit_at(f, top / 4) - fit_at(f, top):+.3f} (b = {f['b']:.2f})")
+        if "error" in f or f["b_err"] > f["b"]:
+            loose.append(r)
+        else:
+            parts.append(f"{r} {fit_at(f, top / 4) - fit_at(f, top):+.3f} (b = {f['b']:.2f} ± {f['b_err']:.2f})")
+    costs = []
+    for r in p.recipes:
+        dl, ratio = [], []
         for d in p.scales:
-            losses = [res["recipes"][d][r]["sizes"][s]["in_domain"]["val_loss"] for s in SIZES]
-            gaps += [b - a for a, b in zip(losses, losses[1:])]
-    if not parts:
-        return "No fit converged."
-    return (
-        "Reading: the fit is a power law in compute, so loss grows polynomially, not exponentially, as compute is "
-        f"cut. A 4× cut in FLOPs per token from the largest model costs, per the fits: {'; '.join(parts)} nats; "
-        f"for comparison, neighbouring trained sizes differ by {np.mean(gaps):.3f} nats on average."
+            sz = res["recipes"][d][r]["sizes"]
+            dl.append(sz[SIZES[-1]]["in_domain"]["val_loss"] - sz[SIZES[0]]["in_domain"]["val_loss"])
+            ratio.append(sz[SIZES[0]]["in_domain"]["flops_per_token"] / sz[SIZES[-1]]["in_domain"]["flops_per_token"])
+        costs.append(f"{r} +{np.mean(dl):.3f} nats for {np.mean(ratio):.1f}× fewer FLOPs")
+    text = "Reading: "
+    if parts:
+        text += f"where the fit determines an exponent, a 4× cut in FLOPs per token costs {'; '.join(parts)} nats. "
+    if loose:
+        text += (
+            f"For {', '.join(loose)} the exponent is not determined (its error exceeds it): loss changes too little "
+            "with FLOPs across these points, and the points of both scales overlap. "
+        )
+    return text + (
+        "Read directly, from the full size to the smallest (mean over scales, in domain): "
+        + "; ".join(costs)
+        + ". Loss rises polynomially or less as compute falls, not exponentially; whether the increase is minor "
+        "depends on the recipe."
     )
+
+
+def rewrite_report(report: str | Path, preset: Any) -> None:
+    """Write README.md and the plots again from the folder's results.json (no training, no evaluation)."""
+    import json
+
+    report = Path(report)
+    res = json.loads((report / "results.json").read_text())
+    for k in ("recipes", "baseline"):
+        res[k] = {int(d): v for d, v in res[k].items()}
+    write_recipe_report(res, preset, report)
