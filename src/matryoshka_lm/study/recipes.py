@@ -11,7 +11,6 @@ missing (in parallel with `jobs`), evaluates and writes the report (recipes_repo
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,9 +31,16 @@ from matryoshka_lm.train.evaluate import evaluate_specs
 from matryoshka_lm.train.plan import run_flops, steps_for_flops, with_steps
 
 from .report import SIZES
-from .study import ABLATIONS, _point, fit_scaling, mixnmatch_specs, preset_train_config, scale_config, train_all
-
-log = logging.getLogger(__name__)
+from .study import (
+    ABLATIONS,
+    _point,
+    fit_scaling,
+    mixnmatch_specs,
+    preset_train_config,
+    process_pool,
+    scale_config,
+    train_all,
+)
 
 # name -> TrainConfig fields; "all" is today's default and sets the FLOPs budget
 RECIPES: dict[str, dict[str, Any]] = {
@@ -106,9 +112,8 @@ def ood_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def ood_tokens(tok: Any, chars: int = 0) -> np.ndarray:
-    text = ood_text()
-    return encode_corpus(tok, [text[:chars] if chars else text])
+def ood_tokens(tok: Any) -> np.ndarray:
+    return encode_corpus(tok, [ood_text()])
 
 
 def evaluate_recipes(
@@ -153,12 +158,7 @@ def _map(fn: Callable, tasks: list, jobs: int) -> list:
     """fn over tasks, in order; in `jobs` worker processes (one torch thread each) when jobs > 1."""
     if jobs <= 1:
         return [fn(t) for t in tasks]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    from .study import _one_thread
-
-    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_one_thread) as pool:
+    with process_pool(jobs) as pool:
         return list(pool.map(fn, tasks))
 
 

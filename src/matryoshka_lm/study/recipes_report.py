@@ -181,9 +181,6 @@ def plot_flops(res: dict[str, Any], p: Any, path: Path) -> None:
     with the fitted curve; baselines as squares."""
     n = len(p.recipes)
     cols = min(3, n)
-    import matplotlib
-
-    matplotlib.use("Agg")
     with figure(path, (4.2 * cols, 3.4), ncols=cols, legend=dict(fontsize=6)) as (fig, axes):
         axes = np.atleast_1d(axes)
         for i, r in enumerate(p.recipes[:cols] if n <= cols else p.recipes[::2][:cols]):

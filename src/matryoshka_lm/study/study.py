@@ -165,10 +165,9 @@ def train_all(
             on_run and on_run(name, "training")
             seconds[name] = train_one(mcfg, tcfg, work / name, data, device)
         return seconds
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import as_completed
 
-    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_one_thread) as pool:
+    with process_pool(jobs) as pool:
         futures = {pool.submit(train_one, m, t, work / n, data, device): n for n, (m, t) in todo.items()}
         for n in todo:
             on_run and on_run(n, "queued")
@@ -176,6 +175,14 @@ def train_all(
             seconds[futures[f]] = f.result()
             on_run and on_run(futures[f], f"trained in {seconds[futures[f]] / 60:.1f} min")
     return seconds
+
+
+def process_pool(jobs: int) -> Any:
+    """`jobs` worker processes (spawned: no fork of a process that holds torch threads), one torch thread each."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_one_thread)
 
 
 def _one_thread() -> None:
