@@ -365,3 +365,35 @@ def test_training_from_a_teacher(tmp_path, corpus_file):
             tmp_path / "other",
             data=str(corpus_file),
         )
+
+
+def test_a_fresh_student_of_another_shape_learns_from_a_teacher_with_its_tokenizer(tmp_path, corpus_file):
+    teacher = train(tiny_config(), tiny_train_config(steps=2), tmp_path / "teacher", data=str(corpus_file))
+    small = tiny_config(d_model=16, ffn_dim=32)  # another shape, the same vocabulary
+    tcfg = tiny_train_config(steps=2, distill=1.0, teacher=str(teacher), vocab_size=400)  # vocab from the teacher
+    out = train(small, tcfg, tmp_path / "student", data=str(corpus_file), tokenizer=teacher)
+    assert (out / ck.TOKENIZER).read_text() == (teacher / ck.TOKENIZER).read_text()
+    cfg, _ = ck.read_config(out)
+    assert (cfg.d_model, cfg.vocab_size) == (16, ck.read_config(teacher)[0].vocab_size)
+    with pytest.raises(MatryoshkaError, match="another tokenizer"):  # a resumed run keeps its own
+        other = train(tiny_config(), tiny_train_config(steps=1, vocab_size=400), tmp_path / "o", data=str(corpus_file))
+        train(
+            small,
+            tiny_train_config(steps=3, vocab_size=400),
+            other,
+            data=str(corpus_file),
+            resume=True,
+            tokenizer=teacher,
+        )
+
+
+def test_a_time_limit_checkpoints_and_stops_and_resume_finishes_the_run(tmp_path, corpus_file):
+    tcfg = lambda: tiny_train_config(steps=5, save_every=100)
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(tiny_config(), tcfg(), full, data=str(corpus_file))
+    for call in range(1, 6):  # a zero limit: every call trains one step and checkpoints it
+        train(tiny_config(), tcfg(), split, data=str(corpus_file), resume=call > 1, time_limit_s=0)
+        assert len(read_metrics(split)) == call
+    with pytest.raises(MatryoshkaError, match="nothing"):
+        train(tiny_config(), tcfg(), split, data=str(corpus_file), resume=True, time_limit_s=0)
+    assert [r["loss"] for r in read_metrics(full)] == [r["loss"] for r in read_metrics(split)]

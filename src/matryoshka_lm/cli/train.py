@@ -84,8 +84,10 @@ def cmd_train(a: argparse.Namespace) -> None:
             init=a.init,
             device=pick_device(a.device),
             callback=on_step,
-            changes=overrides if a.resume else None,
-        )  # on resume, only what was typed
+            changes=overrides if a.resume else None,  # on resume, only what was typed
+            time_limit_s=None if a.time_limit is None else a.time_limit * 60,
+            tokenizer=a.tokenizer,
+        )
     finally:
         bar.close()
     if not a.quiet:
@@ -101,6 +103,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--only", help="baseline mode: train one dense model with this size's shape, e.g. M")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--init", help="start from this checkpoint's weights and tokenizer")
+    t.add_argument(
+        "--tokenizer",
+        help="a fresh model takes this checkpoint's tokenizer instead of a new BPE (a student shares its teacher's)",
+    )
+    t.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="MIN",
+        help="train for at most this many minutes in this call: checkpoint and stop; --resume continues",
+    )
     t.add_argument("--sizes", help="comma-separated sizes to train jointly (default: all)")
     t.add_argument(
         "--size-weights",

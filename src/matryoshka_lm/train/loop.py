@@ -34,7 +34,7 @@ from matryoshka_lm.errors import MatryoshkaError
 
 from .evaluate import evaluate_specs
 from .optim import adamw, lr_at
-from .parallelize import Dist, global_mean, init_distributed, no_sync_of, parallelize
+from .parallelize import Dist, any_rank, global_mean, init_distributed, no_sync_of, parallelize
 from .plan import size_plan, step_sizes, step_submodels, trained_sizes
 from .resume import resume_settings
 from .state import load_state, save_state, trim_metrics, write_split_stats
@@ -302,14 +302,19 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     }
 
 
-def run_steps(run: Run, halt_after: int | None = None) -> None:
-    """Steps run.start .. tcfg.steps: evaluate, log and checkpoint at their cadences and at the last step."""
+def run_steps(run: Run, halt_after: int | None = None, time_limit_s: float | None = None) -> int:
+    """Steps run.start .. tcfg.steps: evaluate, log and checkpoint at their cadences and at the last step.
+
+    With time_limit_s, the first step that ends past the limit is checkpointed and the run stops there (a
+    `resume` continues it). Returns the last step done."""
     tcfg = run.tcfg
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
     t0 = time.perf_counter()
+    done = run.start
     for step in range(run.start, tcfg.steps):
         metrics = train_step(run, step)
         done = step + 1
+        late = time_limit_s is not None and any_rank(time.perf_counter() - t0 > time_limit_s, run.d, run.device)
         metrics["tokens_per_s"] = tokens_per_step * (done - run.start) / (time.perf_counter() - t0)
         if done % tcfg.eval_every == 0 or done == tcfg.steps:
             res = evaluate_specs(
@@ -323,12 +328,13 @@ def run_steps(run: Run, halt_after: int | None = None) -> None:
             )
             metrics["val_loss"] = {n: r["loss"] for n, r in res.items()}
         run.log(done, metrics)
-        if done % tcfg.save_every == 0 or done == tcfg.steps:
+        if done % tcfg.save_every == 0 or done == tcfg.steps or late:
             save_state(run.out, run.model, run.opt, done, tcfg, run.tok_json, run.d.main)
             if run.d.main:
                 write_split_stats(run.out, run.train_tokens, run.val_tokens, run.model.cfg.vocab_size)
-            if halt_after is not None and done >= halt_after:
+            if late or (halt_after is not None and done >= halt_after):
                 break
+    return done
 
 
 def train(
@@ -342,6 +348,8 @@ def train(
     callback: Callable[[int, dict], None] | None = None,
     halt_after: int | None = None,
     changes: dict[str, Any] | None = None,
+    time_limit_s: float | None = None,
+    tokenizer: str | Path | None = None,
 ) -> Path:
     """Train a Matryoshka model (or, with tcfg.only, a dense baseline of one size's shape) into `out`.
 
@@ -358,12 +366,20 @@ def train(
         device: "cpu", "cuda", ...
         callback: called on rank 0 after every step with the step's metrics (the CLI draws a progress bar).
         halt_after: stop (as if killed) right after the checkpoint at this step; for tests.
+        time_limit_s: wall-clock seconds of training for this call: the step that ends past it is checkpointed
+            and the call returns; `resume=True` continues (a long run split into bounded commands).
+        tokenizer: a checkpoint directory whose tokenizer a fresh model uses instead of a new BPE (a student
+            distilled from a teacher must share its tokens).
         changes: on resume, the settings the user gave explicitly ({TrainConfig field: value}, None = not
             given). None: every field where `tcfg` differs from the saved settings counts as given.
     """
     out = Path(out)
     d, device = init_distributed(device)
-    model_cfg, tcfg, tokenizer = load_settings(model_cfg, tcfg, out, data, resume, init, changes)
-    run = prepare(model_cfg, tcfg, tokenizer, out, d, device, resume, init, callback)
-    run_steps(run, halt_after)
+    model_cfg, tcfg, tok = load_settings(model_cfg, tcfg, out, data, resume, init, changes)
+    if tokenizer is not None and tok is None:
+        tok = ck.load_tokenizer(Path(tokenizer))
+    elif tokenizer is not None and tok.to_str() != ck.load_tokenizer(Path(tokenizer)).to_str():
+        raise MatryoshkaError(f"tokenizer {tokenizer}: the run already has another tokenizer (from --init or --resume)")
+    run = prepare(model_cfg, tcfg, tok, out, d, device, resume, init, callback)
+    run_steps(run, halt_after, time_limit_s)
     return out

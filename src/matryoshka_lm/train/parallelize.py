@@ -67,6 +67,15 @@ def no_sync_of(runner: nn.Module) -> Callable[[], AbstractContextManager] | None
     return runner.no_sync if isinstance(runner, nn.parallel.DistributedDataParallel) else None
 
 
+def any_rank(flag: bool, d: Dist, device: str) -> bool:
+    """True on every rank when `flag` is true on any (a stop decision that all ranks must take together)."""
+    if d.world <= 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device if device.startswith("cuda") else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def global_mean(t: torch.Tensor, d: Dist) -> torch.Tensor:
     """The mean over ranks (in place): the global batch's loss, not rank 0's shard."""
     if d.world > 1:
