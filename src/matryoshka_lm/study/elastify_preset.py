@@ -1,0 +1,66 @@
+"""Settings of `matryoshka elastify` (study/elastify.py): the presets, the prompts its samples continue, and the
+names its stages and results share."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+STAGES = ("prepare", "train", "eval", "speed", "report")
+MODELS = ("original", "reordered", "elastic")  # naive slices, reordered slices before training, after
+
+# plain-text openings: the teacher (an instruct model) continues each with a sensible English sentence
+PROMPTS = (
+    "The capital of France is",
+    "Once upon a time, there was a little girl who",
+    "The three primary colors are",
+    "To make a cup of tea, first",
+    "Water boils at a temperature of",
+    "In the beginning God created",
+)
+
+
+@dataclass
+class ElastifyPreset:
+    """Settings of one elastify run; `gpu` is the realistic one, `tiny` keeps CI's test of the recipe short."""
+
+    nest: tuple[str, ...] = ("heads", "ffn")
+    train_minutes: float = 15.0  # wall-clock budget of the distillation, over every call
+    batch_size: int = 32
+    seq_len: int = 512
+    lr: float = 3e-4
+    warmup_fraction: float = 0.05
+    distill: float = 1.0
+    sample_sizes: int = 0  # 0: all sizes every step
+    max_corpus_chars: int = 0  # 0: the whole default corpus
+    eval_batches: int = 32  # of 8 sequences of seq_len
+    save_minutes: float = 2.0  # checkpoint cadence, so a lost machine costs at most this much training
+    reorder_batches: int = 16
+    reorder_seq_len: int = 256
+    prompts: tuple[str, ...] = PROMPTS
+    sample_tokens: int = 40
+    speed_tokens: int = 128  # generated per timed run (batch 1, after a short prompt)
+    speed_repeats: int = 3
+    gamma: int = 4  # speculative draft tokens per round
+    hf_generate: bool = True  # time transformers.generate on the same weights
+    dtype: str = "auto"  # training autocast; "auto" = bf16 on CUDA
+    plan_steps: int = 4  # timed steps (the first two are warm-up) that size the run
+    steps: int | None = None  # fixed instead of sized to train_minutes (e.g. on 8 GPUs, planned on one)
+
+
+PRESETS = {
+    "gpu": ElastifyPreset(),
+    "cpu": ElastifyPreset(
+        train_minutes=20.0, batch_size=8, seq_len=128, sample_sizes=2, max_corpus_chars=2_000_000, eval_batches=4,
+        reorder_batches=8, reorder_seq_len=128, speed_tokens=32, speed_repeats=1, hf_generate=True,
+    ),
+    "tiny": ElastifyPreset(
+        train_minutes=0.05, batch_size=4, seq_len=32, lr=1e-3, max_corpus_chars=60_000, eval_batches=2,
+        reorder_batches=1, reorder_seq_len=32, prompts=PROMPTS[:2], sample_tokens=8, speed_tokens=8,
+        speed_repeats=1, gamma=2, save_minutes=0.01, plan_steps=3,
+    ),
+}  # fmt: skip
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
