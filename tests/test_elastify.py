@@ -76,10 +76,41 @@ def test_speed_compares_sizes_transformers_and_lossless_speculation(finished):
     assert len(drafts) == 2 and all(d["lossless"] for d in drafts.values())
 
 
+def test_the_student_shares_the_teachers_tokens_and_ships_as_int8_under_the_limit(finished, capsys):
+    out, res = finished
+    ship = out / "ship"
+    assert ck.read_quant(ship) is not None and ck.read_quant(ship)[1] == 8
+    assert ck.load_tokenizer(ship).to_str() == ck.load_tokenizer(out / "reordered").to_str()
+    assert res["student"]["ship_bytes"] <= PRESET.ship_mb * 2**20
+    gen = json.loads((out / "generated.json").read_text())
+    assert gen["done"] and gen["tokens"] >= PRESET.gen_tokens
+    assert (out / "student-data" / "generated.txt").stat().st_size > 0
+    card = (ship / "README.md").read_text()
+    assert "KL(teacher || size)" in card and "| teacher |" in card and "llama" in card
+    # the shipped checkpoint evaluates on the elastic run's held-out split: `matryoshka eval` finds the same loss
+    assert main(["eval", str(ship), "--device", "cpu"]) == 0
+    rows = json.loads((ship / "eval.json").read_text())["sizes"]
+    xl = next(r for r in rows if r["size"] == "XL")
+    assert abs(xl["val_loss"] - res["student"]["loss"]["student, int8"]["XL"]) < 1e-4
+
+
+def test_the_students_corpus_text_leaves_out_the_held_out_blocks(finished):
+    out, _ = finished
+    from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
+
+    _, train, val = checkpoint_val_split(out / "elastic")
+    tok = ck.load_tokenizer(out / "elastic")
+    text = (out / "student-data" / "corpus-train.txt").read_text()
+    held_out = tok.decode(val[:64].tolist())
+    assert held_out.strip() and held_out not in text
+    assert tok.decode(train[100:164].tolist()) in text
+
+
 def test_report_has_the_tables_plots_and_command(finished, tmp_path, llama, corpus_file):
     out, res = finished
     text = (out / "report" / "README.md").read_text()
-    for part in ("## Loss per size", "## Greedy samples", "## Speed", "original XL", "draft: width", "--preset tiny"):
+    for part in ("## Loss per size", "## Greedy samples", "## Speed", "original XL", "draft: width", "--preset tiny",
+                 "## The small student"):  # fmt: skip
         assert part in text, part
     assert (out / "report" / "losses.png").stat().st_size > 0 and (out / "report" / "speed.png").stat().st_size > 0
     args = ["elastify", "--out", str(out), "--preset", "tiny", "--stages", "report", "--report", str(tmp_path / "r")]

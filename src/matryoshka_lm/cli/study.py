@@ -81,6 +81,7 @@ def cmd_elastify(a: argparse.Namespace) -> None:
         report=a.report,
         stages=stages,
         preset_name=a.preset,
+        ship=a.ship,
     )
     if res["done"]:
         print(f"report written to {res.get('report', a.out)}")
@@ -106,8 +107,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="MIN",
         help="train at most this many minutes in this call, then checkpoint and stop (rerun to continue)",
     )
-    e.add_argument("--stages", help="comma-separated subset of prepare,train,eval,speed,report (default: all)")
+    e.add_argument(
+        "--stages",
+        help="comma-separated subset of prepare,train,eval,speed,generate,student,ship,report (default: all)",
+    )
     e.add_argument("--report", help="folder for README.md and plots (default OUT/report)")
+    e.add_argument("--ship", help="folder for the student's int8 checkpoint and model card (default OUT/ship)")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda")
     e.set_defaults(func=cmd_elastify)
 

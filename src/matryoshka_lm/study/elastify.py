@@ -18,14 +18,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from matryoshka_lm.config import ModelConfig, TrainConfig
-from matryoshka_lm.convert.from_gguf import hf_from_gguf, smollm2_gguf
+from matryoshka_lm.convert.from_gguf import SMOLLM2_FILE, hf_from_gguf, smollm2_gguf
 from matryoshka_lm.convert.hf import import_hf
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.spec import count_params, size_names, uniform_spec
@@ -33,12 +32,13 @@ from matryoshka_lm.errors import MatryoshkaError
 from matryoshka_lm.infer.engine import Engine
 from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
 from matryoshka_lm.train.evaluate import evaluate_specs
-from matryoshka_lm.train.loop import train
 from matryoshka_lm.train.state import saved_step
 
+from .budgeted import Budgeted, plan, run_budgeted
 from .elastify_preset import MODELS, PRESETS, STAGES, ElastifyPreset, log
 from .elastify_report import write_report
 from .elastify_speed import measure_speed
+from .elastify_student import generate_text, ship_student, student_data, student_job
 from .recipes import ood_tokens
 
 # ---------------------------------------------------------------- source and import
@@ -92,53 +92,18 @@ def train_config(p: ElastifyPreset, teacher: Path, steps: int) -> TrainConfig:
     )
 
 
-def plan_run(out: Path, p: ElastifyPreset, data: str | None, device: str) -> dict[str, Any]:
-    """Steps that fit the budget, from timing a few real steps (teacher, autocast and all); kept in plan.json."""
-    path = out / "plan.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    scratch = out / "plan-scratch"
-    shutil.rmtree(scratch, ignore_errors=True)
-    stamps: list[float] = []
-    tcfg = train_config(p, out / "reordered", p.plan_steps)
-    train(ModelConfig(), tcfg, scratch, data=data, init=out / "reordered", device=device,
-          callback=lambda step, m: stamps.append(time.perf_counter()))  # fmt: skip
-    shutil.rmtree(scratch, ignore_errors=True)
-    warm = 2 if len(stamps) > 2 else 1  # compile, allocator and the teacher's first pass happen in the first steps
-    per_step = (stamps[-1] - stamps[warm - 1]) / (len(stamps) - warm)
-    steps = p.steps or max(p.plan_steps, int(p.train_minutes * 60 / per_step))
-    plan = {
-        "steps": steps,
-        "seconds_per_step": per_step,
-        "save_every": max(1, min(steps, int(p.save_minutes * 60 / per_step))),
-        "tokens": steps * p.batch_size * p.seq_len,
-        "device": device,
-    }
-    ck.write_json(path, plan)
-    log(f"{per_step:.3f} s/step -> {steps} steps ({plan['tokens']:,} tokens) in {p.train_minutes:g} min")
-    return plan
-
-
-def train_elastic(
-    out: Path,
-    p: ElastifyPreset,
-    plan: dict[str, Any],
-    data: str | None,
-    device: str,
-    time_limit_s: float | None,
-    callback: Callable[[int, dict], None] | None = None,
-) -> bool:
-    """Distil every size from the frozen original into out/elastic; True once all planned steps are done."""
-    run = out / "elastic"
-    resume = (run / ck.STATE).is_file()
-    if resume and saved_step(run) >= plan["steps"]:
-        return True
-    tcfg = train_config(p, out / "reordered", plan["steps"])
-    tcfg.save_every = plan["save_every"]
-    log(f"train {run}: " + (f"resume at step {saved_step(run)}" if resume else "start") + f" of {plan['steps']}")
-    train(ModelConfig(), tcfg, run, data=data, init=None if resume else out / "reordered", resume=resume,
-          device=device, callback=callback, time_limit_s=time_limit_s)  # fmt: skip
-    return saved_step(run) >= plan["steps"]
+def elastic_job(out: Path, p: ElastifyPreset) -> Budgeted:
+    return Budgeted(
+        run=out / "elastic",
+        plan_path=out / "plan.json",
+        model_cfg=ModelConfig(),
+        make_tcfg=lambda steps: train_config(p, out / "reordered", steps),
+        minutes=p.train_minutes,
+        save_minutes=p.save_minutes,
+        plan_steps=p.plan_steps,
+        steps=p.steps,
+        init=out / "reordered",
+    )
 
 
 # ---------------------------------------------------------------- evaluate
@@ -202,12 +167,14 @@ def run_elastify(
     stages: tuple[str, ...] = STAGES,
     callback: Callable[[int, dict], None] | None = None,
     preset_name: str | None = None,
+    ship: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) every stage in `stages` not yet done; returns {"done": bool, ...results so far}.
 
-    `time_limit_s` bounds this call's training; while training is unfinished the later stages wait for a later
-    call. `report` (default out/report) receives README.md and the plots. Under torchrun (several processes)
-    only the train stage runs, after a single-process call has run "prepare"."""
+    `time_limit_s` bounds this call's training and generation (together): when it runs out, the call returns
+    and a later call with the same arguments continues. `report` (default out/report) receives README.md and
+    the plots, `ship` (default out/ship) the student's int8 checkpoint and model card. Under torchrun (several
+    processes) only the train stage runs, after a single-process call has run "prepare"."""
     out = Path(out)
     if isinstance(preset, str) and preset not in PRESETS:
         raise MatryoshkaError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -217,25 +184,41 @@ def run_elastify(
         raise MatryoshkaError(f"unknown stages {sorted(bad)}; choose from {', '.join(STAGES)}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and set(stages) != {"train"}:
         raise MatryoshkaError("under torchrun run only the train stage (--stages train), after --stages prepare")
+    deadline = None if time_limit_s is None else time.perf_counter() + time_limit_s
+
+    def left() -> float | None:
+        return None if deadline is None else max(0.0, deadline - time.perf_counter())
+
     src: Path | None = None
     if "prepare" in stages:
         out.mkdir(parents=True, exist_ok=True)
         name = preset if isinstance(preset, str) else preset_name or "custom"
-        ck.write_json(out / "settings.json", {"preset": name, "data": data, **dataclasses.asdict(p)})
+        source = Path(hf or gguf or SMOLLM2_FILE).name
+        ck.write_json(out / "settings.json", {"preset": name, "source": source, "data": data, **dataclasses.asdict(p)})
         src = source_folder(out, hf, gguf)
         import_both(src, out, p, data, device)
-        plan_run(out, p, data, device)
+        plan(elastic_job(out, p), data, device)
     if not (out / "plan.json").is_file():
         raise MatryoshkaError(f"{out} is not prepared: run the prepare stage first (--stages prepare)")
-    plan = json.loads((out / "plan.json").read_text())
-    result: dict[str, Any] = {"done": False, "plan": plan}
-    if "train" in stages and not train_elastic(out, p, plan, data, device, time_limit_s, callback):
-        log(f"training stopped at step {saved_step(out / 'elastic')} of {plan['steps']}: run the same command again")
+    result: dict[str, Any] = {"done": False, "plan": json.loads((out / "plan.json").read_text())}
+    if "train" in stages and not run_budgeted(elastic_job(out, p), data, device, left(), callback):
+        log(f"elastic training stopped at step {saved_step(out / 'elastic')}: run the same command again")
         return result
     if "eval" in stages:
         result["eval"] = evaluate_all(out, p, device)
     if "speed" in stages:
         result["speed"] = measure_speed(out, src or source_folder(out, hf, gguf), p, device)
+    if "generate" in stages and not generate_text(out, p, device, left()).get("done"):
+        log("teacher generations stopped by the time limit: run the same command again")
+        return result
+    if "student" in stages:
+        job, folder = student_job(out, p), str(student_data(out))
+        plan(job, folder, device)
+        if not run_budgeted(job, folder, device, left(), callback):
+            log(f"student training stopped at step {saved_step(job.run)}: run the same command again")
+            return result
+    if "ship" in stages:
+        result["student"] = ship_student(out, p, device, Path(ship) if ship else None)
     if "report" in stages:
         result["report"] = str(write_report(out, Path(report) if report else out / "report", device))
     result["done"] = True

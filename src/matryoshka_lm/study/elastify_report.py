@@ -86,6 +86,33 @@ def speed_rows(sp: dict[str, Any]) -> list[str]:
     return rows
 
 
+def student_rows(st: dict[str, Any]) -> list[str]:
+    plan, gen = st["student_plan"], st["generated"]
+    rows = [
+        f"A fresh elastic model with the teacher's tokenizer, {plan['steps']} steps ({plan['tokens']:,} tokens) on "
+        f"{gen['tokens']:,} tokens of teacher samples plus the corpus's training split, KL to the teacher; stored as "
+        f"int8 codes in {st['ship_bytes'] / 2**20:.1f} MiB. Held-out and out-of-domain loss as above; agreement = "
+        "top-1 agreement with the teacher on the held-out text.",
+        "",
+        "| size | params | held-out, float | held-out, int8 | out-of-domain, int8 | agreement, int8 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for n, s in st["sizes"].items():
+        rows.append(
+            f"| {n} | {human(s['params'])} | {st['loss']['student, float'][n]:.3f} | "
+            f"{st['loss']['student, int8'][n]:.3f} | {st['ood_loss']['student, int8'][n]:.3f} | "
+            f"{st['agreement']['student, int8'][n]:.1%} |"
+        )
+    rows.append(
+        f"| teacher | {human(st['teacher_params'])} | {st['loss']['teacher']['XL']:.3f} | | "
+        f"{st['ood_loss']['teacher']['XL']:.3f} | |"
+    )
+    rows += ["", "| prompt | size | greedy continuation (int8) |", "|---|---|---|"]
+    for i, prompt in enumerate(st["prompts"]):
+        rows += [f"| {_cell(prompt)} | {n} | {_cell(texts[i])} |" for n, texts in st["samples"].items()]
+    return rows
+
+
 def plot_losses(ev: dict[str, Any], path: Path) -> None:
     names = list(ev["sizes"])
     params = [ev["sizes"][n]["params"] / 1e6 for n in names]
@@ -111,15 +138,14 @@ def plot_speed(sp: dict[str, Any], path: Path) -> None:
 def write_report(out: Path, report: Path, device: str, command: str | None = None) -> Path:
     """Write report/README.md (and its PNGs) from out/{settings,plan,eval,speed}.json."""
     settings, plan = _read(out, "settings.json") or {}, _read(out, "plan.json") or {}
-    ev, sp = _read(out, "eval.json"), _read(out, "speed.json")
+    ev, sp, st = _read(out, "eval.json"), _read(out, "speed.json"), _read(out, "student-eval.json")
     report.mkdir(parents=True, exist_ok=True)
-    source = json.loads((out / "original" / "config.json").read_text()).get("imported_from", {})
     lines = [
         "# A pretrained LM made elastic",
         "",
         f"Machine: {sp['device'] if sp else describe_machine(device)}.",
         "",
-        f"Source: `{source.get('checkpoint', '?')}`, imported, reordered by importance, then every size trained "
+        f"Source: `{settings.get('source')}`, imported, reordered by importance, then every size trained "
         f"jointly by distillation from the frozen original (KL to its distribution, weight {settings.get('distill')}) "
         f"on {settings.get('data') or 'the default corpus (Shakespeare + KJV)'}. "
         f"Nested axes: {', '.join(settings.get('nest', []))}.",
@@ -148,6 +174,8 @@ def write_report(out: Path, report: Path, device: str, command: str | None = Non
             "",
             *sample_rows(ev, settings.get("prompts", [])),
         ]
+    if st:
+        lines += ["## The small student (shipped as int8)", "", *student_rows(st), ""]
     if sp:
         plot_speed(sp, report / "speed.png")
         lines += ["## Speed", "", *speed_rows(sp), "", "![decode speed](speed.png)", ""]
