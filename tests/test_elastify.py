@@ -92,6 +92,11 @@ def test_the_student_shares_the_teachers_tokens_and_ships_as_int8_under_the_limi
     rows = json.loads((ship / "eval.json").read_text())["sizes"]
     xl = next(r for r in rows if r["size"] == "XL")
     assert abs(xl["val_loss"] - res["student"]["loss"]["student, int8"]["XL"]) < 1e-4
+    capsys.readouterr()
+    args = ["generate", str(ship), "--size", "all", "--prompt", "Once upon a time", "--max-new-tokens", "4"]
+    assert main([*args, "--device", "cpu"]) == 0  # what `make demo` runs on a shipped model
+    printed = capsys.readouterr().out
+    assert all(f"[{n}] Once upon a time" in printed for n in res["student"]["sizes"])
 
 
 def test_the_students_corpus_text_leaves_out_the_held_out_blocks(finished):

@@ -73,7 +73,9 @@ class ElastifyPreset:
 
 
 PRESETS = {
-    "gpu": ElastifyPreset(),
+    # 10 + 5 + 2 minutes of training and generation: with the CUDA tests, evaluation, timing and a machine start,
+    # one session's 30 minutes of GPU time (docs/gpu-recipe.md)
+    "gpu": ElastifyPreset(train_minutes=10.0, student_minutes=5.0, gen_minutes=2.0),
     "cpu": ElastifyPreset(
         train_minutes=20.0, batch_size=8, seq_len=128, sample_sizes=2, max_corpus_chars=2_000_000, eval_batches=4,
         reorder_batches=8, reorder_seq_len=128, speed_tokens=32, speed_repeats=1, hf_generate=True,
