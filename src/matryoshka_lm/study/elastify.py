@@ -78,6 +78,7 @@ def train_config(p: ElastifyPreset, teacher: Path, steps: int) -> TrainConfig:
         steps=steps,
         batch_size=p.batch_size,
         seq_len=p.seq_len,
+        grad_accum=p.grad_accum,
         lr=p.lr,
         warmup_steps=max(1, int(steps * p.warmup_fraction)),
         weight_decay=0.0,  # a short fine-tune from pretrained weights: no pull towards zero

@@ -39,6 +39,7 @@ class ElastifyPreset:
     train_minutes: float = 15.0  # wall-clock budget of the distillation, over every call
     batch_size: int = 32
     seq_len: int = 512
+    grad_accum: int = 2  # micro-batches per step: four sizes' 49k-vocabulary logits and their KL take memory
     lr: float = 3e-4
     warmup_fraction: float = 0.05
     distill: float = 1.0
@@ -86,7 +87,7 @@ PRESETS = {
         speed_repeats=1, gamma=2, save_minutes=0.01, plan_steps=3,
         student=dict(d_model=16, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=32, max_seq_len=64),
         student_minutes=0.02, student_batch_size=4, student_seq_len=32, gen_minutes=0.05, gen_tokens=400,
-        gen_batch=4, gen_length=16, ship_mb=1.0, ship_group=4,
+        gen_batch=4, gen_length=16, ship_mb=1.0, ship_group=4, grad_accum=1,
     ),
 }  # fmt: skip
 

@@ -98,6 +98,7 @@ def student_job(out: Path, p: ElastifyPreset) -> Budgeted:
             steps=steps,
             batch_size=p.student_batch_size,
             seq_len=p.student_seq_len,
+            grad_accum=p.grad_accum,
             lr=p.student_lr,
             warmup_steps=max(1, steps // 20),
             distill=p.distill,
