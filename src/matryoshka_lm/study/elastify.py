@@ -68,6 +68,27 @@ def import_both(src: Path, out: Path, p: ElastifyPreset, data: str | None, devic
             max_corpus_chars=p.max_corpus_chars or 3_000_000, reorder_batches=p.reorder_batches,
             seq_len=p.reorder_seq_len, device=device,
         )  # fmt: skip
+        if p.exit_fraction:
+            add_early_exit(out / name, p.exit_fraction)
+
+
+def exit_name(n_layers: int, fraction: float) -> str:
+    return f"E{max(1, round(n_layers * fraction))}"
+
+
+def add_early_exit(ckpt: Path, fraction: float) -> None:
+    """Name an early-exit size (the first k layers at full width) in the checkpoint's config, so that training
+    trains the exit and it can draft for the full model (depth becomes a nested axis; the other sizes keep
+    every layer)."""
+    raw = json.loads((ckpt / ck.CONFIG).read_text())
+    model = raw["model"]
+    k = int(exit_name(model["n_layers"], fraction)[1:])
+    model["nest_depth"] = True
+    for size in model["sizes"].values():
+        size["depth"] = "1"
+    model["sizes"][f"E{k}"] = {"depth": f"{k}/{model['n_layers']}"}
+    ModelConfig.from_dict(model)  # still a valid config
+    ck.write_json(ckpt / ck.CONFIG, raw)
 
 
 # ---------------------------------------------------------------- plan and train

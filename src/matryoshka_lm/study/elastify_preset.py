@@ -36,6 +36,7 @@ class ElastifyPreset:
     """Settings of one elastify run; `gpu` is the realistic one, `tiny` keeps CI's test of the recipe short."""
 
     nest: tuple[str, ...] = ("heads", "ffn")
+    exit_fraction: float = 0.25  # an early-exit size of this share of the layers, trained as a draft (0: none)
     train_minutes: float = 15.0  # wall-clock budget of the distillation, over every call
     batch_size: int = 32
     seq_len: int = 512

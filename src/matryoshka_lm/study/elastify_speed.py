@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from matryoshka_lm.core import checkpoint as ck
-from matryoshka_lm.core.spec import count_params, parse_spec, size_names, uniform_spec
+from matryoshka_lm.core.spec import count_params, size_names, uniform_spec
 from matryoshka_lm.infer.engine import Engine
 from matryoshka_lm.infer.speculative import speculative_decode
 from matryoshka_lm.machine import describe_machine, read_bandwidth, synchronize
@@ -85,22 +85,20 @@ def measure_speed(out: Path, hf_dir: Path, p: ElastifyPreset, device: str) -> di
     return res
 
 
-def early_exit_draft(n_layers: int) -> str:
-    """The target's first quarter of layers at full width: an early-exit draft (spec 'XL,XL,...')."""
-    return ",".join(["XL"] * max(1, n_layers // 4))
-
-
 def speculative_speed(
     model, engine: Engine, prompt: list[int], want: list[int], p: ElastifyPreset, device: str
 ) -> dict[str, Any]:
     """Greedy speculative decoding of the full size with each draft: tokens/s, acceptance, and a check that the
     output is the target's own greedy output (lossless)."""
     n = p.speed_tokens
-    smallest = size_names(model.cfg)[-1]
-    drafts = {f"width {smallest}": smallest, f"early exit {max(1, model.cfg.n_layers // 4)} layers": None}
+    cfg = model.cfg
+    specs = {name: uniform_spec(cfg, name) for name in size_names(cfg)}
+    full_depth = [name for name, s in specs.items() if s.depth == cfg.n_layers]
+    exits = [name for name, s in specs.items() if s.depth < cfg.n_layers and s.width == cfg.d_model]
+    drafts = {f"width {full_depth[-1]}": specs[full_depth[-1]]} if len(full_depth) > 1 else {}  # narrowest
+    drafts.update({f"early exit {name} ({specs[name].depth} of {cfg.n_layers} layers)": specs[name] for name in exits})
     out: dict[str, Any] = {}
-    for label, text in drafts.items():
-        draft = parse_spec(model.cfg, text or early_exit_draft(model.cfg.n_layers))
+    for label, draft in drafts.items():
         last: dict[str, Any] = {}
 
         def run(draft=draft, last=last) -> None:
