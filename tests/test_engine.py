@@ -350,6 +350,39 @@ def test_compiled_decoding_equals_eager():
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def test_compile_takes_the_options_this_torch_has(model, monkeypatch):
+    """torch.compile without isolate_recompiles / recompile_limit (torch 2.11 and older) is not passed them (a
+    TypeError there); dynamo's global limit is raised to the engine's instead, never lowered. With them, both."""
+    import torch._dynamo
+
+    from matryoshka_lm.infer.engine import RECOMPILE_LIMIT
+
+    calls = []
+
+    def old_compile(fn, *, fullgraph=False, dynamic=None, backend="inductor", mode=None, options=None, disable=False):
+        calls.append(dict(dynamic=dynamic, mode=mode))
+        return fn
+
+    def new_compile(fn, *, dynamic=None, mode=None, recompile_limit=None, isolate_recompiles=False):
+        calls.append(dict(dynamic=dynamic, mode=mode, limit=recompile_limit, isolate=isolate_recompiles))
+        return fn
+
+    config = torch._dynamo.config  # config.patch restores it (monkeypatch.setattr would delete the entry)
+    monkeypatch.setattr(torch, "compile", old_compile)
+    with config.patch(recompile_limit=8):
+        assert Engine(model, compile=True)._compile(decode_one_token) is decode_one_token
+        assert calls.pop() == dict(dynamic=False, mode=None)
+        assert config.recompile_limit == RECOMPILE_LIMIT
+    with config.patch(recompile_limit=1000):
+        Engine(model, compile=True)._compile(decode_one_token)
+        assert config.recompile_limit == 1000
+    monkeypatch.setattr(torch, "compile", new_compile)
+    with config.patch(recompile_limit=8):
+        Engine(model, compile=True)._compile(decode_one_token)
+        assert calls[-1] == dict(dynamic=False, mode=None, limit=RECOMPILE_LIMIT, isolate=True)
+        assert config.recompile_limit == 8
+
+
 @pytest.mark.skipif(
     not os.environ.get("MATRYOSHKA_TEST_COMPILE"),
     reason="compiles several more graphs (~10-30 s each on a small CPU); set MATRYOSHKA_TEST_COMPILE=1",

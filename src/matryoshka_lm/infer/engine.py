@@ -27,6 +27,7 @@ Shapes: B batch, P padded prompt length, L cache slots, V vocab.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -124,6 +125,20 @@ def left_padded(prompts: list[list[int]], device: torch.device) -> tuple[torch.T
 KERNELS = (None, "bf16", "fp32")  # Engine(kernels=...): how cells compute
 RECOMPILE_LIMIT = 64  # graphs per size and step kind: batch sizes x cache lengths x padded or not
 Step = Callable[[MatryoshkaLM, torch.Tensor, SubmodelSpec | None, KVCache, int | torch.Tensor], torch.Tensor]
+
+
+def _recompile_options() -> dict[str, Any]:
+    """torch.compile's per-region recompile settings where it takes them: isolate_recompiles and recompile_limit
+    are newer than torch 2.11 (a TypeError there). Older releases keep one cache per function, shared by every
+    size and engine: there dynamo's global limit is raised to at least RECOMPILE_LIMIT instead (never lowered)."""
+    params = inspect.signature(torch.compile).parameters
+    if "isolate_recompiles" in params and "recompile_limit" in params:
+        return {"isolate_recompiles": True, "recompile_limit": RECOMPILE_LIMIT}
+    from torch._dynamo import config
+
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+    return {}
 
 
 class Engine:
@@ -235,8 +250,13 @@ class Engine:
     def exit_step(
         self, model: MatryoshkaLM, tok: torch.Tensor, draft: SubmodelSpec, cache: KVCache, slot: int, logits: bool
     ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
-        """Early-exit draft step into the target's cache: (state, logits), or the state alone (speculative.py)."""
-        return self._run(exit_step if logits else exit_state, model, tok, draft, cache, slot)
+        """Early-exit draft step into the target's cache: (state, logits), or the state alone (speculative.py).
+        The state is the caller's to keep: the verify pass reads γ of them after later steps ran."""
+        out = self._run(exit_step if logits else exit_state, model, tok, draft, cache, slot)
+        if not self._graphed:
+            return out
+        # a CUDA graph's outputs are overwritten by its next replay: copy the state that outlives it
+        return (out[0].clone(), out[1]) if logits else out.clone()
 
     def resume_chunk(
         self, model: MatryoshkaLM, h: torch.Tensor, spec: SubmodelSpec, cache: KVCache, start: int, k: int
@@ -244,26 +264,34 @@ class Engine:
         """Layers k+1..L of the target on early-exit states (1, T, C) at slots start..; logits (1, T, V)."""
         return self._run(resume_chunk, model, h, spec, cache, start, k)
 
+    @property
+    def _graphed(self) -> bool:
+        """Compiled steps replay CUDA graphs ("reduce-overhead"): their outputs live only until the next step."""
+        return self.compiled and self.device.type == "cuda"
+
     def _run(
         self, fn: Callable, model: MatryoshkaLM, x: torch.Tensor, spec: SubmodelSpec, cache: KVCache, start: int, *extra
     ) -> Any:
+        """`fn` eagerly, or its compiled graph for `spec`. Under CUDA graphs the result is valid until the next
+        compiled step only (each call starts a new graph step): read it before then, or clone what is kept."""
         if not self.compiled:  # an int: attention reads only the slots written so far
             return fn(model, x, spec, cache, start, *extra)
         f = self._graphs.get((fn, spec))
         if f is None:
             f = self._graphs.setdefault((fn, spec), self._compile(fn))
-        if self.device.type == "cuda":
+        if self._graphed:
             torch.compiler.cudagraph_mark_step_begin()
         # a tensor: attention reads every slot through a mask, so one graph serves every position
         return f(model, x, spec, cache, torch.tensor([start], device=self.device), *extra)
 
     def _compile(self, fn: Step) -> Step:
-        """`fn` compiled for one size, in a region of its own (one size's graphs never count against another's
-        recompile limit). Static shapes (dynamic=False): a batch size or cache length not seen before compiles
-        a graph of its own. Otherwise dynamo, which tracks what changed between calls per function across all
-        sizes, would make the next size's head and FFN counts symbolic: slower graphs, or a graph break."""
+        """`fn` compiled for one size, in a region of its own where torch.compile has them (one size's graphs
+        never count against another's recompile limit; _recompile_options). Static shapes (dynamic=False): a batch
+        size or cache length not seen before compiles a graph of its own. Otherwise dynamo, which tracks what
+        changed between calls per function across all sizes, would make the next size's head and FFN counts
+        symbolic: slower graphs, or a graph break."""
         mode = "reduce-overhead" if self.device.type == "cuda" else None
-        return torch.compile(fn, mode=mode, dynamic=False, isolate_recompiles=True, recompile_limit=RECOMPILE_LIMIT)
+        return torch.compile(fn, mode=mode, dynamic=False, **_recompile_options())
 
     @contextmanager
     def kv_cache(

@@ -78,8 +78,10 @@ class Predictor:
         """(B, F) features -> (B, K) predicted gaps, the full size's column 0."""
         if x.shape[-1] != self.mean.numel():
             raise MatryoshkaError(f"router expects {self.mean.numel()} features, got {x.shape[-1]}")
-        z = (x.float() - self.mean) / self.scale
-        pred = z @ self.weight.T + self.bias
+        # the predictor loads on the CPU; the features come from the model's device (a no-op on the CPU)
+        w, b, mean, scale = (t.to(x.device) for t in (self.weight, self.bias, self.mean, self.scale))
+        z = (x.float() - mean) / scale
+        pred = z @ w.T + b
         return torch.cat([pred, pred.new_zeros(pred.shape[0], 1)], dim=1)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:

@@ -1,11 +1,14 @@
 """Data parallelism, applied to an ordinary single-process model (torchtitan's `parallelize` step).
 
-One process: nothing changes. Under torchrun: DDP wraps the joint loss module (one forward per backward, as
-DDP requires), or FSDP2 `fully_shard` shards each block and then the whole model in place.
+One process: nothing changes, except that --fsdp under torchrun with one process joins a process group of one
+and shards as with more (so FSDP2 runs, and is tested, on a single GPU). Under torchrun: DDP wraps the joint
+loss module (one forward per backward, as DDP requires), or FSDP2 `fully_shard` shards each block and then the
+whole model in place.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -40,6 +43,21 @@ def init_distributed(device: str) -> tuple[Dist, str]:
     return Dist(dist.get_rank(), dist.get_world_size(), local), device
 
 
+def launched_by_torchrun() -> bool:
+    """Whether this process can join an env:// process group (torchrun sets these, one process or more)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def join_group_of_one(device: str) -> None:
+    """A process group of this process alone (NCCL on CUDA, bound to the model's GPU first; gloo otherwise),
+    destroyed at exit (NCCL warns about a group left behind)."""
+    if device.startswith("cuda"):
+        index = torch.device(device).index
+        torch.cuda.set_device(torch.cuda.current_device() if index is None else index)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+
+
 def parallelize(
     loss_module: nn.Module, blocks: nn.ModuleList, model: nn.Module, d: Dist, device: str, fsdp: bool
 ) -> nn.Module:
@@ -48,14 +66,20 @@ def parallelize(
     With fsdp, `blocks` and then `model` (which `loss_module` calls) are sharded in place; the optimizer must be
     built after this call so that it holds the sharded parameters.
     """
-    if d.world <= 1:
+    one = fsdp and d.world <= 1 and launched_by_torchrun()  # asked for FSDP under torchrun: shard, even alone
+    if d.world <= 1 and not one:
         return loss_module
     if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        if one and not dist.is_initialized():
+            join_group_of_one(device)
+        # on the run's device: FSDP's default mesh is on the accelerator whenever there is one, even for a CPU run
+        mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
         for block in blocks:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return loss_module
     return nn.parallel.DistributedDataParallel(
         loss_module, device_ids=[d.local_rank] if device.startswith("cuda") else None
