@@ -148,7 +148,12 @@ def write_report(out: Path, report: Path, device: str, command: str | None = Non
         f"Source: `{settings.get('source')}`, imported, reordered by importance, then every size trained "
         f"jointly by distillation from the frozen original (KL to its distribution, weight {settings.get('distill')}) "
         f"on {settings.get('data') or 'the default corpus (Shakespeare + KJV)'}. "
-        f"Nested axes: {', '.join(settings.get('nest', []))}.",
+        f"Nested axes: {', '.join(settings.get('nest', []))}"
+        + (
+            ", and depth for one early-exit size (E*, the first layers at full width)."
+            if settings.get("exit_fraction")
+            else "."
+        ),  # fmt: skip
         "",
         f"Training: {plan.get('steps')} steps x {settings.get('batch_size')} x {settings.get('seq_len')} tokens "
         f"= {plan.get('tokens', 0):,} tokens, {plan.get('seconds_per_step', 0):.2f} s/step (budget "
