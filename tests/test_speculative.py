@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_config
+from _chain_model import chain_trained_model
 from matryoshka_lm.core.model import KVCache, MatryoshkaLM
 from matryoshka_lm.core.spec import parse_spec, uniform_spec
 from matryoshka_lm.errors import MatryoshkaError
@@ -30,24 +30,8 @@ DRAFTS = ["S", "M", "L", "S,M,L,XL", "f8h2,f16h2,f32h4@d24"]
 
 @pytest.fixture(scope="module")
 def model() -> MatryoshkaLM:
-    """All sizes briefly trained together on a noisy chain (x_t = x_t-1 + 5 x_t-2 mod 97, 20% random): half
-    learnt, so drafts are often but not always accepted and both the accept and the reject path run."""
-    torch.manual_seed(0)
-    m = MatryoshkaLM(tiny_config())
-    specs = [uniform_spec(m.cfg, s) for s in ("XL", "L", "M", "S")]
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        x = torch.empty(16, 33, dtype=torch.long)
-        x[:, :2] = torch.randint(0, 97, (16, 2), generator=g)
-        for t in range(2, 33):
-            noise = torch.rand(16, generator=g) < 0.2
-            x[:, t] = torch.where(noise, torch.randint(0, 97, (16,), generator=g), (x[:, t - 1] + 5 * x[:, t - 2]) % 97)
-        loss = sum(F.cross_entropy(m(x[:, :-1], s).flatten(0, 1), x[:, 1:].flatten()) for s in specs)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return m.eval()
+    """All sizes briefly trained on a noisy chain (tests/_chain_model.py)."""
+    return chain_trained_model()
 
 
 def target_greedy(model, prompt, target, n):

@@ -27,14 +27,13 @@ from matryoshka_lm.config import ModelConfig, TrainConfig
 from matryoshka_lm.convert.from_gguf import SMOLLM2_FILE, hf_from_gguf, smollm2_gguf
 from matryoshka_lm.convert.hf import import_hf
 from matryoshka_lm.core import checkpoint as ck
-from matryoshka_lm.core.spec import count_params, size_names, uniform_spec
+from matryoshka_lm.core.spec import size_names, uniform_spec
 from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.infer.engine import Engine
 from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
-from matryoshka_lm.train.evaluate import evaluate_specs
 from matryoshka_lm.train.state import saved_step
 
 from .budgeted import Budgeted, plan, run_budgeted
+from .elastify_eval import greedy_samples, scores, size_rows
 from .elastify_preset import MODELS, PRESETS, STAGES, ElastifyPreset, log
 from .elastify_report import write_report
 from .elastify_speed import measure_speed
@@ -138,20 +137,16 @@ def evaluate_all(out: Path, p: ElastifyPreset, device: str) -> dict[str, Any]:
         return json.loads(path.read_text())
     tcfg, _, val = checkpoint_val_split(out / "elastic")
     tok = ck.load_tokenizer(out / "elastic")
-    ood = ood_tokens(tok)
-    cfg, _ = ck.read_config(out / "elastic")
-    names = size_names(cfg)
-    specs = {n: uniform_spec(cfg, n) for n in names}
+    token_sets = {"loss": val, "ood_loss": ood_tokens(tok)}
     res: dict[str, Any] = {"sizes": {}, "loss": {}, "ood_loss": {}, "samples": {}}
-    for n, spec in specs.items():
-        c = count_params(cfg, spec)
-        res["sizes"][n] = {"params": c["total"], "non_embedding": c["non_embedding"], "spec": str(spec.layers[0])}
     for label in MODELS:
         t0 = time.perf_counter()
         model = ck.load_model(out / label, device)
-        seq = min(tcfg.seq_len, cfg.max_seq_len)
-        for key, tokens in (("loss", val), ("ood_loss", ood)):
-            r = evaluate_specs(model, tokens, specs, seq, batch=8, n_batches=p.eval_batches, device=device)
+        names = size_names(model.cfg)
+        specs = {n: uniform_spec(model.cfg, n) for n in names}
+        res["sizes"] = size_rows(model, specs)
+        seq = min(tcfg.seq_len, model.cfg.max_seq_len)
+        for key, r in scores(model, specs, token_sets, seq, p, device).items():
             res[key][label] = {n: r[n]["loss"] for n in names}
         if label != "reordered":  # its XL is the original's: the samples would repeat
             res["samples"][label] = greedy_samples(model, tok, names if label == "elastic" else ["XL"], p)
@@ -159,19 +154,9 @@ def evaluate_all(out: Path, p: ElastifyPreset, device: str) -> dict[str, Any]:
             + f" ({time.perf_counter() - t0:.0f} s)")  # fmt: skip
         del model
     res["val_tokens"] = int(min(len(val), p.eval_batches * 8 * (seq + 1)))
-    res["ood_tokens"] = int(min(len(ood), p.eval_batches * 8 * (seq + 1)))
+    res["ood_tokens"] = int(min(len(token_sets["ood_loss"]), p.eval_batches * 8 * (seq + 1)))
     ck.write_json(path, res)
     return res
-
-
-def greedy_samples(model, tok, names: list[str], p: ElastifyPreset) -> dict[str, list[str]]:
-    engine = Engine(model)
-    prompts = [tok.encode(t).ids for t in p.prompts]
-    out = {}
-    for n in names:
-        done = engine.generate(prompts, uniform_spec(model.cfg, n), p.sample_tokens)
-        out[n] = [tok.decode(c.tokens) for c in done]
-    return out
 
 
 # ---------------------------------------------------------------- the whole recipe

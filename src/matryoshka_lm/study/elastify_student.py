@@ -30,9 +30,10 @@ from matryoshka_lm.infer.engine import Engine
 from matryoshka_lm.infer.sampling import Sampling
 from matryoshka_lm.machine import describe_machine
 from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
-from matryoshka_lm.train.evaluate import evaluate_specs, human
+from matryoshka_lm.train.evaluate import human
 
 from .budgeted import Budgeted
+from .elastify_eval import greedy_samples, scores, size_rows
 from .elastify_preset import GEN_OPENINGS, ElastifyPreset, log
 from .recipes import ood_tokens
 
@@ -130,7 +131,6 @@ def ship_student(out: Path, p: ElastifyPreset, device: str, dest: Path | None = 
     dest = dest or out / "ship"
     quantize_checkpoint(out / "student", dest, group_size=p.ship_group, embeddings=True, force=True)
     # evaluated later on the default corpus's held-out split, as the elastic run was (not the student's folder)
-    cfg, tcfg = ck.read_config(dest)
     _, etcfg = ck.read_config(out / "elastic")
     raw = json.loads((dest / ck.CONFIG).read_text())
     raw["train"].update(data=etcfg.data, max_corpus_chars=etcfg.max_corpus_chars, val_fraction=etcfg.val_fraction,
@@ -147,35 +147,26 @@ def ship_student(out: Path, p: ElastifyPreset, device: str, dest: Path | None = 
 
 
 def evaluate_student(out: Path, shipped: Path, p: ElastifyPreset, device: str) -> dict[str, Any]:
+    """The student (float and int8) per size on the elastic run's held-out split and out-of-domain prose, with
+    top-1 agreement with the teacher; the teacher's own losses on the same windows; greedy samples at int8."""
     _, _, val = checkpoint_val_split(out / "elastic")
     tok = ck.load_tokenizer(shipped)
-    ood = ood_tokens(tok)
-    res: dict[str, Any] = {"sizes": {}, "loss": {}, "ood_loss": {}, "samples": {}}
+    token_sets = {"loss": val, "ood_loss": ood_tokens(tok)}
+    res: dict[str, Any] = {"loss": {}, "ood_loss": {}, "agreement": {}}
     teacher = ck.load_model(out / "reordered", device)
     for label, ckpt in (("student, float", out / "student"), ("student, int8", shipped)):
         model = ck.load_model(ckpt, device)
         names = size_names(model.cfg)
         specs = {n: uniform_spec(model.cfg, n) for n in names}
         seq = min(p.student_seq_len, model.cfg.max_seq_len)
-        for key, tokens in (("loss", val), ("ood_loss", ood)):
-            r = evaluate_specs(model, tokens, specs, seq, batch=8, n_batches=p.eval_batches, device=device,
-                               reference=(teacher, teacher.full))  # fmt: skip
+        got = scores(model, specs, token_sets, seq, p, device, reference=(teacher, teacher.full))
+        for key, r in got.items():
             res[key][label] = {n: r[n]["loss"] for n in names}
-            if key == "loss":
-                res.setdefault("agreement", {})[label] = {n: r[n]["agree"] for n in names}
-        for n, spec in specs.items():
-            c = count_params(model.cfg, spec)
-            res["sizes"][n] = {"params": c["total"], "non_embedding": c["non_embedding"]}
-        if label.endswith("int8"):
-            engine = Engine(model)
-            prompts = [tok.encode(t).ids for t in p.prompts]
-            res["samples"] = {
-                n: [tok.decode(c.tokens) for c in engine.generate(prompts, specs[n], p.sample_tokens)] for n in names
-            }
-    teacher_spec = {"XL": teacher.full}
+        res["agreement"][label] = {n: got["loss"][n]["agree"] for n in names}
+    res["sizes"] = size_rows(model, specs)
+    res["samples"] = greedy_samples(model, tok, names, p)  # the int8 model, the last loaded
     seq = min(p.student_seq_len, teacher.cfg.max_seq_len)
-    for key, tokens in (("loss", val), ("ood_loss", ood)):
-        r = evaluate_specs(teacher, tokens, teacher_spec, seq, batch=8, n_batches=p.eval_batches, device=device)
+    for key, r in scores(teacher, {"XL": teacher.full}, token_sets, seq, p, device).items():
         res[key]["teacher"] = {"XL": r["XL"]["loss"]}
     res["teacher_params"] = count_params(teacher.cfg, teacher.full)["total"]
     res["prompts"] = list(p.prompts)
