@@ -39,8 +39,16 @@ def init_distributed(device: str) -> tuple[Dist, str]:
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        join_group(device)
     return Dist(dist.get_rank(), dist.get_world_size(), local), device
+
+
+def join_group(device: str) -> None:
+    """Join torchrun's process group (NCCL on CUDA, gloo otherwise) and leave it at exit: a process that exits
+    with the group alive can abort in the backend's thread teardown ("terminate called without an active
+    exception", seen with gloo) and NCCL warns about it."""
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
 
 
 def launched_by_torchrun() -> bool:
@@ -49,13 +57,11 @@ def launched_by_torchrun() -> bool:
 
 
 def join_group_of_one(device: str) -> None:
-    """A process group of this process alone (NCCL on CUDA, bound to the model's GPU first; gloo otherwise),
-    destroyed at exit (NCCL warns about a group left behind)."""
+    """A process group of this process alone (bound to the model's GPU first on CUDA; see join_group)."""
     if device.startswith("cuda"):
         index = torch.device(device).index
         torch.cuda.set_device(torch.cuda.current_device() if index is None else index)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    join_group(device)
 
 
 def parallelize(
