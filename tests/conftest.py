@@ -4,6 +4,16 @@ import os
 
 # tiny models gain nothing from 2 threads, and OpenMP threads spin badly when the CPU is shared
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Inductor's on-disk cache does not key its compiled graphs on ATEN_CPU_CAPABILITY: a graph compiled for AVX-512
+# and replayed under ATEN_CPU_CAPABILITY=avx2 (or the reverse) reads garbage or corrupts the heap (seen on an AMX
+# Xeon with torch 2.13: NaN logits, "double free"). One cache per capability keeps each run on its own kernels.
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR",
+    os.path.join(
+        os.environ.get("TMPDIR", "/tmp"),
+        f"torchinductor_{os.getuid()}_{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}",
+    ),
+)
 
 import pydoc_data.topics  # noqa: E402
 

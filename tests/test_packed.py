@@ -121,6 +121,14 @@ def greedy(model, spec, prompt, n, compiled=False):
     return out, torch.stack(all_logits)
 
 
+def decided_steps(logits: torch.Tensor, tol: float) -> int:
+    """Steps before the first whose top-2 logit margin is within `tol` of the logits' scale: greedy choices that
+    two computations agreeing to `tol` must share (one after a near-tie may go either way)."""
+    top2 = logits.reshape(len(logits), -1).topk(2, dim=-1).values
+    tie = (top2[:, 0] - top2[:, 1]) <= 2 * tol * logits.abs().max()
+    return int(tie.nonzero()[0, 0]) + 1 if tie.any() else len(logits)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_greedy_generation_matches(bits):
     """fp32 activations: the same tokens as the dequantized cell (logits agree to float rounding)."""
@@ -148,5 +156,10 @@ def test_compiles(act_dtype):
     assert explain.graph_break_count == 0
     eager, eager_logits = greedy(cell, spec, prompt, 4)
     comp, comp_logits = greedy(cell, spec, prompt, 4, compiled=True)
-    assert comp == eager
-    assert close(comp_logits, eager_logits) < 1e-4
+    # Inductor fuses ops and keeps fused intermediates in fp32 where eager rounds each op's output to bf16, so the
+    # two agree only to a few bf16 roundings (unit roundoff 2^-8 = 3.9e-3; measured 2.2e-3 on an AMX Xeon), while
+    # fp32 agrees to float summation order. Tokens must agree until a step whose top-2 margin is within that bound.
+    tol = 2e-2 if act_dtype == torch.bfloat16 else 1e-4
+    assert close(comp_logits, eager_logits) < tol
+    n = decided_steps(eager_logits, tol)
+    assert comp[:n] == eager[:n] and n >= 1
