@@ -22,7 +22,7 @@ import torch
 
 from matryoshka_lm.config import ModelConfig, TrainConfig
 from matryoshka_lm.core import checkpoint as ck
-from matryoshka_lm.core import quant
+from matryoshka_lm.core import nested, quant
 from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.nested import CODE_BITS, slice_state_dict, submodel_config
 from matryoshka_lm.core.spec import SubmodelSpec, count_params, format_spec, parse_spec
@@ -178,6 +178,6 @@ def cell_codes(
     out = {}
     for name, t in quant.slice_qstate(qstate, cfg, spec.shape).items():
         if t.dtype == torch.int8 and not name.endswith(quant.SCALE):
-            t = t >> (stored - bits)  # the top bits of the stored codes
+            t = nested.top_bits(t, bits, stored)
         out[name] = t.contiguous().clone()
     return out, bits

@@ -315,13 +315,13 @@ class MatryoshkaLM(nn.Module):
             at = slots if static else start
         if mask is not None:  # additive, once per forward: SDPA would convert a boolean mask in every layer
             mask = torch.where(mask, 0.0, float("-inf")).to(x.dtype)
-        for block, layer in zip(self.layers[first_layer:], spec.layers[first_layer:]):
+        for block, layer in nested.layers_from(self.layers, spec, first_layer):
             x = block(x, layer, cos, sin, cache, at, mask)
         return self.norm(x) if norm else x
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The LM head on final-normed hidden states (B, T, C) of any width."""
-        return F.linear(h, self.head_weight()[:, : h.shape[-1]])
+        return nested.lm_head(h, self.head_weight())
 
     def rope_at(self, pos: torch.Tensor) -> RopeTables:
         """cos/sin at positions (T,) -> (T, hd), or per row (B, T) -> (B, 1, T, hd) (broadcast over heads)."""

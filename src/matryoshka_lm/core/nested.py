@@ -15,6 +15,7 @@ read back as the mean of the 2^(8-r) int8 levels that share those bits (top_bits
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Protocol
 
 import torch
@@ -35,9 +36,14 @@ class SpecShape(Protocol):
     layers: Sequence[LayerShape]
 
 
+def whole_groups(heads: int, group: int) -> bool:
+    """Whether `heads` query heads are whole GQA groups (what a size may keep)."""
+    return heads % group == 0
+
+
 def kv_heads(heads: int, group: int) -> int:
     """KV heads that the first `heads` query heads read: heads / group (heads must be whole GQA groups)."""
-    if heads % group:
+    if not whole_groups(heads, group):
         raise ValueError(f"{heads} query heads is not a whole number of GQA groups of {group}")
     return heads // group
 
@@ -64,6 +70,48 @@ def embed(idx: torch.Tensor, table: torch.Tensor, width: int) -> torch.Tensor:
     return F.embedding(idx, table[:, :width])
 
 
+# ---------------------------------------------------------------- the one table of weight shapes
+
+LAYER_WEIGHTS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "ffn.w_gate", "ffn.w_up", "ffn.w_down")
+LAYER_NORMS = ("attn_norm", "ffn_norm")
+
+
+def layer_shapes(cfg: ModelConfig, layer: LayerShape, width: int) -> dict[str, tuple[int, int]]:
+    """(rows, cols) of each matrix of one layer kept by a size of residual width `width`: the prefix it reads.
+    Slicing, parameter counts, bytes and search costs all read this table."""
+    C, q, f = width, layer.heads * cfg.head_dim, layer.ffn
+    kv = kv_heads(layer.heads, cfg.group_size) * cfg.head_dim
+    return {
+        "attn.wq": (q, C),
+        "attn.wk": (kv, C),
+        "attn.wv": (kv, C),
+        "attn.wo": (C, q),
+        "ffn.w_gate": (f, C),
+        "ffn.w_up": (f, C),
+        "ffn.w_down": (C, f),
+    }
+
+
+def model_shapes(cfg: ModelConfig, spec: SpecShape, untied_head: bool | None = None) -> dict[str, tuple[int, ...]]:
+    """Every weight a submodel reads, named as in a standalone model, with the shape of its prefix.
+    `untied_head` (default: the config's) lists lm_head.weight."""
+    C = spec.width
+    out: dict[str, tuple[int, ...]] = {"tok_emb.weight": (cfg.vocab_size, C), "norm.weight": (C,)}
+    if (not cfg.tie_embeddings) if untied_head is None else untied_head:
+        out["lm_head.weight"] = (cfg.vocab_size, C)
+    for i, layer in enumerate(spec.layers):
+        for name, shape in layer_shapes(cfg, layer, C).items():
+            out[f"layers.{i}.{name}.weight"] = shape
+        for norm in LAYER_NORMS:
+            out[f"layers.{i}.{norm}.weight"] = (C,)
+    return out
+
+
+def prefix(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """The leading `shape` block of `t` (a view)."""
+    return t[tuple(slice(0, n) for n in shape)]
+
+
 def slice_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, spec: SpecShape) -> dict[str, torch.Tensor]:
     """The weights a submodel reads, as contiguous copies: a standalone dense model of the spec's shape."""
     return {k: v.contiguous().clone() for k, v in slice_views(state, cfg, spec).items()}
@@ -71,29 +119,62 @@ def slice_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, spec: Spe
 
 def slice_views(state: dict[str, torch.Tensor], cfg: ModelConfig, spec: SpecShape) -> dict[str, torch.Tensor]:
     """The weights a submodel reads, as views of `state`'s tensors (no copy), named as in a standalone model."""
-    C, hd, g = spec.width, cfg.head_dim, cfg.group_size
-    out: dict[str, torch.Tensor] = {}
-    out["tok_emb.weight"] = state["tok_emb.weight"][:, :C]
-    out["norm.weight"] = state["norm.weight"][:C]
-    if "lm_head.weight" in state:
-        out["lm_head.weight"] = state["lm_head.weight"][:, :C]
-    for i, layer in enumerate(spec.layers):
-        p = f"layers.{i}."
-        q, kv, f = layer.heads * hd, kv_heads(layer.heads, g) * hd, layer.ffn
-        rows = {
-            "attn.wq": (q, C),
-            "attn.wk": (kv, C),
-            "attn.wv": (kv, C),
-            "attn.wo": (C, q),
-            "ffn.w_gate": (f, C),
-            "ffn.w_up": (f, C),
-            "ffn.w_down": (C, f),
-        }
-        for name, (r, c) in rows.items():
-            out[p + name + ".weight"] = state[p + name + ".weight"][:r, :c]
-        for norm in ("attn_norm", "ffn_norm"):
-            out[p + norm + ".weight"] = state[p + norm + ".weight"][:C]
-    return out
+    shapes = model_shapes(cfg, spec, untied_head="lm_head.weight" in state)
+    return {name: prefix(state[name], shape) for name, shape in shapes.items()}
+
+
+def slice_quantized(codes: dict[str, torch.Tensor], scales: dict[str, torch.Tensor], cfg: ModelConfig, spec: SpecShape):
+    """Codes and their group scales a submodel reads (views): each weight's prefix, and the scales of its rows and
+    of the groups its columns fall in. `scales` maps a weight's name to its scale tensor (rows, groups)."""
+    out = slice_views(codes, cfg, spec)
+    sliced = {}
+    for name, s in scales.items():
+        if name in out:
+            c = out[name]
+            group = codes[name].shape[1] // s.shape[1]  # whole rows are whole groups
+            sliced[name] = prefix(s, (c.shape[0], -(-c.shape[1] // group)))
+    return out, sliced
+
+
+def lm_head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Logits of hidden states (..., C) of any width: the head's first C columns."""
+    return F.linear(h, weight[:, : h.shape[-1]])
+
+
+def kv_prefix(
+    k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], cfg: ModelConfig, spec: SpecShape
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A smaller size's view of a larger size's KV cache (B, kv, L, hd) per layer: its first layers, and in each
+    the KV heads its query heads read (whole GQA groups are a prefix of the KV heads). No copy."""
+    kv = [kv_heads(layer.heads, cfg.group_size) for layer in spec.layers]
+    return [t[:, :n] for t, n in zip(k, kv)], [t[:, :n] for t, n in zip(v, kv)]
+
+
+def first_layers(spec: SpecShape, depth: int):
+    """The spec cut to its first `depth` layers (depth nests as a prefix of the layers), unnamed."""
+    return replace(spec, layers=tuple(spec.layers[:depth]), name=None)  # type: ignore[type-var]
+
+
+def depth_prefix_of(target: SpecShape, draft: SpecShape) -> int | None:
+    """k when `draft` is exactly `target`'s first k < depth layers at its width (and bits), else None."""
+    k = len(draft.layers)
+    same = draft.width == target.width and getattr(draft, "bits", None) == getattr(target, "bits", None)
+    return k if same and tuple(draft.layers) == tuple(target.layers[:k]) and k < len(target.layers) else None
+
+
+def layers_from(modules: Sequence, spec: SpecShape, start: int) -> zip:
+    """(module, layer spec) pairs of the spec's layers from `start` on (a resumed early exit starts past 0)."""
+    return zip(modules[start : len(spec.layers)], spec.layers[start:])
+
+
+def embedding_prefix(x, dim: int):
+    """A Matryoshka embedding at `dim`: its first `dim` features, L2-normalised (torch or numpy, rows last)."""
+    if isinstance(x, torch.Tensor):
+        return F.normalize(x[..., :dim], p=2, dim=-1)
+    import numpy as np  # the retrieval side works in numpy (FAISS)
+
+    t = np.ascontiguousarray(np.asarray(x)[..., :dim], dtype=np.float32)
+    return t / np.maximum(np.linalg.norm(t, axis=-1, keepdims=True), 1e-12)
 
 
 def submodel_config(cfg: ModelConfig, spec: SpecShape) -> ModelConfig:
@@ -124,12 +205,17 @@ CODE_BITS = 8  # codes are stored at this precision; every narrower one is a pre
 BIT_WIDTHS = range(2, CODE_BITS + 1)  # 1 bit would keep a single level per sign: not a model
 
 
-def top_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """The `bits` most significant bits of int8 codes, as signed integers in [-2^(bits-1), 2^(bits-1) - 1]:
-    exactly the top bits of each two's-complement byte (floor(q / 2^(8 - bits)))."""
-    if bits not in BIT_WIDTHS:
-        raise ValueError(f"bits must be in {BIT_WIDTHS.start}..{BIT_WIDTHS.stop - 1}, got {bits}")
-    return codes >> (CODE_BITS - bits)
+def top_bits(codes: torch.Tensor, bits: int, stored: int = CODE_BITS) -> torch.Tensor:
+    """The `bits` most significant bits of `stored`-bit codes, as signed integers in [-2^(bits-1), 2^(bits-1) - 1]:
+    exactly the top bits of each two's-complement code (floor(q / 2^(stored - bits)))."""
+    if bits not in BIT_WIDTHS or bits > stored:
+        raise ValueError(f"bits must be in {BIT_WIDTHS.start}..{min(stored, BIT_WIDTHS.stop - 1)}, got {bits}")
+    return codes >> (stored - bits)
+
+
+def low_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The `bits` least significant bits of codes, in [0, 2^bits): q = 2^bits * top + low."""
+    return codes & ((1 << bits) - 1)
 
 
 def bit_levels(top: torch.Tensor, bits: int) -> torch.Tensor:

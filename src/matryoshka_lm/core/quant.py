@@ -28,10 +28,10 @@ import torch
 from matryoshka_lm.config import ModelConfig
 from matryoshka_lm.errors import MatryoshkaError
 
-from .nested import BIT_WIDTHS, CODE_BITS, SpecShape, bit_levels, kv_heads, slice_views, top_bits
+from .nested import BIT_WIDTHS, CODE_BITS, LAYER_WEIGHTS, SpecShape, bit_levels, layer_shapes, slice_quantized, top_bits
 
 SCALE = ".scale"  # state-dict suffix of a quantized weight's scales (the codes keep the weight's own name)
-LINEAR = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "ffn.w_gate", "ffn.w_up", "ffn.w_down")
+LINEAR = LAYER_WEIGHTS
 EMBEDDINGS = ("tok_emb.weight", "lm_head.weight")
 
 
@@ -103,7 +103,7 @@ def dequantize(
         raise MatryoshkaError(f"weights stored at int{stored} cannot be read at int{bits}")
     n_in = codes.shape[1]
     # codes of width `stored` shifted right by stored - bits: the top bits of the top bits
-    levels = bit_levels(top_bits(codes, CODE_BITS - stored + bits), bits)
+    levels = bit_levels(top_bits(codes, bits, stored), bits)
     return levels * scales.repeat_interleave(group or n_in, dim=1)[:, :n_in]
 
 
@@ -143,13 +143,9 @@ def slice_qstate(qstate: dict[str, torch.Tensor], cfg: ModelConfig, spec: SpecSh
     """The codes and scales a submodel reads (views), named as in a standalone model: each weight's prefix
     (nested.slice_views) and the scales of its rows and of the groups its columns fall in."""
     codes = {k: v for k, v in qstate.items() if not k.endswith(SCALE)}
-    out = slice_views(codes, cfg, spec)
-    for name, c in list(out.items()):
-        if name + SCALE in qstate:
-            s = qstate[name + SCALE]
-            group = qstate[name].shape[1] // s.shape[1]  # whole rows are whole groups
-            out[name + SCALE] = s[: c.shape[0], : -(-c.shape[1] // group)]
-    return out
+    scales = {k.removesuffix(SCALE): v for k, v in qstate.items() if k.endswith(SCALE)}
+    out, sliced = slice_quantized(codes, scales, cfg, spec)
+    return {**out, **{name + SCALE: s for name, s in sliced.items()}}
 
 
 def fake_quant_params(params: dict[str, torch.Tensor], bits: int, qcfg: QuantConfig) -> dict[str, torch.Tensor]:
@@ -173,7 +169,7 @@ def check_groups(cfg: ModelConfig, qcfg: QuantConfig) -> None:
 def weight_bytes(cfg: ModelConfig, spec: SpecShape, bits: int | None, qcfg: QuantConfig) -> int:
     """Bytes of weights a cell reads: r-bit codes (packed) and fp16 scales for the quantized weights, fp32 for
     the rest; `bits` None = fp32 throughout."""
-    C, hd, g = spec.width, cfg.head_dim, cfg.group_size
+    C = spec.width
 
     def mat(rows: int, cols: int, quantized: bool) -> float:
         if bits is None or not quantized:
@@ -183,7 +179,6 @@ def weight_bytes(cfg: ModelConfig, spec: SpecShape, bits: int | None, qcfg: Quan
 
     total = 4.0 * C * (2 * len(spec.layers) + 1)  # norms
     for layer in spec.layers:
-        q, kv, f = layer.heads * hd, kv_heads(layer.heads, g) * hd, layer.ffn
-        total += mat(q, C, True) + 2 * mat(kv, C, True) + mat(C, q, True) + 3 * mat(f, C, True)
+        total += sum(mat(r, c, True) for r, c in layer_shapes(cfg, layer, C).values())
     total += mat(cfg.vocab_size, C, qcfg.embeddings) * (1 if cfg.tie_embeddings else 2)
     return int(total)

@@ -11,12 +11,13 @@ String form (Mix'n'Match):
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
 from matryoshka_lm.config import ModelConfig
-from matryoshka_lm.core.nested import BIT_WIDTHS, kv_heads
+from matryoshka_lm.core.nested import BIT_WIDTHS, model_shapes, whole_groups
 from matryoshka_lm.errors import MatryoshkaError
 
 
@@ -64,7 +65,7 @@ def uniform_spec(cfg: ModelConfig, size: str) -> SubmodelSpec:
     layers = []
     for h, f in zip(cfg.layer_heads[:depth], cfg.layer_ffn[:depth]):
         heads = _scaled(h, hf, "heads", size)
-        if heads % cfg.group_size:
+        if not whole_groups(heads, cfg.group_size):
             raise MatryoshkaError(
                 f"size {size!r}: {heads} heads is not a whole number of GQA groups of {cfg.group_size}"
             )
@@ -173,7 +174,7 @@ def validate_spec(cfg: ModelConfig, spec: SubmodelSpec) -> None:
             raise MatryoshkaError(f"layer {i}: ffn {layer.ffn} is outside 1..{f_max}")
         if layer.ffn != f_max and not cfg.nest_ffn:
             raise MatryoshkaError(f"layer {i}: ffn {layer.ffn}: this model was not trained with a nested FFN")
-        if not 1 <= layer.heads <= h_max or layer.heads % cfg.group_size:
+        if not 1 <= layer.heads <= h_max or not whole_groups(layer.heads, cfg.group_size):
             raise MatryoshkaError(
                 f"layer {i}: heads {layer.heads} must be a multiple of the GQA group {cfg.group_size} in 1..{h_max}"
             )
@@ -191,15 +192,9 @@ def format_spec(spec: SubmodelSpec) -> str:
 
 def count_params(cfg: ModelConfig, spec: SubmodelSpec) -> dict[str, int]:
     """Parameters the submodel uses: total, embedding (token table + untied head) and non-embedding."""
-    C, hd, g = spec.width, cfg.head_dim, cfg.group_size
-    body = C  # final norm
-    for layer in spec.layers:
-        q = layer.heads * hd
-        kv = kv_heads(layer.heads, g) * hd
-        body += 2 * C  # two RMSNorms
-        body += C * q + 2 * C * kv + q * C  # wq, wk, wv, wo
-        body += 3 * C * layer.ffn  # gate, up, down
-    emb = cfg.vocab_size * C * (1 if cfg.tie_embeddings else 2)
+    sizes = {name: math.prod(shape) for name, shape in model_shapes(cfg, spec).items()}
+    emb = sizes.pop("tok_emb.weight") + sizes.pop("lm_head.weight", 0)
+    body = sum(sizes.values())
     return {"total": body + emb, "embedding": emb, "non_embedding": body}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from matryoshka_lm.core import nested
 from matryoshka_lm.errors import MatryoshkaError
 
 MRL_FRACTIONS = (16, 8, 4, 2, 1)  # the MRL nesting: d/16, d/8, d/4, d/2, d
@@ -55,7 +56,7 @@ def shrink(t: torch.Tensor, dim: int) -> torch.Tensor:
     """The first `dim` features, L2-normalized (truncate, then normalize)."""
     if not 0 < dim <= t.shape[-1]:
         raise MatryoshkaError(f"embedding dim {dim} is outside 1..{t.shape[-1]}")
-    return F.normalize(t[..., :dim], p=2, dim=-1)
+    return nested.embedding_prefix(t, dim)
 
 
 def info_nce(q: torch.Tensor, p: torch.Tensor, temperature: float, symmetric: bool = False) -> torch.Tensor:

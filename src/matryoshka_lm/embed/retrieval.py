@@ -31,6 +31,7 @@ import numpy as np
 
 from matryoshka_lm.config import load_json
 from matryoshka_lm.core import checkpoint as ck
+from matryoshka_lm.core import nested
 from matryoshka_lm.errors import MatryoshkaError
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ class VectorIndex:
             return self.vectors, self.flat
         if m not in self._prefix:
             faiss = _faiss()
-            p = unit_rows(self.vectors[:, :m])
+            p = nested.embedding_prefix(self.vectors, m)
             idx = faiss.IndexFlatIP(m)
             idx.add(p)
             self._prefix[m] = (p, idx)
@@ -250,8 +251,8 @@ def funnel_search(
         first = index.hnsw(dims[0])
         first.hnsw.efSearch = max(hnsw_ef, shortlist[0] if len(dims) > 1 else k)
     if len(dims) == 1:  # one stage: search at that prefix
-        return first.search(unit_rows(q[:, : dims[0]]), k)
-    _, ids = first.search(unit_rows(q[:, : dims[0]]), shortlist[0])  # (Q, s0); -1 where HNSW came back short
+        return first.search(nested.embedding_prefix(q, dims[0]), k)
+    _, ids = first.search(nested.embedding_prefix(q, dims[0]), shortlist[0])  # (Q, s0); -1 where HNSW came back short
     scores = np.empty((len(q), k), np.float32)
     out_ids = np.empty((len(q), k), np.int64)
     for i in range(0, len(q), batch):  # re-rank in query batches: the gather is (batch, s, m) floats
@@ -267,7 +268,9 @@ def _rerank(
     """Re-score candidates (b, s) at each of `dims` in turn, keeping the best `keeps[j]` after stage j."""
     for m, keep in zip(dims, keeps):
         vecs, _ = index.prefix(m)
-        s = np.matmul(vecs[np.maximum(cand, 0)], unit_rows(q[:, :m])[:, :, None])[:, :, 0]  # (b, s) cosine at m
+        s = np.matmul(vecs[np.maximum(cand, 0)], nested.embedding_prefix(q, m)[:, :, None])[
+            :, :, 0
+        ]  # (b, s) cosine at m
         s[cand < 0] = -np.inf
         if keep < s.shape[1]:
             top = np.argpartition(-s, keep - 1, axis=1)[:, :keep]

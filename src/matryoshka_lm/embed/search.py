@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from matryoshka_lm.core import nested
 from matryoshka_lm.errors import MatryoshkaError
 
 from .encoders import check_batch_size, load_encoder
@@ -60,7 +61,7 @@ def search_texts(
     if queries is not None:
         vectors = embed_queries(index, queries, ckpt, size, dims, device)
     elif dims is not None:
-        vectors = np.asarray(vectors)[:, :dims]
+        vectors = nested.embedding_prefix(vectors, dims)
     if exact:
         scores, ids = exact_search(index, vectors, k)
     else:

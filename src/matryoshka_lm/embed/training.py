@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from matryoshka_lm.core import checkpoint as ck
+from matryoshka_lm.core import nested
 from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.spec import SubmodelSpec, format_spec, parse_spec, validate_spec
 from matryoshka_lm.data import limit_chars, read_corpus
@@ -88,7 +89,7 @@ def training_specs(lm: MatryoshkaLM, sizes: list[str] | None, depths: list[int] 
     for d in depths or []:
         if not 1 <= int(d) <= lm.cfg.n_layers:
             raise MatryoshkaError(f"depth {d} is outside 1..{lm.cfg.n_layers}")
-        spec = SubmodelSpec(width=lm.cfg.d_model, layers=lm.full.layers[: int(d)])
+        spec = nested.first_layers(lm.full, int(d))
         validate_spec(lm.cfg, spec)
         specs.append(spec)
     unique: list[SubmodelSpec] = []
@@ -221,6 +222,9 @@ def evaluate_pairs(
     for s in specs:
         q = embed_texts(model, tok, [a for a, _ in pairs], s, max_tokens=max_tokens)
         p = embed_texts(model, tok, [b for _, b in pairs], s, max_tokens=max_tokens)
-        out[format_spec(s)] = {str(m): pair_recall(q[:, :m], p[:, :m], ks) for m in spec_dims(dims, q.shape[1])}
+        out[format_spec(s)] = {
+            str(m): pair_recall(nested.embedding_prefix(q, m), nested.embedding_prefix(p, m), ks)
+            for m in spec_dims(dims, q.shape[1])
+        }
     model.train()
     return out

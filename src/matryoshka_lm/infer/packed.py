@@ -139,10 +139,10 @@ def int4_parts(
     """The int4-kernel parts whose sum is the r-bit weight (module doc): one for r <= 4, two for r = 8."""
     if bits == nested.CODE_BITS:
         q = codes.to(torch.int32)
-        hi, lo = q >> 4, q & 15
+        hi, lo = nested.top_bits(q, 4), nested.low_bits(q, 4)
         return [(hi + 8, 16 * scale, 7.5 * scale), (lo, scale, 0.5 * scale)]
     k = nested.CODE_BITS - bits
-    t = nested.top_bits(codes, nested.CODE_BITS - stored + bits).to(torch.int32)
+    t = nested.top_bits(codes, bits, stored).to(torch.int32)
     return [(t + 8, (1 << k) * scale, ((1 << k) - 1) / 2 * scale)]
 
 

@@ -244,7 +244,7 @@ def route(
     specs = router.specs(model.cfg)
     small = specs[0]
     hidden = model.hidden_states(ids, small, cache, 0)
-    logits = F.linear(hidden, model.head_weight()[:, : hidden.shape[-1]])
+    logits = model.logits(hidden)
     x = prompt_features(ids[0], logits[0], hidden[0])
     gaps = router.predictor(kind).gaps(x[None])
     i = int(choose(gaps, tau)[0])

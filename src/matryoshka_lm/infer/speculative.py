@@ -33,13 +33,13 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from matryoshka_lm.config import ModelConfig
+from matryoshka_lm.core import nested
 from matryoshka_lm.core.model import KVCache, MatryoshkaLM
-from matryoshka_lm.core.nested import kv_heads
 from matryoshka_lm.core.spec import SubmodelSpec, count_params
 from matryoshka_lm.errors import MatryoshkaError
 
@@ -89,8 +89,7 @@ def can_share_cache(cfg: ModelConfig, target: SubmodelSpec, draft: SubmodelSpec)
 
 def shared_cache(cfg: ModelConfig, cache: KVCache, draft: SubmodelSpec) -> KVCache:
     """The draft's view of the target's cache: its first KV heads of its first layers (no copy)."""
-    kv = [kv_heads(l.heads, cfg.group_size) for l in draft.layers]
-    return KVCache([k[:, :n] for k, n in zip(cache.k, kv)], [v[:, :n] for v, n in zip(cache.v, kv)])
+    return KVCache(*nested.kv_prefix(cache.k, cache.v, cfg, draft))
 
 
 def best_gamma(alpha: float, t_draft: float, t_verify: float, max_gamma: int) -> int:
@@ -214,9 +213,7 @@ def accept(
 
 def early_exit_depth(target: SubmodelSpec, draft: SubmodelSpec) -> int | None:
     """k when the draft is the target's first k layers exactly (so its work can be reused), else None."""
-    k = draft.depth
-    same = draft.width == target.width and draft.bits == target.bits and draft.layers == target.layers[:k]
-    return k if same and k < target.depth else None
+    return nested.depth_prefix_of(target, draft)
 
 
 def early_exit_rounds(
@@ -235,7 +232,7 @@ def early_exit_rounds(
 ) -> Iterator[list[int]]:
     """speculative rounds of the early-exit draft (the target's first k layers) with exact reuse (module doc)."""
     model, spec = engine.runner(target)
-    draft = replace(spec, layers=spec.layers[:k], name=None)  # the same layers, on the module that runs the target
+    draft = nested.first_layers(spec, k)  # the same layers, on the module that runs the target
     dev, P, L = engine.device, len(prompt), cache.length
     gen = sampling.generator(dev)
     probs = logits_to_probs(prefill(model, torch.tensor([prompt], device=dev), spec, cache), sampling)

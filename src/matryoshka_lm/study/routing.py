@@ -159,7 +159,7 @@ def label(model: MatryoshkaLM, queries: Queries, specs: list[SubmodelSpec], batc
         for a in range(0, n, batch):
             ids, p = queries.windows[a : a + batch].to(device), lens[a : a + batch].to(device)
             hidden = model.hidden_states(ids, spec)
-            logits = F.linear(hidden, model.head_weight()[:, : hidden.shape[-1]])
+            logits = model.logits(hidden)
             tok = -F.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
             pos = torch.arange(ids.shape[1] - 1, device=device)[None]
             mask = (pos >= p[:, None] - 1) & (pos < p[:, None] - 1 + cont)
@@ -196,7 +196,7 @@ def label_generation(model: MatryoshkaLM, queries: Queries, specs: list[Submodel
         p = int(lens[idx[0]])
         prompts = queries.windows[torch.as_tensor(idx), :p].to(device)
         hidden = model.hidden_states(prompts, specs[0])
-        logits = F.linear(hidden, model.head_weight()[:, : hidden.shape[-1]])
+        logits = model.logits(hidden)
         for j in range(len(idx)):
             feats[idx[j]] = prompt_features(prompts[j], logits[j], hidden[j]).cpu()
         for k, spec in enumerate(specs):
