@@ -75,7 +75,7 @@ def exit_state(
     model: MatryoshkaLM, tok: torch.Tensor, draft: SubmodelSpec, cache: KVCache, slot: int | torch.Tensor
 ) -> torch.Tensor:
     """Early exit: token (1,) through the draft's layers (the target's first k) into the target's cache; the
-    residual stream after layer k (1, 1, C), before the final norm (speculative.early_exit_rounds)."""
+    residual stream after layer k (1, 1, C), before the final norm (drafts.EarlyExitDraft)."""
     return model.hidden_states(tok.view(1, 1), draft, cache, slot, norm=False)
 
 
