@@ -25,8 +25,8 @@ from matryoshka_lm.config import load_json
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.data import EOT
 from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.train.optim import adamw, lr_at
-from matryoshka_lm.train.steps import MetricsLog, optimizer_step, whole_batch
+from matryoshka_lm.train.optim import adamw
+from matryoshka_lm.train.steps import MetricsLog, fit, whole_batch
 
 from .loss import check_dims, default_dims, mrl_contrastive_loss, resolve_dims, shrink
 from .model import EMBEDDING_JSON, mean_pool
@@ -169,15 +169,17 @@ def finetune_hf(
     opt = adamw(enc.model, cfg.lr, cfg.weight_decay, decay_matrices_only=False)
     rng, metrics = random.Random(cfg.seed), MetricsLog(callback=callback)
     enc.model.train()
-    for step in range(cfg.steps):
+
+    def micro_steps(step: int) -> list:
         batch = rng.sample(train_pairs, cfg.batch_size)
 
-        def batch_loss(batch: list[tuple[str, str]] = batch) -> torch.Tensor:
+        def batch_loss() -> torch.Tensor:
             q, p = enc([a for a, _ in batch]), enc([b for _, b in batch])
             return mrl_contrastive_loss(q, p, train_dims, weights, cfg.temperature, cfg.symmetric)
 
-        loss, _ = optimizer_step(opt, enc.model.parameters(), lr_at(step, cfg), whole_batch(batch_loss), cfg.grad_clip)
-        metrics(step + 1, {"loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
+        return whole_batch(batch_loss)
+
+    fit(opt, list(enc.model.parameters()), cfg, micro_steps, after_step=lambda done, m: metrics(done, m))
     enc.model.eval()
     save_hf(enc, out, dims if cfg.mrl else [D])
     summary = {"source": str(enc.path), "matryoshka_dimensions": dims if cfg.mrl else [D], "train": asdict(cfg)}

@@ -24,8 +24,8 @@ from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.spec import SubmodelSpec, format_spec, parse_spec, validate_spec
 from matryoshka_lm.data import limit_chars, read_corpus
 from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.train.optim import adamw, lr_at
-from matryoshka_lm.train.steps import MetricsLog, optimizer_step, whole_batch
+from matryoshka_lm.train.optim import adamw
+from matryoshka_lm.train.steps import MetricsLog, fit, whole_batch
 
 from .loss import check_dims, default_dims, mrl_contrastive_loss, spec_dims
 from .model import Embedder, embed_texts, save_embedding, tokenize
@@ -181,13 +181,14 @@ def train_embedding(
     opt = adamw(model, cfg.lr, cfg.weight_decay, decay_matrices_only=False)
     rng, metrics = random.Random(cfg.seed), MetricsLog(callback=callback)
     model.train()
-    for step in range(cfg.steps):
+
+    def micro_steps(step: int) -> list:
         batch = rng.sample(train_pairs, cfg.batch_size)
         q = tokenize(tok, [b[0] for b in batch], cfg.max_tokens, device)
         p = tokenize(tok, [b[1] for b in batch], cfg.max_tokens, device)
-        batch_loss = whole_batch(partial(joint_loss, model, specs, dims, weights, q, p, cfg))
-        loss, _ = optimizer_step(opt, model.parameters(), lr_at(step, cfg), batch_loss, cfg.grad_clip)
-        metrics(step + 1, {"loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
+        return whole_batch(partial(joint_loss, model, specs, dims, weights, q, p, cfg))
+
+    fit(opt, list(model.parameters()), cfg, micro_steps, after_step=lambda done, m: metrics(done, m))
     after = evaluate_pairs(model, tok, eval_pairs, specs, dims, cfg.max_tokens) if eval_pairs else {}
     trained = sorted({m for s in specs for m in (spec_dims(dims, model.out_dim(s)) if cfg.mrl else [model.out_dim(s)])})
     meta = {

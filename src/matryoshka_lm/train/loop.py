@@ -4,7 +4,7 @@ Runs unchanged on one process or under torchrun (DDP by default, FSDP2 `fully_sh
 parallelize.py). Rank 0 logs and writes checkpoints; resuming restores weights, optimizer and step from one
 atomic file (state.py) and may change some settings (resume.py).
 
-    train()  =  load_settings()  ->  prepare()  ->  run_steps(), which calls train_step() once per step
+    train()  =  load_settings()  ->  prepare()  ->  run_steps() -> steps.fit(), the one training loop
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from .parallelize import Dist, any_rank, global_mean, init_distributed, no_sync_
 from .plan import size_plan, step_sizes, step_submodels, trained_sizes
 from .resume import resume_settings
 from .state import load_state, save_state, trim_metrics, write_split_stats
-from .steps import MetricsLog, optimizer_step
+from .steps import MetricsLog, MicroStep, fit
 
 log = logging.getLogger(__name__)
 
@@ -266,11 +267,10 @@ def load_teacher(tcfg: TrainConfig, model_cfg: ModelConfig, tok: Any, device: st
 # ---------------------------------------------------------------- step and run
 
 
-def train_step(run: Run, step: int) -> dict[str, Any]:
-    """One optimizer step (0-based `step`) on the global batch; returns its metrics."""
+def step_micro_steps(run: Run, step: int) -> list[MicroStep]:
+    """This rank's micro-batches of the global batch of (0-based) `step`, each a joint forward of its sizes."""
     tcfg, d = run.tcfg, run.d
-    step_names, step_specs, step_w = step_submodels(run.model.cfg, tcfg, (run.names, run.weights, run.specs), step)
-    lr = lr_at(step, tcfg)
+    _, step_specs, step_w = step_submodels(run.model.cfg, tcfg, (run.names, run.weights, run.specs), step)
     run.model.train()
     per_rank = tcfg.batch_size // d.world
     micro = per_rank // tcfg.grad_accum
@@ -280,20 +280,17 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         y_all[d.rank * per_rank : (d.rank + 1) * per_rank],
     )
 
-    def micro_step(m: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    def micro_step(m: int) -> MicroStep:
         x, y = x_rank[m * micro : (m + 1) * micro].to(run.device), y_rank[m * micro : (m + 1) * micro].to(run.device)
         return lambda: run.runner(x, y, step_specs, step_w)
 
-    losses, grad_norm = optimizer_step(
-        run.opt,
-        run.model.parameters(),
-        lr,
-        [micro_step(m) for m in range(tcfg.grad_accum)],
-        tcfg.grad_clip,
-        no_sync_of(run.runner),
-        run.autocast,
-    )
-    global_mean(losses, d)
+    return [micro_step(m) for m in range(tcfg.grad_accum)]
+
+
+def step_report(run: Run, step: int, lr: float, losses: torch.Tensor, grad_norm: torch.Tensor) -> dict[str, Any]:
+    """The step's metrics: its sizes' losses averaged over ranks."""
+    step_names = step_submodels(run.model.cfg, run.tcfg, (run.names, run.weights, run.specs), step)[0]
+    global_mean(losses, run.d)
     return {
         "step": step + 1,
         "lr": lr,
@@ -303,17 +300,16 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
 
 
 def run_steps(run: Run, halt_after: int | None = None, time_limit_s: float | None = None) -> int:
-    """Steps run.start .. tcfg.steps: evaluate, log and checkpoint at their cadences and at the last step.
+    """Steps run.start .. tcfg.steps (steps.fit): evaluate, log and checkpoint at their cadences and at the last
+    step.
 
     With time_limit_s, the first step that ends past the limit is checkpointed and the run stops there (a
     `resume` continues it). Returns the last step done."""
     tcfg = run.tcfg
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
     t0 = time.perf_counter()
-    done = run.start
-    for step in range(run.start, tcfg.steps):
-        metrics = train_step(run, step)
-        done = step + 1
+
+    def after_step(done: int, metrics: dict) -> bool:
         late = time_limit_s is not None and any_rank(time.perf_counter() - t0 > time_limit_s, run.d, run.device)
         metrics["tokens_per_s"] = tokens_per_step * (done - run.start) / (time.perf_counter() - t0)
         if done % tcfg.eval_every == 0 or done == tcfg.steps:
@@ -332,9 +328,20 @@ def run_steps(run: Run, halt_after: int | None = None, time_limit_s: float | Non
             save_state(run.out, run.model, run.opt, done, tcfg, run.tok_json, run.d.main)
             if run.d.main:
                 write_split_stats(run.out, run.train_tokens, run.val_tokens, run.model.cfg.vocab_size)
-            if late or (halt_after is not None and done >= halt_after):
-                break
-    return done
+            return late or (halt_after is not None and done >= halt_after)
+        return False
+
+    return fit(
+        run.opt,
+        list(run.model.parameters()),
+        tcfg,
+        partial(step_micro_steps, run),
+        run.start,
+        after_step,
+        partial(step_report, run),
+        no_sync_of(run.runner),
+        run.autocast,
+    )
 
 
 def train(

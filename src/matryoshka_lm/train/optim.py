@@ -16,6 +16,7 @@ class Schedule(Protocol):
     lr: float
     warmup_steps: int
     min_lr_ratio: float
+    grad_clip: float
 
 
 def lr_at(step: int, cfg: Schedule) -> float:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .optim import set_lr
+from .optim import Schedule, lr_at, set_lr
 
 # a micro-batch: runs the forward pass, returns (the loss to backpropagate, what to report, detached)
 MicroStep = Callable[[], tuple[torch.Tensor, torch.Tensor]]
@@ -63,6 +63,32 @@ class MetricsLog:
                 f.write(json.dumps(metrics) + "\n")
         if self.callback:
             self.callback(step, metrics)
+
+
+def fit(
+    opt: torch.optim.Optimizer,
+    params: Sequence[torch.Tensor],
+    schedule: Schedule,
+    micro_steps: Callable[[int], Sequence[MicroStep]],
+    start: int = 0,
+    after_step: Callable[[int, dict], bool] | None = None,
+    report: Callable[[int, float, torch.Tensor, torch.Tensor], dict] | None = None,
+    no_sync: Callable[[], AbstractContextManager] | None = None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> int:
+    """The one training loop (LM, embedding and HF-encoder training): steps start..schedule.steps, each an
+    optimizer_step over `micro_steps(step)` at lr_at(step). `report(step, lr, losses, grad_norm)` makes the step's
+    metrics (default: loss and lr); `after_step(done, metrics)` logs, evaluates or saves them, and returning True
+    stops the loop there. Returns the number of steps done."""
+    done = start
+    for step in range(start, schedule.steps):
+        lr = lr_at(step, schedule)
+        losses, grad_norm = optimizer_step(opt, params, lr, micro_steps(step), schedule.grad_clip, no_sync, autocast)
+        done = step + 1
+        metrics = report(step, lr, losses, grad_norm) if report else {"loss": losses.item(), "lr": lr}
+        if after_step is not None and after_step(done, metrics):
+            break
+    return done
 
 
 def whole_batch(loss_fn: Callable[[], torch.Tensor]) -> list[MicroStep]:
