@@ -196,3 +196,16 @@ def test_unexpected_error_is_one_line(broken_embed, tmp_path, capsys):
 def test_verbose_shows_the_traceback(broken_embed, tmp_path):
     with pytest.raises(RuntimeError, match="tensor shapes disagree"):
         main(["-v", "embed", "ck", "f.txt", "-o", str(tmp_path / "x.npy"), "--device", "cpu"])
+
+
+def test_train_flags_are_train_config_fields():
+    """`matryoshka train`'s flags are derived from TrainConfig: each names a field, and parses to the field's value."""
+    import dataclasses
+
+    from matryoshka_lm.cli.main import build_parser
+    from matryoshka_lm.cli.train import TRAIN_FLAGS
+    from matryoshka_lm.config import TrainConfig
+
+    assert set(TRAIN_FLAGS) <= {f.name for f in dataclasses.fields(TrainConfig)}
+    a = build_parser().parse_args(["train", "--bits", "8,4", "--size-weights", "1,2", "--sizes", "XL, M", "--fsdp"])
+    assert (a.bits, a.size_weights, a.sizes, a.fsdp, a.lr) == ([8, 4], [1.0, 2.0], ["XL", "M"], True, None)
