@@ -79,7 +79,7 @@ def fine_tune(base: Path, out: Path, steps: int, lr: float, settings: dict) -> t
 def cell_losses(ckpt: Path, val, ood, n_batches: int) -> dict[str, dict[str, float]]:
     model = ck.load_model(ckpt)
     _, tcfg = ck.read_config(ckpt)
-    model.quant = quant.QuantConfig(tcfg.quant_group)
+    model.precision.quant = quant.QuantConfig(tcfg.quant_group)
     cfg = model.cfg
     specs = {
         f"{n}@{'fp32' if b is None else f'int{b}'}": uniform_spec(cfg, n).at_bits(b)

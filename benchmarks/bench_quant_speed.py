@@ -30,9 +30,10 @@ from common import ROOT, interleaved_times, machine, read_bandwidth, write_secti
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core import quant
 from matryoshka_lm.core.model import MatryoshkaLM
+from matryoshka_lm.core.precision import codes_of
 from matryoshka_lm.core.spec import count_params, uniform_spec
 from matryoshka_lm.infer.engine import Engine
-from matryoshka_lm.infer.packed import cell_codes, int4_pack, packed_view, scales_zeros
+from matryoshka_lm.infer.packed import int4_pack, packed_view, scales_zeros
 
 THREADS = 2  # --threads; the machine's 2 cores
 OUT = ROOT / "runs" / "quant_speed"
@@ -188,8 +189,8 @@ def build_rows(model: MatryoshkaLM, sizes: list[str], n: int) -> tuple[dict, dic
     eager, compiled = Engine(model), Engine(model, compile=True)
     codes = {}  # quantized once per quantization config, sliced per cell
     for qcfg in (grouped, per_row):
-        model.quant = qcfg
-        codes[qcfg] = cell_codes(model)[0]
+        model.precision.quant = qcfg
+        codes[qcfg] = codes_of(model)[0]
 
     def add(name, fn, size, kind, nbytes, note=""):
         fns[name], info[name] = fn, {"size": size, "kind": kind, "bytes": nbytes, "note": note}
@@ -215,12 +216,12 @@ def build_rows(model: MatryoshkaLM, sizes: list[str], n: int) -> tuple[dict, dic
         for label, bits, qcfg, act, comp, everywhere, note in cells:
             if not (full or everywhere):
                 continue
-            model.quant = qcfg
+            model.precision.quant = qcfg
             cell = packed_view(model, spec, bits, act_dtype=act, codes=codes[qcfg])
             nbytes = quant.weight_bytes(cfg, spec, 8 if act == fp32 else bits, qcfg)  # fp32 form reads int8 codes
             kind = f"ours {label}, {'compiled' if comp else 'eager'}"
             add(f"{size} {kind}", ours(Engine(cell, compile=comp), None, n), size, kind, nbytes, note)
-        model.quant = quant.QuantConfig()
+        model.precision.quant = quant.QuantConfig()
     return fns, info
 
 

@@ -126,7 +126,7 @@ def test_quantization_aware_loss_in_bf16_on_cuda():
     step lowers all of them, and (in fp32) the training forward is what the served cell computes on CUDA."""
     torch.manual_seed(0)
     model = MatryoshkaLM(tiny_config()).to(DEVICE)
-    model.quant = quant.QuantConfig(8)
+    model.precision.quant = quant.QuantConfig(8)
     specs = [uniform_spec(model.cfg, n).at_bits(b) for b in (8, 4, 2) for n in ("XL", "S")]
     loss_fn, w = JointLoss(model, distill=0.0), [1.0] * len(specs)
     x = tokens_in(model.cfg.vocab_size, 17, seed=2).to(DEVICE)

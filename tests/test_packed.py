@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from matryoshka_lm.core import quant
+from matryoshka_lm.core import precision, quant
 from matryoshka_lm.core.model import KVCache, MatryoshkaLM
 from matryoshka_lm.core.spec import uniform_spec
 from matryoshka_lm.infer import packed
@@ -19,7 +19,7 @@ CFG = dict(vocab_size=96, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head
 def model_with(group: int = 32, embeddings: bool = False, **kw) -> MatryoshkaLM:
     torch.manual_seed(0)
     model = MatryoshkaLM(tiny_config(**{**CFG, **kw})).eval()
-    model.quant = quant.QuantConfig(group_size=group, embeddings=embeddings)
+    model.precision.quant = quant.QuantConfig(group_size=group, embeddings=embeddings)
     return model
 
 
@@ -84,7 +84,7 @@ def test_per_row_scales():
 
 
 def test_unpackable_falls_back_to_dequantized():
-    """int6 (no kernel) and widths the kernel refuses read the dequantized weight: exactly for_bits' numerics."""
+    """int6 (no kernel) and widths the kernel refuses read the dequantized weight: exactly at_bits' numerics."""
     model = model_with()
     x = torch.randint(0, 96, (1, 8))
     cell = packed.packed_view(model, model.full, 6)
@@ -101,7 +101,7 @@ def test_quantized_checkpoint_codes():
     model = model_with()
     codes = quant.quantize_state(model.state_dict(), model.quant)
     model.load_state_dict(quant.dequantize_state(codes, model.quant, 8))
-    model.codes, model.native_bits = codes, 8
+    precision.attach_codes(model, codes, model.precision.quant, 8)
     x = torch.randint(0, 96, (1, 8))
     cell = packed.packed_view(model, model.full, 4, act_dtype=torch.float32)
     assert close(cell(x), model(x, model.full.at_bits(4))) < 1e-5

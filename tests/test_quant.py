@@ -109,7 +109,7 @@ def test_every_cell_runs_on_the_r_bit_weights(data):
     cfg = tiny_config()
     torch.manual_seed(0)
     model = MatryoshkaLM(cfg).eval()
-    model.quant = quant.QuantConfig(8)
+    model.precision.quant = quant.QuantConfig(8)
     spec = data.draw(submodel_specs(cfg))
     bits = data.draw(st.sampled_from([8, 4, 2]))
     ref = MatryoshkaLM(cfg).eval()
@@ -125,7 +125,7 @@ def test_every_cell_runs_on_the_r_bit_weights(data):
 def test_cells_follow_the_weights_when_they_change():
     torch.manual_seed(0)
     model = MatryoshkaLM(tiny_config()).eval()
-    model.quant = quant.QuantConfig(8)
+    model.precision.quant = quant.QuantConfig(8)
     x = torch.randint(0, 97, (1, 8))
     spec = parse_spec(model.cfg, "M@int4")
     before = model(x, spec)
@@ -146,7 +146,7 @@ def test_quantized_checkpoint_stores_int8_codes_and_serves_every_cell(fp_ckpt, t
     assert stored["layers.0.ffn.w_up.weight"].dtype == torch.int8
     assert stored["tok_emb.weight"].dtype == torch.float32  # embeddings stay fp32 unless asked
     fp, q = ck.load_model(fp_ckpt), ck.load_model(qdir)
-    fp.quant = q.quant
+    fp.precision.quant = q.precision.quant
     x = torch.randint(0, fp.cfg.vocab_size, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(q(x), fp(x, fp.full.at_bits(8)), rtol=0, atol=0)  # loads at int8
@@ -175,7 +175,7 @@ def test_quantization_aware_step_lowers_the_loss_at_every_bit_width():
     torch.manual_seed(0)
     cfg = tiny_config()
     model = MatryoshkaLM(cfg)
-    model.quant = quant.QuantConfig(8)
+    model.precision.quant = quant.QuantConfig(8)
     specs = [uniform_spec(cfg, n).at_bits(b) for b in (8, 4, 2) for n in ("XL", "S")]
     loss_fn = JointLoss(model, distill=0.0)
     x = torch.randint(0, cfg.vocab_size, (4, 16))

@@ -89,25 +89,14 @@ def _print_pieces(
     a: argparse.Namespace, model, engine, ids: list[int], spec, draft, sampling, stops: dict, size: str
 ) -> None:
     """Generate one size's continuation (plain or speculative, streamed or whole) and print it."""
-    from matryoshka_lm.infer.speculative import SpeculativeStats, speculative_decode, speculative_stream
+    from matryoshka_lm.infer.request import request
+    from matryoshka_lm.infer.speculative import Speculation, SpeculativeStats
 
+    # one Request, plain or speculative, streamed or whole: the engine's one generation path
+    plan = None if draft is None else Speculation(draft, gamma=a.gamma)
+    req = request([ids], spec, a.max_new_tokens, sampling, speculation=plan, **stops)
     stats = SpeculativeStats()
-    pieces: Iterable[str]
-    if draft is None:
-        pieces = (
-            engine.stream(ids, spec, a.max_new_tokens, sampling, **stops)
-            if a.stream
-            else [engine.generate([ids], spec, a.max_new_tokens, sampling, **stops)[0].text]
-        )
-    elif a.stream:
-        pieces = speculative_stream(
-            model, ids, spec, draft, a.max_new_tokens, sampling, engine=engine, stats=stats, gamma=a.gamma, **stops
-        )
-    else:
-        done, stats = speculative_decode(
-            model, ids, spec, draft, a.max_new_tokens, sampling, gamma=a.gamma, engine=engine, **stops
-        )
-        pieces = [done.text]
+    pieces: Iterable[str] = engine.stream_request(req, stats) if a.stream else [engine.run(req, stats)[0].text]
     for piece in pieces:
         print(piece, end="", flush=True)
     print()

@@ -46,7 +46,7 @@ import torch
 
 from matryoshka_lm.config import ModelConfig
 from matryoshka_lm.core import checkpoint as ck
-from matryoshka_lm.core import quant
+from matryoshka_lm.core import precision, quant
 from matryoshka_lm.core.nested import CODE_BITS, slice_views, submodel_config, top_bits
 from matryoshka_lm.core.spec import SubmodelSpec, format_spec, parse_spec, size_names
 from matryoshka_lm.data import EOT
@@ -126,7 +126,7 @@ def quantized_tensor(codes: torch.Tensor, scales: torch.Tensor, bits: int, store
 
     if not torch.equal(scales.float().half().float(), scales.float()):
         raise MatryoshkaError("quantization scales are not fp16 values; GGUF blocks store fp16 scales")
-    top = top_bits(codes, CODE_BITS - stored + bits)  # as quant.dequantize reads them
+    top = top_bits(codes, bits, stored)  # as quant.dequantize reads them
     if bits == 8:
         return q8_0_blocks(top, scales), GGMLQuantizationType.Q8_0
     return q4_1_blocks(top, scales), GGMLQuantizationType.Q4_1
@@ -200,14 +200,13 @@ def gguf_tensors(
     cfg = model.cfg
     sliced = slice_views(model.state_dict(), cfg, spec.shape)
     if bits is None:
-        state, scales = sliced, {}
+        state, scales, stored = sliced, {}, CODE_BITS
     else:
         _check_blocks(sliced, model.quant, model.codes is not None)
-        codes = model.codes if model.codes is not None else quant.quantize_state(model.state_dict(), model.quant)
+        codes, stored = precision.codes_of(model)
         qstate = quant.slice_qstate(codes, cfg, spec.shape)
         state = {k: v for k, v in qstate.items() if not k.endswith(quant.SCALE)}
         scales = {k.removesuffix(quant.SCALE): v for k, v in qstate.items() if k.endswith(quant.SCALE)}
-    stored = model.code_bits if model.codes is not None else CODE_BITS
     out = []
     for name, w in state.items():
         perm = _rope_rows(name, sub)
@@ -347,7 +346,7 @@ def export_gguf(
     sub = _uniform_config(cfg, spec, size)
     model = ck.load_model(ckpt)
     if model.codes is None and tcfg is not None:  # round-to-nearest in the groups its cells were trained with
-        model.quant = quant.QuantConfig(group_size=tcfg.quant_group)
+        model.precision.quant = quant.QuantConfig(group_size=tcfg.quant_group)
     if bits is None:
         bits = model.native_bits  # a quantized checkpoint exports its own codes
         _check_bits(bits)

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from matryoshka_lm.config import ModelConfig, TrainConfig, load_json
 from matryoshka_lm.errors import MatryoshkaError
 
-from . import quant
+from . import precision, quant
 from .model import MatryoshkaLM
 
 CONFIG, TOKENIZER, WEIGHTS, STATE = "config.json", "tokenizer.json", "model.safetensors", "trainer_state.safetensors"
@@ -125,12 +125,12 @@ def save_quantized(
 
 def load_model(ckpt: Path, device: str | torch.device = "cpu") -> MatryoshkaLM:
     """Build the model from config.json and load model.safetensors (strict: every key, every shape). A quantized
-    checkpoint loads at its stored bit width and keeps its codes for the narrower ones (MatryoshkaLM.for_bits)."""
+    checkpoint loads at its stored bit width and keeps its codes for the narrower ones (precision.at_bits)."""
     cfg, tcfg = read_config(ckpt)
     state = load_tensors(Path(ckpt) / WEIGHTS)
     model = MatryoshkaLM(cfg)
     if tcfg is not None:  # its cells quantize as its training did
-        model.quant = quant.QuantConfig(group_size=tcfg.quant_group)
+        model.precision.quant = quant.QuantConfig(group_size=tcfg.quant_group)
     q = read_quant(ckpt)
     if q is not None:
         qcfg, bits = q
@@ -141,10 +141,8 @@ def load_model(ckpt: Path, device: str | torch.device = "cpu") -> MatryoshkaLM:
                 raise MatryoshkaError(f"{Path(ckpt) / WEIGHTS}: {k} should hold int8 codes, not {state[k].dtype}")
         codes = {k: state[k] for k in expected}
         state = quant.dequantize_state(codes, qcfg, bits, bits)
-        model.native_bits, model.code_bits, model.codes, model.quant = bits, bits, codes, qcfg
+        precision.attach_codes(model, {k: v.to(device) for k, v in codes.items()}, qcfg, bits)
     load_state(model, state, Path(ckpt) / WEIGHTS)
-    if model.codes is not None:
-        model.codes = {k: v.to(device) for k, v in model.codes.items()}
     return model.to(device).eval()
 
 

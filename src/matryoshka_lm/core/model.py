@@ -15,9 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from matryoshka_lm.config import ModelConfig
-from matryoshka_lm.errors import MatryoshkaError
 
-from . import nested, quant
+from . import nested, precision
+from .precision import Precision
 from .spec import LayerSpec, SubmodelSpec, full_spec
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]
@@ -216,13 +216,7 @@ class MatryoshkaLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.full = full_spec(cfg)
-        # precision (core/quant.py): the loaded weights' bit width (None: full precision), how other widths are
-        # quantized, the stored int8 codes when loaded from a quantized checkpoint, and the r-bit models built
-        self.native_bits: int | None = None
-        self.quant = quant.QuantConfig()
-        self.codes: dict[str, torch.Tensor] | None = None
-        self.code_bits = nested.CODE_BITS  # the width of the stored codes (an extracted r-bit cell stores r)
-        self._bit_models: dict[int, tuple[tuple, MatryoshkaLM]] = {}
+        self.precision = Precision()  # how the weights are held; other bit widths: precision.at_bits
         if init:
             self.reset_parameters()
 
@@ -236,42 +230,17 @@ class MatryoshkaLM(nn.Module):
             else:
                 nn.init.normal_(p, std=std)
 
-    def head_weight(self) -> torch.Tensor:
-        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+    # read-through to the precision handler for callers not yet moved to model.precision (removed after the merge)
+    native_bits = property(lambda self: self.precision.native_bits)
+    quant = property(lambda self: self.precision.quant)
+    codes = property(lambda self: self.precision.codes)
+    code_bits = property(lambda self: self.precision.code_bits)
 
     def check_bits(self, bits: int | None) -> None:
-        """Whether this model can compute at `bits` (MatryoshkaError naming why not)."""
-        if bits is None or bits == self.native_bits:
-            return
-        quant.check_bits(bits)
-        if self.native_bits is not None and self.codes is None:
-            raise MatryoshkaError(f"this int{self.native_bits} model has no codes to compute at int{bits} from")
-        if self.codes is not None and bits > self.code_bits:
-            raise MatryoshkaError(f"the weights are stored at int{self.code_bits}: int{bits} is not available")
+        precision.check_bits(self, bits)
 
-    def for_bits(self, bits: int | None) -> MatryoshkaLM:
-        """The model that computes at `bits` (None or the loaded precision: this one). Others are derived from
-        the stored int8 codes (a quantized checkpoint) or by round-to-nearest from these weights, built once and
-        rebuilt when the weights change. They share the RoPE tables and hold dequantized fp32 weights."""
-        if bits is None or bits == self.native_bits:
-            return self
-        self.check_bits(bits)
-        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
-        hit = self._bit_models.get(bits)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        with torch.no_grad():
-            codes = self.codes if self.codes is not None else quant.quantize_state(self.state_dict(), self.quant)
-            state = quant.dequantize_state(
-                codes, self.quant, bits, self.code_bits if self.codes is not None else nested.CODE_BITS
-            )
-            with torch.device("meta"):
-                sib = MatryoshkaLM(self.cfg, rope=(self.rope_cos, self.rope_sin), init=False)
-            sib.load_state_dict({k: v.to(self.rope_cos.device) for k, v in state.items()}, assign=True)
-        sib.native_bits, sib.quant = bits, self.quant
-        sib.requires_grad_(False).train(self.training)
-        self._bit_models[bits] = (key, sib)
-        return sib
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
     def hidden_states(
         self,
@@ -294,8 +263,8 @@ class MatryoshkaLM(nn.Module):
         the final norm; `h` (B, T, C) with `first_layer` k resumes from such a state at layer k (idx unused).
         """
         spec = spec or self.full
-        if spec.bits is not None and spec.bits != self.native_bits:
-            sib = self.for_bits(spec.bits)
+        if spec.bits is not None and spec.bits != self.precision.native_bits:
+            sib = precision.at_bits(self, spec.bits)
             return sib.hidden_states(idx, spec.shape, cache, start, h=h, first_layer=first_layer, norm=norm)
         B, T = (idx if h is None else h).shape[:2]
         static = isinstance(start, torch.Tensor)
@@ -338,8 +307,8 @@ class MatryoshkaLM(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, V) of the submodel `spec` (at its bit width when it names one); `cache`/`start` for
         incremental decoding (see hidden_states)."""
-        if spec is not None and spec.bits is not None and spec.bits != self.native_bits:
-            return self.for_bits(spec.bits)(idx, spec.shape, cache, start)
+        if spec is not None and spec.bits is not None and spec.bits != self.precision.native_bits:
+            return precision.at_bits(self, spec.bits)(idx, spec.shape, cache, start)
         return self.logits(self.hidden_states(idx, spec, cache, start))
 
 

@@ -36,89 +36,27 @@ from typing import Any
 
 import torch
 
-from matryoshka_lm.core import nested
+from matryoshka_lm.core import precision
 from matryoshka_lm.core.model import KVCache, MatryoshkaLM
-from matryoshka_lm.core.nested import submodel_config
 from matryoshka_lm.core.spec import SubmodelSpec, validate_spec
 from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.infer.packed import cell_codes, packed_view
+from matryoshka_lm.infer.packed import packed_view
 from matryoshka_lm.infer.sampling import GREEDY, Sampling, sample
 from matryoshka_lm.infer.stops import Completion, Decode, StopRow, stream_rows
 
+from .forward import (  # noqa: F401 (the decoder's passes, re-exported)
+    decode_one_token,
+    exit_state,
+    exit_step,
+    forward_chunk,
+    left_padded,
+    prefill,
+    resume_chunk,
+    view_model,
+)
+from .request import Request, Stops, request
+
 log = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------- the forward passes a decoder needs
-
-
-def prefill(model: MatryoshkaLM, idx: torch.Tensor, spec: SubmodelSpec, cache: KVCache) -> torch.Tensor:
-    """Run prompts (B, P) through `spec`, filling cache slots 0..P; logits (B, V) of the last slot only."""
-    h = model.hidden_states(idx, spec, cache, 0)[:, -1:]
-    return nested.linear(h, model.head_weight(), model.cfg.vocab_size)[:, -1]
-
-
-def decode_one_token(
-    model: MatryoshkaLM, tok: torch.Tensor, spec: SubmodelSpec | None, cache: KVCache, slot: int | torch.Tensor
-) -> torch.Tensor:
-    """One step for the whole batch: tokens (B,) into cache slot `slot` (an int, or a tensor (1,) for the
-    static shapes of compiled decoding: MatryoshkaLM.hidden_states); next-token logits (B, V)."""
-    return model(tok.view(-1, 1), spec, cache, slot)[:, -1]
-
-
-def forward_chunk(
-    model: MatryoshkaLM, idx: torch.Tensor, spec: SubmodelSpec | None, cache: KVCache, start: int | torch.Tensor
-) -> torch.Tensor:
-    """Tokens (B, T) into slots start..start+T after a cached prefix; logits (B, T, V) (speculative verify)."""
-    return model(idx, spec, cache, start)
-
-
-def exit_state(
-    model: MatryoshkaLM, tok: torch.Tensor, draft: SubmodelSpec, cache: KVCache, slot: int | torch.Tensor
-) -> torch.Tensor:
-    """Early exit: token (1,) through the draft's layers (the target's first k) into the target's cache; the
-    residual stream after layer k (1, 1, C), before the final norm (drafts.EarlyExitDraft)."""
-    return model.hidden_states(tok.view(1, 1), draft, cache, slot, norm=False)
-
-
-def exit_step(
-    model: MatryoshkaLM, tok: torch.Tensor, draft: SubmodelSpec, cache: KVCache, slot: int | torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """exit_state plus the draft's next-token logits (1, V) from the shared final norm and head."""
-    h = exit_state(model, tok, draft, cache, slot)
-    return h, model.logits(model.norm(h))[:, -1]
-
-
-def resume_chunk(
-    model: MatryoshkaLM, h: torch.Tensor, spec: SubmodelSpec, cache: KVCache, start: int | torch.Tensor, k: int
-) -> torch.Tensor:
-    """States (1, T, C) after layer k of tokens at slots start..start+T through layers k+1..L; logits (1, T, V)."""
-    return model.logits(model.hidden_states(None, spec, cache, start, h=h, first_layer=k))
-
-
-@torch.no_grad()
-def view_model(model: MatryoshkaLM, spec: SubmodelSpec) -> MatryoshkaLM:
-    """A standalone-shaped model of `spec` whose parameters are views of `model`'s: no weight is copied (built
-    uninitialised on the meta device, then the views are assigned), and each slice is taken once instead of at
-    every call. It shares the model's RoPE tables too. Nothing global is patched, so models may be built on
-    other threads meanwhile."""
-    with torch.device("meta"):  # thread-local
-        sub = MatryoshkaLM(submodel_config(model.cfg, spec), rope=(model.rope_cos, model.rope_sin), init=False)
-    views = nested.slice_views(dict(model.named_parameters()), model.cfg, spec)
-    sub.load_state_dict({k: v.detach() for k, v in views.items()}, assign=True)
-    sub.native_bits = model.native_bits  # a view computes at its model's precision (and only at that)
-    return sub.requires_grad_(False).eval()
-
-
-def left_padded(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Prompts as one (B, P) tensor, shorter ones left-padded with 0, and the pad slots of each row (B,)
-    (None when all have the same length)."""
-    lengths = [len(p) for p in prompts]
-    P = max(lengths)
-    idx = torch.zeros(len(prompts), P, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        idx[b, P - len(p) :] = torch.tensor(p)
-    pad = torch.tensor([P - n for n in lengths], device=device) if len(set(lengths)) > 1 else None
-    return idx.to(device), pad
-
 
 # ---------------------------------------------------------------- the engine
 
@@ -147,7 +85,7 @@ class Engine:
     (CUDA graphs) on CUDA. See BENCHMARKS.md for when it pays off on CPU."""
 
     def __init__(self, model: MatryoshkaLM, compile: bool = False, slice_once: bool = True, kernels: str | None = None):
-        """`kernels`: how cells with a bit width compute. None: on dequantized fp32 weights (MatryoshkaLM.for_bits);
+        """`kernels`: how cells with a bit width compute. None: on dequantized fp32 weights (precision.at_bits);
         "bf16": from packed codes with PyTorch's int4/int8 CPU kernels (fast; bf16 activations, ~1e-2 relative
         error); "fp32": from the codes, exactly (infer/packed.py)."""
         if kernels not in KERNELS:
@@ -175,13 +113,13 @@ class Engine:
 
     def runner(self, spec: SubmodelSpec) -> tuple[MatryoshkaLM, SubmodelSpec]:
         """The module that runs `spec` and the spec to pass it: the model at the spec's bit width
-        (MatryoshkaLM.for_bits) for its full size, else the size's view model of it (built on first use; views
+        (precision.at_bits) for its full size, else the size's view model of it (built on first use; views
         stay valid while the model's tensors are updated in place, so build a new Engine after replacing them).
         The spec returned names the bit width the module computes at, so compiled graphs are per cell."""
         bits = spec.bits if spec.bits is not None else self.model.native_bits
         if self.kernels is not None and bits is not None and self.device.type == "cpu":
             return self._packed(spec, bits)
-        base = self.model.for_bits(spec.bits)
+        base = precision.at_bits(self.model, spec.bits)
         full = base.full.at_bits(base.native_bits)
         if (spec.width, spec.layers) == (full.width, full.layers):
             return base, full
@@ -197,7 +135,7 @@ class Engine:
         sub = self._views.get(spec.at_bits(bits))
         if sub is None:
             if self._codes is None:
-                self._codes = cell_codes(self.model)[0]
+                self._codes = precision.codes_of(self.model)[0]
             act = torch.bfloat16 if self.kernels == "bf16" else torch.float32
             sub = self._views[spec.at_bits(bits)] = packed_view(self.model, spec, bits, act, codes=self._codes)
         return sub, sub.full.at_bits(bits)
@@ -364,6 +302,29 @@ class Engine:
             if i + 1 < n_new:
                 logits = self.decode_step(model, tok, spec, cache, start + i)
 
+    # ---- the one generation path: a Request in, completions or a stream out
+
+    def rounds(self, req: Request, stats: Any = None) -> Iterator[list[list[int]]]:
+        """What each step (plain) or round (speculative) adds to every row: a list of new token ids per row."""
+        if req.speculation is not None:
+            yield from ([toks] for toks in req.speculation.rounds(self, req, stats))
+            return
+        yield from (
+            [[t] for t in tok.tolist()]
+            for tok in self.token_steps(req.prompts, req.spec, req.max_new_tokens, req.sampling)
+        )
+
+    def run(self, req: Request, stats: Any = None) -> list[Completion]:
+        """Every row's completion (`stats`: a speculative run's acceptance statistics, filled in)."""
+        return complete(self.rounds(req, stats), req.stops.rows(len(req.prompts)))
+
+    def stream_request(self, req: Request, stats: Any = None) -> Iterator[int | str]:
+        """One prompt's new token ids, or, with a decode function, pieces of text (which join to the completion's
+        text: a piece that might begin a stop string waits until the next token decides)."""
+        if len(req.prompts) != 1:
+            raise MatryoshkaError(f"a stream takes one prompt, got {len(req.prompts)}")
+        yield from stream_rows((new[0] for new in self.rounds(req, stats)), req.stops.rows(1)[0])
+
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
@@ -374,19 +335,9 @@ class Engine:
         stop_strings: Sequence[str] = (),
         decode: Decode | None = None,
     ) -> list[Completion]:
-        """Continue every prompt (token ids) with the submodel `spec`.
-
-        Args:
-            prompts: one list of token ids per row; lengths may differ (left-padded internally).
-            spec: the size; None = the full model.
-            max_new_tokens: per row; fewer when the context (max_seq_len) fills first.
-            sampling: temperature / top_k / top_p / seed.
-            stop_tokens: a row stops at any of these (not included in its tokens).
-            stop_strings: a row stops when its text contains one (cut before it); needs `decode`.
-            decode: token ids -> text, e.g. a tokenizer's decode.
-        """
-        rows = self.stop_rows(len(prompts), stop_tokens, stop_strings, decode)
-        return complete(self.token_steps(prompts, spec, max_new_tokens, sampling), rows)
+        """Continue every prompt (token ids; lengths may differ) with the submodel `spec` (None = the full model):
+        `run` of the Request these arguments make (infer/request.py says what each means)."""
+        return self.run(request(prompts, spec, max_new_tokens, sampling, stop_tokens, stop_strings, decode))
 
     def stream(
         self,
@@ -398,26 +349,26 @@ class Engine:
         stop_strings: Sequence[str] = (),
         decode: Decode | None = None,
     ) -> Iterator[int | str]:
-        """Yield new token ids one at a time, or, given `decode`, pieces of text (which join to the completion's
-        text: a piece that might begin a stop string waits until the next token decides)."""
-        steps = (t.tolist() for t in self.token_steps([prompt], spec, max_new_tokens, sampling))
-        yield from stream_rows(steps, self.stop_rows(1, stop_tokens, stop_strings, decode)[0])
+        """`stream_request` of the Request these arguments make."""
+        yield from self.stream_request(
+            request([prompt], spec, max_new_tokens, sampling, stop_tokens, stop_strings, decode)
+        )
 
     def stop_rows(
         self, n: int, stop_tokens: Sequence[int], stop_strings: Sequence[str], decode: Decode | None
     ) -> list[StopRow]:
         """The stop state of n output rows; stop strings need `decode`."""
-        stop_strings = tuple(s for s in stop_strings if s)
-        if stop_strings and decode is None:
-            raise MatryoshkaError("stop strings need a decode function (token ids -> text)")
-        return [StopRow(frozenset(int(t) for t in stop_tokens), stop_strings, decode) for _ in range(n)]
+        return Stops(tuple(stop_tokens), tuple(stop_strings), decode).rows(n)
 
 
-def complete(steps: Iterator[torch.Tensor], rows: list[StopRow]) -> list[Completion]:
-    """Feed token steps (B,) to the stop state of each row until every row is done (or the steps end)."""
-    for tok in steps:
-        for row, t in zip(rows, tok.tolist()):
-            row.add(t)
+def complete(steps: Iterator[list[list[int]]], rows: list[StopRow]) -> list[Completion]:
+    """Feed what each step adds to every row to the row's stop state until every row is done (or the steps end)."""
+    for new in steps:
+        for row, toks in zip(rows, new):
+            for t in toks:
+                if row.done:
+                    break
+                row.add(t)
         if all(r.done for r in rows):
             break
     return [r.completion() for r in rows]

@@ -1,6 +1,6 @@
 """Cells (size x bits) that compute from their quantized codes with PyTorch's own CPU kernels.
 
-`MatryoshkaLM.for_bits` dequantizes a cell into fp32 weights: the r-bit model reads as many bytes per token as
+`precision.at_bits` dequantizes a cell into fp32 weights: the r-bit model reads as many bytes per token as
 fp32. Here each Linear of a cell's standalone-shaped view model (engine.view_model) is replaced by a module that
 keeps the codes packed and multiplies with a weight-only-quantized kernel (act_dtype bfloat16, the default):
 
@@ -11,7 +11,7 @@ keeps the codes packed and multiplies with a weight-only-quantized kernel (act_d
   int8, groups of 32   the int8 code q = 16 hi + lo (hi = its top 4 bits, the int4 cell's code; lo = q & 15), so
                        s q = [16 s hi + 7.5 s] + [s (lo - 8) + 0.5 s]: two int4 kernels, 8 bits read in all.
   int8, one scale/row  torch._weight_int8pack_mm (it takes one scale per output row only).
-  int5..7, or shapes the kernels refuse (N % 16, K % group): the dequantized fp32 weight (for_bits' numerics).
+  int5..7, or shapes the kernels refuse (N % 16, K % group): the dequantized fp32 weight (precision.at_bits' numerics).
 
 The kernels have a vectorised (AVX-512) path for bf16 activations only; with fp32 activations they are exact but
 several times slower than an fp32 matmul (BENCHMARKS.md, quant-speed). `act_dtype` picks: bf16 (the kernels,
@@ -28,9 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from matryoshka_lm.core import nested, quant
+from matryoshka_lm.core import nested, precision, quant
 from matryoshka_lm.core.model import Linear, MatryoshkaLM
 from matryoshka_lm.core.nested import submodel_config
+from matryoshka_lm.core.precision import Precision
 from matryoshka_lm.core.spec import SubmodelSpec
 from matryoshka_lm.errors import MatryoshkaError
 
@@ -194,16 +195,6 @@ class PackedLM(MatryoshkaLM):
         return self.head(self.hidden_states(idx, spec, cache, start), self.cfg.vocab_size)
 
 
-def cell_codes(model: MatryoshkaLM) -> tuple[dict[str, torch.Tensor], int]:
-    """The model's int8 codes (a quantized checkpoint's, else round-to-nearest of its weights) and their width."""
-    if model.codes is not None:
-        return model.codes, model.code_bits
-    if model.native_bits is not None:
-        raise MatryoshkaError(f"an int{model.native_bits} model without its codes cannot be packed")
-    with torch.no_grad():
-        return quant.quantize_state(model.state_dict(), model.quant), nested.CODE_BITS
-
-
 @torch.no_grad()
 def packed_view(
     model: MatryoshkaLM,
@@ -215,19 +206,19 @@ def packed_view(
     """The cell (spec's shape, `bits`) as a standalone-shaped model computing from packed codes. Its logits match
     model(x, spec.at_bits(bits)): to float rounding with act_dtype=float32 (GroupedLinear), to bf16 rounding with
     bfloat16 (the int4/int8 kernels).
-    `codes`: the model's quantized state when the caller already has it (cell_codes), to build many cells."""
+    `codes`: the model's quantized state when the caller already has it (precision.codes_of), to build many cells."""
     quant.check_bits(bits)
     qcfg = model.quant
     stored = model.code_bits if model.codes is not None else nested.CODE_BITS
     if codes is None:
-        codes, stored = cell_codes(model)
+        codes, stored = precision.codes_of(model)
     if bits > stored:
         raise MatryoshkaError(f"weights stored at int{stored} cannot compute at int{bits}")
     shape = spec.shape
     sliced = quant.slice_qstate(codes, model.cfg, shape)
     with torch.device("meta"):
         sub = PackedLM(submodel_config(model.cfg, shape), rope=(model.rope_cos, model.rope_sin), init=False)
-    dense = quant.dequantize_state(sliced, qcfg, bits, stored)  # norms as they are; embeddings as for_bits reads them
+    dense = quant.dequantize_state(sliced, qcfg, bits, stored)  # norms as they are; embeddings as at_bits reads them
     dev = model.rope_cos.device
     sub.load_state_dict({k: v.to(dev) for k, v in dense.items()}, assign=True)
     for name, mod in list(sub.named_modules()):
@@ -240,5 +231,5 @@ def packed_view(
     if head + quant.SCALE in sliced:
         sub.head = packed_linear(sliced[head], sliced[head + quant.SCALE], qcfg.group_size, bits, act_dtype, stored)
         sub.head.to(dev)
-    sub.native_bits, sub.quant = bits, qcfg
+    sub.precision = Precision(native_bits=bits, quant=qcfg)
     return sub.requires_grad_(False).eval()

@@ -79,7 +79,7 @@ def routed_generate(
     """Engine.generate for one prompt at the size the router picks: (where it went, its completion)."""
     rows = engine.stop_rows(1, stop_tokens, stop_strings, decode)  # checked before the model runs
     decision, steps = routed_steps(engine, router, prompt, max_new_tokens, sampling, tolerance, budget, kind)
-    return decision, complete(steps, rows)[0]
+    return decision, complete(([[t] for t in tok.tolist()] for tok in steps), rows)[0]
 
 
 def routed_stream(

@@ -33,11 +33,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from matryoshka_lm.config import ModelConfig, load_json
 from matryoshka_lm.core.checkpoint import load_tensors, save_tensors, write_json
 from matryoshka_lm.core.model import KVCache, MatryoshkaLM
+from matryoshka_lm.core.scoring import log_probs, token_logprobs
 from matryoshka_lm.core.spec import SubmodelSpec, flops_per_token, full_spec, parse_spec
 from matryoshka_lm.errors import MatryoshkaError
 
@@ -54,11 +54,11 @@ def feature_names(width: int) -> list[str]:
 
 def prompt_features(ids: torch.Tensor, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """Features of one prompt from the small size's prefill: ids (P,), logits (P, V), hidden (P, C) -> (3 + C,)."""
-    logp = F.log_softmax(logits.float(), dim=-1)
+    logp = log_probs(logits)
     last = logp[-1]
     entropy = -(last.exp() * last).sum()
     if ids.numel() > 1:  # position t predicts token t+1; a one-token prompt has no NLL of its own
-        nll = -logp[:-1].gather(-1, ids[1:, None].long()).mean()
+        nll = -token_logprobs(None, ids[1:], logp[:-1]).mean()
     else:
         nll = torch.zeros((), dtype=logp.dtype, device=logp.device)
     scalars = torch.stack([entropy, nll, torch.tensor(math.log(ids.numel()), dtype=logp.dtype, device=logp.device)])

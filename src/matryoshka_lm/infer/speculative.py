@@ -32,6 +32,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -50,8 +51,9 @@ from .drafts import (  # noqa: F401 (re-exported)
     shared_cache,
 )
 from .engine import Engine
+from .request import Request, request
 from .sampling import GREEDY, Sampling
-from .stops import Completion, Decode, stream_rows
+from .stops import Completion, Decode
 
 
 class Draft(Protocol):
@@ -154,6 +156,37 @@ def speculative_steps(
         yield from _rounds(drafter, idx, n_new, L, sampling, gamma, adaptive, max_gamma, draft_cost, stats)
 
 
+@dataclass(frozen=True)
+class Speculation:
+    """Decode a Request speculatively with the smaller `draft` (Engine.run / stream_request; module doc)."""
+
+    draft: SubmodelSpec
+    gamma: int = 4  # draft tokens per round (the first round's, when adaptive)
+    adaptive: bool = True  # re-pick γ in 1..max_gamma each round from the acceptance rate and the draft's cost
+    max_gamma: int = 8
+    share_cache: bool = False  # the draft reads the target's KV cache (MatFormer) instead of its own
+    draft_cost: float | None = None  # a draft step / a verify pass; None: measured when greedy, else param ratio
+    reuse: bool = True  # an early-exit draft (the target's first k layers) reuses its cache and states
+
+    def rounds(self, engine: Engine, req: Request, stats: SpeculativeStats | None) -> Iterator[list[int]]:
+        return speculative_steps(
+            engine.model,
+            req.prompts[0],
+            req.spec,
+            self.draft,
+            req.max_new_tokens,
+            req.sampling,
+            self.gamma,
+            self.adaptive,
+            self.max_gamma,
+            self.share_cache,
+            self.draft_cost,
+            stats,
+            engine,
+            self.reuse,
+        )
+
+
 def speculative_decode(
     model: MatryoshkaLM,
     prompt: Sequence[int],
@@ -172,45 +205,14 @@ def speculative_decode(
     engine: Engine | None = None,
     reuse: bool = True,
 ) -> tuple[Completion, SpeculativeStats]:
-    """Continue `prompt` with the target spec's distribution, drafting with the smaller `draft` spec.
-
-    Args:
-        model: the nested model; target and draft are two of its sizes (None = the full model).
-        gamma: draft tokens per round (the first round's, when adaptive).
-        adaptive: re-pick γ in 1..max_gamma each round from the acceptance rate and the draft's relative cost.
-        share_cache: the draft reads the target's KV cache (MatFormer) instead of its own.
-        draft_cost: cost of a draft step / a verify pass for adaptive γ; None = measured when greedy, the
-            parameter ratio when sampling (see the module doc).
-        stop_tokens, stop_strings, decode: as in Engine.generate.
-        reuse: an early-exit draft (the target's first k layers) reuses its cache and states in verification.
-    Returns the completion and acceptance statistics.
-    """
+    """Continue `prompt` with the target spec's distribution (None = the full model), drafting with the smaller
+    `draft` spec: Engine.run of that Request (Speculation says what each option does). Returns the completion
+    and the acceptance statistics."""
     engine = engine or Engine(model)
-    row = engine.stop_rows(1, stop_tokens, stop_strings, decode)[0]
+    plan = Speculation(draft, gamma, adaptive, max_gamma, share_cache, draft_cost, reuse)
     stats = SpeculativeStats()
-    for toks in speculative_steps(
-        model,
-        prompt,
-        target,
-        draft,
-        max_new_tokens,
-        sampling,
-        gamma,
-        adaptive,
-        max_gamma,
-        share_cache,
-        draft_cost,
-        stats,
-        engine,
-        reuse,
-    ):
-        for t in toks:
-            row.add(t)
-            if row.done:
-                break
-        if row.done:
-            break
-    return row.completion(), stats
+    req = request([prompt], target, max_new_tokens, sampling, stop_tokens, stop_strings, decode, plan)
+    return engine.run(req, stats)[0], stats
 
 
 def speculative_stream(
@@ -227,8 +229,10 @@ def speculative_stream(
     stats: SpeculativeStats | None = None,
     **kw,
 ) -> Iterator[int | str]:
-    """Like Engine.stream, with speculative decoding: ids or text pieces as each round is verified."""
+    """Like Engine.stream, with speculative decoding: ids or text pieces as each round is verified (`kw`: the
+    Speculation's options)."""
     engine = engine or Engine(model)
-    row = engine.stop_rows(1, stop_tokens, stop_strings, decode)[0]
-    steps = speculative_steps(model, prompt, target, draft, max_new_tokens, sampling, stats=stats, engine=engine, **kw)
-    yield from stream_rows(steps, row)
+    req = request(
+        [prompt], target, max_new_tokens, sampling, stop_tokens, stop_strings, decode, Speculation(draft, **kw)
+    )
+    yield from engine.stream_request(req, stats)

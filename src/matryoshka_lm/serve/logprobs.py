@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from matryoshka_lm.core.scoring import log_probs, token_logprobs
 from matryoshka_lm.core.spec import SubmodelSpec
 from matryoshka_lm.infer.engine import Engine
 
@@ -36,9 +36,9 @@ def score(engine: Engine, spec: SubmodelSpec, ids: Sequence[int], top: int) -> S
     """One forward of `ids` at `spec` (a cell runs at its bits): the logprob of every token after the first."""
     model, run_spec = engine.runner(engine.check_spec(spec))
     x = torch.tensor([list(ids)], device=engine.device)
-    logp = F.log_softmax(model(x, run_spec)[0, :-1].float(), dim=-1)  # position j-1 predicts token j
+    logp = log_probs(model(x, run_spec)[0, :-1])  # position j-1 predicts token j
     target = x[0, 1:]
-    chosen = logp.gather(1, target[:, None])[:, 0]
+    chosen = token_logprobs(None, target, logp)
     best = logp.topk(top, dim=-1) if top else None
     alts = []
     for j in range(len(ids) - 1):

@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from matryoshka_lm.config import ModelConfig
 from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.quant import QuantConfig, weight_bytes
+from matryoshka_lm.core.scoring import log_probs, token_logprobs
 from matryoshka_lm.core.spec import SubmodelSpec, count_params, flops_per_token
 from matryoshka_lm.data import eval_batches
 from matryoshka_lm.plots import figure
@@ -38,13 +38,13 @@ def evaluate_specs(
     tokens = 0
     for x, y in eval_batches(val, batch, seq_len, n_batches):
         x, y = x.to(device), y.to(device)
-        ref_logp = F.log_softmax(ref_model(x, ref_spec).float(), -1)
+        ref_logp = log_probs(ref_model(x, ref_spec))
         ref_top = ref_logp.argmax(-1)
         n = y.numel()
         tokens += n
         for name, spec in specs.items():
-            logp = F.log_softmax(model(x, spec).float(), -1)
-            sums[name]["loss"] += F.nll_loss(logp.flatten(0, 1), y.flatten(), reduction="sum").item()
+            logp = log_probs(model(x, spec))
+            sums[name]["loss"] -= token_logprobs(None, y, logp).sum().item()
             sums[name]["agree"] += (logp.argmax(-1) == ref_top).sum().item()
             sums[name]["kl"] += (ref_logp.exp() * (ref_logp - logp)).sum().item()
     return {n: {k: v / tokens for k, v in s.items()} for n, s in sums.items()}

@@ -216,7 +216,7 @@ def prepare(
     check_batch_split(tcfg, d)
     torch.manual_seed(tcfg.seed)
     model = MatryoshkaLM(model_cfg)
-    model.quant = quant.QuantConfig(tcfg.quant_group)  # how its cells are quantized, in training and evaluation
+    model.precision.quant = quant.QuantConfig(tcfg.quant_group)  # how its cells quantize, in training and eval
     if init is not None and not resume:
         ck.load_state(model, ck.load_tensors(Path(init) / ck.WEIGHTS), Path(init) / ck.WEIGHTS)
     model.to(device)
