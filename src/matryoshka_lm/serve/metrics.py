@@ -126,3 +126,8 @@ class MetricsMiddleware:
             if status[0] >= 400 or state.get("failed"):
                 self.metrics.errors.labels(endpoint, size, code).inc()
             self.metrics.latency.labels(endpoint, size).observe(time.perf_counter() - t0)
+
+
+def note_size(request: Any, spec: SubmodelSpec) -> None:
+    """Tell MetricsMiddleware the size that serves this request (request.state.size)."""
+    request.state.size = size_label(spec)
