@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import PlainTextResponse, Response
@@ -42,10 +42,10 @@ from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.errors import MatryoshkaError
 
 from .batcher import BatcherClosed
-from .body import parse_body
+from .body import B, parse_body
 from .errors import APIError, shutting_down, validation_error
 from .metrics import MetricsMiddleware, note_size
-from .openapi import GENERATION_ERRORS, errors, json_body, openapi
+from .openapi import GENERATION_ERRORS, json_body, openapi, responses
 from .page import add_page_routes
 from .protocol import (
     CHAT_STOPS,
@@ -117,8 +117,10 @@ def create_app(
     if ":" in name:
         raise MatryoshkaError(f"model name {name!r} may not contain ':'")
     state = State(model, tokenizer, name, embedder, api_key, **options)
-    models = Models(state, router, bits)
+    return _build_app(state, Models(state, router, bits), allowed_hosts, cors_origins)
 
+
+def _build_app(state: State, served: Models, allowed_hosts: Iterable[str], cors_origins: Iterable[str]) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.batcher.start()
@@ -126,7 +128,9 @@ def create_app(
         state.batcher.close()
 
     app = FastAPI(title="matryoshka-lm", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.server = state
+    app.state.server, app.state.models = state, served
+    app.state.completion, app.state.chat = ServingCompletion(state, served), ServingChat(state, served)
+    app.state.embedding = ServingEmbedding(state, served)
     # last added runs first: metrics count every answer, then the Host check, then CORS (so even a preflight
     # needs an allowed Host)
     cors_origins = list(cors_origins)
@@ -141,7 +145,8 @@ def create_app(
     app.add_middleware(HostCheckMiddleware, allowed_hosts=allowed_hosts)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     _add_error_handlers(app)
-    _add_routes(app, state, models)
+    app.include_router(router)
+    app.openapi = lambda: openapi(app)
     add_page_routes(app)
     return app
 
@@ -232,86 +237,92 @@ def _add_error_handlers(app: FastAPI) -> None:
         return APIError(500, "Internal server error.", None, "internal_error", "server_error").response()
 
 
-# ---------------------------------------------------------------- routes
+# ---------------------------------------------------------------- routes (the handlers live on app.state)
+
+router = APIRouter()
 
 
-def _add_routes(app: FastAPI, state: State, models: Models) -> None:
-    app.openapi = lambda: openapi(app)
-    completion, chat, embedding = (
-        ServingCompletion(state, models),
-        ServingChat(state, models),
-        ServingEmbedding(state, models),
-    )
-    limit = state.max_body_bytes
-
-    def authorized(request: Request) -> None:
-        if state.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
-            raise APIError(
-                401, "Missing or incorrect API key: send 'Authorization: Bearer <key>'.", None, "invalid_api_key"
-            )
-
-    auth = [Depends(authorized)]
-    post = [Depends(authorized), Depends(require_json)]  # the key first: a stranger learns nothing else
-
-    @app.get("/health", responses=errors(400))
-    async def health() -> Health:
-        b = state.batcher
-        return Health(
-            status="ok", model=state.name, sizes=state.sizes, waiting=b.waiting, batches_in_flight=b.in_flight
+def authorized(request: Request) -> None:
+    key = request.app.state.server.api_key
+    if key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise APIError(
+            401, "Missing or incorrect API key: send 'Authorization: Bearer <key>'.", None, "invalid_api_key"
         )
 
-    @app.get(
-        "/metrics",
-        dependencies=auth,
-        response_class=PlainTextResponse,
-        responses={200: {"description": "Prometheus text format"}, **errors(400, 401)},
-    )
-    async def metrics() -> PlainTextResponse:
-        from prometheus_client import CONTENT_TYPE_LATEST
 
-        return PlainTextResponse(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+AUTH = [Depends(authorized)]
+POST = [Depends(authorized), Depends(require_json)]  # the key first: a stranger learns nothing else
 
-    @app.get("/v1/models", dependencies=auth, responses=errors(400, 401))
-    async def list_models() -> ModelList:
-        return models.listing()
 
-    @app.get("/v1/models/{model_id:path}", dependencies=auth, responses=errors(400, 401, 404))
-    async def model_card(model_id: str, request: Request) -> ModelCard:
-        target = models.resolve(model_id)
-        note_size(request, target.spec)
-        return models.card(target)
+@router.get("/health", responses=responses(400, ok=False))
+async def health(request: Request) -> Health:
+    state: State = request.app.state.server
+    b = state.batcher
+    return Health(status="ok", model=state.name, sizes=state.sizes, waiting=b.waiting, batches_in_flight=b.in_flight)
 
-    @app.post(
-        "/v1/completions",
-        dependencies=post,
-        response_model=Completion,
-        openapi_extra=json_body(app, CompletionRequest),
-        responses=errors(*GENERATION_ERRORS, stream=True),
-    )
-    async def completions(request: Request, response: Response) -> Any:
-        return await completion.create(await parse_body(request, CompletionRequest, limit), request, response)
 
-    @app.post(
-        "/v1/chat/completions",
-        dependencies=post,
-        response_model=ChatCompletion,
-        openapi_extra=json_body(app, ChatRequest),
-        responses=errors(*GENERATION_ERRORS, stream=True),
-    )
-    async def chat_completions(request: Request, response: Response) -> Any:
-        return await chat.create(await parse_body(request, ChatRequest, limit), request, response)
+@router.get(
+    "/metrics",
+    dependencies=AUTH,
+    response_class=PlainTextResponse,
+    responses={200: {"description": "Prometheus text format"}, **responses(400, 401, ok=False)},
+)
+async def metrics(request: Request) -> PlainTextResponse:
+    from prometheus_client import CONTENT_TYPE_LATEST
 
-    @app.post(
-        "/v1/embeddings",
-        dependencies=post,
-        openapi_extra=json_body(app, EmbeddingRequest),
-        responses=errors(400, 401, 404, 413, 415, 503),
-    )
-    async def embeddings(request: Request, response: Response) -> EmbeddingList:
-        return await embedding.create(await parse_body(request, EmbeddingRequest, limit), request, response)
+    return PlainTextResponse(request.app.state.server.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models", dependencies=AUTH, responses=responses(400, 401))
+async def models(request: Request) -> ModelList:
+    return request.app.state.models.listing()
+
+
+@router.get("/v1/models/{model_id:path}", dependencies=AUTH, responses=responses(400, 401, 404))
+async def model_card(model_id: str, request: Request) -> ModelCard:
+    served: Models = request.app.state.models
+    target = served.resolve(model_id)
+    note_size(request, target.spec)
+    return served.card(target)
+
+
+async def _body(request: Request, model: type[B]) -> B:
+    return await parse_body(request, model, request.app.state.server.max_body_bytes)
+
+
+@router.post(
+    "/v1/completions",
+    dependencies=POST,
+    response_model=Completion,
+    openapi_extra=json_body(CompletionRequest),
+    responses=responses(*GENERATION_ERRORS, stream=True),
+)
+async def completions(request: Request, response: Response) -> Any:  # a Completion, or a stream of chunks
+    return await request.app.state.completion.create(await _body(request, CompletionRequest), request, response)
+
+
+@router.post(
+    "/v1/chat/completions",
+    dependencies=POST,
+    response_model=ChatCompletion,
+    openapi_extra=json_body(ChatRequest),
+    responses=responses(*GENERATION_ERRORS, stream=True),
+)
+async def chat(request: Request, response: Response) -> Any:  # a ChatCompletion, or a stream of chunks
+    return await request.app.state.chat.create(await _body(request, ChatRequest), request, response)
+
+
+@router.post(
+    "/v1/embeddings",
+    dependencies=POST,
+    openapi_extra=json_body(EmbeddingRequest),
+    responses=responses(400, 401, 404, 413, 415, 503),
+)
+async def embeddings(request: Request, response: Response) -> EmbeddingList:
+    return await request.app.state.embedding.create(await _body(request, EmbeddingRequest), request, response)
 
 
 # ---------------------------------------------------------------- the CLI's entry

@@ -4,13 +4,15 @@ and the checks across fields (400s naming the field)."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from .errors import APIError, invalid, validation_error
 from .protocol import UNSUPPORTED, ChatRequest, CompletionRequest, GenerationRequest
+
+B = TypeVar("B", bound=BaseModel)
 
 
 def _reject_constant(name: str) -> Any:
@@ -45,7 +47,7 @@ def _json(raw: bytes) -> Any:
         raise APIError(400, "The request body nests too deeply.", None, "invalid_json") from None
 
 
-async def parse_body(request: Request, model: type[BaseModel], max_bytes: int) -> Any:
+async def parse_body(request: Request, model: type[B], max_bytes: int) -> B:
     """Read at most max_bytes (413 beyond), parse strict JSON (400), validate with `model` (400)."""
     obj = _json(await _read_body(request, max_bytes))
     try:

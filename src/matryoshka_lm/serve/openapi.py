@@ -23,21 +23,25 @@ ERRORS = {
 GENERATION_ERRORS = (400, 401, 404, 413, 415, 500, 503)
 
 
-def errors(*codes: int, stream: bool = False) -> dict[int | str, dict[str, Any]]:
-    """FastAPI `responses=`: the error codes a route really returns (and server-sent events when `stream`)."""
-    out: dict[int | str, dict[str, Any]] = {
-        code: {"model": ErrorResponse, "description": ERRORS[code]} for code in codes
-    }
+def responses(*codes: int, ok: bool = True, stream: bool = False) -> dict[int | str, dict[str, Any]]:
+    """FastAPI `responses=`: 200 (described "OK"; its body is the route's response model, or server-sent events
+    when `stream`), then the error codes the route really returns."""
+    out: dict[int | str, dict[str, Any]] = {200: {"description": "OK"}} if ok else {}
     if stream:
-        out[200] = {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
+        out[200]["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+    for code in codes:
+        out[code] = {"model": ErrorResponse, "description": ERRORS[code]}
     return out
 
 
-def json_body(app: FastAPI, model: type[BaseModel]) -> dict[str, Any]:
+SCHEMA_DEFS: dict[str, Any] = {}  # the request bodies' nested models (filled as app.py's routes are declared)
+
+
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
     """The OpenAPI requestBody of a route that parses its body itself (body.parse_body: size limit, strict JSON,
-    OpenAI-shaped errors): `model`'s JSON schema, its nested models added to the app's components (openapi)."""
+    OpenAI-shaped errors): `model`'s JSON schema, its nested models kept for every app's components (openapi)."""
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    app.state.schema_defs = {**getattr(app.state, "schema_defs", {}), **schema.pop("$defs", {})}
+    SCHEMA_DEFS.update(schema.pop("$defs", {}))
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
@@ -46,7 +50,7 @@ def openapi(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
         schemas = schema.setdefault("components", {}).setdefault("schemas", {})
-        schemas.update(getattr(app.state, "schema_defs", {}))
+        schemas.update(SCHEMA_DEFS)
         for ops in schema["paths"].values():  # errors are 400s here (validation_error), never FastAPI's 422
             for op in ops.values():
                 op.get("responses", {}).pop("422", None)

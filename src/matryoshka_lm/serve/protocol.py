@@ -116,13 +116,20 @@ class EmbeddingRequest(_Body):
 # ---------------------------------------------------------------- response bodies
 
 
-class _Sparse(BaseModel):
-    """A body whose OMIT fields are left out of the JSON when None: OpenAI omits them rather than sending null."""
+def _not_required(schema: dict[str, Any], cls: Any) -> None:
+    if "required" in schema:
+        schema["required"] = [name for name in schema["required"] if name not in cls.OMIT]
 
+
+class _Reply(BaseModel):
+    """A response body. Its OpenAPI schema (serialization mode) marks every field required, as every reply sends
+    them, except the OMIT fields: those are left out of the JSON when None, as OpenAI omits rather than nulls them."""
+
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True, json_schema_extra=_not_required)
     OMIT: ClassVar[tuple[str, ...]] = ()
 
     @model_serializer(mode="wrap")
-    def _omit_none(self, handler: Any) -> dict[str, Any]:
+    def _omit_none(self, handler):  # no return annotation: the schema stays the fields'
         out = handler(self)
         for name in self.OMIT:
             if out.get(name) is None:
@@ -130,51 +137,55 @@ class _Sparse(BaseModel):
         return out
 
 
-class ErrorDetail(BaseModel):
+class ErrorDetail(_Reply):
     message: str
     type: str
     param: str | None
     code: str | None
 
 
-class ErrorResponse(BaseModel):
+class ErrorResponse(_Reply):
     error: ErrorDetail
 
 
-class Usage(BaseModel):
+class Usage(_Reply):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
-class CompletionLogprobs(BaseModel):
+class CompletionLogprobs(_Reply):
     tokens: list[str]
     token_logprobs: list[float | None]  # null for an echoed prompt's first token
     top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(_Reply):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None  # "stop" | "length"; null in a stream's chunks before the last
 
 
-class Completion(_Sparse):
-    """A text completion, whole ("text_completion") or one streamed chunk of it (the same object)."""
-
-    OMIT = ("usage",)
+class Completion(_Reply):
     id: str
     object: str = "text_completion"
     created: int
     model: str  # NAME:SPEC that served it (auto: the size the router chose)
     system_fingerprint: str | None = None
     choices: list[CompletionChoice]
-    usage: Usage | None = None  # always in a whole reply; in a stream only the include_usage chunk has it
+    usage: Usage
 
 
-class TopLogprob(BaseModel):
+class CompletionChunk(Completion):
+    """One streamed piece of a completion: the same object, with usage only in the include_usage chunk."""
+
+    OMIT = ("usage",)
+    usage: Usage | None = None  # type: ignore[assignment]
+
+
+class TopLogprob(_Reply):
     token: str
     logprob: float
     bytes: list[int]
@@ -184,23 +195,23 @@ class TokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob]
 
 
-class ChatLogprobs(BaseModel):
+class ChatLogprobs(_Reply):
     content: list[TokenLogprob]
 
 
-class AssistantMessage(BaseModel):
+class AssistantMessage(_Reply):
     role: str = "assistant"
     content: str
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(_Reply):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
-class ChatCompletion(BaseModel):
+class ChatCompletion(_Reply):
     id: str
     object: str = "chat.completion"
     created: int
@@ -210,20 +221,20 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
-class ChatDelta(_Sparse):
+class ChatDelta(_Reply):
     OMIT = ("role", "content")
     role: str | None = None  # only in each choice's first chunk
     content: str | None = None
 
 
-class ChatChunkChoice(BaseModel):
+class ChatChunkChoice(_Reply):
     index: int
     delta: ChatDelta
     logprobs: None = None
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(_Sparse):
+class ChatCompletionChunk(_Reply):
     OMIT = ("usage",)
     id: str
     object: str = "chat.completion.chunk"
@@ -234,25 +245,25 @@ class ChatCompletionChunk(_Sparse):
     usage: Usage | None = None  # the include_usage chunk only
 
 
-class Embedding(BaseModel):
+class Embedding(_Reply):
     object: str = "embedding"
     index: int
     embedding: list[float] | str  # a base64 string of little-endian float32 with encoding_format "base64"
 
 
-class EmbeddingUsage(BaseModel):
+class EmbeddingUsage(_Reply):
     prompt_tokens: int
     total_tokens: int
 
 
-class EmbeddingList(BaseModel):
+class EmbeddingList(_Reply):
     object: str = "list"
     data: list[Embedding]
     model: str
     usage: EmbeddingUsage
 
 
-class ModelCard(BaseModel):
+class ModelCard(_Reply):
     id: str
     object: str = "model"
     created: int
@@ -265,21 +276,23 @@ class ModelCard(BaseModel):
     description: str | None = None  # NAME:auto only
     router: dict[str, Any] | None = None  # NAME:auto only (null there: no router)
 
+    OMIT = ("description", "router")
+
     @model_serializer(mode="wrap")
-    def _auto_only(self, handler: Any) -> dict[str, Any]:
+    def _omit_none(self, handler):  # router is null on NAME:auto without a router: keyed on description
         out = handler(self)
-        if self.description is None:  # not NAME:auto: neither field is sent
+        if self.description is None:
             out.pop("description", None)
             out.pop("router", None)
         return out
 
 
-class ModelList(BaseModel):
+class ModelList(_Reply):
     object: str = "list"
     data: list[ModelCard]
 
 
-class Health(BaseModel):
+class Health(_Reply):
     status: str  # "ok"
     model: str
     sizes: list[str]

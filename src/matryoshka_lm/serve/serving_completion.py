@@ -10,7 +10,7 @@ from .batcher import Event
 from .inputs import prompt_ids
 from .logprobs import legacy_logprobs
 from .metrics import note_size
-from .protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
+from .protocol import Completion, CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest
 from .serving import Choices, Job, ServingGeneration
 
 DEFAULT_MAX_TOKENS = 16  # as OpenAI's
@@ -57,11 +57,11 @@ class ServingCompletion(ServingGeneration):
             id=job.id, created=job.created, model=job.target.id, choices=choices, usage=out.usage(job.prompt_tokens)
         )
 
-    def chunk(self, job: Job, out: Choices, ev: Event) -> Completion:
+    def chunk(self, job: Job, out: Choices, ev: Event) -> CompletionChunk:
         choice = CompletionChoice(index=ev.index, text=ev.text or "", finish_reason=ev.finish_reason)
-        return Completion(id=job.id, created=job.created, model=job.target.id, choices=[choice])
+        return CompletionChunk(id=job.id, created=job.created, model=job.target.id, choices=[choice])
 
-    def usage_chunk(self, job: Job, out: Choices) -> Completion:
-        return Completion(
+    def usage_chunk(self, job: Job, out: Choices) -> CompletionChunk:
+        return CompletionChunk(
             id=job.id, created=job.created, model=job.target.id, choices=[], usage=out.usage(job.prompt_tokens)
         )
