@@ -66,7 +66,6 @@ async def parse_body(request: Request, model: type[B], max_bytes: int) -> B:
 
 def _check_scoring(body: Any) -> None:
     """echo / logprobs / top_logprobs: consistent with each other and with max_tokens and stream."""
-
     if isinstance(body, CompletionRequest):
         if body.max_tokens == 0 and not body.echo:
             raise invalid("max_tokens", "0 generates nothing; it is only allowed with 'echo': true (score the prompt)")

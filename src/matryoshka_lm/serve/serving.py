@@ -48,6 +48,10 @@ class Job:
         return sum(len(p) for p in self.prompts)
 
     @property
+    def n_choices(self) -> int:
+        return len(self.prompts) * self.params.n
+
+    @property
     def headers(self) -> dict[str, str]:
         return {"X-Matryoshka-Size": format_spec(self.target.spec)}
 
@@ -123,15 +127,15 @@ class ServingGeneration:
     def submit(self, job: Job) -> Ticket:
         """One row per prompt and choice on the batcher; seeded choices after the first get seed + k."""
         ticket = Ticket(asyncio.get_running_loop())
-        p, rows = job.params, []
+        p, spec, rows = job.params, job.target.spec, []
         for i, ids in enumerate(job.prompts):
             for k in range(p.n):
                 s = p.sampling
                 if s.seed is not None and k:
                     s = replace(s, seed=(s.seed + k) % 2**64)
-                index = i * p.n + k
-                spec = job.target.spec
-                rows.append(GenRequest(ticket, index, ids, spec, p.max_tokens, s, p.stop_tokens, p.stops, job.draft))
+                rows.append(
+                    GenRequest(ticket, i * p.n + k, ids, spec, p.max_tokens, s, p.stop_tokens, p.stops, job.draft)
+                )
         self.state.submit(rows)
         self.count_prompt(job)
         return ticket
@@ -139,16 +143,13 @@ class ServingGeneration:
     def count_prompt(self, job: Job) -> None:
         self.state.metrics.tokens.labels(job.label, "prompt").inc(job.prompt_tokens)
 
-    def choices(self, job: Job) -> Choices:
-        return Choices(len(job.prompts) * job.params.n)
-
     # ---- collect whole
 
     async def collect(self, request: Request, job: Job, ticket: Ticket) -> Choices:
         """Every choice's events. Nothing is sent until the end, so nothing else notices a client that leaves:
         race the result against the disconnect and cancel the ticket, or its rows would generate to max_tokens
         for nobody (499)."""
-        out = self.choices(job)
+        out = Choices(job.n_choices)
         collect = asyncio.ensure_future(self._collect(job, ticket, out))
         gone = asyncio.ensure_future(client_gone(request))
         try:
@@ -197,7 +198,7 @@ class ServingGeneration:
 
     async def _sse(self, request: Request, job: Job, ticket: Ticket, include_usage: bool) -> AsyncIterator[str]:
         """Server-sent events in the OpenAI chunk format, then "data: [DONE]"; an error is an event too."""
-        out, finished = self.choices(job), False
+        out, finished = Choices(job.n_choices), False
         try:
             for c in self.first_chunks(job, out):
                 yield sse_line(c)

@@ -29,7 +29,7 @@ class ServingCompletion(ServingGeneration):
         response.headers.update(job.headers)
         if job.params.max_tokens == 0:  # echo only (body.py checked): the prompts are scored, nothing generated
             self.count_prompt(job)
-            out = self.choices(job)
+            out = Choices(job.n_choices)
             out.reasons = ["length"] * len(out)
             return await self.reply(req, job, out)
         ticket = self.submit(job)
