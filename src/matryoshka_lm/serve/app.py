@@ -1,5 +1,5 @@
 """An OpenAI-compatible HTTP server for one elastic checkpoint: every size from one set of weights, per request
-(README.md, "Serving", documents the API: the model field, NAME:auto, the generation fields, the errors).
+(README.md, "Serving: one process, every size", documents the API: the model field, NAME:auto, the fields).
 
     matryoshka serve runs/demo --port 8000          # then: OpenAI(base_url="http://127.0.0.1:8000/v1")
 
@@ -344,7 +344,7 @@ def serve(
     import uvicorn
 
     app = create_app(ckpt, api_key=api_key, device=device, **options)
-    srv: State = app.state.server
+    state: State = app.state.server
 
     class DrainingServer(uvicorn.Server):
         async def shutdown(self, sockets: Any = None) -> None:
@@ -352,11 +352,11 @@ def serve(
             # meanwhile, and at the deadline stops, which fails its leftovers as shutdown errors (503s)
             log.info(
                 "draining: %d waiting, %d batches in flight; up to %gs",
-                srv.batcher.waiting,
-                srv.batcher.in_flight,
+                state.batcher.waiting,
+                state.batcher.in_flight,
                 drain_timeout,
             )
-            deadline = asyncio.get_running_loop().call_later(drain_timeout, srv.batcher.stop)
+            deadline = asyncio.get_running_loop().call_later(drain_timeout, state.batcher.stop)
             try:
                 await super().shutdown(sockets)
             finally:
