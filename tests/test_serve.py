@@ -477,6 +477,27 @@ def test_client_raises_for_unknown_model(client):
         client.chat.completions.create(model=f"{NAME}:M", messages=[{"role": "user", "content": "x"}], temperature=9)
 
 
+def test_the_model_field_is_resolved_once_per_request(server, monkeypatch):
+    """One place (serving_models.Models.resolve) turns the model field into a size, once per request."""
+    models = server.app.state.models
+    seen = []
+
+    def resolve(model):
+        seen.append(model)
+        return type(models).resolve(models, model)
+
+    monkeypatch.setattr(models, "resolve", resolve)
+    for path, body in (
+        ("/v1/completions", {"prompt": "The", "max_tokens": 2, "echo": True, "logprobs": 1}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
+        ("/v1/embeddings", {"input": ["a", "b"]}),
+    ):
+        seen.clear()
+        r = httpx.post(server.url + path, json={"model": f"{NAME}:M", **body}, timeout=60)
+        assert r.status_code == 200 and r.json()["model"] == f"{NAME}:M", r.text
+        assert seen == [f"{NAME}:M"], (path, seen)
+
+
 # ---------------------------------------------------------------- health, metrics
 
 

@@ -48,6 +48,28 @@ def test_the_openapi_document_declares_every_request_body(server):
     assert "StreamOptions" in doc["components"]["schemas"] and "ChatMessage" in doc["components"]["schemas"]
 
 
+def test_every_route_documents_the_response_model_it_returns(server):
+    """The routes return protocol models, so the document's 200 bodies are those models, every field a reply
+    always sends required and the ones it omits (a chunk's usage, a card's auto-only fields) optional."""
+    import httpx
+
+    doc = httpx.get(server.url + "/openapi.json").json()
+    for path, method, model in (
+        ("/health", "get", "Health"),
+        ("/v1/models", "get", "ModelList"),
+        ("/v1/models/{model_id}", "get", "ModelCard"),
+        ("/v1/completions", "post", "Completion"),
+        ("/v1/chat/completions", "post", "ChatCompletion"),
+        ("/v1/embeddings", "post", "EmbeddingList"),
+    ):
+        ok = doc["paths"][path][method]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert ok == {"$ref": f"#/components/schemas/{model}"}, (path, ok)
+    schemas = doc["components"]["schemas"]
+    assert set(schemas["Completion"]["required"]) == set(schemas["Completion"]["properties"])
+    card = schemas["ModelCard"]
+    assert "bits" in card["required"] and not {"description", "router"} & set(card["required"])
+
+
 def test_no_request_the_schema_allows_gets_a_5xx(api_schema):
     """Every operation, with bodies drawn from its schema (hypothesis, through schemathesis): never a 5xx, only
     documented status codes and content types, and every body matches its documented schema.

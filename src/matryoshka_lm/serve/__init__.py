@@ -1,2 +1,3 @@
-"""The OpenAI-compatible server: wire protocol (protocol.py), state (state.py), dynamic batching (batcher.py),
-replies and SSE (replies.py), metrics (metrics.py), routes (app.py)."""
+"""The OpenAI-compatible server: routes and middleware (app.py), wire protocol (protocol.py, body.py, errors.py),
+the model field (serving_models.py), one module per endpoint (serving_completion.py, serving_chat.py,
+serving_embedding.py) over a shared generation pipeline (serving.py), the batcher (batcher.py), metrics."""

@@ -1,71 +1,29 @@
-"""An OpenAI-compatible HTTP server for one elastic checkpoint: every size from one set of weights, per request.
+"""An OpenAI-compatible HTTP server for one elastic checkpoint: every size from one set of weights, per request
+(README.md, "Serving: one process, every size", documents the API: the model field, NAME:auto, the fields).
 
     matryoshka serve runs/demo --port 8000          # then: OpenAI(base_url="http://127.0.0.1:8000/v1")
 
-Routes
-  GET  /v1/models             one model id per size, NAME:XL ... NAME:S, per cell NAME:M@int4 (size x bits:
-                               the top bits of int8 codes, core/quant.py), plus NAME:auto (routed, see below)
-  GET  /v1/models/{id}
-  POST /v1/completions        prompt: string | strings | token ids | arrays of token ids
-  POST /v1/chat/completions   messages through the chat template (protocol.chat_prompt)
-  POST /v1/embeddings         mean-pooled final hidden states of the size, cut to `dimensions`, L2-normalized
-  GET  /health                liveness and queue depth (never needs the API key)
-  GET  /                      a page to try the sizes in a browser (serve/page.py; the API key is typed into it)
-  GET  /metrics               Prometheus text: requests, errors, tokens, latency, batch size and auto choices per size
+Routes: GET /v1/models, /v1/models/{id}; POST /v1/completions, /v1/chat/completions, /v1/embeddings; GET /health
+(never needs the API key), / (a page to try the sizes), /metrics (Prometheus).
 
-The `model` field picks the size: "NAME:M" (or just "M"), any Mix'n'Match spec ("NAME:S,M,L,XL",
-"NAME:f128h4,f256h4@d144"), or "NAME:auto". Responses name the size that served them in `model` (e.g. "demo:M"
-for auto) and in the X-Matryoshka-Size header.
-
-NAME:auto. With a size router saved beside the checkpoint (CKPT/router.json, `matryoshka route fit CKPT`), each
-completion or chat request is served at the smallest size the router predicts it needs (infer/router.py); without
-one, auto is the full size, and its /v1/models entry says which ("description", "router": null or the router's
-candidates, kind and default τ). Per request, after '@':
-  NAME:auto@0.1 or NAME:auto@tau=0.1   tolerance τ >= 0, nats per token of quality given up (0 = always the full
-                                       size; default: the router's own τ)
-  NAME:auto@budget=0.5                 a target mean compute fraction in (0, 1] (1 = always full): the τ the router
-                                       calibrated to meet it on held-out text
-A bad setting (negative, NaN, a budget outside (0, 1] or below what the router can reach, unparsable) is a 400 on
-`model`; a setting on a server without a router is too. Routing runs one prefill of the router's smallest size
-per prompt on the worker thread, before the generation is queued at the chosen size; that prefill is not reused
-here (batches are formed per size, after routing; `matryoshka generate --size auto` reuses it). A request with
-several prompts is served at the largest size any of them needs, since one response names one size. Embeddings
-take auto as the full size. /metrics counts the routed requests per chosen size (matryoshka_auto_choices_total).
-
-Generation: max_tokens (default 16 for completions, the rest of the context for chat; at most
-`max_tokens_limit`), temperature (0..2, default 1; 0 = greedy), top_p (0..1; 0 = the most likely token), stop
-(up to 4 strings), seed (same seed, same output: a seeded request is never batched with others), n (1..8),
-stream with stream_options.include_usage; vLLM's top_k, min_p, stop_token_ids, ignore_eos; logit_bias;
-completions' echo and logprobs, chat's logprobs/top_logprobs. Generation also ends at <|endoftext|> and at the end
-of the context (finish_reason "length"). Not supported (a 400 names the field): best_of, suffix, penalties, tools.
-
-Speculative decoding: "draft": a smaller size or spec of the same model ("S", or the target's own first layers,
-"XL,XL" or an early-exit size such as "E2", which reuse the target's cache and hidden states) drafts and the
-requested size verifies. Lossless: greedy output is the size's own, sampled output has its distribution. Each
-choice then decodes alone (batch 1, the setting where drafting pays); /metrics counts drafted and accepted tokens
-(matryoshka_speculative_tokens_total). A draft that is not smaller than the size, or with NAME:auto, is a 400.
-
-All model work runs on one worker thread (batcher.py): the event loop only parses, tokenizes and forwards.
-The modules: protocol (bodies, validation, errors, the chat template), state (the Server: checkpoint, model
-field, prompts, settings), replies (whole and streamed answers), metrics (Prometheus), app (routes, this file).
+A request runs one way: body.parse_body reads it into its protocol model, serving_models resolves the model field
+into a Target once, the endpoint's module (serving_completion, serving_chat, serving_embedding) checks its inputs
+and settings, submits to the batcher (the scheduler: all model work runs on its thread) and returns a protocol
+response model, or a stream of them. This file keeps the routes and the middleware.
 
 Browser safety (the default has no API key, so any web page the user visits could otherwise reach the server):
-POSTs need Content-Type application/json, which a page can only send after a CORS preflight, so a cross-site
-"simple" text/plain or form POST never starts generation (415); a request arriving on a loopback address must
-name localhost, 127.0.0.1 or [::1] (any port) or an `allowed_hosts` entry in its Host header, which defeats DNS
-rebinding (400; on other addresses only when `allowed_hosts` is given); CORS is off unless `cors_origins` names
-the pages allowed to call it.
+POSTs need Content-Type application/json, which a page can only send after a CORS preflight (415 otherwise); a
+request arriving on a loopback address must name localhost, 127.0.0.1 or [::1] (any port) or an `allowed_hosts`
+entry in its Host header, which defeats DNS rebinding (400); CORS is off unless `cors_origins` names pages.
 
-Errors are OpenAI-shaped, {"error": {"message", "type", "param", "code"}}: 400 bad input (invalid JSON, wrong
-types, values out of range, malformed spec, prompt longer than the context, a Host not allowed), 401 missing or
-wrong API key, 404 unknown model or route, 405, 413 body over `max_body_bytes`, 415 a POST body not declared
-application/json, 503 queue full, 500 only for a model failure.
+Errors are OpenAI-shaped, {"error": {"message", "type", "param", "code"}}: 400 bad input, 401 missing or wrong API
+key, 404 unknown model or route, 405, 413 body over `max_body_bytes`, 415 not application/json, 503 queue full or
+shutting down, 500 only for a model failure.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hmac
 import ipaddress
@@ -74,39 +32,44 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel
+from fastapi.responses import PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from matryoshka_lm.core.model import MatryoshkaLM
-from matryoshka_lm.core.quant import weight_bytes
-from matryoshka_lm.core.spec import SubmodelSpec, count_params, format_spec, parse_spec
 from matryoshka_lm.errors import MatryoshkaError
 
-from . import responses as R
 from .batcher import BatcherClosed
-from .metrics import MetricsMiddleware, size_label
+from .body import B, parse_body
+from .errors import APIError, shutting_down, validation_error
+from .metrics import MetricsMiddleware, note_size
+from .openapi import GENERATION_ERRORS, json_body, openapi, responses
 from .page import add_page_routes
 from .protocol import (
     CHAT_STOPS,
-    APIError,
+    ChatCompletion,
     ChatRequest,
+    Completion,
     CompletionRequest,
+    EmbeddingList,
     EmbeddingRequest,
+    Health,
+    ModelCard,
+    ModelList,
     chat_prompt,
-    parse_body,
-    validation_error,
 )
-from .replies import generation_reply, shutting_down
-from .state import Server, load_checkpoint, load_router
+from .serving_chat import ServingChat
+from .serving_completion import ServingCompletion
+from .serving_embedding import ServingEmbedding
+from .serving_models import Models
+from .state import State, load_checkpoint, load_router
 
 __all__ = ["create_app", "serve", "APIError", "CHAT_STOPS", "chat_prompt"]
 
 log = logging.getLogger(__name__)
+SAVED: Any = object()  # create_app's router default: the one saved beside the checkpoint
 
 
 def create_app(
@@ -119,6 +82,8 @@ def create_app(
     embedder: Any = None,
     allowed_hosts: Iterable[str] = (),
     cors_origins: Iterable[str] = (),
+    router: Any = SAVED,
+    bits: list[int] | None = None,
     **options: Any,
 ) -> FastAPI:
     """The FastAPI app serving a checkpoint directory (or a loaded model plus its `tokenizers` tokenizer).
@@ -132,34 +97,40 @@ def create_app(
         allowed_hosts: Host header names (or name:port) accepted besides localhost, 127.0.0.1 and [::1]; "*"
             accepts any. Checked on requests that arrive on a loopback address, and on every request if given.
         cors_origins: origins (e.g. "http://localhost:3000", or "*") whose pages may call the API; none by default.
-        options: Server settings: compile, max_batch, max_batches, batch_window_s, max_body_bytes,
-            max_tokens_limit, max_waiting, router (an infer.router.Router for NAME:auto; default: the one saved
-            beside the checkpoint directory, if any), bits (the widths /v1/models lists per size), kernels (how
-            cells compute: None, "bf16" or "fp32"; see infer.engine.Engine).
+        router: an infer.router.Router for NAME:auto, or None; default: the one saved beside the checkpoint
+            directory, if any.
+        bits: the widths /v1/models lists per size.
+        options: State settings: compile, max_batch, max_batches, batch_window_s, max_body_bytes,
+            max_tokens_limit, max_waiting, kernels (how cells compute: None, "bf16" or "fp32"; infer.engine.Engine).
     """
     if isinstance(ckpt_or_model, MatryoshkaLM):
         if tokenizer is None:
             raise MatryoshkaError("create_app(model) needs the model's tokenizer")
         model, default_name = ckpt_or_model, "matryoshka"
+        router = None if router is SAVED else router
     else:
         model, tok, loaded_embedder, default_name = load_checkpoint(ckpt_or_model, device)
-        if "router" not in options:
-            options["router"] = load_router(ckpt_or_model)
+        router = load_router(ckpt_or_model) if router is SAVED else router
         tokenizer = tok if tokenizer is None else tokenizer
         embedder = loaded_embedder if embedder is None else embedder
     name = name or default_name
     if ":" in name:
         raise MatryoshkaError(f"model name {name!r} may not contain ':'")
-    srv = Server(model, tokenizer, name, embedder, api_key, **options)
+    state = State(model, tokenizer, name, embedder, api_key, **options)
+    return _build_app(state, Models(state, router, bits), allowed_hosts, cors_origins)
 
+
+def _build_app(state: State, served: Models, allowed_hosts: Iterable[str], cors_origins: Iterable[str]) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        srv.batcher.start()
+        state.batcher.start()
         yield
-        srv.batcher.close()
+        state.batcher.close()
 
     app = FastAPI(title="matryoshka-lm", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.server = srv
+    app.state.server, app.state.models = state, served
+    app.state.completion, app.state.chat = ServingCompletion(state, served), ServingChat(state, served)
+    app.state.embedding = ServingEmbedding(state, served)
     # last added runs first: metrics count every answer, then the Host check, then CORS (so even a preflight
     # needs an allowed Host)
     cors_origins = list(cors_origins)
@@ -172,9 +143,10 @@ def create_app(
             expose_headers=["X-Matryoshka-Size"],
         )
     app.add_middleware(HostCheckMiddleware, allowed_hosts=allowed_hosts)
-    app.add_middleware(MetricsMiddleware, metrics=srv.metrics)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     _add_error_handlers(app)
-    _add_routes(app, srv)
+    app.include_router(router)
+    app.openapi = lambda: openapi(app)
     add_page_routes(app)
     return app
 
@@ -265,201 +237,92 @@ def _add_error_handlers(app: FastAPI) -> None:
         return APIError(500, "Internal server error.", None, "internal_error", "server_error").response()
 
 
-def _resolve(srv: Server, model: str, request: Request) -> tuple[str, SubmodelSpec]:
-    """srv.resolve, noting the size served for the metrics middleware."""
-    served, spec = srv.resolve(model)
-    request.state.size = size_label(spec)
-    return served, spec
+# ---------------------------------------------------------------- routes (the handlers live on app.state)
+
+router = APIRouter()
 
 
-async def _generation_size(
-    srv: Server,
-    request: Request,
-    req: CompletionRequest | ChatRequest,
-    prompts: list[list[int]],
-    max_tokens: int | None,
-    default_max: int,
-) -> tuple[str, SubmodelSpec, SubmodelSpec | None]:
-    """The id and size that serve a generation request, and its speculative draft: NAME:auto with a router is
-    routed on the worker thread (after the settings are checked, so bad input costs no model work); anything else
-    as srv.resolve."""
-    served, spec, tau = srv.resolve_generation(req.model)
-    draft = srv.draft_spec(req, spec, routed=tau is not None)
-    if tau is not None:
-        srv.settings(req, max_tokens, default_max)
-        served, spec = await srv.route(prompts, tau)
-    request.state.size = size_label(spec)
-    return served, spec, draft
-
-
-GENERATION_ERRORS = (400, 401, 404, 413, 415, 500, 503)
-
-
-def json_body(app: FastAPI, model: type[BaseModel]) -> dict[str, Any]:
-    """The OpenAPI requestBody of a route that parses its body itself (parse_body: size limit, strict JSON,
-    OpenAI-shaped errors): `model`'s JSON schema, its nested models added to the app's components (openapi())."""
-    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    app.state.schema_defs = {**getattr(app.state, "schema_defs", {}), **schema.pop("$defs", {})}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-
-
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's OpenAPI document plus the request bodies' nested schemas (json_body)."""
-    if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
-        schemas.update(getattr(app.state, "schema_defs", {}))
-        for ops in schema["paths"].values():  # errors are 400s here (validation_error), never FastAPI's 422
-            for op in ops.values():
-                op.get("responses", {}).pop("422", None)
-        for name in ("HTTPValidationError", "ValidationError"):
-            schemas.pop(name, None)
-        app.openapi_schema = schema
-    return app.openapi_schema
-
-
-def _add_routes(app: FastAPI, srv: Server) -> None:
-    app.openapi = lambda: _openapi(app)
-
-    def authorized(request: Request) -> None:
-        if srv.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), srv.api_key.encode()):
-            raise APIError(
-                401, "Missing or incorrect API key: send 'Authorization: Bearer <key>'.", None, "invalid_api_key"
-            )
-
-    auth = [Depends(authorized)]
-    post = [Depends(authorized), Depends(require_json)]  # the key first: a stranger learns nothing else
-
-    @app.get("/health", responses=R.responses(None, 400))
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "model": srv.name,
-            "sizes": srv.sizes,
-            "waiting": srv.batcher.waiting,
-            "batches_in_flight": srv.batcher.in_flight,
-        }
-
-    @app.get(
-        "/metrics",
-        dependencies=auth,
-        response_class=PlainTextResponse,
-        responses={200: {"description": "Prometheus text format"}, **R.responses(None, 400, 401)},
-    )
-    async def metrics() -> PlainTextResponse:
-        from prometheus_client import CONTENT_TYPE_LATEST
-
-        return PlainTextResponse(srv.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
-
-    def card(model_id: str) -> dict[str, Any]:
-        size = model_id.rpartition(":")[2]
-        auto = size == "auto"
-        spec = srv.auto if auto else parse_spec(srv.cfg, size)
-        bits = spec.bits or srv.model.native_bits
-        return {
-            "id": model_id,
-            "object": "model",
-            "created": srv.created,
-            "owned_by": "matryoshka-lm",
-            "size": "auto" if auto and srv.router is not None else format_spec(spec),
-            "params": count_params(srv.cfg, spec)["total"],  # auto: the most it uses
-            "bits": bits,  # weight precision: None = fp32, else int8 codes' top `bits` bits
-            "weight_bytes": weight_bytes(srv.cfg, spec, bits, srv.model.quant),
-            "context_length": srv.cfg.max_seq_len,
-            **(srv.auto_card() if auto else {}),
-        }
-
-    @app.get("/v1/models", dependencies=auth, responses=R.responses(R.ModelList, 400, 401))
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [card(m) for m in srv.model_ids()]}
-
-    @app.get("/v1/models/{model_id:path}", dependencies=auth, responses=R.responses(R.ModelCard, 400, 401, 404))
-    async def model_card(model_id: str, request: Request) -> dict[str, Any]:
-        served, _ = _resolve(srv, model_id, request)
-        auto = model_id.rpartition(":")[2].partition("@")[0] == "auto"
-        return card(f"{srv.name}:auto" if auto else served)
-
-    @app.post(
-        "/v1/completions",
-        dependencies=post,
-        openapi_extra=json_body(app, CompletionRequest),
-        responses=R.responses(R.Completion, *GENERATION_ERRORS, stream=True),
-    )
-    async def completions(request: Request) -> Response:
-        req = await parse_body(request, CompletionRequest, srv.max_body_bytes)
-        _resolve(srv, req.model, request)  # the model field is checked before the prompts
-        prompts = srv.prompts(req.prompt)
-        served, spec, draft = await _generation_size(srv, request, req, prompts, req.max_tokens, 16)
-        return await generation_reply(
-            srv, request, req, served, spec, prompts, req.max_tokens, 16, chat=False, draft=draft
-        )
-
-    @app.post(
-        "/v1/chat/completions",
-        dependencies=post,
-        openapi_extra=json_body(app, ChatRequest),
-        responses=R.responses(R.ChatCompletion, *GENERATION_ERRORS, stream=True),
-    )
-    async def chat(request: Request) -> Response:
-        req = await parse_body(request, ChatRequest, srv.max_body_bytes)
-        _resolve(srv, req.model, request)
-        prompts = [srv.chat_ids(req.messages)]
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        served, spec, draft = await _generation_size(srv, request, req, prompts, max_tokens, srv.max_tokens_limit)
-        return await generation_reply(
-            srv, request, req, served, spec, prompts, max_tokens, srv.max_tokens_limit, chat=True, draft=draft
-        )
-
-    @app.post(
-        "/v1/embeddings",
-        dependencies=post,
-        openapi_extra=json_body(app, EmbeddingRequest),
-        responses=R.responses(R.EmbeddingList, 400, 401, 404, 413, 415, 503),
-    )
-    async def embeddings(request: Request) -> Response:
-        req = await parse_body(request, EmbeddingRequest, srv.max_body_bytes)
-        served, spec = _resolve(srv, req.model, request)
-        return await _embeddings(srv, req, served, spec)
-
-
-async def _embeddings(srv: Server, req: EmbeddingRequest, served: str, spec: SubmodelSpec) -> Response:
-    """Embed the inputs on the worker thread (between token steps): unit vectors cut to `dimensions`."""
-    from matryoshka_lm.embed import embed_ids
-
-    ids = srv.prompts(req.input, "input", generate=False)
-    full = srv.embedder.out_dim(spec)
-    dims = full if req.dimensions is None else req.dimensions
-    if dims > full:
+def authorized(request: Request) -> None:
+    key = request.app.state.server.api_key
+    if key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
         raise APIError(
-            400,
-            f"Invalid value for 'dimensions': {dims}; size {format_spec(spec)} embeds in {full} dims.",
-            "dimensions",
-            "invalid_value",
+            401, "Missing or incorrect API key: send 'Authorization: Bearer <key>'.", None, "invalid_api_key"
         )
-    vecs = await srv.batcher.call(lambda: embed_ids(srv.embedder, ids, spec, dims))
-    n_tokens = sum(len(x) for x in ids)
-    srv.metrics.tokens.labels(size_label(spec), "prompt").inc(n_tokens)
-    b64 = req.encoding_format == "base64"
-    data = [
-        {
-            "object": "embedding",
-            "index": i,
-            "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if b64 else v.tolist(),
-        }
-        for i, v in enumerate(vecs)
-    ]
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": data,
-            "model": served,
-            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
-        },
-        headers={"X-Matryoshka-Size": format_spec(spec)},
-    )
+
+
+AUTH = [Depends(authorized)]
+POST = [Depends(authorized), Depends(require_json)]  # the key first: a stranger learns nothing else
+
+
+@router.get("/health", responses=responses(400, ok=False))
+async def health(request: Request) -> Health:
+    state: State = request.app.state.server
+    b = state.batcher
+    return Health(status="ok", model=state.name, sizes=state.sizes, waiting=b.waiting, batches_in_flight=b.in_flight)
+
+
+@router.get(
+    "/metrics",
+    dependencies=AUTH,
+    response_class=PlainTextResponse,
+    responses={200: {"description": "Prometheus text format"}, **responses(400, 401, ok=False)},
+)
+async def metrics(request: Request) -> PlainTextResponse:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return PlainTextResponse(request.app.state.server.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models", dependencies=AUTH, responses=responses(400, 401))
+async def models(request: Request) -> ModelList:
+    return request.app.state.models.listing()
+
+
+@router.get("/v1/models/{model_id:path}", dependencies=AUTH, responses=responses(400, 401, 404))
+async def model_card(model_id: str, request: Request) -> ModelCard:
+    served: Models = request.app.state.models
+    target = served.resolve(model_id)
+    note_size(request, target.spec)
+    return served.card(target)
+
+
+async def _body(request: Request, model: type[B]) -> B:
+    return await parse_body(request, model, request.app.state.server.max_body_bytes)
+
+
+@router.post(
+    "/v1/completions",
+    dependencies=POST,
+    response_model=Completion,
+    openapi_extra=json_body(CompletionRequest),
+    responses=responses(*GENERATION_ERRORS, stream=True),
+)
+async def completions(request: Request, response: Response) -> Any:  # a Completion, or a stream of chunks
+    return await request.app.state.completion.create(await _body(request, CompletionRequest), request, response)
+
+
+@router.post(
+    "/v1/chat/completions",
+    dependencies=POST,
+    response_model=ChatCompletion,
+    openapi_extra=json_body(ChatRequest),
+    responses=responses(*GENERATION_ERRORS, stream=True),
+)
+async def chat(request: Request, response: Response) -> Any:  # a ChatCompletion, or a stream of chunks
+    return await request.app.state.chat.create(await _body(request, ChatRequest), request, response)
+
+
+@router.post(
+    "/v1/embeddings",
+    dependencies=POST,
+    openapi_extra=json_body(EmbeddingRequest),
+    responses=responses(400, 401, 404, 413, 415, 503),
+)
+async def embeddings(request: Request, response: Response) -> EmbeddingList:
+    return await request.app.state.embedding.create(await _body(request, EmbeddingRequest), request, response)
 
 
 # ---------------------------------------------------------------- the CLI's entry
@@ -481,7 +344,7 @@ def serve(
     import uvicorn
 
     app = create_app(ckpt, api_key=api_key, device=device, **options)
-    srv: Server = app.state.server
+    state: State = app.state.server
 
     class DrainingServer(uvicorn.Server):
         async def shutdown(self, sockets: Any = None) -> None:
@@ -489,11 +352,11 @@ def serve(
             # meanwhile, and at the deadline stops, which fails its leftovers as shutdown errors (503s)
             log.info(
                 "draining: %d waiting, %d batches in flight; up to %gs",
-                srv.batcher.waiting,
-                srv.batcher.in_flight,
+                state.batcher.waiting,
+                state.batcher.in_flight,
                 drain_timeout,
             )
-            deadline = asyncio.get_running_loop().call_later(drain_timeout, srv.batcher.stop)
+            deadline = asyncio.get_running_loop().call_later(drain_timeout, state.batcher.stop)
             try:
                 await super().shutdown(sockets)
             finally:

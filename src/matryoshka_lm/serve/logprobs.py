@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from matryoshka_lm.core.scoring import log_probs, token_logprobs
 from matryoshka_lm.core.spec import SubmodelSpec
 from matryoshka_lm.infer.engine import Engine
+
+from .protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
 
 Decode = Callable[[list[int]], str]
 
@@ -59,7 +60,7 @@ def kept_ids(ids: Sequence[int], text: str, decode: Decode) -> list[int]:
     return ids
 
 
-def legacy_logprobs(scored: Scored, ids: Sequence[int], first: int, decode: Decode, offset0: int) -> dict[str, Any]:
+def legacy_logprobs(scored: Scored, ids: Sequence[int], first: int, decode: Decode, offset0: int) -> CompletionLogprobs:
     """Completions' logprobs for tokens ids[first:] (first 0: the prompt's first token has no logprob, null):
     tokens, token_logprobs, top_logprobs ({token: logprob}) and text_offset (characters, from offset0)."""
     tokens, lps, tops, offsets = [], [], [], []
@@ -72,18 +73,19 @@ def legacy_logprobs(scored: Scored, ids: Sequence[int], first: int, decode: Deco
             continue
         lps.append(scored.logprob[j - 1])
         tops.append({decode([t]): lp for t, lp in scored.top[j - 1]})
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+    return CompletionLogprobs(tokens=tokens, token_logprobs=lps, top_logprobs=tops, text_offset=offsets)
 
 
-def chat_logprobs(scored: Scored, ids: Sequence[int], first: int, top: int, decode: Decode) -> dict[str, Any]:
+def chat_logprobs(scored: Scored, ids: Sequence[int], first: int, top: int, decode: Decode) -> ChatLogprobs:
     """Chat's logprobs: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
 
-    def entry(tok: int, lp: float) -> dict[str, Any]:
+    def entry(tok: int, lp: float) -> TopLogprob:
         s = decode([tok])
-        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+        return TopLogprob(token=s, logprob=lp, bytes=list(s.encode()))
 
     content = []
     for j in range(first, len(ids)):
         alts = sorted(scored.top[j - 1], key=lambda p: -p[1])[:top]
-        content.append({**entry(ids[j], scored.logprob[j - 1]), "top_logprobs": [entry(t, lp) for t, lp in alts]})
-    return {"content": content}
+        tops = [entry(t, lp) for t, lp in alts]
+        content.append(TokenLogprob(**entry(ids[j], scored.logprob[j - 1]).model_dump(), top_logprobs=tops))
+    return ChatLogprobs(content=content)

@@ -1,14 +1,11 @@
-"""The OpenAI wire protocol as this server speaks it: request bodies, their validation, errors, limits and the
-chat template. Nothing here touches the model."""
+"""The OpenAI wire protocol as this server speaks it: request and response bodies, limits and the chat template.
+Nothing here touches the model."""
 
 from __future__ import annotations
 
-import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from fastapi import Request
-from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 MAX_STOPS = 4
 MAX_CHOICES = 8
@@ -27,74 +24,6 @@ CHAT_STOPS = ("\nUser:", "\nSystem:")
 def chat_prompt(messages: list[tuple[str, str]]) -> str:
     """[(role, content)] -> the prompt text, e.g. "System: Be brief.\\nUser: Hi\\nAssistant:"."""
     return "".join(f"{CHAT_ROLES[role]}: {content}\n" for role, content in messages) + "Assistant:"
-
-
-# ---------------------------------------------------------------- errors
-
-
-class APIError(Exception):
-    """An error answered as OpenAI does: status and {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        type: str = "invalid_request_error",
-    ):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> Response:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        # ASCII JSON: a message quoting the client's input stays encodable even with a lone surrogate in it
-        return Response(
-            json.dumps(self.body()), status_code=self.status, headers=headers, media_type="application/json"
-        )
-
-
-# union-typed fields get one message instead of pydantic's one-per-branch
-TYPE_HINTS = {
-    "prompt": "a string, an array of strings, an array of token ids or an array of arrays of token ids",
-    "input": "a string, an array of strings, an array of token ids or an array of arrays of token ids",
-    "stop": f"a string or an array of up to {MAX_STOPS} strings",
-    "content": "a string or an array of text parts",
-}
-
-
-def _param(loc: tuple) -> str:
-    """('messages', 0, 'content', 'str') -> 'messages[0].content' (pydantic's union branch tags dropped)."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif "[" in part or part in ("str", "int", "float", "bool", "function-after", "constrained-str"):
-            break  # a union branch tag: the rest is about one alternative
-        else:
-            out += f".{part}" if out else part
-    return out
-
-
-def validation_error(errors: list[dict[str, Any]]) -> APIError:
-    """The first pydantic error as a 400 naming the parameter."""
-    e = errors[0]
-    loc = tuple(x for x in e["loc"] if x != "body")
-    param = _param(loc) or None
-    if not loc and e["type"] in ("model_type", "dict_type", "model_attributes_type"):
-        return APIError(400, "The request body must be a JSON object.", None, "invalid_type")
-    if e["type"] == "missing":
-        return APIError(400, f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
-    field = param.rsplit(".", 1)[-1].split("[")[0] if param else ""
-    hint = TYPE_HINTS.get(field)
-    if hint and (len(errors) > 1 or e["type"].endswith("_type")):
-        return APIError(400, f"Invalid type for '{param}': expected {hint}.", param, "invalid_type")
-    if e["type"].endswith("_type") or e["type"] in ("literal_error", "enum"):
-        return APIError(400, f"Invalid type for '{param}': {e['msg']}.", param, "invalid_type")
-    return APIError(400, f"Invalid value for '{param}': {e['msg']}.", param, "invalid_value")
 
 
 # ---------------------------------------------------------------- request bodies
@@ -184,75 +113,188 @@ class EmbeddingRequest(_Body):
     user: str | None = None
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
+# ---------------------------------------------------------------- response bodies
 
 
-async def _read_body(request: Request, max_bytes: int) -> bytes:
-    """The raw body, refused (413) past max_bytes whether declared up front or only found while reading."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise APIError(
-            413, f"Request body of {declared} bytes exceeds the limit of {max_bytes} bytes.", None, "request_too_large"
-        )
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise APIError(413, f"Request body exceeds the limit of {max_bytes} bytes.", None, "request_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _not_required(schema: dict[str, Any], cls: Any) -> None:
+    if "required" in schema:
+        schema["required"] = [name for name in schema["required"] if name not in cls.OMIT]
 
 
-def _json(raw: bytes) -> Any:
-    """Strict JSON (no NaN or Infinity) or a 400."""
-    if not raw.strip():
-        raise APIError(400, "The request body is empty; send a JSON object.", None, "invalid_json")
-    try:
-        return json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise APIError(400, f"The request body is not valid JSON: {e}.", None, "invalid_json") from None
-    except RecursionError:
-        raise APIError(400, "The request body nests too deeply.", None, "invalid_json") from None
+class _Reply(BaseModel):
+    """A response body. Its OpenAPI schema (serialization mode) marks every field required, as every reply sends
+    them, except the OMIT fields: those are left out of the JSON when None, as OpenAI omits rather than nulls them."""
+
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True, json_schema_extra=_not_required)
+    OMIT: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler):  # no return annotation: the schema stays the fields'
+        out = handler(self)
+        for name in self.OMIT:
+            if out.get(name) is None:
+                out.pop(name, None)
+        return out
 
 
-async def parse_body(request: Request, model: type[_Body], max_bytes: int) -> Any:
-    """Read at most max_bytes (413 beyond), parse strict JSON (400), validate with `model` (400)."""
-    obj = _json(await _read_body(request, max_bytes))
-    try:
-        body = model.model_validate(obj)
-    except ValidationError as e:
-        raise validation_error(e.errors()) from None
-    for name, off in UNSUPPORTED.items():
-        value = (body.model_extra or {}).get(name)
-        if not any(value == v and type(value) is type(v) for v in off):
-            raise APIError(400, f"'{name}' is not supported by this server.", name, "unsupported_parameter")
-    if isinstance(body, GenerationRequest) and body.stream_options is not None and not body.stream:
-        raise APIError(
-            400,
-            "Invalid value for 'stream_options': it is only allowed when 'stream' is true.",
-            "stream_options",
-            "invalid_value",
-        )
-    _check_scoring(body)
-    return body
+class ErrorDetail(_Reply):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
 
 
-def _check_scoring(body: Any) -> None:
-    """echo / logprobs / top_logprobs: consistent with each other and with max_tokens and stream."""
+class ErrorResponse(_Reply):
+    error: ErrorDetail
 
-    def bad(param: str, why: str) -> APIError:
-        return APIError(400, f"Invalid value for '{param}': {why}.", param, "invalid_value")
 
-    if isinstance(body, CompletionRequest):
-        if body.max_tokens == 0 and not body.echo:
-            raise bad("max_tokens", "0 generates nothing; it is only allowed with 'echo': true (score the prompt)")
-        scored = [name for name in ("echo", "logprobs") if getattr(body, name) not in (None, False)]
-    elif isinstance(body, ChatRequest):
-        if body.top_logprobs is not None and not body.logprobs:
-            raise bad("top_logprobs", "it needs 'logprobs': true")
-        scored = ["logprobs"] if body.logprobs else []
-    else:
-        return
-    if scored and body.stream:
-        raise bad(scored[0], "not supported together with 'stream' here; ask without streaming")
+class Usage(_Reply):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(_Reply):
+    tokens: list[str]
+    token_logprobs: list[float | None]  # null for an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Reply):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None  # "stop" | "length"; null in a stream's chunks before the last
+
+
+class Completion(_Reply):
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str  # NAME:SPEC that served it (auto: the size the router chose)
+    system_fingerprint: str | None = None
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunk(Completion):
+    """One streamed piece of a completion: the same object, with usage only in the include_usage chunk."""
+
+    OMIT = ("usage",)
+    usage: Usage | None = None  # type: ignore[assignment]
+
+
+class TopLogprob(_Reply):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Reply):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(_Reply):
+    role: str = "assistant"
+    content: str
+
+
+class ChatChoice(_Reply):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletion(_Reply):
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(_Reply):
+    OMIT = ("role", "content")
+    role: str | None = None  # only in each choice's first chunk
+    content: str | None = None
+
+
+class ChatChunkChoice(_Reply):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Reply):
+    OMIT = ("usage",)
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None  # the include_usage chunk only
+
+
+class Embedding(_Reply):
+    object: str = "embedding"
+    index: int
+    embedding: list[float] | str  # a base64 string of little-endian float32 with encoding_format "base64"
+
+
+class EmbeddingUsage(_Reply):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(_Reply):
+    object: str = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+class ModelCard(_Reply):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str = "matryoshka-lm"
+    size: str  # canonical spec ("auto" for a routed NAME:auto)
+    params: int  # auto: the most it uses
+    bits: int | None  # weight precision: None = fp32, else the top `bits` bits of int8 codes
+    weight_bytes: int
+    context_length: int
+    description: str | None = None  # NAME:auto only
+    router: dict[str, Any] | None = None  # NAME:auto only (null there: no router)
+
+    OMIT = ("description", "router")
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler):  # router is null on NAME:auto without a router: keyed on description
+        out = handler(self)
+        if self.description is None:
+            out.pop("description", None)
+            out.pop("router", None)
+        return out
+
+
+class ModelList(_Reply):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+class Health(_Reply):
+    status: str  # "ok"
+    model: str
+    sizes: list[str]
+    waiting: int
+    batches_in_flight: int

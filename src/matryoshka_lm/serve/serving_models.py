@@ -1,0 +1,195 @@
+"""The model field: NAME:SIZE, NAME:SPEC, a cell (NAME:M@int4) or NAME:auto[@KNOB], resolved once per request
+into a Target; the cards /v1/models lists; routing NAME:auto to a size; the speculative draft field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from matryoshka_lm.core.quant import weight_bytes
+from matryoshka_lm.core.spec import SubmodelSpec, count_params, format_spec, parse_spec, uniform_spec
+from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.infer.router import Router
+from matryoshka_lm.infer.speculative import check_draft
+
+from .errors import APIError
+from .metrics import size_label
+from .protocol import ModelCard, ModelList
+from .state import State
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a model field resolved to: the id that serves it and its spec (a cell carries its bits)."""
+
+    id: str  # NAME:SPEC, canonical; what replies name in `model`
+    spec: SubmodelSpec
+    auto: bool = False  # the field named NAME:auto (embeddings and unrouted servers: the full size)
+    tau: float | None = None  # NAME:auto with a router, before routing: the tolerance to route the prompts at
+
+
+class Models:
+    """The sizes, cells and NAME:auto one server answers to."""
+
+    def __init__(self, state: State, router: Router | None = None, bits: list[int] | None = None):
+        self.state, self.name, self.cfg, self.model = state, state.name, state.cfg, state.model
+        self.router = router
+        self.auto = self._full_size()
+        self.bits = self._served_bits(bits)
+        # the router's candidates, checked against this model now rather than at the first auto request
+        self.router_specs = [] if router is None else [state.engine.check_spec(s) for s in router.specs(self.cfg)]
+
+    def _full_size(self) -> SubmodelSpec:
+        """auto = the full model, by its size name when one size is the full model."""
+        full = self.model.full
+        for name in self.state.sizes:
+            spec = uniform_spec(self.cfg, name)
+            if (spec.width, spec.layers) == (full.width, full.layers):
+                return spec
+        return full
+
+    def _served_bits(self, bits: list[int] | None) -> list[int]:
+        """The bit widths /v1/models lists: those given, else for a quantized checkpoint its stored width's
+        narrower MatQuant widths (int4, int2), for a full-precision one int8/int4/int2 (round-to-nearest)."""
+        if bits is not None:
+            for b in bits:
+                self.model.check_bits(b)
+            return bits
+        stored = self.model.code_bits if self.model.codes is not None else None
+        return [b for b in (8, 4, 2) if stored is None or b < stored]
+
+    # ---- the model field
+
+    def ids(self) -> list[str]:
+        """Every size, every listed cell (size@intR) and auto; any other spec or cell is served too."""
+        sizes = self.state.sizes
+        cells = [f"{self.name}:{s}@int{b}" for b in self.bits for s in sizes]
+        return [f"{self.name}:{s}" for s in sizes] + cells + [f"{self.name}:auto"]
+
+    def _not_found(self, model: str) -> APIError:
+        return APIError(
+            404,
+            f"The model '{model}' does not exist; this server has {', '.join(self.ids())} "
+            f"or {self.name}:SPEC for any Mix'n'Match spec.",
+            "model",
+            "model_not_found",
+        )
+
+    def resolve(self, model: str) -> Target:
+        """NAME:SIZE | NAME:SPEC | NAME:auto[@KNOB] | SIZE | SPEC -> its Target. An unknown name is a 404, a bad
+        spec or routing setting a 400 on `model`."""
+        prefix, colon, size = model.rpartition(":")  # spec strings never contain ':'
+        if colon and prefix != self.name:
+            raise self._not_found(model)
+        base, at, knob = size.partition("@")
+        if base == "auto":
+            return Target(self._id(self.auto), self.auto, True, self._auto_tau(model, knob if at else None))
+        try:
+            spec = parse_spec(self.cfg, size)
+            self.model.check_bits(spec.bits)
+        except MatryoshkaError as e:
+            if colon:
+                raise APIError(400, f"Invalid size spec in model '{model}': {e}", "model", "invalid_model") from None
+            raise self._not_found(model) from None
+        return Target(self._id(spec), spec)
+
+    def _id(self, spec: SubmodelSpec) -> str:
+        return f"{self.name}:{format_spec(spec)}"
+
+    def _auto_tau(self, model: str, knob: str | None) -> float | None:
+        """The τ of NAME:auto (the router's default), NAME:auto@T, NAME:auto@tau=T or NAME:auto@budget=F; None
+        without a router. A bad setting is a 400 naming the model field."""
+
+        def bad(why: str) -> APIError:
+            return APIError(400, f"Invalid routing setting in model '{model}': {why}.", "model", "invalid_model")
+
+        if self.router is None:
+            if knob is not None:
+                raise bad(f"no router is saved beside this checkpoint, so {self.name}:auto is the full size")
+            return None
+        if knob is None:
+            return self.router.tolerance
+        field, eq, value = knob.rpartition("=")
+        field = field if eq else "tau"
+        if field not in ("tau", "budget"):
+            raise bad(f"unknown setting '{field}'; use {self.name}:auto@T, @tau=T or @budget=F")
+        try:
+            x = float(value)
+        except ValueError:
+            raise bad(f"{field} must be a number, got '{value}'") from None
+        if field == "tau":
+            if not x >= 0:  # also NaN
+                raise bad(f"tau must be a number >= 0 (nats per token), got '{value}'")
+            return x
+        if not 0 < x <= 1:
+            raise bad(f"budget must be a mean compute fraction in (0, 1] (1 = always the full size), got '{value}'")
+        try:
+            return self.router.tau_for_budget(x)
+        except MatryoshkaError as e:
+            raise bad(str(e)) from None
+
+    def draft(self, draft: str | None, target: Target) -> SubmodelSpec | None:
+        """A request's speculative draft, checked against the size that serves it; None without one."""
+        if draft is None:
+            return None
+        if target.tau is not None:
+            raise APIError(
+                400, "'draft' does not combine with NAME:auto: name the size to verify.", "draft", "invalid_value"
+            )
+        try:
+            spec = self.state.engine.check_spec(parse_spec(self.cfg, draft))
+            check_draft(self.cfg, target.spec, spec)
+        except MatryoshkaError as e:
+            raise APIError(400, f"Invalid value for 'draft': {e}", "draft", "invalid_value") from None
+        return spec
+
+    async def route(self, target: Target, prompts: list[list[int]]) -> Target:
+        """The size that serves a routed NAME:auto: the largest any of the prompts needs (one response names one
+        size), each routed by one small-size prefill on the worker thread. The router's prefill is not reused:
+        batches are formed per size, after routing. Counted in the auto-choice metric. Other targets as given."""
+        from matryoshka_lm.infer.router import route
+
+        if target.tau is None:
+            return target
+        router, tau, engine = self.router, target.tau, self.state.engine
+        assert router is not None
+
+        def choose() -> int:
+            x = [torch.tensor(p, device=engine.device) for p in prompts]
+            return max(route(self.model, ids, router, tolerance=tau).index for ids in x)
+
+        spec = self.router_specs[await self.state.batcher.call(choose)]
+        self.state.metrics.auto_choices.labels(size_label(spec)).inc()
+        return Target(self._id(spec), spec, auto=True)
+
+    # ---- /v1/models
+
+    def card(self, target: Target) -> ModelCard:
+        spec = target.spec
+        routed = target.auto and self.router is not None
+        bits = spec.bits or self.model.native_bits
+        return ModelCard(
+            id=f"{self.name}:auto" if target.auto else target.id,
+            created=self.state.created,
+            size="auto" if routed else format_spec(spec),
+            params=count_params(self.cfg, spec)["total"],  # auto: the most it uses
+            bits=bits,
+            weight_bytes=weight_bytes(self.cfg, spec, bits, self.model.quant),
+            context_length=self.cfg.max_seq_len,
+            **(self._auto_card() if target.auto else {}),
+        )
+
+    def _auto_card(self) -> dict:
+        """What /v1/models says about NAME:auto: routed (by which router) or always the full size."""
+        if self.router is None:
+            full = format_spec(self.auto)
+            return {"description": f"the full size ({full}): no router is saved beside this checkpoint", "router": None}
+        r = self.router
+        return {
+            "description": f"the smallest of {', '.join(r.candidates)} each prompt needs, as the router predicts",
+            "router": {"candidates": r.candidates, "kind": r.default, "tolerance": r.tolerance},
+        }
+
+    def listing(self) -> ModelList:
+        return ModelList(data=[self.card(self.resolve(m)) for m in self.ids()])
