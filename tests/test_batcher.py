@@ -35,6 +35,11 @@ class StubEngine:
             self.steps.append(b)
             yield torch.ones(len(prompts), dtype=torch.long)
 
+    def rounds(self, req, stats=None):
+        """Engine.rounds of a plain Request: one token per row per step, from token_steps."""
+        for tok in self.token_steps([list(p) for p in req.prompts], req.spec, req.max_new_tokens, req.sampling):
+            yield [[t] for t in tok.tolist()]
+
 
 def decode(ids: list[int]) -> str:
     return "".join(chr(97 + t % 26) for t in ids)

@@ -5,7 +5,7 @@ Requests wait in a FIFO queue. Each turn of the worker loop
      temperature / top_p without a seed; a seeded request runs alone so its seed alone decides its output),
      up to `max_batch` rows and `max_batches` batches in flight;
   2. runs queued one-off jobs (embeddings);
-  3. advances every batch in flight by ONE token (engine.Engine.token_steps), round robin.
+  3. advances every batch in flight by ONE token (engine.Engine.rounds of one Request), round robin.
 So a new request starts at the next token step of the others, not after their batch ends, and a long
 generation at one size never holds up another size for more than a step. Rows that finish (stop, max_tokens,
 disconnect) drop out; a batch ends when all its rows have. What this is not: continuous batching, which would
@@ -278,32 +278,32 @@ class Batcher:
     def _start(self, group: list[GenRequest]) -> _Batch:
         spec = group[0].spec
         n = max(self._budget(r) for r in group)
-        if group[0].draft is not None:
-            steps = self._speculative_steps(group[0], n)
-        else:
-            steps = self.engine.token_steps([r.prompt for r in group], spec, n, group[0].sampling)
         self.largest_batch = max(self.largest_batch, len(group))
         if self.on_batch is not None:
             self.on_batch(spec, len(group))
-        return _Batch(spec, [RowStream(r, self._budget(r), self.decode) for r in group], steps)
+        rows = [RowStream(r, self._budget(r), self.decode) for r in group]
+        return _Batch(spec, rows, self._turns(group, n))
 
-    def _speculative_steps(self, req: GenRequest, n: int) -> Iterator[torch.Tensor]:
-        """One row's speculative rounds as token steps: a round runs when its tokens are needed, and its 1..γ+1
-        tokens leave one per turn, so other batches keep their turns."""
-        from matryoshka_lm.infer.speculative import SpeculativeStats, speculative_steps
+    def _turns(self, group: list[GenRequest], n: int) -> Iterator[torch.Tensor]:
+        """The engine's rounds for the batch (Engine.rounds: one Request, plain or speculative), one token per row
+        per turn: a speculative round runs when its tokens are needed and its 1..γ+1 tokens leave one per turn, so
+        other batches keep their turns. The rows' stops are the batcher's own (RowStream), not the Request's."""
+        from matryoshka_lm.infer.request import Request
+        from matryoshka_lm.infer.speculative import Speculation, SpeculativeStats
 
+        head = group[0]
+        plan = None if head.draft is None else Speculation(head.draft)
+        req = Request(tuple(tuple(r.prompt) for r in group), head.spec, n, head.sampling, speculation=plan)
         stats = SpeculativeStats()
-        rounds = speculative_steps(
-            self.engine.model, req.prompt, req.spec, req.draft, n, req.sampling, stats=stats, engine=self.engine
-        )
+        rounds = self.engine.rounds(req, stats)
         seen = (0, 0)  # drafted, accepted already reported
         try:
-            for toks in rounds:
+            for new in rounds:
                 if self.on_round is not None and stats.drafted > seen[0]:
-                    self.on_round(req.spec, stats.drafted - seen[0], stats.accepted - seen[1])
+                    self.on_round(head.spec, stats.drafted - seen[0], stats.accepted - seen[1])
                     seen = (stats.drafted, stats.accepted)
-                for t in toks:
-                    yield torch.tensor([t])
+                for toks in zip(*new):  # every row adds as many tokens per round
+                    yield torch.tensor(toks)
         finally:
             rounds.close()
 
