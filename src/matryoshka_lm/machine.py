@@ -20,11 +20,24 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_isa() -> str:
+    """The vector extensions that pick PyTorch's CPU kernels, as /proc/cpuinfo lists them (the same model name can
+    hide AVX2-only and AMX machines), e.g. "AVX2" or "AVX-512, AMX"."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return torch.backends.cpu.get_cpu_capability()
+    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+    named = [("avx2", "AVX2"), ("avx512f", "AVX-512"), ("amx_tile", "AMX")]
+    found = [name for flag, name in named if flag in flags]
+    return ", ".join(found[1:] if len(found) > 1 else found) or "no AVX2"
+
+
 def describe_machine(device: str = "cpu") -> str:
-    """CPU model and cores, the GPU when `device` is CUDA, and the torch / Python versions."""
+    """CPU model, its vector extensions and cores, the GPU when `device` is CUDA, and the torch / Python versions."""
     gpu = f"GPU {torch.cuda.get_device_name()}, " if device.startswith("cuda") and torch.cuda.is_available() else ""
     return (
-        f"{gpu}{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
+        f"{gpu}{cpu_name()} ({cpu_isa()}), {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
         f"torch {torch.__version__}, Python {platform.python_version()}"
     )
 
