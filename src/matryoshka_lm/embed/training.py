@@ -143,6 +143,34 @@ def dim_weights(cfg: EmbedTrainConfig, dims: list[int]) -> dict[int, float]:
     return dict(zip(cfg.dims or dims, cfg.dim_weights or [1.0] * len(dims)))
 
 
+def embedding_meta(
+    cfg: EmbedTrainConfig,
+    model: Embedder,
+    specs: list[SubmodelSpec],
+    dims: list[int],
+    init: str | Path,
+    n_eval: int,
+    before: dict,
+    after: dict,
+) -> dict[str, Any]:
+    """embedding.json: the dims trained (sentence-transformers' Matryoshka fields), specs, base, recall@k."""
+    trained = sorted({m for s in specs for m in (spec_dims(dims, model.out_dim(s)) if cfg.mrl else [model.out_dim(s)])})
+    meta = {
+        "is_matryoshka": cfg.mrl,
+        "matryoshka_dimensions": trained,
+        "pooling": "mean",
+        "normalize": "after_truncation",
+        "projection": cfg.proj_dim or None,
+        "sizes": [format_spec(s) for s in specs],
+        "base": str(init),
+        "train": asdict(cfg),
+        "eval_pairs": n_eval,
+        "recall_before": before,
+        "recall_after": after,
+    }
+    return meta
+
+
 def train_embedding(
     init: str | Path,
     out: str | Path,
@@ -190,20 +218,7 @@ def train_embedding(
 
     fit(opt, list(model.parameters()), cfg, micro_steps, after_step=lambda done, m: metrics(done, m))
     after = evaluate_pairs(model, tok, eval_pairs, specs, dims, cfg.max_tokens) if eval_pairs else {}
-    trained = sorted({m for s in specs for m in (spec_dims(dims, model.out_dim(s)) if cfg.mrl else [model.out_dim(s)])})
-    meta = {
-        "is_matryoshka": cfg.mrl,
-        "matryoshka_dimensions": trained,
-        "pooling": "mean",
-        "normalize": "after_truncation",
-        "projection": cfg.proj_dim or None,
-        "sizes": [format_spec(s) for s in specs],
-        "base": str(init),
-        "train": asdict(cfg),
-        "eval_pairs": len(eval_pairs),
-        "recall_before": before,
-        "recall_after": after,
-    }
+    meta = embedding_meta(cfg, model, specs, dims, init, len(eval_pairs), before, after)
     save_embedding(out, model, tok.to_str(), meta)
     return meta
 
