@@ -26,9 +26,9 @@ from matryoshka_lm.convert.hf import import_hf
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.quant import weight_bytes
 from matryoshka_lm.core.spec import parse_spec
+from matryoshka_lm.eval.texts import ood_text
 from matryoshka_lm.infer.engine import Engine
 from matryoshka_lm.infer.speculative import SpeculativeStats
-from matryoshka_lm.study.recipes import ood_text
 
 
 def main() -> None:

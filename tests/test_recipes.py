@@ -12,7 +12,8 @@ from conftest import tiny_config, tiny_train_config
 from matryoshka_lm.cli.main import main
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.spec import flops_per_token
-from matryoshka_lm.study.recipes import RECIPE_PRESETS, RECIPES, ood_text, plan_recipe_runs
+from matryoshka_lm.eval.texts import ood_text
+from matryoshka_lm.study.recipes import RECIPE_PRESETS, RECIPES, plan_recipe_runs
 from matryoshka_lm.study.study import train_all
 from matryoshka_lm.train.plan import run_flops, size_plan, step_flops, step_submodels, steps_for_flops
 

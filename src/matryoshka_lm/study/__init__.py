@@ -1,2 +1,2 @@
-"""Studies over sizes: Mix'n'Match search under a budget (mixnmatch.py) and Matryoshka vs independently trained
-models (study.py, report.py)."""
+"""Experiments over sizes: Matryoshka vs independently trained models (study.py, report.py) and training recipes
+at equal FLOPs (recipes.py, recipes_report.py)."""

@@ -23,8 +23,8 @@ import torch
 from matryoshka_lm.config import ModelConfig, TrainConfig
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.spec import format_spec, uniform_spec
-from matryoshka_lm.data import encode_corpus
 from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.eval.texts import ood_tokens
 from matryoshka_lm.machine import describe_machine
 from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
 from matryoshka_lm.train.evaluate import evaluate_specs
@@ -103,17 +103,6 @@ def plan_recipe_runs(p: RecipePreset, seed: int) -> dict[str, tuple[ModelConfig,
         for s in SIZES:
             runs[f"d{d}-baseline-{s}"] = (cfg, dataclasses.replace(base, only=s))
     return runs
-
-
-def ood_text() -> str:
-    """Out-of-domain prose: the topic help of Python's documentation (stdlib pydoc_data), 0.46 M characters."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
-
-
-def ood_tokens(tok: Any) -> np.ndarray:
-    return encode_corpus(tok, [ood_text()])
 
 
 def evaluate_recipes(
@@ -200,7 +189,7 @@ def harness_scores(
 
 
 def _harness_run(task: tuple) -> dict[str, dict[str, float]]:
-    from .harness import run_harness
+    from matryoshka_lm.eval.harness import run_harness
 
     path, limit, device = task
     r = run_harness(path, None, list(HARNESS), limit=limit, device=device, bootstrap_iters=0)

@@ -10,7 +10,7 @@ from matryoshka_lm.machine import describe_machine
 from matryoshka_lm.plots import figure
 from matryoshka_lm.train.evaluate import human
 
-from .elastify_preset import MODELS
+from .preset import MODELS
 
 LABELS = {
     "original": "original, naive slice",

@@ -13,6 +13,7 @@ The student trains on the corpus text of the elastic run's training split only, 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from pathlib import Path
@@ -26,16 +27,18 @@ from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.spec import count_params, size_names, uniform_spec
 from matryoshka_lm.data import SPECIAL
 from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.eval.texts import ood_tokens
 from matryoshka_lm.infer.engine import Engine
 from matryoshka_lm.infer.sampling import Sampling
 from matryoshka_lm.machine import describe_machine
+from matryoshka_lm.train.budgeted import Budgeted
 from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
 from matryoshka_lm.train.evaluate import human
 
-from .budgeted import Budgeted
-from .elastify_eval import greedy_samples, scores, size_rows
-from .elastify_preset import GEN_OPENINGS, ElastifyPreset, log
-from .recipes import ood_tokens
+from .measure import greedy_samples, scores, size_rows
+from .preset import GEN_OPENINGS, ElastifyPreset
+
+log = logging.getLogger(__name__)
 
 STOPS = (SPECIAL[0], "<|im_end|>")  # a teacher sample ends at either
 
@@ -89,7 +92,7 @@ def generate_text(out: Path, p: ElastifyPreset, device: str, time_limit_s: float
     meta["seconds"] += time.perf_counter() - t0
     meta["done"] = True
     ck.write_json(meta_path, meta)
-    log(f"teacher generations: {meta['tokens']:,} tokens in {meta['seconds']:.0f} s")
+    log.info(f"teacher generations: {meta['tokens']:,} tokens in {meta['seconds']:.0f} s")
     return meta
 
 
