@@ -33,6 +33,7 @@ from matryoshka_lm.infer import router_labels as RL  # noqa: E402
 from matryoshka_lm.infer.engine import Engine  # noqa: E402
 from matryoshka_lm.infer.routed import routed_generate  # noqa: E402
 from matryoshka_lm.infer.router import route, router_flops  # noqa: E402
+from matryoshka_lm.report import md_table  # noqa: E402
 
 
 def unseen_in_domain(tok, max_corpus_chars: int, chars: int) -> np.ndarray:
@@ -50,16 +51,16 @@ def fmt(m: dict) -> str:
 
 def section(name: str, rep: dict, png: str) -> list[str]:
     lines = [f"### {name} ({rep['queries']} queries)", ""]
-    lines += ["| curve | APGR [95% CI] | CPT(50%) | CPT(80%) |", "|---|---|---|---|"]
-    for curve, m in rep["metrics"].items():
-        star = " (default)" if curve == rep["default"] else ""
-        lines.append(f"| {curve}{star} | {fmt(m['apgr'])} | {fmt(m['cpt50'])} | {fmt(m['cpt80'])} |")
-    lines += ["", "| policy | mean compute | continuation NLL | sizes chosen |", "|---|---|---|---|"]
-    for p, f in rep["fixed"].items():
-        lines.append(f"| {p} | {f['compute']:.3f} | {f['nll']:.4f} | |")
+    curves = [
+        [curve + (" (default)" if curve == rep["default"] else ""), fmt(m["apgr"]), fmt(m["cpt50"]), fmt(m["cpt80"])]
+        for curve, m in rep["metrics"].items()
+    ]
+    lines += [md_table(["curve", "APGR [95% CI]", "CPT(50%)", "CPT(80%)"], curves, "llll"), ""]
+    policies = [[p, f"{f['compute']:.3f}", f"{f['nll']:.4f}", ""] for p, f in rep["fixed"].items()]
     for kind, a in rep["at_tau"].items():
         share = ", ".join(f"{s} {v:.0%}" for s, v in a["share"].items())
-        lines.append(f"| {kind} at τ={rep['tau']:g} | {a['compute']:.3f} | {a['nll']:.4f} | {share} |")
+        policies.append([f"{kind} at τ={rep['tau']:g}", f"{a['compute']:.3f}", f"{a['nll']:.4f}", share])
+    lines.append(md_table(["policy", "mean compute", "continuation NLL", "sizes chosen"], policies, "llll"))
     lines += ["", verdict(rep), "", f"![{name}]({png})", ""]
     return lines
 
@@ -250,13 +251,12 @@ def workload_section(load: dict) -> list[str]:
         "greedy tokens each, one prompt at a time (batch 1, eager); the three runs interleaved per prompt, order "
         "rotating. tokens/s = generated tokens / wall seconds, routing and prefill included.",
         "",
-        "| run | tokens/s | vs always-full | sizes chosen |",
-        "|---|---|---|---|",
     ]
-    for k, v in tps.items():
-        ch = ", ".join(f"{c} {n}" for c, n in load["chosen"][k].items())
-        lines.append(f"| {k} | {v:.1f} | {v / full:.2f}x | {ch} |")
-    return lines + [""]
+    runs = [
+        [k, f"{v:.1f}", f"{v / full:.2f}x", ", ".join(f"{c} {n}" for c, n in load["chosen"][k].items())]
+        for k, v in tps.items()
+    ]
+    return [*lines, md_table(["run", "tokens/s", "vs always-full", "sizes chosen"], runs, "llll"), ""]
 
 
 def body(

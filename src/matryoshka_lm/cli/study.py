@@ -11,19 +11,17 @@ from .options import pick_device, positive_int
 
 
 def cmd_study(a: argparse.Namespace) -> None:
-    from matryoshka_lm.study.recipes import RECIPE_PRESETS, run_recipe_study
-    from matryoshka_lm.study.study import run_study
+    from matryoshka_lm.study.presets import PRESETS, RecipePreset, get_preset
+    from matryoshka_lm.study.runner import run_study
 
     def on_run(name: str, state: str) -> None:
         print(f"[study] {name}: {state}", file=sys.stderr, flush=True)
 
+    if a.jobs != 1 and not isinstance(get_preset(a.preset), RecipePreset):
+        recipes = ", ".join(n for n, p in PRESETS.items() if isinstance(p, RecipePreset))
+        raise MatryoshkaError(f"--jobs applies to the recipe study presets ({recipes})")
     kw = dict(work=a.work, data=a.data, seed=a.seed, device=pick_device(a.device), on_run=on_run)
-    if a.preset in RECIPE_PRESETS:
-        res = run_recipe_study(a.preset, a.out, jobs=a.jobs, **kw)
-    else:
-        if a.jobs != 1:
-            raise MatryoshkaError("--jobs applies to the recipe study presets (recipes-micro, cpu-recipes)")
-        res = run_study(a.preset, a.out, **kw)
+    res = run_study(a.preset, a.out, jobs=a.jobs, **kw)
     print(f"report written to {a.out}/README.md ({res['meta']['wall_seconds'] / 60:.1f} min)")
 
 

@@ -31,6 +31,7 @@ from matryoshka_lm.eval.texts import ood_tokens
 from matryoshka_lm.infer.engine import Engine
 from matryoshka_lm.infer.sampling import Sampling
 from matryoshka_lm.machine import describe_machine
+from matryoshka_lm.report import md_table
 from matryoshka_lm.train.budgeted import Budgeted
 from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
 from matryoshka_lm.train.evaluate import human
@@ -183,19 +184,14 @@ def write_model_card(out: Path, dest: Path, res: dict[str, Any]) -> None:
     cfg, _ = ck.read_config(dest)
     source = json.loads((out / "settings.json").read_text())["source"]
     plan, gen = res["student_plan"], res["generated"]
+    head = ["size", "params", "held-out loss (int8)", "out-of-domain loss (int8)", "top-1 agreement with the teacher"]
     rows = [
-        "| size | params | held-out loss (int8) | out-of-domain loss (int8) | top-1 agreement with the teacher |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for n, s in res["sizes"].items():
-        rows.append(
-            f"| {n} | {human(s['params'])} | {res['loss']['student, int8'][n]:.3f} | "
-            f"{res['ood_loss']['student, int8'][n]:.3f} | {res['agreement']['student, int8'][n]:.1%} |"
-        )
-    rows.append(
-        f"| teacher | {human(res['teacher_params'])} | {res['loss']['teacher']['XL']:.3f} | "
-        f"{res['ood_loss']['teacher']['XL']:.3f} | |"
-    )
+        [n, human(s["params"]), f"{res['loss']['student, int8'][n]:.3f}", f"{res['ood_loss']['student, int8'][n]:.3f}",
+         f"{res['agreement']['student, int8'][n]:.1%}"]
+        for n, s in res["sizes"].items()
+    ]  # fmt: skip
+    rows.append(["teacher", human(res["teacher_params"]), f"{res['loss']['teacher']['XL']:.3f}",
+                 f"{res['ood_loss']['teacher']['XL']:.3f}", ""])  # fmt: skip
     samples = []
     for i, prompt in enumerate(res["prompts"]):
         samples += [f"**{prompt}**", ""] + [f"- {n}: {_line(res['samples'][n][i])}" for n in res["samples"]] + [""]
@@ -215,7 +211,7 @@ FFN {cfg.ffn_dim}, SmolLM2's 49,152-token tokenizer.
 
 Losses in nats per token on the held-out corpus split and on Python's documentation (out of domain):
 
-{chr(10).join(rows)}
+{md_table(head, rows)}
 
 Greedy continuations, int8, every size:
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from matryoshka_lm.plots import figure
+from matryoshka_lm.report import figure, md_table
 from matryoshka_lm.train.evaluate import human
 
 from .candidates import Budget, Candidate, pareto_front
@@ -14,21 +14,16 @@ def format_frontier(points: list[Candidate], best: Candidate, budget: Budget) ->
     """Markdown table of every evaluated candidate, cheapest first; '*' marks the Pareto frontier."""
     front = {id(c) for c in pareto_front(points, budget.metric)}
     lat = any(c.latency is not None for c in points)
-    head = (
-        "| spec | kind | params | FLOPs/token | MB |"
-        + (" latency ms |" if lat else "")
-        + " val loss | frontier | fits |"
-    )
-    lines = [head, "|---|---|---:|---:|---:|" + ("---:|" if lat else "") + "---:|:-:|:-:|"]
+    head = ["spec", "kind", "params", "FLOPs/token", "MB", *(["latency ms"] if lat else []), "val loss", "frontier"]
+    rows = []
     for c in points:
         name = f"**{c.text}**" if c is best else c.text
-        row = f"| {name} | {c.kind} | {human(c.params)} | {human(c.flops)} | {c.memory / 1e6:.3g} |"
+        row = [name, c.kind, human(c.params), human(c.flops), f"{c.memory / 1e6:.3g}"]
         if lat:
-            row += f" {c.latency * 1e3:.2f} |" if c.latency is not None else " |"
+            row.append(f"{c.latency * 1e3:.2f}" if c.latency is not None else "")
         fits = c.cost(budget.metric) <= budget.value
-        row += f" {c.val_loss:.3f} | {'*' if id(c) in front else ''} | {'yes' if fits else ''} |"
-        lines.append(row)
-    return "\n".join(lines)
+        rows.append([*row, f"{c.val_loss:.3f}", "*" if id(c) in front else "", "yes" if fits else ""])
+    return md_table([*head, "fits"], rows, "ll" + "r" * (len(head) - 3) + "CC")
 
 
 def plot_frontier(points: list[Candidate], best: Candidate, budget: Budget, path: Path, title: str) -> None:
