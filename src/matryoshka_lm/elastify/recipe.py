@@ -165,6 +165,30 @@ def evaluate_all(out: Path, p: ElastifyPreset, device: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- the whole recipe
 
 
+def checked_request(preset: str | ElastifyPreset, stages: tuple[str, ...]) -> ElastifyPreset:
+    """The preset to run, after refusing unknown presets and stages, and under torchrun any stage but train."""
+    if isinstance(preset, str) and preset not in PRESETS:
+        raise MatryoshkaError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    bad = set(stages) - set(STAGES)
+    if bad or not stages:
+        raise MatryoshkaError(f"unknown stages {sorted(bad)}; choose from {', '.join(STAGES)}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and set(stages) != {"train"}:
+        raise MatryoshkaError("under torchrun run only the train stage (--stages train), after --stages prepare")
+    return PRESETS[preset] if isinstance(preset, str) else preset
+
+
+def prepare(out: Path, p: ElastifyPreset, name: str, hf, gguf, data: str | None, device: str) -> Path:
+    """The prepare stage: settings.json, the source converted and imported twice, and the elastic run's plan;
+    returns the Hugging Face folder imported."""
+    out.mkdir(parents=True, exist_ok=True)
+    source = Path(hf or gguf or SMOLLM2_FILE).name
+    ck.write_json(out / "settings.json", {"preset": name, "source": source, "data": data, **dataclasses.asdict(p)})
+    src = source_folder(out, hf, gguf)
+    import_both(src, out, p, data, device)
+    plan(elastic_job(out, p), data, device)
+    return src
+
+
 def run_elastify(
     out: str | Path,
     preset: str | ElastifyPreset = "gpu",
@@ -185,15 +209,7 @@ def run_elastify(
     and a later call with the same arguments continues. `report` (default out/report) receives README.md and
     the plots, `ship` (default out/ship) the student's int8 checkpoint and model card. Under torchrun (several
     processes) only the train stage runs, after a single-process call has run "prepare"."""
-    out = Path(out)
-    if isinstance(preset, str) and preset not in PRESETS:
-        raise MatryoshkaError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    p = PRESETS[preset] if isinstance(preset, str) else preset
-    bad = set(stages) - set(STAGES)
-    if bad or not stages:
-        raise MatryoshkaError(f"unknown stages {sorted(bad)}; choose from {', '.join(STAGES)}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and set(stages) != {"train"}:
-        raise MatryoshkaError("under torchrun run only the train stage (--stages train), after --stages prepare")
+    out, p = Path(out), checked_request(preset, stages)
     deadline = None if time_limit_s is None else time.perf_counter() + time_limit_s
 
     def left() -> float | None:
@@ -201,13 +217,8 @@ def run_elastify(
 
     src: Path | None = None
     if "prepare" in stages:
-        out.mkdir(parents=True, exist_ok=True)
         name = preset if isinstance(preset, str) else preset_name or "custom"
-        source = Path(hf or gguf or SMOLLM2_FILE).name
-        ck.write_json(out / "settings.json", {"preset": name, "source": source, "data": data, **dataclasses.asdict(p)})
-        src = source_folder(out, hf, gguf)
-        import_both(src, out, p, data, device)
-        plan(elastic_job(out, p), data, device)
+        src = prepare(out, p, name, hf, gguf, data, device)
     if not (out / "plan.json").is_file():
         raise MatryoshkaError(f"{out} is not prepared: run the prepare stage first (--stages prepare)")
     result: dict[str, Any] = {"done": False, "plan": json.loads((out / "plan.json").read_text())}

@@ -215,7 +215,7 @@ def pareto_front(points: list[Candidate], metric: str) -> list[Candidate]:
     return front
 
 
-def _cost_str(c: Candidate, metric: str) -> str:
+def cost_text(c: Candidate, metric: str) -> str:
     if metric == "latency":
         return f"{c.latency * 1e3:.2f} ms here"
     if metric == "memory":

@@ -1,9 +1,11 @@
-"""The Mix'n'Match frontier: every evaluated candidate as a Markdown table and as a cost-vs-loss plot."""
+"""The Mix'n'Match frontier: every evaluated candidate as a Markdown table, as JSON and as a cost-vs-loss plot."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from matryoshka_lm.core.spec import format_spec
 from matryoshka_lm.report import figure, md_table
 from matryoshka_lm.train.evaluate import human
 
@@ -24,6 +26,27 @@ def format_frontier(points: list[Candidate], best: Candidate, budget: Budget) ->
         fits = c.cost(budget.metric) <= budget.value
         rows.append([*row, f"{c.val_loss:.3f}", "*" if id(c) in front else "", "yes" if fits else ""])
     return md_table([*head, "fits"], rows, "ll" + "r" * (len(head) - 3) + "CC")
+
+
+def frontier_json(points: list[Candidate], best: Candidate, budget: Budget) -> dict[str, Any]:
+    """The search's result for mixnmatch.json: the budget, the best spec and every evaluated point."""
+    front = {id(c) for c in pareto_front(points, budget.metric)}
+    rows = [
+        {
+            "spec": c.text,
+            "canonical": format_spec(c.spec),
+            "kind": c.kind,
+            "params": c.params,
+            "flops_per_token": c.flops,
+            "latency_ms": None if c.latency is None else c.latency * 1e3,
+            "bits": c.spec.bits,
+            "weight_bytes": c.memory,
+            "val_loss": c.val_loss,
+            "pareto": id(c) in front,
+        }
+        for c in points
+    ]
+    return {"budget": str(budget), "best": best.text, "best_canonical": format_spec(best.spec), "points": rows}
 
 
 def plot_frontier(points: list[Candidate], best: Candidate, budget: Budget, path: Path, title: str) -> None:

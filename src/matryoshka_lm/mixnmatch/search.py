@@ -20,21 +20,20 @@ import torch
 
 from matryoshka_lm.config import ModelConfig
 from matryoshka_lm.core.model import MatryoshkaLM
-from matryoshka_lm.core.spec import SubmodelSpec, format_spec, parse_spec
+from matryoshka_lm.core.spec import SubmodelSpec, parse_spec
 from matryoshka_lm.errors import MatryoshkaError
 
 from .candidates import (
     MEMORY_BITS,
     Budget,
     Candidate,
-    _cost_str,
+    cost_text,
     enumerate_candidates,
-    pareto_front,
     parse_budget,
     select,
     spec_text,
 )
-from .frontier import format_frontier, plot_frontier
+from .frontier import format_frontier, frontier_json, plot_frontier
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +101,7 @@ def mixnmatch_search(
     if not fits:
         raise MatryoshkaError(
             f"no submodel fits {budget}: the smallest measured is "
-            f"{_cost_str(min(picked, key=lambda c: c.cost(metric)), metric)}"
+            f"{cost_text(min(picked, key=lambda c: c.cost(metric)), metric)}"
         )
     return sorted(picked, key=lambda c: c.cost(metric)), min(fits, key=lambda c: c.val_loss)
 
@@ -123,7 +122,7 @@ def check_fits(
     if cheapest.cost(metric) > budget.value:
         raise MatryoshkaError(
             f"no submodel fits {budget}: the smallest is {spec_text(model.cfg, cheapest)} at "
-            f"{_cost_str(cheapest, metric)}"
+            f"{cost_text(cheapest, metric)}"
         )
 
 
@@ -200,31 +199,6 @@ def run_mixnmatch(
         bits=bits,
     )
     plot_frontier(points, best, b, Path(plot_path or ckpt / "mixnmatch.png"), f"{ckpt.name}: Mix'n'Match, {b}")
-    front = {id(c) for c in pareto_front(points, b.metric)}
-    rows = [
-        {
-            "spec": c.text,
-            "canonical": format_spec(c.spec),
-            "kind": c.kind,
-            "params": c.params,
-            "flops_per_token": c.flops,
-            "latency_ms": None if c.latency is None else c.latency * 1e3,
-            "bits": c.spec.bits,
-            "weight_bytes": c.memory,
-            "val_loss": c.val_loss,
-            "pareto": id(c) in front,
-        }
-        for c in points
-    ]
-    write_json(
-        Path(json_path or ckpt / "mixnmatch.json"),
-        {
-            "budget": str(b),
-            "best": best.text,
-            "best_canonical": format_spec(best.spec),
-            "points": rows,
-            "val_windows": n_batches * 8,
-            "seq_len": seq_len,
-        },
-    )
+    out = {**frontier_json(points, best, b), "val_windows": n_batches * 8, "seq_len": seq_len}
+    write_json(Path(json_path or ckpt / "mixnmatch.json"), out)
     return best, format_frontier(points, best, b)
