@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from matryoshka_lm.errors import MatryoshkaError
 
@@ -19,7 +20,8 @@ def cmd_elastify(a: argparse.Namespace) -> None:
     stages = tuple(s.strip() for s in a.stages.split(",") if s.strip()) if a.stages else STAGES
     overrides = {"train_minutes": a.train_minutes, "steps": a.steps}
     preset = dataclasses.replace(PRESETS[a.preset], **{k: v for k, v in overrides.items() if v is not None})
-    with progress("matryoshka_lm.elastify", "matryoshka_lm.train.budgeted"):
+    # stdout: where elastify's stage lines have always gone (run logs capture them with the report path)
+    with progress("matryoshka_lm.elastify", "matryoshka_lm.train.budgeted", stream=sys.stdout):
         res = run_elastify(
             a.out,
             preset,

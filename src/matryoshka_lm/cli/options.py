@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TextIO
 
 from matryoshka_lm.errors import MatryoshkaError
 
@@ -78,10 +79,10 @@ def spec_list(text: str | None) -> list[str] | None:
 
 
 @contextmanager
-def progress(*loggers: str) -> Iterator[None]:
-    """Print the INFO records of these library loggers as '[HH:MM:SS] message' lines on stdout while the block
-    runs: the library only logs, and a long command shows its progress here, in the CLI."""
-    handler = logging.StreamHandler(sys.stdout)
+def progress(*loggers: str, stream: TextIO | None = None) -> Iterator[None]:
+    """Print the INFO records of these library loggers as '[HH:MM:SS] message' lines on `stream` (default stderr)
+    while the block runs: the library only logs, and a long command shows its progress here, in the CLI."""
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
     saved = []
     for name in loggers:
