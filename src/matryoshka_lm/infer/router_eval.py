@@ -113,7 +113,7 @@ def format_report(rep: dict[str, Any]) -> str:
 
 
 def plot_curves(rep: dict[str, Any], path: str | Path, title: str = "") -> None:
-    from matryoshka_lm.plots import figure
+    from matryoshka_lm.report import figure
 
     with figure(path, (6.4, 4.4), legend={"fontsize": 8}) as (_, ax):
         for name, c in rep["curves"].items():
