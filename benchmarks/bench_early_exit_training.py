@@ -27,6 +27,7 @@ from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.spec import size_names, uniform_spec
 from matryoshka_lm.infer.engine import Engine
 from matryoshka_lm.infer.speculative import SpeculativeStats
+from matryoshka_lm.report import md_table
 from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
 from matryoshka_lm.train.evaluate import evaluate_specs
 
@@ -73,17 +74,16 @@ def main() -> None:
     for arm in a.arms.split(","):
         res[f"+100 steps, {arm}"] = measure(fine_tuned(base, arm), prompts, a.tokens, val)
     names = list(next(iter(res.values()))["loss"])
-    rows = [
-        "| model | " + " | ".join(f"val loss {s}" for s in names) + " | agreement E2 / E4 with XL | "
-        "acceptance E2 / E4 (γ=4) | tokens per target pass E2 / E4 |",
-        "|---|" + "---:|" * (len(names) + 3),
-    ]
+    head = ["model", *(f"val loss {s}" for s in names), "agreement E2 / E4 with XL", "acceptance E2 / E4 (γ=4)",
+            "tokens per target pass E2 / E4"]  # fmt: skip
+    cells = []
     for label, r in res.items():
-        loss = " | ".join(f"{r['loss'][s]:.3f}" for s in names)
+        loss = [f"{r['loss'][s]:.3f}" for s in names]
         agree = f"{r['agree']['E2']:.3f} / {r['agree']['E4']:.3f}"
         acc = f"{r['spec']['E2'][0]:.2f} / {r['spec']['E4'][0]:.2f}"
         tpp = f"{r['spec']['E2'][1]:.2f} / {r['spec']['E4'][1]:.2f}"
-        rows.append(f"| {label} | {loss} | {agree} | {acc} | {tpp} |")
+        cells.append([label, *loss, agree, acc, tpp])
+    rows = md_table(head, cells).split("\n")
     body = [
         "## Training for early-exit drafts (`benchmarks/bench_early_exit_training.py`)",
         "",

@@ -39,6 +39,7 @@ from matryoshka_lm.embed import (  # noqa: E402
     pair_recall,  # noqa: E402
     split_pairs,
 )
+from matryoshka_lm.report import md_table  # noqa: E402
 
 OUT = ROOT / "runs" / "bench_embeddings"
 DOCS = ROOT / "docs"
@@ -548,10 +549,8 @@ def gain(curves: dict, m: int) -> float:
 
 
 def table(curves: dict, dims: list[int], key: str = "r@10") -> list[str]:
-    lines = ["| embedding | " + " | ".join(str(m) for m in dims) + " |", "|---|" + "---:|" * len(dims)]
-    for name, c in curves.items():
-        lines.append(f"| {name} | " + " | ".join(f"{c[str(m)][key]:.3f}" if str(m) in c else "" for m in dims) + " |")
-    return lines
+    rows = [[name, *(f"{c[str(m)][key]:.3f}" if str(m) in c else "" for m in dims)] for name, c in curves.items()]
+    return md_table(["embedding", *dims], rows).split("\n")
 
 
 def report() -> str:
@@ -652,10 +651,9 @@ def report() -> str:
                 f"Cross-size recall@10, `{name}`: rows = size that embedded the index (passages), columns = size "
                 "that embeds the queries; compared at the smaller of the two widths.",
                 "",
-                "| index \\ query | " + " | ".join(m) + " |",
-                "|---|" + "---:|" * len(m),
+                md_table(["index \\ query", *m], [[a, *(f"{m[a][b]:.3f}" for b in m)] for a in m]),
+                "",
             ]
-            L += [f"| {a} | " + " | ".join(f"{m[a][b]:.3f}" for b in m) + " |" for a in m] + [""]
     if funnel:
         L += funnel_report(funnel)
     L += [f"Figures: {', '.join(f'`{p}`' for p in pngs)}." if pngs else ""]
@@ -685,16 +683,16 @@ def funnel_report(funnel: dict) -> list[str]:
             + (f", HNSW graphs over 24 and 48 dims {res['hnsw_build_s']:.1f} s" if "hnsw_build_s" in res else "")
             + ".",
             "",
-            "| first stage | dims | shortlist | ms/query | speed-up | batch s | batch speed-up | recall@10 vs exact "
-            "| task r@10 |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|",
         ]
-        for r in res["funnel"]:
-            L.append(
-                f"| {r['first_stage']} | {'→'.join(map(str, r['dims']))} | {','.join(map(str, r['shortlist']))} | "
-                f"{r['latency_ms']:.2f} | {ex['latency_ms'] / r['latency_ms']:.1f}x | {r['batch_s']:.2f} | "
-                f"{ex['batch_s'] / r['batch_s']:.1f}x | {r['r@10_vs_exact']:.4f} | {r['task_r@10']:.3f} |"
-            )
+        head = ["first stage", "dims", "shortlist", "ms/query", "speed-up", "batch s", "batch speed-up",
+                "recall@10 vs exact", "task r@10"]  # fmt: skip
+        rows = [
+            [r["first_stage"], "→".join(map(str, r["dims"])), ",".join(map(str, r["shortlist"])),
+             f"{r['latency_ms']:.2f}", f"{ex['latency_ms'] / r['latency_ms']:.1f}x", f"{r['batch_s']:.2f}",
+             f"{ex['batch_s'] / r['batch_s']:.1f}x", f"{r['r@10_vs_exact']:.4f}", f"{r['task_r@10']:.3f}"]
+            for r in res["funnel"]
+        ]  # fmt: skip
+        L.append(md_table(head, rows, "lllrrrrrr"))
         for what, ok_fn in (
             ("task r@10 >= 0.99 x exact's", lambda r, ex=ex: r["task_r@10"] >= 0.99 * ex["task_r@10"]),
             ("recall@10 vs exact >= 0.99", lambda r: r["r@10_vs_exact"] >= 0.99),

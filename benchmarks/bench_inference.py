@@ -32,11 +32,13 @@ from matryoshka_lm.core.nested import slice_state_dict, submodel_config
 from matryoshka_lm.core.spec import count_params, uniform_spec
 from matryoshka_lm.infer.engine import Engine, prefill
 from matryoshka_lm.infer.speculative import SpeculativeStats, speculative_decode
+from matryoshka_lm.report import md_table
 
 THREADS = 1  # see the notes in the section: the 2-core machine is shared, and 2 threads make small ops erratic
 MODEL_DIR = ROOT / "runs" / "bench-inference"
 TRAIN_STEPS = 200
 SIZES = ["XL", "L", "M", "S"]
+EXTRACTED_HEAD = ["model", "size", "extracted copy", "engine (views, sliced once)", "sliced at every call"]
 WIDE = dict(vocab_size=2048, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1536, max_seq_len=256)
 PROMPTS = [
     "ROMEO: ",
@@ -156,20 +158,19 @@ def per_size_table(name: str, model: MatryoshkaLM, n: int, repeats: int) -> str:
         fns[f"{s} b8"] = decode_seconds(engine, s, eight, n)
         fns[f"{s} prefill"] = prefill_seconds(model, s, 1, 128)
     t = self_timed(fns, repeats)
-    rows = [
-        "| size | params | decode tok/s, batch 1 | decode tok/s, batch 8 | prefill tok/s (1 x 128) |",
-        "|---|---:|---:|---:|---:|",
-    ]
+    rows = []
     for s in SIZES:
         p = count_params(model.cfg, uniform_spec(model.cfg, s))["total"]
         b1, b8, pre = (n - 1) / t[f"{s} b1"], 8 * (n - 1) / t[f"{s} b8"], 128 / t[f"{s} prefill"]
-        rows.append(f"| {s} | {p / 1e6:.2f} M | {b1:,.0f} | {b8:,.0f} | {pre:,.0f} |")
-    return f"**{name}**\n\n" + "\n".join(rows)
+        rows.append([s, f"{p / 1e6:.2f} M", f"{b1:,.0f}", f"{b8:,.0f}", f"{pre:,.0f}"])
+    head = ["size", "params", "decode tok/s, batch 1", "decode tok/s, batch 8", "prefill tok/s (1 x 128)"]
+    return f"**{name}**\n\n" + md_table(head, rows)
 
 
-def elastic_vs_extracted(name: str, model: MatryoshkaLM, n: int, repeats: int) -> tuple[list[str], float]:
+def elastic_vs_extracted(name: str, model: MatryoshkaLM, n: int, repeats: int) -> tuple[list[list[str]], float]:
     """Batch-1 decode of each smaller size: the engine (views taken once), views taken at every call
-    (model(x, spec)), and an extracted contiguous copy; rows of a markdown table, worst engine/extracted ratio."""
+    (model(x, spec)), and an extracted contiguous copy; rows of a markdown table (cells), worst engine/extracted
+    ratio."""
     one = [list(range(1, 17))]
     once, per_call = Engine(model), Engine(model, slice_once=False)
     fns = {}
@@ -183,10 +184,8 @@ def elastic_vs_extracted(name: str, model: MatryoshkaLM, n: int, repeats: int) -
         r = t[f"{s} extracted"] / t[f"{s} once"]
         worst = min(worst, r)
         rate = {k: (n - 1) / t[f"{s} {k}"] for k in ("once", "per call", "extracted")}
-        rows.append(
-            f"| {name} | {s} | {rate['extracted']:,.0f} | {rate['once']:,.0f} (**{r:.2f}x**) | "
-            f"{rate['per call']:,.0f} ({t[f'{s} extracted'] / t[f'{s} per call']:.2f}x) |"
-        )
+        per_call = f"{rate['per call']:,.0f} ({t[f'{s} extracted'] / t[f'{s} per call']:.2f}x)"
+        rows.append([name, s, f"{rate['extracted']:,.0f}", f"{rate['once']:,.0f} (**{r:.2f}x**)", per_call])
     return rows, worst
 
 
@@ -411,9 +410,7 @@ def main(quick: bool = False) -> str:
         "Decode tok/s at batch 1: an extracted dense copy of the size's weights; the engine, which "
         "runs the size on views of the full weights taken once per size; and `model(x, spec)`, which "
         "takes the views at every call. Ratios are to the extracted copy.\n\n"
-        "| model | size | extracted copy | engine (views, sliced once) | sliced at every call |\n"
-        "|---|---|---:|---:|---:|\n"
-        + "\n".join(rows_d + rows_w)
+        + md_table(EXTRACTED_HEAD, rows_d + rows_w, "llrrr")
         + f"\n\nGoal >= 0.95x: {goal(worst >= 0.95)} (worst {worst:.2f}x).\n\n"
         "Where the difference comes from, one matmul of the *wide* model's layer 0 at size S (slice view "
         "vs contiguous copy, time per call, copy/view):\n\n"
@@ -536,19 +533,15 @@ def speculative_table(
     costs: dict[str, float],
 ) -> str:
     base = t["target alone"]
-    rows = [
-        f"### Speculative decoding, {kind} (demo model, target XL, {n_prompts} prompts x {n} tokens, greedy)\n",
-        "| decoding | s | speedup vs XL alone | acceptance | tokens per XL pass | mean gamma |",
-        "|---|---:|---:|---:|---:|---:|",
-        f"| XL alone | {base:.2f} | 1.00x | | 1.00 | |",
-    ]
+    title = f"### Speculative decoding, {kind} (demo model, target XL, {n_prompts} prompts x {n} tokens, greedy)\n"
+    cells = [["XL alone", f"{base:.2f}", "1.00x", "", "1.00", ""]]
     best = 0.0
     for k, s in stats.items():
         best = max(best, base / t[k])
-        rows.append(
-            f"| {k} | {t[k]:.2f} | **{base / t[k]:.2f}x** | {s.acceptance:.0%} | {s.tokens_per_round:.2f} | "
-            f"{statistics.mean(s.gammas) if s.gammas else 0:.1f} |"
-        )
+        cells.append([k, f"{t[k]:.2f}", f"**{base / t[k]:.2f}x**", f"{s.acceptance:.0%}", f"{s.tokens_per_round:.2f}",
+                      f"{statistics.mean(s.gammas) if s.gammas else 0:.1f}"])  # fmt: skip
+    head = ["decoding", "s", "speedup vs XL alone", "acceptance", "tokens per XL pass", "mean gamma"]
+    rows = [title, md_table(head, cells)]
     xl = costs["XL step"]
     why = (
         f"What a round costs here, relative to one XL decode step ({xl * 1e3:.2f} ms): an S draft step "

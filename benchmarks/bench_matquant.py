@@ -31,7 +31,7 @@ from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core import quant
 from matryoshka_lm.core.spec import size_names, uniform_spec
 from matryoshka_lm.data import encode_corpus
-from matryoshka_lm.plots import figure
+from matryoshka_lm.report import figure, md_table
 from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
 from matryoshka_lm.train.evaluate import evaluate_specs
 from matryoshka_lm.train.loop import train
@@ -94,11 +94,9 @@ def cell_losses(ckpt: Path, val, ood, n_batches: int) -> dict[str, dict[str, flo
 
 def table(results: dict, cfg, qcfg) -> list[str]:
     """One row per cell: bytes, RTN / QAT-alone / MatQuant (all / sampled) losses, MatQuant's deltas."""
-    lines = [
-        "| cell | MB (linear) | RTN (a) | QAT alone (b) | MatQuant (c) | c − a | c − b | MatQuant sampled "
-        "| OOD: a / b / c |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
+    head = ["cell", "MB (linear)", "RTN (a)", "QAT alone (b)", "MatQuant (c)", "c − a", "c − b", "MatQuant sampled",
+            "OOD: a / b / c"]  # fmt: skip
+    rows = []
     for name in size_names(cfg):
         spec = uniform_spec(cfg, name)
         for b in EVAL_BITS:
@@ -112,13 +110,10 @@ def table(results: dict, cfg, qcfg) -> list[str]:
             b_in = None if alone is None else alone["in"]
             b_ood = None if alone is None else alone["ood"]
             c_minus_b = "—" if b_in is None else f"{c['in'] - b_in:+.3f}"
-            lines.append(
-                f"| {cell} | {mb:.2f} ({linear:.2f}) | {a['in']:.3f} | {fmt(b_in)} | {c['in']:.3f} | "
-                f"{c['in'] - a['in']:+.3f} | "
-                f"{c_minus_b} | {cs['in']:.3f} | "
-                f"{a['ood']:.2f} / {fmt(b_ood)} / {c['ood']:.2f} |"
-            )
-    return lines
+            rows.append([cell, f"{mb:.2f} ({linear:.2f})", f"{a['in']:.3f}", fmt(b_in), f"{c['in']:.3f}",
+                         f"{c['in'] - a['in']:+.3f}", c_minus_b, f"{cs['in']:.3f}",
+                         f"{a['ood']:.2f} / {fmt(b_ood)} / {c['ood']:.2f}"])  # fmt: skip
+    return md_table(head, rows, "lrrrrrrrl").split("\n")
 
 
 def linear_fp32(cfg, spec) -> float:

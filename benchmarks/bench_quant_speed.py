@@ -34,6 +34,7 @@ from matryoshka_lm.core.precision import codes_of
 from matryoshka_lm.core.spec import count_params, uniform_spec
 from matryoshka_lm.infer.engine import Engine
 from matryoshka_lm.infer.packed import int4_pack, packed_view, scales_zeros
+from matryoshka_lm.report import md_table
 
 THREADS = 2  # --threads; the machine's 2 cores
 OUT = ROOT / "runs" / "quant_speed"
@@ -157,10 +158,8 @@ def kernel_rows(n: int = 4096, calls: int = 20) -> list[str]:
             xd, p4, 32, szd
         )
     t = interleaved_times(fns, repeats=calls)
-    rows = [f"| kernel ({n} x {n}, batch 1) | µs | vs fp32 |", "|---|---:|---:|"]
-    for k, v in t.items():
-        rows.append(f"| {k} | {v * 1e6:,.0f} | {t['fp32 F.linear'] / v:.2f}x |")
-    return rows
+    rows = [[k, f"{v * 1e6:,.0f}", f"{t['fp32 F.linear'] / v:.2f}x"] for k, v in t.items()]
+    return md_table([f"kernel ({n} x {n}, batch 1)", "µs", "vs fp32"], rows).split("\n")
 
 
 def interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
@@ -255,17 +254,16 @@ def table(result: dict, cfg) -> str:
         f"measured in the same run ({gbs:.1f} GB/s, a 512 MB fp32 sum on {threads} thread(s)). Our quantized rows "
         "quantize the token table too (groups of 32), as the shipped GGUF does (Q8_0); our GGUF exports keep it f32.",
         "",
-        "| size | engine | params | tok/s | MB/token | GB/s | roofline | note |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
+    cells = []
     for row in result["rows"].values():
         p = count_params(cfg, uniform_spec(cfg, row["size"]))["total"]
         rate = row["tokens_per_s"]
         achieved = rate * row["bytes"] / 1e9
-        lines.append(
-            f"| {row['size']} | {row['kind']} | {p / 1e6:.0f} M | {rate:.1f} | {row['bytes'] / 1e6:.0f} | "
-            f"{achieved:.1f} | {achieved / gbs:.0%} | {row['note']} |"
-        )
+        cells.append([row["size"], row["kind"], f"{p / 1e6:.0f} M", f"{rate:.1f}", f"{row['bytes'] / 1e6:.0f}",
+                      f"{achieved:.1f}", f"{achieved / gbs:.0%}", row["note"]])  # fmt: skip
+    head = ["size", "engine", "params", "tok/s", "MB/token", "GB/s", "roofline", "note"]
+    lines.append(md_table(head, cells, "llrrrrrl"))
     lines += ["", *result["kernels"], ""]
     lines += [
         "Packed cells (`infer/packed.py`) run PyTorch's weight-only kernels with bf16 activations: with fp32 "

@@ -27,10 +27,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import ROOT, interleaved_times, machine, write_section  # noqa: E402
 from matryoshka_lm.core import checkpoint as ck  # noqa: E402
 from matryoshka_lm.data import default_corpus, encode_corpus, split_tokens  # noqa: E402
+from matryoshka_lm.infer import router_eval as RE  # noqa: E402
+from matryoshka_lm.infer import router_fit as RF  # noqa: E402
+from matryoshka_lm.infer import router_labels as RL  # noqa: E402
 from matryoshka_lm.infer.engine import Engine  # noqa: E402
 from matryoshka_lm.infer.routed import routed_generate  # noqa: E402
 from matryoshka_lm.infer.router import route, router_flops  # noqa: E402
-from matryoshka_lm.study import routing as R  # noqa: E402
+from matryoshka_lm.report import md_table  # noqa: E402
 
 
 def unseen_in_domain(tok, max_corpus_chars: int, chars: int) -> np.ndarray:
@@ -48,30 +51,30 @@ def fmt(m: dict) -> str:
 
 def section(name: str, rep: dict, png: str) -> list[str]:
     lines = [f"### {name} ({rep['queries']} queries)", ""]
-    lines += ["| curve | APGR [95% CI] | CPT(50%) | CPT(80%) |", "|---|---|---|---|"]
-    for curve, m in rep["metrics"].items():
-        star = " (default)" if curve == rep["default"] else ""
-        lines.append(f"| {curve}{star} | {fmt(m['apgr'])} | {fmt(m['cpt50'])} | {fmt(m['cpt80'])} |")
-    lines += ["", "| policy | mean compute | continuation NLL | sizes chosen |", "|---|---|---|---|"]
-    for p, f in rep["fixed"].items():
-        lines.append(f"| {p} | {f['compute']:.3f} | {f['nll']:.4f} | |")
+    curves = [
+        [curve + (" (default)" if curve == rep["default"] else ""), fmt(m["apgr"]), fmt(m["cpt50"]), fmt(m["cpt80"])]
+        for curve, m in rep["metrics"].items()
+    ]
+    lines += [md_table(["curve", "APGR [95% CI]", "CPT(50%)", "CPT(80%)"], curves, "llll"), ""]
+    policies = [[p, f"{f['compute']:.3f}", f"{f['nll']:.4f}", ""] for p, f in rep["fixed"].items()]
     for kind, a in rep["at_tau"].items():
         share = ", ".join(f"{s} {v:.0%}" for s, v in a["share"].items())
-        lines.append(f"| {kind} at τ={rep['tau']:g} | {a['compute']:.3f} | {a['nll']:.4f} | {share} |")
+        policies.append([f"{kind} at τ={rep['tau']:g}", f"{a['compute']:.3f}", f"{a['nll']:.4f}", share])
+    lines.append(md_table(["policy", "mean compute", "continuation NLL", "sizes chosen"], policies, "llll"))
     lines += ["", verdict(rep), "", f"![{name}]({png})", ""]
     return lines
 
 
 def without_overhead(model, router, labels) -> dict[str, float]:
     """Counterfactual APGR if the router's features were free: separates weak prediction from the prefill's cost."""
-    costs = R.query_costs(model, router.specs(model.cfg), labels)
-    ends = R._ends(labels, costs, np.arange(labels.nll.shape[0]))
+    costs = RF.query_costs(model, router.specs(model.cfg), labels)
+    ends = RF._ends(labels, costs, np.arange(labels.nll.shape[0]))
     out = {}
     for kind in sorted(router.predictors):
-        gaps = R.predicted_gaps(router, labels, kind)
-        pol = R.predicted_policy(kind, gaps, R.tau_grid(gaps))
+        gaps = RF.predicted_gaps(router, labels, kind)
+        pol = RF.predicted_policy(kind, gaps, RF.tau_grid(gaps))
         pol.routed = False
-        out[kind] = R.apgr_cpt(*pol.points(labels, costs), ends)["apgr"]
+        out[kind] = RF.apgr_cpt(*pol.points(labels, costs), ends)["apgr"]
     return out
 
 
@@ -107,16 +110,16 @@ def generation_quality(model, fit_tokens, test_tokens, n_fit, n_test, window, co
     (its default τ is the scoring one's, 0.1, for the operating point; the curves sweep τ anyway)."""
     t0 = time.perf_counter()
     kw = {"quality": "generation", "new_tokens": new_tokens}
-    _, fit = R.label_tokens(model, fit_tokens, n_fit, window, cont, seed=0, **kw)
-    router = R.fit_router(model, fit, tolerance=0.1)
-    _, test = R.label_tokens(model, test_tokens, n_test, window, cont, seed=1, **kw)
-    rep = R.evaluate(model, router, test, router.tolerance, n_boot=n_boot)
+    _, fit = RL.label_tokens(model, fit_tokens, n_fit, window, cont, seed=0, **kw)
+    router = RF.fit_router(model, fit, tolerance=0.1)
+    _, test = RL.label_tokens(model, test_tokens, n_test, window, cont, seed=1, **kw)
+    rep = RE.evaluate(model, router, test, router.tolerance, n_boot=n_boot)
     rep["apgr_without_overhead"] = without_overhead(model, router, test)
     rep["fit_queries"], rep["seconds"], rep["new_tokens"] = fit.nll.shape[0], time.perf_counter() - t0, fit.cont
     rep["negative_gap_share"] = (test.gaps[:, :-1] < 0).mean(0).tolist()
     rep["calibration_apgr"] = router.info["calibration_apgr"]
     print("generation quality, in domain")
-    print(R.format_report(rep))
+    print(RE.format_report(rep))
     return rep
 
 
@@ -182,8 +185,8 @@ def main() -> None:
     window, cont = min(128, tcfg.seq_len), 32
     t0 = time.perf_counter()
     fit_half, test_half = split_tokens(unseen_in_domain(tok, tcfg.max_corpus_chars, 1_500_000), 0.5)
-    _, fit_labels = R.label_tokens(model, fit_half, a.fit_queries, window, cont, seed=0)
-    router = R.fit_router(model, fit_labels, tolerance=0.1)
+    _, fit_labels = RL.label_tokens(model, fit_half, a.fit_queries, window, cont, seed=0)
+    router = RF.fit_router(model, fit_labels, tolerance=0.1)
     router.info |= {"window": window, "cont": cont}
     router.save(ckpt)
     fit_s = time.perf_counter() - t0
@@ -194,12 +197,12 @@ def main() -> None:
         ("In domain: unseen Shakespeare + KJV", test_half, "docs/router_in_domain.png"),
         ("Out of domain: Python documentation prose", ood_tokens, "docs/router_out_of_domain.png"),
     ):
-        _, labels = R.label_tokens(model, tokens, a.test_queries, window, cont, seed=1)
-        rep = R.evaluate(model, router, labels, tau, n_boot=a.bootstrap)
+        _, labels = RL.label_tokens(model, tokens, a.test_queries, window, cont, seed=1)
+        rep = RE.evaluate(model, router, labels, tau, n_boot=a.bootstrap)
         rep["apgr_without_overhead"] = without_overhead(model, router, labels)
-        R.plot_curves(rep, ROOT / png, title=name)
+        RE.plot_curves(rep, ROOT / png, title=name)
         print(name)
-        print(R.format_report(rep))
+        print(RE.format_report(rep))
         reports[name] = (rep, png)
     # wall-clock overhead: routing a 64-token prompt (small prefill + features + predictor) vs a full prefill
     ids = torch.as_tensor(test_half[:64].astype(np.int64))[None]
@@ -248,13 +251,12 @@ def workload_section(load: dict) -> list[str]:
         "greedy tokens each, one prompt at a time (batch 1, eager); the three runs interleaved per prompt, order "
         "rotating. tokens/s = generated tokens / wall seconds, routing and prefill included.",
         "",
-        "| run | tokens/s | vs always-full | sizes chosen |",
-        "|---|---|---|---|",
     ]
-    for k, v in tps.items():
-        ch = ", ".join(f"{c} {n}" for c, n in load["chosen"][k].items())
-        lines.append(f"| {k} | {v:.1f} | {v / full:.2f}x | {ch} |")
-    return lines + [""]
+    runs = [
+        [k, f"{v:.1f}", f"{v / full:.2f}x", ", ".join(f"{c} {n}" for c, n in load["chosen"][k].items())]
+        for k, v in tps.items()
+    ]
+    return [*lines, md_table(["run", "tokens/s", "vs always-full", "sizes chosen"], runs, "llll"), ""]
 
 
 def body(

@@ -30,6 +30,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import ROOT, machine, write_section  # noqa: E402
+from matryoshka_lm.report import md_table  # noqa: E402
 
 PROMPTS = [
     "ROMEO: ",
@@ -224,24 +225,28 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def report(t: Totals, wall: float, clients: int, seconds: float, ckpt: Path, rows_per_batch: float) -> str:
-    rows = [
-        "| size | requests | req/s | tokens/s | p50 latency (s) | p99 latency (s) | p50 first token, streams (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+    head = [
+        "size",
+        "requests",
+        "req/s",
+        "tokens/s",
+        "p50 latency (s)",
+        "p99 latency (s)",
+        "p50 first token, streams (s)",
     ]
+    cells = []
     for size in SIZES:
         s = t.sizes.get(size)
         if not s:
             continue
         ttft = f"{statistics.median(s.ttft):.3f}" if s.ttft else "-"
-        rows.append(
-            f"| {size} | {len(s.latency)} | {len(s.latency) / wall:.2f} | {s.tokens / wall:.1f} | "
-            f"{pct(s.latency, 0.5):.3f} | {pct(s.latency, 0.99):.3f} | {ttft} |"
-        )
+        cells.append([size, len(s.latency), f"{len(s.latency) / wall:.2f}", f"{s.tokens / wall:.1f}",
+                      f"{pct(s.latency, 0.5):.3f}", f"{pct(s.latency, 0.99):.3f}", ttft])  # fmt: skip
     tokens = sum(s.tokens for s in t.sizes.values())
     lat = [x for s in t.sizes.values() for x in s.latency]
-    rows.append(
-        f"| **all** | {t.ok} | {t.ok / wall:.2f} | {tokens / wall:.1f} | {pct(lat, 0.5):.3f} | {pct(lat, 0.99):.3f} | |"
-    )
+    cells.append(["**all**", t.ok, f"{t.ok / wall:.2f}", f"{tokens / wall:.1f}", f"{pct(lat, 0.5):.3f}",
+                  f"{pct(lat, 0.99):.3f}", ""])  # fmt: skip
+    rows = [md_table(head, cells)]
     verdict = "all three 0" if not (t.status_5xx or t.errors or t.lost) else "NOT all 0: " + "; ".join(t.examples)
     return (
         f"## Server soak (`benchmarks/bench_soak_server.py`)\n\n"

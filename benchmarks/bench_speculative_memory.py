@@ -47,6 +47,7 @@ from matryoshka_lm.core.quant import weight_bytes
 from matryoshka_lm.core.spec import parse_spec, size_names, uniform_spec
 from matryoshka_lm.infer.engine import Engine
 from matryoshka_lm.infer.speculative import SpeculativeStats
+from matryoshka_lm.report import md_table
 from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
 
 DRAFTS = {  # name: (draft spec, speculative_decode settings)
@@ -116,20 +117,29 @@ def main() -> None:
     rows = [
         f"Read bandwidth: {gbs:.1f} GB/s ({a.threads} threads, 512 MB fp32 sum).",
         "",
-        "| size | params | MB read / token | eager tok/s | compiled tok/s | roofline tok/s | compiled / roofline |",
-        "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    cells = []
     for name in names:
         spec = uniform_spec(cfg, name)
-        mb = weight_bytes(cfg, spec, None, model.quant) / 1e6
+        mb = weight_bytes(cfg, spec, None, model.precision.quant) / 1e6
         roof = gbs * 1e3 / mb
         e, c = 1 / t[f"{name} eager"], 1 / t[f"{name} compiled"]
-        rows.append(f"| {name} | {mb / 4:.1f} M | {mb:.0f} | {e:.1f} | {c:.1f} | {roof:.0f} | {c / roof:.0%} |")
-    rows += ["", "| size | elastic (eager) tok/s | extracted copy tok/s | elastic / extracted |"]
-    rows += ["|---|---:|---:|---:|"]
+        cells.append([name, f"{mb / 4:.1f} M", f"{mb:.0f}", f"{e:.1f}", f"{c:.1f}", f"{roof:.0f}", f"{c / roof:.0%}"])
+    head = [
+        "size",
+        "params",
+        "MB read / token",
+        "eager tok/s",
+        "compiled tok/s",
+        "roofline tok/s",
+        "compiled / roofline",
+    ]
+    rows += [md_table(head, cells), ""]
+    copies = []
     for name in ("E4", "W"):
         e, x = 1 / t[f"{name} eager"], 1 / t[f"{name} extracted"]
-        rows.append(f"| {name} | {e:.1f} | {x:.1f} | {e / x:.2f}x |")
+        copies.append([name, f"{e:.1f}", f"{x:.1f}", f"{e / x:.2f}x"])
+    rows.append(md_table(["size", "elastic (eager) tok/s", "extracted copy tok/s", "elastic / extracted"], copies))
 
     # 3. speculative decoding, greedy; every timing includes the prefill, target alone too
     fns, stats = {}, {}
@@ -158,7 +168,7 @@ def main() -> None:
         "## Speculative decoding on a memory-bound model (`benchmarks/bench_speculative_memory.py`)",
         "",
         f"Machine: {machine()}. Model: the `memory` preset ({cfg.d_model} wide, {cfg.n_layers} layers, "
-        f"{weight_bytes(cfg, model.full, None, model.quant) / 1e6:.0f} MB fp32), {tcfg.steps} steps of "
+        f"{weight_bytes(cfg, model.full, None, model.precision.quant) / 1e6:.0f} MB fp32), {tcfg.steps} steps of "
         f"{tcfg.batch_size} x {tcfg.seq_len} tokens. Batch 1, {n} new tokens after 32-token held-out prompts, "
         f"median of {a.repeats} interleaved rounds.",
         "",

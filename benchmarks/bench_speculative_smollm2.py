@@ -26,9 +26,9 @@ from matryoshka_lm.convert.hf import import_hf
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.quant import weight_bytes
 from matryoshka_lm.core.spec import parse_spec
+from matryoshka_lm.eval.texts import ood_text
 from matryoshka_lm.infer.engine import Engine
 from matryoshka_lm.infer.speculative import SpeculativeStats
-from matryoshka_lm.study.recipes import ood_text
 
 
 def main() -> None:
@@ -66,7 +66,7 @@ def main() -> None:
                 )
     t = self_timed(fns, a.repeats)
     base = {m: t.pop(f"target alone, {m}") for m in modes}
-    mb = weight_bytes(cfg, model.full, None, model.quant) / 1e6
+    mb = weight_bytes(cfg, model.full, None, model.precision.quant) / 1e6
     rows = speculative_rows(t, stats, base, len(prompts) * n)
     alone_line = ", ".join(f"{len(prompts) * n / base[m]:.1f} tok/s {m}" for m in modes)
     body = [

@@ -16,6 +16,7 @@ from matryoshka_lm.config import preset
 from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.nested import submodel_config
 from matryoshka_lm.core.spec import count_params, uniform_spec
+from matryoshka_lm.report import md_table
 from matryoshka_lm.train.loop import JointLoss, make_optimizer
 
 
@@ -49,9 +50,10 @@ def main(preset_name: str = "demo", repeats: int = 5) -> str:
     t = interleaved_times(fns, repeats=repeats)
     t["sum of four dense"] = sum(t[f"dense {s}"] for s in sizes)
     tokens = B * T
-    rows = ["| step | s/step | tokens/s | vs full step |", "|---|---:|---:|---:|"]
-    for k in ["full (XL) only", "joint G=4", "sum of four dense"] + [f"dense {s}" for s in sizes]:
-        rows.append(f"| {k} | {t[k]:.3f} | {tokens / t[k]:,.0f} | {t[k] / t['full (XL) only']:.2f}x |")
+    rows = [
+        [k, f"{t[k]:.3f}", f"{tokens / t[k]:,.0f}", f"{t[k] / t['full (XL) only']:.2f}x"]
+        for k in ["full (XL) only", "joint G=4", "sum of four dense"] + [f"dense {s}" for s in sizes]
+    ]
     params = {s: count_params(cfg, specs[s])["non_embedding"] for s in sizes}
     body = (
         f"## Training throughput (`benchmarks/bench_training.py`, preset `{preset_name}`)\n\n"
@@ -60,7 +62,7 @@ def main(preset_name: str = "demo", repeats: int = 5) -> str:
         f"Non-embedding params: "
         + ", ".join(f"{s} {params[s] / 1e6:.2f}M" for s in sizes)
         + ".\n\n"
-        + "\n".join(rows)
+        + md_table(["step", "s/step", "tokens/s", "vs full step"], rows)
         + "\n\n"
         f"One joint step costs {t['joint G=4'] / t['full (XL) only']:.2f}x a full-size step and "
         f"{t['joint G=4'] / t['sum of four dense']:.2f}x the four separate steps it replaces.\n"

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from matryoshka_lm.machine import describe_machine
+from matryoshka_lm.report import md_table
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
@@ -119,16 +120,12 @@ def speculative_timer(model, engine, prompts, n, draft, want, stats, **kw) -> Ca
 def speculative_rows(times: dict[str, float], stats: dict, base: dict[str, float], tokens: int) -> list[str]:
     """Markdown rows for speculative runs keyed "..., MODE": speedup over `base[MODE]` (the target alone, timed the
     same way), tokens/s, acceptance, tokens per target pass and the draft/verify time split."""
-    rows = [
-        "| draft | speedup vs target alone (same mode) | tok/s | acceptance | tokens / target pass "
-        "| draft : verify time |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
+    head = ["draft", "speedup vs target alone (same mode)", "tok/s", "acceptance", "tokens / target pass",
+            "draft : verify time"]  # fmt: skip
+    rows = []
     for key, secs in times.items():
         s = stats[key]
         split = s.draft_s / max(s.draft_s + s.verify_s, 1e-9)
-        rows.append(
-            f"| {key} | {base[key.rsplit(', ', 1)[1]] / secs:.2f}x | {tokens / secs:.1f} | "
-            f"{s.acceptance:.2f} | {s.tokens_per_round:.2f} | {split:.0%} : {1 - split:.0%} |"
-        )
-    return rows
+        rows.append([key, f"{base[key.rsplit(', ', 1)[1]] / secs:.2f}x", f"{tokens / secs:.1f}", f"{s.acceptance:.2f}",
+                     f"{s.tokens_per_round:.2f}", f"{split:.0%} : {1 - split:.0%}"])  # fmt: skip
+    return md_table(head, rows).split("\n")

@@ -31,6 +31,7 @@ from matryoshka_lm.config import ModelConfig, TrainConfig
 from matryoshka_lm.convert.hf import import_hf
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.spec import count_params, size_names, uniform_spec
+from matryoshka_lm.report import md_table
 from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
 from matryoshka_lm.train.evaluate import evaluate_specs, human
 from matryoshka_lm.train.loop import JointLoss, make_optimizer, prepare_data, step_sizes, trained_sizes
@@ -95,19 +96,19 @@ def table(cfg: ModelConfig, res: dict[str, dict[str, dict]], info: dict) -> str:
         f"{info['train_minutes']:.1f} min). Validation loss (nats/token) on {info['val_tokens']:,} held-out "
         f"tokens (the fine-tune's validation split, never trained on).",
         "",
-        "| size | heads | FFN | params (non-emb) | original, naive slice | reordered, not fine-tuned | "
-        "Matryoshka fine-tuned | original full model |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    head = ["size", "heads", "FFN", "params (non-emb)", "original, naive slice", "reordered, not fine-tuned",
+            "Matryoshka fine-tuned", "original full model"]  # fmt: skip
     full = res["original"]["XL"]["loss"]
+    rows = []
     for name in size_names(cfg):
         spec = uniform_spec(cfg, name)
         p = count_params(cfg, spec)
-        lines.append(
-            f"| {name} | {spec.layers[0].heads} | {spec.layers[0].ffn} | {human(p['total'])} "
-            f"({human(p['non_embedding'])}) | {res['original'][name]['loss']:.3f} | "
-            f"{res['reordered'][name]['loss']:.3f} | **{res['elastic'][name]['loss']:.3f}** | {full:.3f} |"
-        )
+        params = f"{human(p['total'])} ({human(p['non_embedding'])})"
+        losses = [f"{res[m][name]['loss']:.3f}" for m in ("original", "reordered")]
+        elastic = f"**{res['elastic'][name]['loss']:.3f}**"
+        rows.append([name, spec.layers[0].heads, spec.layers[0].ffn, params, *losses, elastic, f"{full:.3f}"])
+    lines.append(md_table(head, rows))
     lines += [
         "",
         "Naive slicing keeps the first heads and FFN units as the checkpoint happens to order them; "

@@ -1,4 +1,4 @@
-"""Build the offline lm-eval tasks in src/matryoshka_lm/study/harness_tasks/ (deterministic: rerun, same bytes).
+"""Build the offline lm-eval tasks in src/matryoshka_lm/eval/harness_tasks/ (deterministic: rerun, same bytes).
 
 The text is held out by every preset trained on the embedded default corpus (Shakespeare + KJV): it lies in the
 validation blocks of the `small` preset's split (whole corpus, data.split_tokens) and outside the share of each
@@ -25,7 +25,7 @@ import numpy as np
 from matryoshka_lm.config import preset
 from matryoshka_lm.data import EOT, default_corpus, encode_corpus, limit_chars, train_tokenizer
 
-OUT = Path(__file__).resolve().parents[1] / "src" / "matryoshka_lm" / "study" / "harness_tasks"
+OUT = Path(__file__).resolve().parents[1] / "src" / "matryoshka_lm" / "eval" / "harness_tasks"
 SOURCES = ("shakespeare", "kjv")
 N_PPL, N_CLOZE = 25, 100  # per source
 PPL_CHARS = (500, 900)  # a passage: whole lines, at least 500 characters, at most 900

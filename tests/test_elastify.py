@@ -18,8 +18,8 @@ from _tiny_ckpt import make_checkpoint  # noqa: E402
 from _tiny_llama import tiny_llama  # noqa: E402
 from matryoshka_lm.cli import main  # noqa: E402
 from matryoshka_lm.core import checkpoint as ck  # noqa: E402
+from matryoshka_lm.elastify.recipe import PRESETS, run_elastify  # noqa: E402
 from matryoshka_lm.errors import MatryoshkaError  # noqa: E402
-from matryoshka_lm.study.elastify import PRESETS, run_elastify  # noqa: E402
 from matryoshka_lm.train.state import saved_step  # noqa: E402
 
 PRESET = dataclasses.replace(PRESETS["tiny"], steps=4)

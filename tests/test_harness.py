@@ -17,7 +17,7 @@ from matryoshka_lm.cli.main import main  # noqa: E402
 from matryoshka_lm.core import checkpoint as ck  # noqa: E402
 from matryoshka_lm.core.spec import parse_spec  # noqa: E402
 from matryoshka_lm.data import EOT  # noqa: E402
-from matryoshka_lm.study.harness import MatryoshkaHarnessLM, format_tables, run_harness  # noqa: E402
+from matryoshka_lm.eval.harness import MatryoshkaHarnessLM, format_tables, run_harness  # noqa: E402
 
 
 @pytest.fixture(scope="module")

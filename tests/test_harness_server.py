@@ -45,7 +45,7 @@ def hf_tokenizer(ckpt, tmp_path_factory):
 def perplexity(lm, limit: int = 4) -> dict:
     from lm_eval import simple_evaluate
 
-    from matryoshka_lm.study.harness import task_manager
+    from matryoshka_lm.eval.harness import task_manager
 
     res = simple_evaluate(
         model=lm,
@@ -62,7 +62,7 @@ def perplexity(lm, limit: int = 4) -> dict:
 def test_local_completions_against_the_server_equals_in_process(server, ckpt, hf_tokenizer, size):
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
-    from matryoshka_lm.study.harness import MatryoshkaHarnessLM
+    from matryoshka_lm.eval.harness import MatryoshkaHarnessLM
 
     model, tok = load_model(ckpt), load_tokenizer(ckpt)
     ctx = model.cfg.max_seq_len

@@ -14,7 +14,7 @@ from conftest import tiny_config
 from matryoshka_lm.cli import main
 from matryoshka_lm.core.spec import count_params, parse_spec
 from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.study.mixnmatch import (
+from matryoshka_lm.mixnmatch.candidates import (
     Budget,
     enumerate_candidates,
     granularity_levels,

@@ -97,10 +97,10 @@ def test_unpackable_falls_back_to_dequantized():
 
 
 def test_quantized_checkpoint_codes():
-    """A model loaded with codes (model.codes) packs those codes."""
+    """A model loaded with codes (model.precision.codes) packs those codes."""
     model = model_with()
-    codes = quant.quantize_state(model.state_dict(), model.quant)
-    model.load_state_dict(quant.dequantize_state(codes, model.quant, 8))
+    codes = quant.quantize_state(model.state_dict(), model.precision.quant)
+    model.load_state_dict(quant.dequantize_state(codes, model.precision.quant, 8))
     precision.attach_codes(model, codes, model.precision.quant, 8)
     x = torch.randint(0, 96, (1, 8))
     cell = packed.packed_view(model, model.full, 4, act_dtype=torch.float32)

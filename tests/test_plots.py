@@ -1,10 +1,11 @@
-"""The shared figure helper: a PNG appears whole or not at all, and no figure stays open."""
+"""The report kit: a PNG appears whole or not at all, no figure stays open, and md_table writes every Markdown table."""
 
 from __future__ import annotations
 
 import pytest
 
 from matryoshka_lm.plots import figure
+from matryoshka_lm.report import md_table
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -48,3 +49,13 @@ def test_a_failing_save_leaves_no_file(tmp_path, monkeypatch):
         with figure(tmp_path / "plot.png", (3, 2)) as (fig, ax):
             ax.plot([1, 2], [1, 2], label="x")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_md_table_aligns_numbers_right_by_default_and_takes_an_alignment():
+    assert md_table(["size", "loss"], [["XL", "3.100"], ["S", 4]]) == (
+        "| size | loss |\n|---|---:|\n| XL | 3.100 |\n| S | 4 |"
+    )
+    text = md_table(["a", "b", "c", "d"], [], "lrcC")
+    assert text == "| a | b | c | d |\n|---|---:|:---:|:-:|"
+    with pytest.raises(ValueError, match="2 letters for 3 columns"):
+        md_table(["a", "b", "c"], [], "lr")

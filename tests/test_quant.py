@@ -113,8 +113,8 @@ def test_every_cell_runs_on_the_r_bit_weights(data):
     spec = data.draw(submodel_specs(cfg))
     bits = data.draw(st.sampled_from([8, 4, 2]))
     ref = MatryoshkaLM(cfg).eval()
-    codes = quant.quantize_state(model.state_dict(), model.quant)
-    ref.load_state_dict(quant.dequantize_state(codes, model.quant, bits))
+    codes = quant.quantize_state(model.state_dict(), model.precision.quant)
+    ref.load_state_dict(quant.dequantize_state(codes, model.precision.quant, bits))
     x = torch.randint(0, cfg.vocab_size, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(x, spec.at_bits(bits)), ref(x, spec), rtol=0, atol=0)

@@ -1,5 +1,5 @@
-"""The recipe study (study/recipes.py): equal-FLOPs plans, parallel training, the report end to end on
-`recipes-micro`, and the FLOPs count it rests on (train/plan.py)."""
+"""The recipe study (study/recipes.py, run by study/runner.py): equal-FLOPs plans, parallel training, the report
+end to end on `recipes-micro`, and the FLOPs count it rests on (train/plan.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ from conftest import tiny_config, tiny_train_config
 from matryoshka_lm.cli.main import main
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.spec import flops_per_token
-from matryoshka_lm.study.recipes import RECIPE_PRESETS, RECIPES, ood_text, plan_recipe_runs
-from matryoshka_lm.study.study import train_all
+from matryoshka_lm.eval.texts import ood_text
+from matryoshka_lm.study.presets import PRESETS as RECIPE_PRESETS
+from matryoshka_lm.study.presets import RECIPES
+from matryoshka_lm.study.recipes import plan as plan_recipe_runs
+from matryoshka_lm.study.runs import train_all
 from matryoshka_lm.train.plan import run_flops, size_plan, step_flops, step_submodels, steps_for_flops
 
 

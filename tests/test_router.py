@@ -13,25 +13,26 @@ from _tiny_ckpt import make_checkpoint
 from matryoshka_lm.cli.main import main
 from matryoshka_lm.core.spec import flops_per_token, full_spec, uniform_spec
 from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.infer import router_fit as RF
+from matryoshka_lm.infer import router_labels as RL
 from matryoshka_lm.infer.router import Predictor, Router, choose, route, router_flops
-from matryoshka_lm.study import routing as R
 
 
-def synthetic_labels(n: int = 600, seed: int = 0) -> R.Labels:
+def synthetic_labels(n: int = 600, seed: int = 0) -> RL.Labels:
     """Four candidates whose gap to the full size grows linearly with feature 3 (a pooled hidden unit), steeper the
     smaller the candidate, so that the size a query needs at any τ is a known function of that feature."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 3 + 8))
     nll = 3.0 + true_gaps(x) + 0.01 * rng.normal(size=(n, 4))
-    return R.Labels(nll, x, rng.integers(8, 40, n), 16)
+    return RL.Labels(nll, x, rng.integers(8, 40, n), 16)
 
 
 def true_gaps(x: np.ndarray) -> np.ndarray:
     return (x[:, 3:4] + 3.0) * np.array([[0.12, 0.08, 0.04, 0.0]])
 
 
-def synthetic_router(labels: R.Labels, names=("S", "M", "L", "XL")) -> Router:
-    return Router(list(names), [0.25, 0.4, 0.6, 1.0], [f"f{i}" for i in range(11)], R.fit_predictors(labels))
+def synthetic_router(labels: RL.Labels, names=("S", "M", "L", "XL")) -> Router:
+    return Router(list(names), [0.25, 0.4, 0.6, 1.0], [f"f{i}" for i in range(11)], RF.fit_predictors(labels))
 
 
 def test_tau_zero_routes_to_full_and_huge_tau_to_smallest():
@@ -64,11 +65,11 @@ def test_budget_calibration_meets_the_budget_and_bad_budgets_are_refused():
     labels = synthetic_labels()
     router = synthetic_router(labels)
     n = labels.nll.shape[0]
-    costs = R.Costs(labels.prompt_lens[:, None] * np.array(router.costs)[None], np.zeros((n, 4)), labels.prompt_lens)
-    R.calibrate(router, labels, costs)
+    costs = RF.Costs(labels.prompt_lens[:, None] * np.array(router.costs)[None], np.zeros((n, 4)), labels.prompt_lens)
+    RF.calibrate(router, labels, costs)
     for budget in (0.3, 0.5, 0.8):
         tau = router.tau_for_budget(budget, "learned")
-        compute, _ = R.predicted_policy(
+        compute, _ = RF.predicted_policy(
             "x", router.predictor("learned").gaps(torch.as_tensor(labels.features)).numpy(), np.array([tau])
         ).points(labels, costs)
         assert compute[0] <= budget + 1e-9
@@ -85,30 +86,30 @@ def test_budget_calibration_meets_the_budget_and_bad_budgets_are_refused():
 def test_apgr_oracle_is_one_random_is_half_and_cpt():
     ends = (0.25, 1.0, 4.0, 3.0)  # c_small, c_full, nll_small, nll_full
     c = np.linspace(0.25, 1.0, 11)
-    random = R.apgr_cpt(c, 4.0 - (c - 0.25) / 0.75, ends)
+    random = RF.apgr_cpt(c, 4.0 - (c - 0.25) / 0.75, ends)
     assert random["apgr"] == pytest.approx(0.5, abs=1e-3)
     assert random["cpt50"] == pytest.approx(0.625, abs=1e-3)
     assert random["cpt80"] == pytest.approx(0.85, abs=1e-3)
-    oracle = R.apgr_cpt(np.array([0.25]), np.array([2.9]), ends)  # full quality (or better) at the smallest cost
+    oracle = RF.apgr_cpt(np.array([0.25]), np.array([2.9]), ends)  # full quality (or better) at the smallest cost
     assert oracle["apgr"] == pytest.approx(1.0)
     assert oracle["cpt80"] == pytest.approx(0.25)
-    worse = R.apgr_cpt(np.array([0.5, 1.0]), np.array([4.2, 4.1]), ends)  # never better than always-smallest
+    worse = RF.apgr_cpt(np.array([0.5, 1.0]), np.array([4.2, 4.1]), ends)  # never better than always-smallest
     assert worse["apgr"] == pytest.approx(0.0) and np.isnan(worse["cpt50"])
 
 
 def test_sampled_random_routing_scores_about_half():
     labels = synthetic_labels(2000)
     n = labels.nll.shape[0]
-    costs = R.Costs(
+    costs = RF.Costs(
         labels.prompt_lens[:, None] * np.array([0.25, 0.4, 0.6, 1.0])[None],
         np.zeros((n, 4)),
         labels.prompt_lens.astype(float),
     )
-    m = R.metrics_with_ci(R.random_policy(n, 4, np.linspace(0, 1, 21)), labels, costs, n_boot=30)
+    m = RF.metrics_with_ci(RF.random_policy(n, 4, np.linspace(0, 1, 21)), labels, costs, n_boot=30)
     assert m["apgr"]["value"] == pytest.approx(0.5, abs=0.05)
     lo, hi = m["apgr"]["ci"]
     assert lo <= m["apgr"]["value"] <= hi and hi - lo < 0.2
-    oracle = R.metrics_with_ci(R.oracle_policy(labels, R.tau_grid(labels.gaps)), labels, costs, n_boot=30)
+    oracle = RF.metrics_with_ci(RF.oracle_policy(labels, RF.tau_grid(labels.gaps)), labels, costs, n_boot=30)
     assert oracle["apgr"]["value"] > m["apgr"]["value"] + 0.1
 
 
@@ -136,12 +137,12 @@ def test_route_save_load_identical_choices_and_prefill_reuse(tiny_ckpt, corpus_f
 
     model = load_model(tiny_ckpt)
     tokens = encode_corpus(load_tokenizer(tiny_ckpt), read_corpus(corpus_file))
-    specs, labels = R.label_tokens(model, tokens, 80, 48, 12)
-    router = R.fit_router(model, labels)
+    specs, labels = RL.label_tokens(model, tokens, 80, 48, 12)
+    router = RF.fit_router(model, labels)
     router.save(tmp_path)
     loaded = Router.load(tmp_path)
     assert json.loads((tmp_path / "router.json").read_text())["default"] in ("learned", "confidence")
-    queries = R.make_queries(tokens, 80, 48, 12)
+    queries = RL.make_queries(tokens, 80, 48, 12)
     calls = []
     model.register_forward_hook(lambda *a: calls.append(1))  # forward() = a prefill outside route's own
     for kind in ("learned", "confidence"):
@@ -238,15 +239,15 @@ def test_generation_labeller_full_size_gap_is_zero_and_scores_the_greedy_continu
 
     model = load_model(tiny_ckpt)
     tokens = encode_corpus(load_tokenizer(tiny_ckpt), read_corpus(corpus_file))
-    specs, labels = R.label_tokens(model, tokens, 12, 32, 8, quality="generation", new_tokens=6)
-    _, scoring = R.label_tokens(model, tokens, 12, 32, 8)
+    specs, labels = RL.label_tokens(model, tokens, 12, 32, 8, quality="generation", new_tokens=6)
+    _, scoring = RL.label_tokens(model, tokens, 12, 32, 8)
     assert labels.nll.shape == (12, len(specs)) and labels.cont == 6 and np.isfinite(labels.nll).all()
     assert (labels.gaps[:, -1] == 0).all()
     # same prompts, same features as the scoring labeller (the smallest size's prefill of the prompt)
     assert np.array_equal(labels.prompt_lens, scoring.prompt_lens)
     assert np.allclose(labels.features, scoring.features, atol=1e-4)
     # independently: the full model's NLL of the smallest size's greedy continuation of query 0
-    q = R.make_queries(tokens, 12, 32, 8)
+    q = RL.make_queries(tokens, 12, 32, 8)
     prompt = q.windows[0, : int(q.prompt_lens[0])]
     gen = torch.tensor(Engine(model).generate([prompt.tolist()], specs[0], 6)[0].tokens)
     ids = torch.cat([prompt, gen])
@@ -254,7 +255,7 @@ def test_generation_labeller_full_size_gap_is_zero_and_scores_the_greedy_continu
         logp = torch.log_softmax(model(ids[None, :-1])[0, len(prompt) - 1 :].float(), -1)
     assert labels.nll[0, 0] == pytest.approx(-logp.gather(-1, gen[:, None]).mean().item(), abs=1e-5)
     with pytest.raises(MatryoshkaError, match="quality"):
-        R.label_tokens(model, tokens, 12, 32, 8, quality="bleu")
+        RL.label_tokens(model, tokens, 12, 32, 8, quality="bleu")
 
 
 def test_router_candidates_may_be_cells_costed_in_bytes(tiny_ckpt, corpus_file):
@@ -268,18 +269,18 @@ def test_router_candidates_may_be_cells_costed_in_bytes(tiny_ckpt, corpus_file):
     model = load_model(tiny_ckpt)
     tokens = encode_corpus(load_tokenizer(tiny_ckpt), read_corpus(corpus_file))
     cells = ["XL", "M@int4", "S@int2", "L@int8"]
-    specs, labels = R.label_tokens(model, tokens, 40, 48, 12, candidates=cells)
+    specs, labels = RL.label_tokens(model, tokens, 40, 48, 12, candidates=cells)
     assert [str(s) for s in specs] == ["S@int2", "M@int4", "L@int8", "XL"]
     # each column is that cell's own loss: S@int2 labels differ from S's
-    _, s_labels = R.label_tokens(model, tokens, 40, 48, 12, candidates=["S", "XL"])
+    _, s_labels = RL.label_tokens(model, tokens, 40, 48, 12, candidates=["S", "XL"])
     assert not np.allclose(labels.nll[:, 0], s_labels.nll[:, 0])
-    router = R.fit_router(model, labels, candidates=cells)
-    full = quant.weight_bytes(model.cfg, full_spec(model.cfg), None, model.quant)
-    want = [quant.weight_bytes(model.cfg, s, s.bits, model.quant) / full for s in specs]
+    router = RF.fit_router(model, labels, candidates=cells)
+    full = quant.weight_bytes(model.cfg, full_spec(model.cfg), None, model.precision.quant)
+    want = [quant.weight_bytes(model.cfg, s, s.bits, model.precision.quant) / full for s in specs]
     assert router.costs == pytest.approx(want) and router.costs == sorted(router.costs)
     assert [s for s in router.specs(model.cfg)] == [parse_spec(model.cfg, c) for c in router.candidates]
     ids = torch.as_tensor(tokens[:20].astype(np.int64))
     assert route(model, ids, router, tolerance=1e9).index == 0
     assert route(model, ids, router, tolerance=0.0).index == 3
     with pytest.raises(MatryoshkaError, match="distinct"):
-        R.candidate_specs(model, ["M@int4", "M@int4"])
+        RL.candidate_specs(model, ["M@int4", "M@int4"])

@@ -16,8 +16,10 @@ from matryoshka_lm.core.nested import submodel_config
 from matryoshka_lm.core.spec import count_params, format_spec, parse_spec, uniform_spec
 from matryoshka_lm.data import eval_batches
 from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.study.report import line_through
-from matryoshka_lm.study.study import STUDY_PRESETS, fit_scaling, mixnmatch_specs, plan_runs, run_study
+from matryoshka_lm.study.evaluate import fit_scaling, line_through, mixnmatch_specs
+from matryoshka_lm.study.presets import PRESETS as STUDY_PRESETS
+from matryoshka_lm.study.runner import run_study
+from matryoshka_lm.study.sizes import plan as plan_runs
 from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
 
 

@@ -1,11 +1,11 @@
 """matryoshka-lm: one nested transformer, trained once, served at many sizes.
 
 Layers, each importing only from the ones before it (tests/test_layout.py checks this):
-  errors, config, data, machine     foundations (stdlib, numpy, tokenizers)
-  core/                             spec, nested slicing, the model, checkpoints
-  train/  infer/  convert/          training and evaluation; decoding; extraction and HF
-  embed/  study/                    embeddings and retrieval; Mix'n'Match search and studies
-  serve/                            the OpenAI-compatible server
+  errors, config, data, machine, plots  foundations (stdlib, numpy, tokenizers, matplotlib)
+  core/  report                     spec, nested slicing, the model, checkpoints; the report kit (md_table, figure)
+  train/  infer/  convert/          training and evaluation; decoding and the size router; extraction and HF
+  embed/  eval/  mixnmatch/         embeddings and retrieval; lm-eval at every size; Mix'n'Match search
+  study/  elastify/  serve/         experiments over sizes; a pretrained LM made elastic; the server
   cli/                              the `matryoshka` command
 """
 

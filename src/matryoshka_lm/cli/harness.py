@@ -14,7 +14,7 @@ DEFAULT_TASKS = "matryoshka_ppl,matryoshka_cloze"
 
 def cmd_harness(a: argparse.Namespace) -> None:
     try:
-        from matryoshka_lm.study.harness import format_tables, run_harness
+        from matryoshka_lm.eval.harness import format_tables, run_harness
     except ImportError as e:  # lm-eval itself is checked in harness.py; this is one of its dependencies
         raise MatryoshkaError(f'lm-evaluation-harness is not usable ({e}): pip install "lm-eval>=0.4"') from None
 

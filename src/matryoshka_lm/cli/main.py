@@ -13,10 +13,10 @@ import sys
 
 from matryoshka_lm.errors import MatryoshkaError
 
-from . import convert, embed, evaluate, generate, harness, quantize, route, serve, study, train
+from . import convert, elastify, embed, evaluate, generate, harness, mixnmatch, quantize, route, serve, study, train
 
 # the order of `matryoshka --help`
-GROUPS = (train, evaluate, generate, convert, quantize, study, harness, embed, serve, route)
+GROUPS = (train, evaluate, generate, convert, quantize, elastify, mixnmatch, study, harness, embed, serve, route)
 
 
 def build_parser() -> argparse.ArgumentParser:

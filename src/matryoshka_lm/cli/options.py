@@ -1,8 +1,14 @@
-"""Helpers every command group shares: device choice, argparse types for counts, comma-separated lists."""
+"""Helpers every command group shares: device choice, argparse types for counts, comma-separated lists, and the
+progress lines of long commands."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TextIO
 
 from matryoshka_lm.errors import MatryoshkaError
 
@@ -70,3 +76,25 @@ def spec_list(text: str | None) -> list[str] | None:
     if not text:
         return None
     return [s.strip() for s in text.split(";" if ";" in text else ",") if s.strip()]
+
+
+@contextmanager
+def progress(*loggers: str, stream: TextIO | None = None) -> Iterator[None]:
+    """Print the INFO records of these library loggers as '[HH:MM:SS] message' lines on `stream` (default stderr)
+    while the block runs: the library only logs, and a long command shows its progress here, in the CLI."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+    saved = []
+    for name in loggers:
+        log = logging.getLogger(name)
+        saved.append((log, log.level, log.propagate))
+        log.addHandler(handler)
+        log.setLevel(min(log.getEffectiveLevel(), logging.INFO))
+        log.propagate = False  # once is enough: not again through the root logger's handler
+    try:
+        yield
+    finally:
+        for log, level, propagate in saved:
+            log.removeHandler(handler)
+            log.setLevel(level)
+            log.propagate = propagate

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from matryoshka_lm.errors import MatryoshkaError
 
-from .options import pick_device, positive_int, spec_list
+from .options import pick_device, positive_int, progress, spec_list
 
 
 def _nonnegative_float(text: str) -> float:
@@ -36,13 +36,14 @@ def cmd_fit(a: argparse.Namespace) -> None:
     import torch
 
     from matryoshka_lm.core.checkpoint import load_model
-    from matryoshka_lm.study.routing import fit_on_tokens
+    from matryoshka_lm.infer.router_fit import fit_on_tokens
 
     torch.manual_seed(a.seed)
     model = load_model(Path(a.ckpt), pick_device(a.device))
     tokens = _tokens(a.ckpt, a.data)
     candidates = spec_list(a.candidates)
-    router = fit_on_tokens(model, tokens, a.queries, a.window, a.cont, a.tolerance, a.seed, candidates=candidates)
+    with progress("matryoshka_lm.infer.router_labels"):
+        router = fit_on_tokens(model, tokens, a.queries, a.window, a.cont, a.tolerance, a.seed, candidates=candidates)
     out = Path(a.output or a.ckpt)
     router.save(out)
     apgr = ", ".join(f"{k} {v:.3f}" for k, v in router.info["calibration_apgr"].items())
@@ -53,7 +54,8 @@ def cmd_fit(a: argparse.Namespace) -> None:
 def cmd_eval(a: argparse.Namespace) -> None:
     from matryoshka_lm.core.checkpoint import load_model
     from matryoshka_lm.infer.router import Router
-    from matryoshka_lm.study.routing import evaluate, format_report, label_tokens, plot_curves
+    from matryoshka_lm.infer.router_eval import evaluate, format_report, plot_curves
+    from matryoshka_lm.infer.router_labels import label_tokens
 
     if a.tolerance is not None and a.budget is not None:
         raise MatryoshkaError("give --tolerance or --budget, not both")
@@ -61,7 +63,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
     model = load_model(Path(a.ckpt), pick_device(a.device))
     tau = router.resolve_tau(a.tolerance, a.budget)
     window, cont = router.info.get("window", 128), router.info.get("cont", 32)
-    _, labels = label_tokens(model, _tokens(a.ckpt, a.data), a.queries, window, cont, a.seed)
+    with progress("matryoshka_lm.infer.router_labels"):
+        _, labels = label_tokens(model, _tokens(a.ckpt, a.data), a.queries, window, cont, a.seed)
     rep = evaluate(model, router, labels, tau, n_boot=a.bootstrap)
     print(format_report(rep))
     if a.plot:

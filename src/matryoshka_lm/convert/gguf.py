@@ -202,7 +202,7 @@ def gguf_tensors(
     if bits is None:
         state, scales, stored = sliced, {}, CODE_BITS
     else:
-        _check_blocks(sliced, model.quant, model.codes is not None)
+        _check_blocks(sliced, model.precision.quant, model.precision.codes is not None)
         codes, stored = precision.codes_of(model)
         qstate = quant.slice_qstate(codes, cfg, spec.shape)
         state = {k: v for k, v in qstate.items() if not k.endswith(quant.SCALE)}
@@ -345,13 +345,15 @@ def export_gguf(
     _check_bits(bits)
     sub = _uniform_config(cfg, spec, size)
     model = ck.load_model(ckpt)
-    if model.codes is None and tcfg is not None:  # round-to-nearest in the groups its cells were trained with
+    if model.precision.codes is None and tcfg is not None:  # round-to-nearest in the groups its cells were trained with
         model.precision.quant = quant.QuantConfig(group_size=tcfg.quant_group)
     if bits is None:
-        bits = model.native_bits  # a quantized checkpoint exports its own codes
+        bits = model.precision.native_bits  # a quantized checkpoint exports its own codes
         _check_bits(bits)
-    if model.codes is not None and bits is not None and bits > model.code_bits:
-        raise MatryoshkaError(f"this checkpoint stores int{model.code_bits} codes; it cannot be exported at int{bits}")
+    if model.precision.codes is not None and bits is not None and bits > model.precision.code_bits:
+        raise MatryoshkaError(
+            f"this checkpoint stores int{model.precision.code_bits} codes; it cannot be exported at int{bits}"
+        )
     spec = spec.at_bits(bits)
     tensors = gguf_tensors(model, spec, sub, bits, dtype)
     vocab = gguf_vocab(ckpt, cfg.vocab_size)

@@ -230,15 +230,6 @@ class MatryoshkaLM(nn.Module):
             else:
                 nn.init.normal_(p, std=std)
 
-    # read-through to the precision handler for callers not yet moved to model.precision (removed after the merge)
-    native_bits = property(lambda self: self.precision.native_bits)
-    quant = property(lambda self: self.precision.quant)
-    codes = property(lambda self: self.precision.codes)
-    code_bits = property(lambda self: self.precision.code_bits)
-
-    def check_bits(self, bits: int | None) -> None:
-        precision.check_bits(self, bits)
-
     def head_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 

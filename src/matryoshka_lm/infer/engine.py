@@ -108,7 +108,7 @@ class Engine:
     def check_spec(self, spec: SubmodelSpec | None) -> SubmodelSpec:
         spec = spec or self.model.full
         validate_spec(self.cfg, spec)
-        self.model.check_bits(spec.bits)
+        precision.check_bits(self.model, spec.bits)
         return spec
 
     def runner(self, spec: SubmodelSpec) -> tuple[MatryoshkaLM, SubmodelSpec]:
@@ -116,19 +116,19 @@ class Engine:
         (precision.at_bits) for its full size, else the size's view model of it (built on first use; views
         stay valid while the model's tensors are updated in place, so build a new Engine after replacing them).
         The spec returned names the bit width the module computes at, so compiled graphs are per cell."""
-        bits = spec.bits if spec.bits is not None else self.model.native_bits
+        bits = spec.bits if spec.bits is not None else self.model.precision.native_bits
         if self.kernels is not None and bits is not None and self.device.type == "cpu":
             return self._packed(spec, bits)
         base = precision.at_bits(self.model, spec.bits)
-        full = base.full.at_bits(base.native_bits)
+        full = base.full.at_bits(base.precision.native_bits)
         if (spec.width, spec.layers) == (full.width, full.layers):
             return base, full
         if not self.slice_once:
-            return base, spec.at_bits(base.native_bits)
+            return base, spec.at_bits(base.precision.native_bits)
         sub = self._views.get(spec)
         if sub is None:
             sub = self._views[spec] = view_model(base, spec.shape)
-        return sub, sub.full.at_bits(sub.native_bits)
+        return sub, sub.full.at_bits(sub.precision.native_bits)
 
     def _packed(self, spec: SubmodelSpec, bits: int) -> tuple[MatryoshkaLM, SubmodelSpec]:
         """The cell's packed view (built on first use; the codes are quantized once per engine)."""

@@ -190,8 +190,8 @@ class PackedLM(MatryoshkaLM):
     def forward(self, idx, spec=None, cache=None, start=0):
         if self.head is None:
             return super().forward(idx, spec, cache, start)
-        if spec is not None and spec.bits not in (None, self.native_bits):
-            raise MatryoshkaError(f"this packed model computes at int{self.native_bits} only")
+        if spec is not None and spec.bits not in (None, self.precision.native_bits):
+            raise MatryoshkaError(f"this packed model computes at int{self.precision.native_bits} only")
         return self.head(self.hidden_states(idx, spec, cache, start), self.cfg.vocab_size)
 
 
@@ -208,8 +208,8 @@ def packed_view(
     bfloat16 (the int4/int8 kernels).
     `codes`: the model's quantized state when the caller already has it (precision.codes_of), to build many cells."""
     quant.check_bits(bits)
-    qcfg = model.quant
-    stored = model.code_bits if model.codes is not None else nested.CODE_BITS
+    qcfg = model.precision.quant
+    stored = model.precision.code_bits if model.precision.codes is not None else nested.CODE_BITS
     if codes is None:
         codes, stored = precision.codes_of(model)
     if bits > stored:

@@ -14,7 +14,7 @@ size when none is. Predicting the *gap* rather than a yes/no per τ keeps τ a r
 always-full) is the other knob: the fit saves a calibration table (τ → mean compute on a held-out split), and a budget
 maps to the smallest τ that meets it.
 
-Two predictors share that code: "learned" (ridge regression on every feature, fitted in study/routing.py with
+Two predictors share that code: "learned" (ridge regression on every feature, fitted in infer/router_fit.py with
 scikit-learn) and "confidence" (training-free ordering: only the small size's prompt NLL, with a 1-D linear map per
 candidate fitted so that τ keeps its meaning). router.json names the default; inference needs no scikit-learn, only
 dot products. Files: CKPT/router.json (candidates, feature names, default, calibration) and CKPT/router.safetensors

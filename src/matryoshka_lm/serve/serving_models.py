@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from matryoshka_lm.core import precision
 from matryoshka_lm.core.quant import weight_bytes
 from matryoshka_lm.core.spec import SubmodelSpec, count_params, format_spec, parse_spec, uniform_spec
 from matryoshka_lm.errors import MatryoshkaError
@@ -54,9 +55,9 @@ class Models:
         narrower MatQuant widths (int4, int2), for a full-precision one int8/int4/int2 (round-to-nearest)."""
         if bits is not None:
             for b in bits:
-                self.model.check_bits(b)
+                precision.check_bits(self.model, b)
             return bits
-        stored = self.model.code_bits if self.model.codes is not None else None
+        stored = self.model.precision.code_bits if self.model.precision.codes is not None else None
         return [b for b in (8, 4, 2) if stored is None or b < stored]
 
     # ---- the model field
@@ -87,7 +88,7 @@ class Models:
             return Target(self._id(self.auto), self.auto, True, self._auto_tau(model, knob if at else None))
         try:
             spec = parse_spec(self.cfg, size)
-            self.model.check_bits(spec.bits)
+            precision.check_bits(self.model, spec.bits)
         except MatryoshkaError as e:
             if colon:
                 raise APIError(400, f"Invalid size spec in model '{model}': {e}", "model", "invalid_model") from None
@@ -168,14 +169,14 @@ class Models:
     def card(self, target: Target) -> ModelCard:
         spec = target.spec
         routed = target.auto and self.router is not None
-        bits = spec.bits or self.model.native_bits
+        bits = spec.bits or self.model.precision.native_bits
         return ModelCard(
             id=f"{self.name}:auto" if target.auto else target.id,
             created=self.state.created,
             size="auto" if routed else format_spec(spec),
             params=count_params(self.cfg, spec)["total"],  # auto: the most it uses
             bits=bits,
-            weight_bytes=weight_bytes(self.cfg, spec, bits, self.model.quant),
+            weight_bytes=weight_bytes(self.cfg, spec, bits, self.model.precision.quant),
             context_length=self.cfg.max_seq_len,
             **(self._auto_card() if target.auto else {}),
         )

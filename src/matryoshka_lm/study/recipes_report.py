@@ -8,10 +8,11 @@ from typing import Any
 import numpy as np
 
 from matryoshka_lm.core.checkpoint import write_json
-from matryoshka_lm.plots import figure
+from matryoshka_lm.report import figure, md_table
 from matryoshka_lm.train.evaluate import human
 
-from .report import BAR, SIZES, line_through
+from .evaluate import BAR, line_through
+from .presets import SIZES
 
 DOMAINS = {"in_domain": "in domain (held-out Shakespeare + KJV)", "out_of_domain": "out of domain (Python docs)"}
 WORSE = 0.02  # the issue's bar: no trained size worse than under today's recipe by more than this
@@ -71,27 +72,21 @@ def best_recipe(rows: list[dict[str, Any]]) -> str:
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
-    head = (
-        "| recipe | sizes within 0.04 (in / out of domain) | mean Δ vs baseline (in / out) | "
-        "Mix'n'Match on or below the line (in / out) | worst size vs `all` | training FLOPs |"
-    )
-    lines = [head, "|---|---:|---:|---:|---:|---:|"]
+    head = ["recipe", "sizes within 0.04 (in / out of domain)", "mean Δ vs baseline (in / out)",
+            "Mix'n'Match on or below the line (in / out)", "worst size vs `all`", "training FLOPs"]  # fmt: skip
+    lines = []
     for r in rows:
         i, o = r["in_domain"], r["out_of_domain"]
-        lines.append(
-            f"| {r['recipe']} | {i['within']}/{i['sizes']} / {o['within']}/{o['sizes']} | "
-            f"{i['mean_delta']:+.3f} / {o['mean_delta']:+.3f} | "
-            f"{i['below']}/{i['mixes']} / {o['below']}/{o['mixes']} | "
-            f"{r['worst_vs_today']:+.3f} | {r['flops']:.3g} |"
-        )
-    return "\n".join(lines)
+        within = f"{i['within']}/{i['sizes']} / {o['within']}/{o['sizes']}"
+        below = f"{i['below']}/{i['mixes']} / {o['below']}/{o['mixes']}"
+        delta = f"{i['mean_delta']:+.3f} / {o['mean_delta']:+.3f}"
+        lines.append([r["recipe"], within, delta, below, f"{r['worst_vs_today']:+.3f}", f"{r['flops']:.3g}"])
+    return md_table(head, lines)
 
 
 def sizes_table(res: dict[str, Any], p: Any, dom: str) -> str:
-    lines = [
-        "| scale | size | non-emb params | baseline | " + " | ".join(f"{r} (Δ)" for r in p.recipes) + " |",
-        "|---|---|---:|---:|" + "---:|" * len(p.recipes),
-    ]
+    head = ["scale", "size", "non-emb params", "baseline", *(f"{r} (Δ)" for r in p.recipes)]
+    rows = []
     for d in p.scales:
         for s in SIZES:
             b = res["baseline"][d][s][dom]
@@ -99,27 +94,24 @@ def sizes_table(res: dict[str, Any], p: Any, dom: str) -> str:
             for r in p.recipes:
                 v = res["recipes"][d][r]["sizes"][s][dom]["val_loss"]
                 cells.append(f"{v:.3f} ({v - b['val_loss']:+.3f})")
-            head = f"| d={d} | {s} | {human(b['non_embedding_params'])} | {b['val_loss']:.3f} | "
-            lines.append(head + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            rows.append([f"d={d}", s, human(b["non_embedding_params"]), f"{b['val_loss']:.3f}", *cells])
+    return md_table(head, rows, "ll" + "r" * (len(head) - 2))
 
 
 def consistency_table(res: dict[str, Any], p: Any) -> str:
-    lines = [
-        "| scale | size | baselines vs their XL | " + " | ".join(p.recipes) + " |",
-        "|---|---|---:|" + "---:|" * len(p.recipes),
-    ]
+    head = ["scale", "size", "baselines vs their XL", *p.recipes]
+    rows = []
     for d in p.scales:
         for s in SIZES[1:]:
             b = res["baseline"][d][s]["in_domain"]["agree"]
             cells = [f"{res['recipes'][d][r]['sizes'][s]['in_domain']['agree']:.3f}" for r in p.recipes]
-            lines.append(f"| d={d} | {s} | {b:.3f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            rows.append([f"d={d}", s, f"{b:.3f}", *cells])
+    return md_table(head, rows, "ll" + "r" * (len(head) - 2))
 
 
 def ordering(res: dict[str, Any], p: Any) -> str:
     """Whether loss falls with size (S > M > L > XL) for each model, in and out of domain."""
-    lines = ["| scale | model | sizes ordered in domain | out of domain |", "|---|---|:---:|:---:|"]
+    rows = []
 
     def ordered(losses: list[float]) -> str:
         return "yes" if all(a >= b for a, b in zip(losses[::-1], losses[::-1][1:])) else "no"
@@ -133,24 +125,23 @@ def ordering(res: dict[str, Any], p: Any) -> str:
                 else:
                     losses = [res["recipes"][d][r]["sizes"][s][dom]["val_loss"] for s in SIZES]
                 cells.append(ordered(losses))
-            lines.append(f"| d={d} | {r} | {cells[0]} | {cells[1]} |")
-    return "\n".join(lines)
+            rows.append([f"d={d}", r, *cells])
+    return md_table(["scale", "model", "sizes ordered in domain", "out of domain"], rows, "llcc")
 
 
 def fits_table(res: dict[str, Any], p: Any) -> str:
-    lines = ["| recipe | a | b | c (loss floor) | rmse | loss at ¼ of the largest FLOPs − at all of it |"]
-    lines.append("|---|---:|---:|---:|---:|---:|")
+    head = ["recipe", "a", "b", "c (loss floor)", "rmse", "loss at ¼ of the largest FLOPs − at all of it"]
+    rows = []
     top = top_flops(res, p)
     for r in p.recipes:
         f = res["fits"][r]
         if "error" in f:
-            lines.append(f"| {r} | fit failed: {f['error']} | | | | |")
+            rows.append([r, f"fit failed: {f['error']}", "", "", "", ""])
             continue
-        lines.append(
-            f"| {r} | {f['a']:.3g} ± {f['a_err']:.2g} | {f['b']:.3f} ± {f['b_err']:.2g} | "
-            f"{f['c']:.3f} ± {f['c_err']:.2g} | {f['rmse']:.3f} | {fit_at(f, top / 4) - fit_at(f, top):+.3f} |"
-        )
-    return "\n".join(lines)
+        rows.append([r, f"{f['a']:.3g} ± {f['a_err']:.2g}", f"{f['b']:.3f} ± {f['b_err']:.2g}",
+                     f"{f['c']:.3f} ± {f['c_err']:.2g}", f"{f['rmse']:.3f}",
+                     f"{fit_at(f, top / 4) - fit_at(f, top):+.3f}"])  # fmt: skip
+    return md_table(head, rows)
 
 
 def harness_table(res: dict[str, Any], p: Any) -> str:
@@ -158,22 +149,16 @@ def harness_table(res: dict[str, Any], p: Any) -> str:
     h = res.get("harness") or {}
     if not h:
         return "(not run in this preset)"
-    head = [f"{s} bits/byte" for s in SIZES] + [f"{s} cloze" for s in SIZES]
-    lines = [
-        "| model | " + " | ".join(head) + " |",
-        "|---|" + "---:|" * (2 * len(SIZES)),
-    ]
+    head = ["model", *(f"{s} bits/byte" for s in SIZES), *(f"{s} cloze" for s in SIZES)]
 
-    def row(label: str, scores: list[dict[str, float] | None]) -> str:
+    def row(label: str, scores: list[dict[str, float] | None]) -> list[str]:
         bpb = [f"{x['matryoshka_ppl']:.3f}" if x else "-" for x in scores]
         acc = [f"{x['matryoshka_cloze']:.2f}" if x else "-" for x in scores]
-        return f"| {label} | " + " | ".join(bpb + acc) + " |"
+        return [label, *bpb, *acc]
 
-    for r in p.recipes:
-        got = h.get(f"d{d}-recipe-{r}", {})
-        lines.append(row(r, [got.get(s) for s in SIZES]))
-    lines.append(row("baselines (one model per size)", [h.get(f"d{d}-baseline-{s}", {}).get("XL") for s in SIZES]))
-    return "\n".join(lines)
+    rows = [row(r, [h.get(f"d{d}-recipe-{r}", {}).get(s) for s in SIZES]) for r in p.recipes]
+    rows.append(row("baselines (one model per size)", [h.get(f"d{d}-baseline-{s}", {}).get("XL") for s in SIZES]))
+    return md_table(head, rows)
 
 
 def plot_flops(res: dict[str, Any], p: Any, path: Path) -> None:
@@ -225,22 +210,26 @@ def plot_deltas(res: dict[str, Any], p: Any, path: Path) -> None:
 def write_recipe_report(res: dict[str, Any], p: Any, report: Path) -> None:
     report.mkdir(parents=True, exist_ok=True)
     rows = summary(res, p)
-    best = best_recipe(rows)
-    res["summary"], res["best"] = rows, best
+    res["summary"], res["best"] = rows, best_recipe(rows)
     keyed = {k: ({str(d): v for d, v in res[k].items()} if k in ("recipes", "baseline") else res[k]) for k in res}
     write_json(report / "results.json", keyed)
     plot_flops(res, p, report / "flops_vs_loss.png")
     plot_deltas(res, p, report / "delta_vs_baseline.png")
-    meta = res["meta"]
+    notes = report / "READING.md"  # a reading written after the run; kept when the report is written again
+    reading = f"\n{notes.read_text().strip()}\n" if notes.is_file() else ""
+    (report / "README.md").write_text(readme(res, p, rows, reading))
+
+
+# one f-string template of the whole README: it reads as the page it writes, so it stays in one piece
+def readme(res: dict[str, Any], p: Any, rows: list[dict[str, Any]], reading: str) -> str:
+    meta, best = res["meta"], res["best"]
     steps = ", ".join(f"{r} {res['steps'][f'd{max(p.scales)}-recipe-{r}']}" for r in p.recipes)
     wall = meta["wall_seconds"] / 60
     train = meta["train_seconds_total"] / 60
     parallel = f"; {meta['jobs']} runs trained at once, one torch thread each" if meta["jobs"] > 1 else ""
-    notes = report / "READING.md"  # a reading written after the run; kept when the report is written again
-    reading = f"\n{notes.read_text().strip()}\n" if notes.is_file() else ""
     b = next(r for r in rows if r["recipe"] == best)
     a = next(r for r in rows if r["recipe"] == "all")
-    text = f"""# Which training recipe makes every size good? — preset `{meta["preset"]}`
+    return f"""# Which training recipe makes every size good? — preset `{meta["preset"]}`
 
 Reproduce: `{meta["command"]}` (finished runs in the work folder are reused).
 Machine: {meta["machine"]}{parallel}. Seed {meta["seed"]}.
@@ -261,7 +250,7 @@ default); `sandwich` the full size, the smallest and 2 random Mix'n'Match specs;
 only; `+distill` adds KL(full ‖ size) from the full size's detached distribution (weight 1). A random spec draws a
 depth, each layer's granularity and the residual width among the trained sizes' (train/mixes.py).
 Mix'n'Match specs evaluated: {p.mixnmatch} per model, per-layer mixes of the trained granularities drawn at random
-(non-decreasing with depth, study.mixnmatch_specs), never hand-picked; "the line" interpolates, in log parameters,
+(non-decreasing with depth, evaluate.mixnmatch_specs), never hand-picked; "the line" interpolates, in log parameters,
 the same model's trained sizes.
 
 ![Δ vs baseline](delta_vs_baseline.png)
@@ -296,7 +285,6 @@ next-line choices; chance 0.25).
 
 {harness_table(res, p)}
 """
-    (report / "README.md").write_text(text)
 
 
 def headline(rows: list[dict[str, Any]], best: str, a: dict[str, Any], b: dict[str, Any]) -> str:

@@ -41,7 +41,7 @@ def evaluate_checkpoint(
     specs = {n: parse_spec(model.cfg, n) for n in names}
     seq_len = min(tcfg.seq_len, model.cfg.max_seq_len)
     res = evaluate_specs(model, val, specs, seq_len, batch=8, n_batches=n_batches or tcfg.eval_batches, device=device)
-    rows = size_table(model.cfg, specs, res, model.quant, model.native_bits)
+    rows = size_table(model.cfg, specs, res, model.precision.quant, model.precision.native_bits)
     unigram = unigram_loss(train, val, model.cfg.vocab_size)
     write_json_report(
         Path(json_path or ckpt / "eval.json"),

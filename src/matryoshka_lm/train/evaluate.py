@@ -15,7 +15,7 @@ from matryoshka_lm.core.quant import QuantConfig, weight_bytes
 from matryoshka_lm.core.scoring import log_probs, token_logprobs
 from matryoshka_lm.core.spec import SubmodelSpec, count_params, flops_per_token
 from matryoshka_lm.data import eval_batches
-from matryoshka_lm.plots import figure
+from matryoshka_lm.report import figure, md_table
 
 
 @torch.no_grad()
@@ -90,17 +90,16 @@ def human(n: float) -> str:
 
 def format_table(rows: list[dict[str, Any]], unigram: float | None = None) -> str:
     """A Markdown table (renders in the README and reads fine in a terminal)."""
-    head = "| size | params | non-emb params | FLOPs/token | val loss | ppl | top-1 agree w/ full | KL from full |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(
-            f"| {r['size']} | {human(r['params'])} | {human(r['non_embedding_params'])} | "
-            f"{human(r['flops_per_token'])} | {r['val_loss']:.3f} | {r['perplexity']:.1f} | "
-            f"{r['top1_agreement']:.3f} | {r['kl_from_full']:.3f} |"
-        )
+    head = ["size", "params", "non-emb params", "FLOPs/token", "val loss", "ppl", "top-1 agree w/ full", "KL from full"]
+    cells = [
+        [r["size"], human(r["params"]), human(r["non_embedding_params"]), human(r["flops_per_token"]),
+         f"{r['val_loss']:.3f}", f"{r['perplexity']:.1f}", f"{r['top1_agreement']:.3f}", f"{r['kl_from_full']:.3f}"]
+        for r in rows
+    ]  # fmt: skip
+    table = md_table(head, cells)
     if unigram is not None:
-        lines.append(f"\nunigram loss on the same split: {unigram:.3f} nats/token")
-    return "\n".join(lines)
+        table += f"\n\nunigram loss on the same split: {unigram:.3f} nats/token"
+    return table
 
 
 def plot_size_vs_loss(

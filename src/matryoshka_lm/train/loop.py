@@ -73,7 +73,9 @@ class JointLoss(nn.Module):
         if spec.bits is None:
             return self.model(x, spec)
         if spec.bits not in fq:
-            fq[spec.bits] = quant.fake_quant_params(dict(self.model.named_parameters()), spec.bits, self.model.quant)
+            fq[spec.bits] = quant.fake_quant_params(
+                dict(self.model.named_parameters()), spec.bits, self.model.precision.quant
+            )
         return functional_call(self.model, fq[spec.bits], (x, spec.shape))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, specs: list[SubmodelSpec], weights: list[float]):

@@ -1,27 +1,18 @@
-"""Turn study results into report/README.md, results.json and PNG plots."""
+"""The sizes study's report (sizes.py): README.md, results.json and PNG plots."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from matryoshka_lm.config import DEFAULT_SIZES
 from matryoshka_lm.core.checkpoint import write_json
-from matryoshka_lm.plots import figure
+from matryoshka_lm.report import figure, md_table
 from matryoshka_lm.train.evaluate import human
 
-SIZES = list(DEFAULT_SIZES)  # the study trains the default sizes
-BAR = 0.04  # MatFormer's bar: each Matryoshka size within 0.04 nats of its independently trained baseline
-
-
-def line_through(points: list[tuple[float, float]], n: float) -> float:
-    """Loss predicted at N by the piecewise-linear line (in log N) through the trained sizes."""
-    pts = sorted(points)
-    xs, ys = [math.log(p[0]) for p in pts], [p[1] for p in pts]
-    return float(np.interp(math.log(n), xs, ys))
+from .evaluate import BAR, line_through
+from .presets import SIZES
 
 
 def plot_sizes(res: dict[str, Any], main: int, path: Path) -> None:
@@ -94,83 +85,64 @@ def plot_scaling(res: dict[str, Any], path: Path) -> None:
 
 
 def quality_table(res: dict[str, Any]) -> tuple[str, list[float]]:
-    lines = [
-        "| scale | size | non-emb params | Matryoshka loss | baseline loss | Δ (nats) | within 0.04 |",
-        "|---|---|---:|---:|---:|---:|:---:|",
-    ]
-    deltas = []
+    head = ["scale", "size", "non-emb params", "Matryoshka loss", "baseline loss", "Δ (nats)", "within 0.04"]
+    rows, deltas = [], []
     for d in sorted(res["matryoshka"], key=int):
         for s in SIZES:
             m, b = res["matryoshka"][d][s], res["baseline"][d][s]
             delta = m["val_loss"] - b["val_loss"]
             deltas.append(delta)
-            lines.append(
-                f"| d={d} | {s} | {human(m['non_embedding_params'])} | {m['val_loss']:.3f} | "
-                f"{b['val_loss']:.3f} | {delta:+.3f} | {'yes' if delta <= BAR else 'no'} |"
-            )
-    return "\n".join(lines), deltas
+            rows.append([f"d={d}", s, human(m["non_embedding_params"]), f"{m['val_loss']:.3f}", f"{b['val_loss']:.3f}",
+                         f"{delta:+.3f}", "yes" if delta <= BAR else "no"])  # fmt: skip
+    return md_table(head, rows, "llrrrrc"), deltas
 
 
 def consistency_table(res: dict[str, Any]) -> str:
-    lines = [
-        "| scale | size | agreement: Matryoshka | agreement: baselines | KL: Matryoshka | KL: baselines |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
+    head = ["scale", "size", "agreement: Matryoshka", "agreement: baselines", "KL: Matryoshka", "KL: baselines"]
+    rows = []
     for d in sorted(res["consistency"], key=int):
         for s in SIZES[1:]:
-            c = res["consistency"][d][s]
-            m, b = c["matryoshka"], c["baseline"]
-            lines.append(
-                f"| d={d} | {s} | {m['top1_agreement']:.3f} | {b['top1_agreement']:.3f} "
-                f"| {m['kl']:.3f} | {b['kl']:.3f} |"
+            m, b = res["consistency"][d][s]["matryoshka"], res["consistency"][d][s]["baseline"]
+            rows.append(
+                [f"d={d}", s, *(f"{x:.3f}" for x in (m["top1_agreement"], b["top1_agreement"], m["kl"], b["kl"]))]
             )
-    return "\n".join(lines)
+    return md_table(head, rows, "llrrrr")
 
 
 def ablation_table(res: dict[str, Any]) -> str:
-    lines = ["| nested axes | size | FLOPs/token | non-emb params | val loss |", "|---|---|---:|---:|---:|"]
-    for name, pts in res["ablation"].items():
-        for s in SIZES:
-            v = pts[s]
-            lines.append(
-                f"| {name} | {s} | {human(v['flops_per_token'])} | {human(v['non_embedding_params'])} "
-                f"| {v['val_loss']:.3f} |"
-            )
-    return "\n".join(lines)
+    rows = [
+        [name, s, human(pts[s]["flops_per_token"]), human(pts[s]["non_embedding_params"]), f"{pts[s]['val_loss']:.3f}"]
+        for name, pts in res["ablation"].items()
+        for s in SIZES
+    ]
+    return md_table(["nested axes", "size", "FLOPs/token", "non-emb params", "val loss"], rows, "llrrr")
 
 
 def mixnmatch_table(res: dict[str, Any]) -> tuple[str, dict[str, tuple[int, int]]]:
     """Per nesting design: each Mix'n'Match spec against the line through that model's trained sizes."""
-    lines = [
-        "| nested axes | Mix'n'Match spec | non-emb params | val loss | line through trained sizes | Δ |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    counts = {}
+    head = ["nested axes", "Mix'n'Match spec", "non-emb params", "val loss", "line through trained sizes", "Δ"]
+    rows, counts = [], {}
     for design, mixes in res["mixnmatch"].items():
         trained = [(v["non_embedding_params"], v["val_loss"]) for v in res["ablation"][design].values()]
         below = 0
         for m in sorted(mixes, key=lambda m: m["non_embedding_params"]):
             pred = line_through(trained, m["non_embedding_params"])
             below += m["val_loss"] <= pred
-            lines.append(
-                f"| {design} | `{m['spec']}` | {human(m['non_embedding_params'])} | {m['val_loss']:.3f} | "
-                f"{pred:.3f} | {m['val_loss'] - pred:+.3f} |"
-            )
+            rows.append([design, f"`{m['spec']}`", human(m["non_embedding_params"]), f"{m['val_loss']:.3f}",
+                         f"{pred:.3f}", f"{m['val_loss'] - pred:+.3f}"])  # fmt: skip
         counts[design] = (below, len(mixes))
-    return "\n".join(lines), counts
+    return md_table(head, rows, "llrrrr"), counts
 
 
 def fits_table(res: dict[str, Any]) -> str:
-    lines = ["| points | a | b | c (irreducible) | RMSE |", "|---|---:|---:|---:|---:|"]
+    rows = []
     for kind, f in res["fits"].items():
         if "a" in f:
-            lines.append(
-                f"| {kind} | {f['a']:.3g} ± {f['a_err']:.2g} | {f['b']:.3f} ± {f['b_err']:.3f} | "
-                f"{f['c']:.3f} ± {f['c_err']:.3f} | {f['rmse']:.4f} |"
-            )
+            rows.append([kind, f"{f['a']:.3g} ± {f['a_err']:.2g}", f"{f['b']:.3f} ± {f['b_err']:.3f}",
+                         f"{f['c']:.3f} ± {f['c_err']:.3f}", f"{f['rmse']:.4f}"])  # fmt: skip
         else:
-            lines.append(f"| {kind} | fit failed: {f.get('error', '?')} | | | |")
-    return "\n".join(lines)
+            rows.append([kind, f"fit failed: {f.get('error', '?')}", "", "", ""])
+    return md_table(["points", "a", "b", "c (irreducible)", "RMSE"], rows)
 
 
 def write_report(res: dict[str, Any], preset: Any, report: Path) -> None:
@@ -185,12 +157,11 @@ def write_report(res: dict[str, Any], preset: Any, report: Path) -> None:
     plot_ablation(res, report / "ablation_flops_vs_loss.png")
     plot_consistency(res, main, report / "consistency.png")
     plot_scaling(res, report / "scaling.png")
-    quality, deltas = quality_table(res)
-    mix, mix_counts = mixnmatch_table(res)
-    mix_line = ", ".join(f"{b} of {n} when nesting {d}" for d, (b, n) in mix_counts.items())
-    meta = res["meta"]
-    met = sum(d <= BAR for d in deltas)
-    worst = max(deltas)
+    (report / "README.md").write_text(readme(res, main))
+
+
+def _summary(meta: dict[str, Any], deltas: list[float]) -> tuple[str, str, str, str]:
+    """The README's lines on the runs, their training time, and the headline's bar and gap."""
     runs = (
         f"Every run: {meta['tokens_per_run']:,} training tokens, identical hyper-parameters; "
         "all evaluated on the same held-out tokens."
@@ -201,18 +172,28 @@ def write_report(res: dict[str, Any], preset: Any, report: Path) -> None:
         f"{meta['wall_seconds'] / 60:.1f} min; finished runs are reused)."
     )
     within = (
-        f"{met} of {len(deltas)} Matryoshka sizes are within {BAR} nats of their independently trained "
-        "baseline (the MatFormer bar);"
+        f"{sum(d <= BAR for d in deltas)} of {len(deltas)} Matryoshka sizes are within {BAR} nats of their "
+        "independently trained baseline (the MatFormer bar);"
     )
     gap = (
-        f"the largest gap is {worst:+.3f} nats, the mean {np.mean(deltas):+.3f}. "
+        f"the largest gap is {max(deltas):+.3f} nats, the mean {np.mean(deltas):+.3f}. "
         "Negative Δ means the Matryoshka size is *better*."
     )
+    return runs, hours, within, gap
+
+
+# one f-string template of the whole README: it reads as the page it writes, so it stays in one piece
+def readme(res: dict[str, Any], main: int) -> str:
+    quality, deltas = quality_table(res)
+    mix, mix_counts = mixnmatch_table(res)
+    mix_line = ", ".join(f"{b} of {n} when nesting {d}" for d, (b, n) in mix_counts.items())
+    meta = res["meta"]
+    runs, hours, within, gap = _summary(meta, deltas)
     scaling = (
         "Scaling: L(N) = a·N^(−b) + c over all sizes of all scales "
         "(N = non-embedding parameters; ± 1σ from the fit covariance)"
     )
-    text = f"""# Matryoshka vs independently trained models — preset `{meta["preset"]}`
+    return f"""# Matryoshka vs independently trained models — preset `{meta["preset"]}`
 
 Reproduce: `{meta["command"]}` (same seed → same numbers on the same machine).
 Machine: {meta["machine"]}. Seed {meta["seed"]}. Data: {meta["data"]}.
@@ -252,4 +233,3 @@ Matryoshka: each size vs the Matryoshka XL (same weights). Baselines: each indep
 
 With this few points and this little training, the constants are loose; compare the two rows, not the absolute values.
 """
-    (report / "README.md").write_text(text)

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from matryoshka_lm.machine import describe_machine
-from matryoshka_lm.plots import figure
+from matryoshka_lm.report import figure, md_table
 from matryoshka_lm.train.evaluate import human
 
-from .elastify_preset import MODELS
+from .preset import MODELS
 
 LABELS = {
     "original": "original, naive slice",
@@ -25,27 +25,23 @@ def _read(out: Path, name: str) -> dict[str, Any] | None:
 
 
 def loss_rows(ev: dict[str, Any]) -> list[str]:
-    rows = [
-        "| size | params (non-embedding) | " + " | ".join(f"held-out: {LABELS[m]}" for m in MODELS)
-        + " | out-of-domain: original | out-of-domain: elastic |",
-        "|---|---:|" + "---:|" * (len(MODELS) + 2),
-    ]  # fmt: skip
+    head = ["size", "params (non-embedding)", *(f"held-out: {LABELS[m]}" for m in MODELS)]
+    head += ["out-of-domain: original", "out-of-domain: elastic"]
+    rows = []
     for n, s in ev["sizes"].items():
-        held = " | ".join(f"{ev['loss'][m][n]:.3f}" for m in MODELS)
-        ood = f"{ev['ood_loss']['original'][n]:.3f} | {ev['ood_loss']['elastic'][n]:.3f}"
-        rows.append(f"| {n} | {human(s['params'])} ({human(s['non_embedding'])}) | {held} | {ood} |")
-    return rows
+        held = [f"{ev['loss'][m][n]:.3f}" for m in MODELS]
+        ood = [f"{ev['ood_loss'][m][n]:.3f}" for m in ("original", "elastic")]
+        rows.append([n, f"{human(s['params'])} ({human(s['non_embedding'])})", *held, *ood])
+    return md_table(head, rows).split("\n")
 
 
 def sample_rows(ev: dict[str, Any], prompts: list[str]) -> list[str]:
     rows = []
     teacher = ev["samples"]["original"]["XL"]
     for i, prompt in enumerate(prompts):
-        rows += [f"**{prompt}**", "", "| model | continuation |", "|---|---|"]
-        rows.append(f"| original XL | {_cell(teacher[i])} |")
-        for n, texts in ev["samples"]["elastic"].items():
-            rows.append(f"| elastic {n} | {_cell(texts[i])} |")
-        rows.append("")
+        cells = [["original XL", _cell(teacher[i])]]
+        cells += [[f"elastic {n}", _cell(texts[i])] for n, texts in ev["samples"]["elastic"].items()]
+        rows += [f"**{prompt}**", "", md_table(["model", "continuation"], cells, "ll"), ""]
     return rows
 
 
@@ -59,31 +55,26 @@ def speed_rows(sp: dict[str, Any]) -> list[str]:
         f"{sp['dtype']} weights, our decode {'compiled (CUDA graphs)' if sp['compiled'] else 'eager'}; "
         f"read roofline = measured read bandwidth {sp['read_bandwidth_gb_s']:.0f} GB/s / bytes of weights per token.",
         "",
-        "| decoder | tokens/s | roofline tokens/s | fraction of roofline |",
-        "|---|---:|---:|---:|",
     ]
-    for n, s in sp["sizes"].items():
-        rows.append(
-            f"| ours, {n} | {s['tokens_per_s']:.1f} | {s['roofline_tokens_per_s']:.0f} | {s['roofline_fraction']:.1%} |"
-        )
+    decoders = [
+        [f"ours, {n}", f"{s['tokens_per_s']:.1f}", f"{s['roofline_tokens_per_s']:.0f}", f"{s['roofline_fraction']:.1%}"]
+        for n, s in sp["sizes"].items()
+    ]
     for label, s in sp.get("transformers", {}).items():
         value = f"{s['tokens_per_s']:.1f}" if "tokens_per_s" in s else f"failed: {s['error']}"
-        rows.append(f"| transformers.generate, XL, {label} | {value} | | |")
+        decoders.append([f"transformers.generate, XL, {label}", value, "", ""])
+    rows.append(md_table(["decoder", "tokens/s", "roofline tokens/s", "fraction of roofline"], decoders))
     spec = sp["speculative"]
     base = spec["target_alone_tokens_per_s"]
-    rows += [
-        "",
-        "| speculative decoding of XL | tokens/s | speedup vs XL alone | acceptance | tokens per target pass "
-        "| output = XL's greedy |",
-        "|---|---:|---:|---:|---:|---|",
-    ]
-    for label, s in spec.items():
-        if isinstance(s, dict):
-            rows.append(
-                f"| draft: {label} | {s['tokens_per_s']:.1f} | {s['tokens_per_s'] / base:.2f}x | "
-                f"{s['acceptance']:.2f} | {s['tokens_per_target_pass']:.2f} | {'yes' if s['lossless'] else 'NO'} |"
-            )
-    return rows
+    head = ["speculative decoding of XL", "tokens/s", "speedup vs XL alone", "acceptance", "tokens per target pass",
+            "output = XL's greedy"]  # fmt: skip
+    drafts = [
+        [f"draft: {label}", f"{s['tokens_per_s']:.1f}", f"{s['tokens_per_s'] / base:.2f}x", f"{s['acceptance']:.2f}",
+         f"{s['tokens_per_target_pass']:.2f}", "yes" if s["lossless"] else "NO"]
+        for label, s in spec.items()
+        if isinstance(s, dict)
+    ]  # fmt: skip
+    return [*rows, "", md_table(head, drafts, "lrrrrl")]
 
 
 def student_rows(st: dict[str, Any]) -> list[str]:
@@ -94,23 +85,26 @@ def student_rows(st: dict[str, Any]) -> list[str]:
         f"int8 codes in {st['ship_bytes'] / 2**20:.1f} MiB. Held-out and out-of-domain loss as above; agreement = "
         "top-1 agreement with the teacher on the held-out text.",
         "",
-        "| size | params | held-out, float | held-out, int8 | out-of-domain, int8 | agreement, int8 |",
-        "|---|---:|---:|---:|---:|---:|",
     ]
-    for n, s in st["sizes"].items():
-        rows.append(
-            f"| {n} | {human(s['params'])} | {st['loss']['student, float'][n]:.3f} | "
-            f"{st['loss']['student, int8'][n]:.3f} | {st['ood_loss']['student, int8'][n]:.3f} | "
-            f"{st['agreement']['student, int8'][n]:.1%} |"
-        )
-    rows.append(
-        f"| teacher | {human(st['teacher_params'])} | {st['loss']['teacher']['XL']:.3f} | | "
-        f"{st['ood_loss']['teacher']['XL']:.3f} | |"
-    )
-    rows += ["", "| prompt | size | greedy continuation (int8) |", "|---|---|---|"]
-    for i, prompt in enumerate(st["prompts"]):
-        rows += [f"| {_cell(prompt)} | {n} | {_cell(texts[i])} |" for n, texts in st["samples"].items()]
-    return rows
+    head = ["size", "params", "held-out, float", "held-out, int8", "out-of-domain, int8", "agreement, int8"]
+    sizes = [
+        [n, human(s["params"]), f"{st['loss']['student, float'][n]:.3f}", f"{st['loss']['student, int8'][n]:.3f}",
+         f"{st['ood_loss']['student, int8'][n]:.3f}", f"{st['agreement']['student, int8'][n]:.1%}"]
+        for n, s in st["sizes"].items()
+    ]  # fmt: skip
+    teacher = st["loss"]["teacher"]["XL"], st["ood_loss"]["teacher"]["XL"]
+    sizes.append(["teacher", human(st["teacher_params"]), f"{teacher[0]:.3f}", "", f"{teacher[1]:.3f}", ""])
+    samples = [
+        [_cell(prompt), n, _cell(texts[i])]
+        for i, prompt in enumerate(st["prompts"])
+        for n, texts in st["samples"].items()
+    ]
+    return [
+        *rows,
+        md_table(head, sizes),
+        "",
+        md_table(["prompt", "size", "greedy continuation (int8)"], samples, "lll"),
+    ]
 
 
 def plot_losses(ev: dict[str, Any], path: Path) -> None:

@@ -12,7 +12,7 @@ from matryoshka_lm.core.spec import SubmodelSpec, count_params, uniform_spec
 from matryoshka_lm.infer.engine import Engine
 from matryoshka_lm.train.evaluate import evaluate_specs
 
-from .elastify_preset import ElastifyPreset
+from .preset import ElastifyPreset
 
 
 def size_rows(model: MatryoshkaLM, specs: dict[str, SubmodelSpec]) -> dict[str, dict[str, int]]:

@@ -9,6 +9,7 @@ number of tokens after the same prompt, prefill included; on CUDA our decode is 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -23,7 +24,9 @@ from matryoshka_lm.infer.engine import Engine
 from matryoshka_lm.infer.speculative import speculative_decode
 from matryoshka_lm.machine import describe_machine, read_bandwidth, synchronize
 
-from .elastify_preset import ElastifyPreset, log
+from .preset import ElastifyPreset
+
+log = logging.getLogger(__name__)
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, device: str) -> float:
@@ -76,7 +79,7 @@ def measure_speed(out: Path, hf_dir: Path, p: ElastifyPreset, device: str) -> di
             "roofline_tokens_per_s": bw / weight_bytes,
             "roofline_fraction": (n / secs) / (bw / weight_bytes),
         }
-        log(f"decode {name}: {n / secs:.1f} tok/s ({res['sizes'][name]['roofline_fraction']:.0%} of the roofline)")
+        log.info(f"decode {name}: {n / secs:.1f} tok/s ({res['sizes'][name]['roofline_fraction']:.0%} of the roofline)")
     if p.hf_generate:
         res["transformers"] = transformers_speed(hf_dir, prompt, n, dtype, device, p.speed_repeats)
     res["speculative"] = speculative_speed(model, engine, prompt, greedy["XL"], p, device)
@@ -112,7 +115,7 @@ def speculative_speed(
             "tokens_per_target_pass": last["per_round"],
             "lossless": last["tokens"] == want,
         }
-        log(f"speculative, {label} draft: {n / secs:.1f} tok/s, acceptance {last['acceptance']:.2f}")
+        log.info(f"speculative, {label} draft: {n / secs:.1f} tok/s, acceptance {last['acceptance']:.2f}")
     return out
 
 
@@ -142,8 +145,8 @@ def transformers_speed(
 
             secs = median_seconds(run, repeats, device)
             res[label] = {"tokens_per_s": n / secs}
-            log(f"transformers.generate ({label}): {n / secs:.1f} tok/s")
+            log.info(f"transformers.generate ({label}): {n / secs:.1f} tok/s")
         except Exception as e:  # noqa: BLE001 - a baseline that fails is reported, the recipe goes on
             res[label] = {"error": f"{type(e).__name__}: {e}"[:300]}
-            log(f"transformers.generate ({label}) failed: {res[label]['error']}")
+            log.info(f"transformers.generate ({label}) failed: {res[label]['error']}")
     return res

@@ -1,9 +1,8 @@
-"""Settings of `matryoshka elastify` (study/elastify.py): the presets, the prompts its samples continue, and the
+"""Settings of `matryoshka elastify` (recipe.py): the presets, the prompts its samples continue, and the
 names its stages and results share."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +58,7 @@ class ElastifyPreset:
     dtype: str = "auto"  # training autocast; "auto" = bf16 on CUDA
     plan_steps: int = 4  # timed steps (the first two are warm-up) that size the run
     steps: int | None = None  # fixed instead of sized to train_minutes (e.g. on 8 GPUs, planned on one)
-    # the small elastic student to ship (elastify_student.py): a fresh model with the teacher's tokenizer,
+    # the small elastic student to ship (student.py): a fresh model with the teacher's tokenizer,
     # distilled from it on its own generations plus the corpus, stored as int8 codes under ship_mb
     student: dict[str, Any] = field(default_factory=lambda: dict(STUDENT))
     student_minutes: float = 8.0
@@ -91,7 +90,3 @@ PRESETS = {
         gen_batch=4, gen_length=16, ship_mb=1.0, ship_group=4, grad_accum=1,
     ),
 }  # fmt: skip
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)

@@ -2,11 +2,13 @@
 
 The plan times a few real steps (teacher, autocast, compilation and all), converts the budget into a step count
 (so the LR schedule knows its end) and is kept in a JSON file; each later call resumes from the last checkpoint
-and trains until its own time limit. Used by `matryoshka elastify` for the elastic model and the student."""
+and trains until its own time limit. Used by `matryoshka elastify` (elastify/) for the elastic model and the
+student."""
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -19,7 +21,7 @@ from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.train.loop import train
 from matryoshka_lm.train.state import saved_step
 
-from .elastify_preset import log
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,7 +59,10 @@ def plan(job: Budgeted, data: str | None, device: str) -> dict[str, Any]:
         "device": device,
     }
     ck.write_json(job.plan_path, out)
-    log(f"{job.run.name}: {per_step:.3f} s/step -> {steps} steps ({out['tokens']:,} tokens) in {job.minutes:g} min")
+    log.info(
+        "%s: %.3f s/step -> %d steps (%s tokens) in %g min",
+        *(job.run.name, per_step, steps, f"{out['tokens']:,}", job.minutes),
+    )
     return out
 
 
@@ -75,7 +80,7 @@ def run_budgeted(
         return True
     tcfg = job.make_tcfg(steps)
     tcfg.save_every = json.loads(job.plan_path.read_text())["save_every"]
-    log(f"train {job.run}: " + (f"resume at step {saved_step(job.run)}" if resume else "start") + f" of {steps}")
+    log.info(f"train {job.run}: " + (f"resume at step {saved_step(job.run)}" if resume else "start") + f" of {steps}")
     train(job.model_cfg, tcfg, job.run, data=data, init=None if resume else job.init, resume=resume, device=device,
           callback=callback, time_limit_s=time_limit_s, tokenizer=None if resume else job.tokenizer)  # fmt: skip
     return saved_step(job.run) >= steps

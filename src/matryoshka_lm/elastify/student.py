@@ -13,6 +13,7 @@ The student trains on the corpus text of the elastic run's training split only, 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from pathlib import Path
@@ -26,16 +27,19 @@ from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.spec import count_params, size_names, uniform_spec
 from matryoshka_lm.data import SPECIAL
 from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.eval.texts import ood_tokens
 from matryoshka_lm.infer.engine import Engine
 from matryoshka_lm.infer.sampling import Sampling
 from matryoshka_lm.machine import describe_machine
+from matryoshka_lm.report import md_table
+from matryoshka_lm.train.budgeted import Budgeted
 from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
 from matryoshka_lm.train.evaluate import human
 
-from .budgeted import Budgeted
-from .elastify_eval import greedy_samples, scores, size_rows
-from .elastify_preset import GEN_OPENINGS, ElastifyPreset, log
-from .recipes import ood_tokens
+from .measure import greedy_samples, scores, size_rows
+from .preset import GEN_OPENINGS, ElastifyPreset
+
+log = logging.getLogger(__name__)
 
 STOPS = (SPECIAL[0], "<|im_end|>")  # a teacher sample ends at either
 
@@ -89,7 +93,7 @@ def generate_text(out: Path, p: ElastifyPreset, device: str, time_limit_s: float
     meta["seconds"] += time.perf_counter() - t0
     meta["done"] = True
     ck.write_json(meta_path, meta)
-    log(f"teacher generations: {meta['tokens']:,} tokens in {meta['seconds']:.0f} s")
+    log.info(f"teacher generations: {meta['tokens']:,} tokens in {meta['seconds']:.0f} s")
     return meta
 
 
@@ -180,19 +184,14 @@ def write_model_card(out: Path, dest: Path, res: dict[str, Any]) -> None:
     cfg, _ = ck.read_config(dest)
     source = json.loads((out / "settings.json").read_text())["source"]
     plan, gen = res["student_plan"], res["generated"]
+    head = ["size", "params", "held-out loss (int8)", "out-of-domain loss (int8)", "top-1 agreement with the teacher"]
     rows = [
-        "| size | params | held-out loss (int8) | out-of-domain loss (int8) | top-1 agreement with the teacher |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for n, s in res["sizes"].items():
-        rows.append(
-            f"| {n} | {human(s['params'])} | {res['loss']['student, int8'][n]:.3f} | "
-            f"{res['ood_loss']['student, int8'][n]:.3f} | {res['agreement']['student, int8'][n]:.1%} |"
-        )
-    rows.append(
-        f"| teacher | {human(res['teacher_params'])} | {res['loss']['teacher']['XL']:.3f} | "
-        f"{res['ood_loss']['teacher']['XL']:.3f} | |"
-    )
+        [n, human(s["params"]), f"{res['loss']['student, int8'][n]:.3f}", f"{res['ood_loss']['student, int8'][n]:.3f}",
+         f"{res['agreement']['student, int8'][n]:.1%}"]
+        for n, s in res["sizes"].items()
+    ]  # fmt: skip
+    rows.append(["teacher", human(res["teacher_params"]), f"{res['loss']['teacher']['XL']:.3f}",
+                 f"{res['ood_loss']['teacher']['XL']:.3f}", ""])  # fmt: skip
     samples = []
     for i, prompt in enumerate(res["prompts"]):
         samples += [f"**{prompt}**", ""] + [f"- {n}: {_line(res['samples'][n][i])}" for n in res["samples"]] + [""]
@@ -212,7 +211,7 @@ FFN {cfg.ffn_dim}, SmolLM2's 49,152-token tokenizer.
 
 Losses in nats per token on the held-out corpus split and on Python's documentation (out of domain):
 
-{chr(10).join(rows)}
+{md_table(head, rows)}
 
 Greedy continuations, int8, every size:
 

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.model import MatryoshkaLM
+from matryoshka_lm.core.scoring import log_probs, token_logprobs
 from matryoshka_lm.core.spec import SubmodelSpec, count_params, parse_spec, size_names
 from matryoshka_lm.data import EOT
 from matryoshka_lm.errors import MatryoshkaError
@@ -154,12 +154,12 @@ class MatryoshkaHarnessLM(TemplateLM):
         idx = torch.zeros(len(rows), T, dtype=torch.long)
         for b, r in enumerate(rows):  # right padding: causal attention keeps the pad out of real positions
             idx[b, : len(r)] = torch.tensor(r)
-        logp = F.log_softmax(self.model(idx.to(self.device), self.spec).float(), dim=-1)
+        logp = log_probs(self.model(idx.to(self.device), self.spec))
         res = []
         for b, (r, n, (_, _, cont)) in enumerate(zip(rows, n_cont, batch)):
             lp = logp[b, len(r) - n : len(r)]
             target = torch.tensor(cont[-n:], device=lp.device)
-            res.append((float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
+            res.append((float(token_logprobs(None, target, lp).sum()), bool((lp.argmax(-1) == target).all())))
         return res
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

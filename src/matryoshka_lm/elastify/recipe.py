@@ -6,7 +6,7 @@
     train    every size jointly, distilled from the frozen original (KL to its distribution), resumable
     eval     held-out and out-of-domain loss per size before and after; greedy samples from fixed prompts
     speed    batch-1 decode per size against the bandwidth roofline, transformers.generate, speculative decoding
-    report   README.md with tables and plots (elastify_report.py)
+    report   README.md with tables and plots (report.py)
 
 Every stage writes its result under `out` and is skipped when the result is there, so a run that must fit commands
 of bounded length (`time_limit_s`) is continued by running the same command again. Under torchrun only the train
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -29,16 +30,18 @@ from matryoshka_lm.convert.hf import import_hf
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.spec import size_names, uniform_spec
 from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.eval.texts import ood_tokens
+from matryoshka_lm.train.budgeted import Budgeted, plan, run_budgeted
 from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
 from matryoshka_lm.train.state import saved_step
 
-from .budgeted import Budgeted, plan, run_budgeted
-from .elastify_eval import greedy_samples, scores, size_rows
-from .elastify_preset import MODELS, PRESETS, STAGES, ElastifyPreset, log
-from .elastify_report import write_report
-from .elastify_speed import measure_speed
-from .elastify_student import generate_text, ship_student, student_data, student_job
-from .recipes import ood_tokens
+from .measure import greedy_samples, scores, size_rows
+from .preset import MODELS, PRESETS, STAGES, ElastifyPreset
+from .report import write_report
+from .speed import measure_speed
+from .student import generate_text, ship_student, student_data, student_job
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- source and import
 
@@ -51,7 +54,7 @@ def source_folder(out: Path, hf: str | Path | None, gguf: str | Path | None) -> 
         return Path(hf)
     if not (out / "hf" / "config.json").is_file():
         path = Path(gguf) if gguf is not None else smollm2_gguf()
-        log(f"convert {path.name} -> {out / 'hf'}")
+        log.info(f"convert {path.name} -> {out / 'hf'}")
         hf_from_gguf(path, out / "hf", force=True)
     return out / "hf"
 
@@ -61,7 +64,7 @@ def import_both(src: Path, out: Path, p: ElastifyPreset, data: str | None, devic
     for name, reorder in (("original", False), ("reordered", True)):
         if (out / name / ck.WEIGHTS).is_file():
             continue
-        log(f"import {src} -> {out / name}" + (" (reordered by importance)" if reorder else ""))
+        log.info(f"import {src} -> {out / name}" + (" (reordered by importance)" if reorder else ""))
         import_hf(
             src, out / name, force=True, nest=p.nest, reorder=reorder, data=data,
             max_corpus_chars=p.max_corpus_chars or 3_000_000, reorder_batches=p.reorder_batches,
@@ -150,7 +153,7 @@ def evaluate_all(out: Path, p: ElastifyPreset, device: str) -> dict[str, Any]:
             res[key][label] = {n: r[n]["loss"] for n in names}
         if label != "reordered":  # its XL is the original's: the samples would repeat
             res["samples"][label] = greedy_samples(model, tok, names if label == "elastic" else ["XL"], p)
-        log(f"eval {label}: " + " ".join(f"{n}={v:.3f}" for n, v in res["loss"][label].items())
+        log.info(f"eval {label}: " + " ".join(f"{n}={v:.3f}" for n, v in res["loss"][label].items())
             + f" ({time.perf_counter() - t0:.0f} s)")  # fmt: skip
         del model
     res["val_tokens"] = int(min(len(val), p.eval_batches * 8 * (seq + 1)))
@@ -160,6 +163,30 @@ def evaluate_all(out: Path, p: ElastifyPreset, device: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- the whole recipe
+
+
+def checked_request(preset: str | ElastifyPreset, stages: tuple[str, ...]) -> ElastifyPreset:
+    """The preset to run, after refusing unknown presets and stages, and under torchrun any stage but train."""
+    if isinstance(preset, str) and preset not in PRESETS:
+        raise MatryoshkaError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    bad = set(stages) - set(STAGES)
+    if bad or not stages:
+        raise MatryoshkaError(f"unknown stages {sorted(bad)}; choose from {', '.join(STAGES)}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and set(stages) != {"train"}:
+        raise MatryoshkaError("under torchrun run only the train stage (--stages train), after --stages prepare")
+    return PRESETS[preset] if isinstance(preset, str) else preset
+
+
+def prepare(out: Path, p: ElastifyPreset, name: str, hf, gguf, data: str | None, device: str) -> Path:
+    """The prepare stage: settings.json, the source converted and imported twice, and the elastic run's plan;
+    returns the Hugging Face folder imported."""
+    out.mkdir(parents=True, exist_ok=True)
+    source = Path(hf or gguf or SMOLLM2_FILE).name
+    ck.write_json(out / "settings.json", {"preset": name, "source": source, "data": data, **dataclasses.asdict(p)})
+    src = source_folder(out, hf, gguf)
+    import_both(src, out, p, data, device)
+    plan(elastic_job(out, p), data, device)
+    return src
 
 
 def run_elastify(
@@ -182,15 +209,7 @@ def run_elastify(
     and a later call with the same arguments continues. `report` (default out/report) receives README.md and
     the plots, `ship` (default out/ship) the student's int8 checkpoint and model card. Under torchrun (several
     processes) only the train stage runs, after a single-process call has run "prepare"."""
-    out = Path(out)
-    if isinstance(preset, str) and preset not in PRESETS:
-        raise MatryoshkaError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    p = PRESETS[preset] if isinstance(preset, str) else preset
-    bad = set(stages) - set(STAGES)
-    if bad or not stages:
-        raise MatryoshkaError(f"unknown stages {sorted(bad)}; choose from {', '.join(STAGES)}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and set(stages) != {"train"}:
-        raise MatryoshkaError("under torchrun run only the train stage (--stages train), after --stages prepare")
+    out, p = Path(out), checked_request(preset, stages)
     deadline = None if time_limit_s is None else time.perf_counter() + time_limit_s
 
     def left() -> float | None:
@@ -198,31 +217,26 @@ def run_elastify(
 
     src: Path | None = None
     if "prepare" in stages:
-        out.mkdir(parents=True, exist_ok=True)
         name = preset if isinstance(preset, str) else preset_name or "custom"
-        source = Path(hf or gguf or SMOLLM2_FILE).name
-        ck.write_json(out / "settings.json", {"preset": name, "source": source, "data": data, **dataclasses.asdict(p)})
-        src = source_folder(out, hf, gguf)
-        import_both(src, out, p, data, device)
-        plan(elastic_job(out, p), data, device)
+        src = prepare(out, p, name, hf, gguf, data, device)
     if not (out / "plan.json").is_file():
         raise MatryoshkaError(f"{out} is not prepared: run the prepare stage first (--stages prepare)")
     result: dict[str, Any] = {"done": False, "plan": json.loads((out / "plan.json").read_text())}
     if "train" in stages and not run_budgeted(elastic_job(out, p), data, device, left(), callback):
-        log(f"elastic training stopped at step {saved_step(out / 'elastic')}: run the same command again")
+        log.info(f"elastic training stopped at step {saved_step(out / 'elastic')}: run the same command again")
         return result
     if "eval" in stages:
         result["eval"] = evaluate_all(out, p, device)
     if "speed" in stages:
         result["speed"] = measure_speed(out, src or source_folder(out, hf, gguf), p, device)
     if "generate" in stages and not generate_text(out, p, device, left()).get("done"):
-        log("teacher generations stopped by the time limit: run the same command again")
+        log.info("teacher generations stopped by the time limit: run the same command again")
         return result
     if "student" in stages:
         job, folder = student_job(out, p), str(student_data(out))
         plan(job, folder, device)
         if not run_budgeted(job, folder, device, left(), callback):
-            log(f"student training stopped at step {saved_step(job.run)}: run the same command again")
+            log.info(f"student training stopped at step {saved_step(job.run)}: run the same command again")
             return result
     if "ship" in stages:
         result["student"] = ship_student(out, p, device, Path(ship) if ship else None)

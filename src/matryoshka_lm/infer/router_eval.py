@@ -1,0 +1,131 @@
+"""Measuring a fitted size router on labelled queries: every policy's compute-vs-quality curve, APGR and CPT
+with bootstrap intervals, the operating point at a threshold, and the plot (the metrics: router_fit.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from matryoshka_lm.core.model import MatryoshkaLM
+
+from .router import Router, router_flops
+from .router_fit import (
+    BOOTSTRAP,
+    Policy,
+    fixed_policies,
+    metrics_with_ci,
+    oracle_policy,
+    paired_apgr_difference,
+    predicted_gaps,
+    predicted_policy,
+    query_costs,
+    random_policy,
+    tau_grid,
+)
+from .router_labels import Labels
+
+
+def evaluate(
+    model: MatryoshkaLM,
+    router: Router,
+    labels: Labels,
+    tau: float,
+    n_boot: int = BOOTSTRAP,
+) -> dict[str, Any]:
+    """Every policy's curve, APGR/CPT with CIs, and the routers' operating point at `tau`."""
+    specs = router.specs(model.cfg)
+    costs = query_costs(model, specs, labels)
+    n, k = labels.nll.shape
+    policies: list[Policy] = []
+    for kind in sorted(router.predictors):
+        gaps = predicted_gaps(router, labels, kind)
+        policies.append(predicted_policy(kind, gaps, tau_grid(gaps)))
+    policies.append(oracle_policy(labels, tau_grid(labels.gaps, 60)))
+    policies.append(random_policy(n, k, np.linspace(0, 1, 21)))
+    # mixing adjacent fixed sizes at random traces the lines between them: the bar a per-query router must clear
+    policies.append(Policy("fixed sizes", np.repeat(np.arange(k)[:, None], n, 1), False, np.arange(k)))
+    curves, metrics = {}, {}
+    for pol in policies:
+        c, q = pol.points(labels, costs)
+        curves[pol.name] = {"compute": c.tolist(), "nll": q.tolist()}
+        metrics[pol.name] = metrics_with_ci(pol, labels, costs, n_boot)
+    fixed = {}
+    for pol in fixed_policies(n, router.candidates):
+        c, q = pol.points(labels, costs)
+        fixed[pol.name] = {"compute": float(c[0]), "nll": float(q[0])}
+    diff = {}
+    if {"learned", "confidence"} <= set(router.predictors):
+        diff = paired_apgr_difference(policies[0], policies[1], labels, costs, n_boot)  # sorted: confidence, learned
+    at_tau = {}
+    for kind in sorted(router.predictors):
+        pol = predicted_policy(kind, predicted_gaps(router, labels, kind), np.array([tau]))
+        c, q = pol.points(labels, costs)
+        share = np.bincount(pol.choice[0], minlength=k) / n
+        at_tau[kind] = {"compute": float(c[0]), "nll": float(q[0]), "share": dict(zip(router.candidates, share))}
+    flops = router_flops(model.cfg, specs[0], int(labels.prompt_lens.mean()), labels.features.shape[1], k - 1)
+    return {
+        "queries": n,
+        "tau": tau,
+        "default": router.default,
+        "curves": curves,
+        "metrics": metrics,
+        "fixed": fixed,
+        "at_tau": at_tau,
+        "learned_minus_confidence": diff,
+        "overhead": {
+            "mean_prompt_len": float(labels.prompt_lens.mean()),
+            "predictor_vs_full_prefill": flops["predictor"] / flops["full_prefill"],
+            "small_prefill_vs_full_prefill": flops["small_prefill"] / flops["full_prefill"],
+        },
+    }
+
+
+def _fmt(m: dict[str, Any]) -> str:
+    v, (lo, hi) = m["value"], m["ci"]
+    return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def format_report(rep: dict[str, Any]) -> str:
+    lines = [f"{rep['queries']} queries; compute is relative to always-full (router overhead included)", ""]
+    lines.append(f"{'policy':<22}{'compute':>9}{'NLL':>8}")
+    for name, f in rep["fixed"].items():
+        lines.append(f"{name:<22}{f['compute']:>9.3f}{f['nll']:>8.3f}")
+    for kind, a in rep["at_tau"].items():
+        share = " ".join(f"{s}:{v:.0%}" for s, v in a["share"].items())
+        label = f"{kind} τ={rep['tau']:g}" + (" *" if kind == rep["default"] else "")
+        lines.append(f"{label:<22}{a['compute']:>9.3f}{a['nll']:>8.3f}   {share}")
+    lines += ["", f"{'curve':<14}{'APGR [95% CI]':>24}{'CPT(50%)':>24}{'CPT(80%)':>24}"]
+    for name, m in rep["metrics"].items():
+        lines.append(f"{name:<14}{_fmt(m['apgr']):>24}{_fmt(m['cpt50']):>24}{_fmt(m['cpt80']):>24}")
+    if rep["learned_minus_confidence"]:
+        lines.append(f"APGR learned - confidence (paired bootstrap): {_fmt(rep['learned_minus_confidence'])}")
+    o = rep["overhead"]
+    lines += [
+        "",
+        f"router overhead at the mean prompt ({o['mean_prompt_len']:.0f} tokens): predictor "
+        f"{o['predictor_vs_full_prefill']:.2%} of a full prefill; small prefill (shared) "
+        f"{o['small_prefill_vs_full_prefill']:.1%}",
+        "* the router.json default",
+    ]
+    return "\n".join(lines)
+
+
+def plot_curves(rep: dict[str, Any], path: str | Path, title: str = "") -> None:
+    from matryoshka_lm.report import figure
+
+    with figure(path, (6.4, 4.4), legend={"fontsize": 8}) as (_, ax):
+        for name, c in rep["curves"].items():
+            style = {"oracle": "k--", "random": ":", "fixed sizes": "-"}.get(name, "-")
+            if name == "fixed sizes":
+                ax.plot(c["compute"], c["nll"], "-", color="0.6", lw=1, label="fixed sizes (mixed)")
+                continue
+            ax.plot(c["compute"], c["nll"], style, label=name, marker="." if name in ("learned", "confidence") else "")
+        for name, f in rep["fixed"].items():
+            ax.plot([f["compute"]], [f["nll"]], "s", label=name)
+        ax.set_xlabel("mean compute (fraction of always-full FLOPs)")
+        ax.set_ylabel("continuation NLL (nats/token)")
+        ax.set_xlim(0, 1.3)
+        if title:
+            ax.set_title(title, fontsize=9)
