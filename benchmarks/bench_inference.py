@@ -599,7 +599,7 @@ NOTES = """### Notes
   cannot pay, as here, it settles near gamma = 1-2 and limits the loss instead of avoiding it.
 - Zero copy: each size runs on a "view model", a module of the size's shape whose parameters are views of the full
   weights, built uninitialised on the meta device (no allocation, and nothing process-wide patched) the first time
-  the size is used. The memory table is the end-to-end check; tests/test_engine.py checks storage pointers and
+  the size is used. The memory table is the end-to-end check; tests/infer/test_engine.py checks storage pointers and
   allocations op by op.
 - Shared cache (MatFormer): the draft reads the target's KV cache instead of its own. It saves the draft's prefill,
   its catch-up step and its cache memory, but the draft then attends to keys/values computed by the full model,

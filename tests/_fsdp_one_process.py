@@ -1,7 +1,7 @@
 """Run under torchrun with ONE process (argv: cpu or cuda): `parallelize(..., fsdp=True)` joins a process group of
 one (gloo, or NCCL on CUDA), shards every parameter with FSDP2, and then trains step for step like an unsharded
 copy of the same model (losses and weights), fused AdamW on the DTensors included on CUDA. Prints OK at the end;
-any difference raises. tests/test_distributed.py runs it on the CPU, tests/test_cuda.py on a GPU."""
+any difference raises. tests/train/test_distributed.py runs it on the CPU, tests/test_cuda.py on a GPU."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ Permuting hidden units is function-preserving when applied consistently:
                       rows of wq, columns of wo); query heads may also permute within their group
   residual features   columns of the embedding, of every input projection and of the untied head, rows of
                       wo and w_down, and every RMSNorm weight (RMSNorm is permutation-equivariant)
-so the full model's logits do not change (tests/test_reorder.py), only which features a prefix keeps.
+so the full model's logits do not change (tests/convert/test_reorder.py), only which features a prefix keeps.
 Depth is not reordered: layers do not commute.
 
 Importance is measured with the full model on corpus windows (activation-based, no gradients), read by

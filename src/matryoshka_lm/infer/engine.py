@@ -1,7 +1,7 @@
 """Elastic inference: batched, KV-cached generation at any size, on the full model's own weights.
 
 A size (or Mix'n'Match spec) reads prefix views of the full model's weights, so one loaded model serves every
-size with no copy (tests/test_engine.py checks the storage pointers). `model(x, spec)` would take those views at
+size with no copy (tests/infer/test_engine.py checks the storage pointers). `model(x, spec)` would take those views at
 every call; the engine takes them once per size instead (`view_model`: a module of the size's shape whose
 parameters ARE the views, from nested.slice_views), which saves the slicing ops of every step.
 

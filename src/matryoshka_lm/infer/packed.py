@@ -5,7 +5,7 @@ fp32. Here each Linear of a cell's standalone-shaped view model (engine.view_mod
 keeps the codes packed and multiplies with a weight-only-quantized kernel (act_dtype bfloat16, the default):
 
   int4 / int2 / int3   torch._weight_int4pack_mm_for_cpu. Its weight is w = (q - 8) * scale + zero per group of
-                       32 (or 64) input features, q in 0..15 (checked empirically: tests/test_packed.py). Our r-bit
+                       32 (or 64) input features, q in 0..15 (checked: tests/infer/test_packed.py). Our r-bit
                        levels s * (2^k t + (2^k - 1) / 2), k = 8 - r, t in [-2^(r-1), 2^(r-1)), are that with
                        q = t + 8, scale = 2^k s, zero = (2^k - 1) / 2 * s: exact in fp32 (s is an fp16 value).
   int8, groups of 32   the int8 code q = 16 hi + lo (hi = its top 4 bits, the int4 cell's code; lo = q & 15), so

@@ -4,7 +4,7 @@ The router (router.py) decides from one prefill of its smallest candidate over t
 into a KV cache the engine allocated for that size's decoding, so when the smallest size is chosen the engine
 decodes straight on from it (Engine.decode_steps): routing costs nothing beyond the prefill that size needed
 anyway. The router ran the full model with the small spec; the engine decodes with the size's view model (same
-weights, same cache shapes), and tests/test_routed.py checks that the tokens equal a plain generation at that size.
+weights, same cache shapes), and tests/infer/test_routed.py checks the tokens equal a plain generation at that size.
 Any other choice drops that cache and runs the engine at the chosen size, its own prefill included.
 """
 

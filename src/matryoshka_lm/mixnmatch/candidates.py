@@ -23,7 +23,7 @@ import numpy as np
 
 from matryoshka_lm.config import ModelConfig
 from matryoshka_lm.core import quant
-from matryoshka_lm.core.nested import kv_heads
+from matryoshka_lm.core.nested import layer_shapes
 from matryoshka_lm.core.spec import (
     LayerSpec,
     SubmodelSpec,
@@ -117,7 +117,8 @@ def granularity_levels(cfg: ModelConfig) -> tuple[list[str], list[tuple[LayerSpe
 
 
 def _layer_cost(cfg: ModelConfig, layer: LayerSpec) -> int:
-    return 3 * layer.ffn + 2 * layer.heads * cfg.head_dim + 2 * kv_heads(layer.heads, cfg.group_size) * cfg.head_dim
+    """A layer's weights per unit of residual width (nested.layer_shapes at width 1): what orders granularities."""
+    return sum(r * c for r, c in layer_shapes(cfg, layer, 1).values())
 
 
 def monotone_sequences(depth: int, n_levels: int):

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from test_serve import LoopbackServer
 
 from _tiny_ckpt import make_checkpoint
 from matryoshka_lm.serve.app import create_app
-from test_serve import LoopbackServer
 
 NAME = "tiny"
 # greedy, and <|endoftext|> ignored, so every row runs to max_tokens unless cancelled

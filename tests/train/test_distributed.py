@@ -71,7 +71,7 @@ def test_fsdp_in_one_process_shards_and_matches_the_unsharded_model():
     equal to the unsharded model's (FSDP used to be skipped silently when there was one process)."""
     from pathlib import Path
 
-    probe = Path(__file__).with_name("_fsdp_one_process.py")
+    probe = Path(__file__).parents[1] / "_fsdp_one_process.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(probe), "cpu"]
     r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,7 +1,7 @@
 """The tiny preset's loss curve is a test asset (as torchtitan keeps one): a change that moves training fails here.
 
 Regenerate it only for a change meant to move training, and say why in the commit:
-    .venv/bin/python tests/test_golden_curve.py --write
+    .venv/bin/python tests/train/test_golden_curve.py --write
 """
 
 from __future__ import annotations

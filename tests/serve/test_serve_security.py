@@ -13,10 +13,10 @@ import threading
 import httpx
 import pytest
 import uvicorn
+from test_serve import KEY, NAME, LoopbackServer, wait_healthy
 
 from _tiny_ckpt import make_checkpoint
 from matryoshka_lm.serve.app import create_app
-from test_serve import KEY, NAME, LoopbackServer, wait_healthy
 
 openai = pytest.importorskip("openai")
 
