@@ -22,6 +22,8 @@ from matryoshka_lm.elastify.recipe import PRESETS, run_elastify  # noqa: E402
 from matryoshka_lm.errors import MatryoshkaError  # noqa: E402
 from matryoshka_lm.train.state import saved_step  # noqa: E402
 
+pytestmark = pytest.mark.slow  # an end-to-end pipeline (still run by `make test`)
+
 PRESET = dataclasses.replace(PRESETS["tiny"], steps=4)
 
 

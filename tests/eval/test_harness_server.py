@@ -15,6 +15,8 @@ from matryoshka_lm.core.checkpoint import TOKENIZER, load_model, load_tokenizer
 from matryoshka_lm.data import EOT
 from matryoshka_lm.serve.app import create_app
 
+pytestmark = pytest.mark.slow  # an end-to-end pipeline (still run by `make test`)
+
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("tenacity")  # lm-eval's API backends (the lm-eval[api] extra)
 pytest.importorskip("transformers")

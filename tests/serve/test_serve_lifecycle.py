@@ -105,6 +105,8 @@ def token_steps(self, *args, **kwargs):
 
 Engine.token_steps = token_steps
 from matryoshka_lm.cli.main import main
+
+pytestmark = pytest.mark.slow  # an end-to-end pipeline (still run by `make test`)
 raise SystemExit(main(sys.argv[2:]))
 """
 

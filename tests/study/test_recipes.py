@@ -19,6 +19,8 @@ from matryoshka_lm.study.recipes import plan as plan_recipe_runs
 from matryoshka_lm.study.runs import train_all
 from matryoshka_lm.train.plan import run_flops, size_plan, step_flops, step_submodels, steps_for_flops
 
+pytestmark = pytest.mark.slow  # an end-to-end pipeline (still run by `make test`)
+
 
 def test_every_recipe_gets_todays_flops_budget():
     p = RECIPE_PRESETS["cpu-recipes"]

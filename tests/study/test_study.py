@@ -22,6 +22,8 @@ from matryoshka_lm.study.runner import run_study
 from matryoshka_lm.study.sizes import plan as plan_runs
 from matryoshka_lm.train.eval_checkpoint import checkpoint_val_split
 
+pytestmark = pytest.mark.slow  # an end-to-end pipeline (still run by `make test`)
+
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, corpus_file):

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # an end-to-end pipeline (still run by `make test`)
+
 
 def run_train(args: list[str], nproc: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
