@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import re
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from matryoshka_lm.machine import describe_machine
+from matryoshka_lm.machine import describe_machine, timed
 from matryoshka_lm.report import md_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,12 +37,7 @@ def write_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(timed(fn)[0] for _ in range(repeats))
 
 
 def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
@@ -54,9 +48,7 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int = 5, wa
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(timed(fn)[0])
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -77,9 +69,7 @@ def read_bandwidth(mb: int = 512) -> Callable[[], float]:
     big = torch.ones(mb * 2**20 // 4)
 
     def run() -> float:
-        t0 = time.perf_counter()
-        big.sum()
-        return (time.perf_counter() - t0) / (big.numel() * 4)
+        return timed(big.sum)[0] / (big.numel() * 4)
 
     return run
 
@@ -88,10 +78,7 @@ def generate_timer(engine, prompts: list[list[int]], n: int) -> Callable[[], flo
     """Seconds to generate n tokens after each prompt (batch 1, the prefill included, as speculative runs are)."""
 
     def run() -> float:
-        t0 = time.perf_counter()
-        for p in prompts:
-            engine.generate([p], None, n)
-        return time.perf_counter() - t0
+        return timed(lambda: [engine.generate([p], None, n) for p in prompts])[0]
 
     return run
 
@@ -101,8 +88,7 @@ def speculative_timer(model, engine, prompts, n, draft, want, stats, **kw) -> Ca
     adding every run's counts and phase times into `stats` (a SpeculativeStats)."""
     from matryoshka_lm.infer.speculative import speculative_decode
 
-    def run() -> float:
-        t0 = time.perf_counter()
+    def body() -> None:
         for p, w in zip(prompts, want):
             got, s = speculative_decode(model, p, None, draft, n, engine=engine, **kw)
             assert got.tokens == w, f"draft {draft}: not the target's greedy output"
@@ -112,9 +98,8 @@ def speculative_timer(model, engine, prompts, n, draft, want, stats, **kw) -> Ca
                 stats.accepted + s.accepted,
             )
             stats.draft_s, stats.verify_s = stats.draft_s + s.draft_s, stats.verify_s + s.verify_s
-        return time.perf_counter() - t0
 
-    return run
+    return lambda: timed(body)[0]
 
 
 def speculative_rows(times: dict[str, float], stats: dict, base: dict[str, float], tokens: int) -> list[str]:

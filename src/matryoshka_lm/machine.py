@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def cpu_name() -> str:
@@ -48,15 +52,18 @@ def synchronize(device: str | torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(fn: Callable[[], T], device: str | torch.device = "cpu") -> tuple[float, T]:
+    """The one timer: wall seconds of fn() with the device's queued work finished at both ends, and its result."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return time.perf_counter() - t0, out
+
+
 def read_bandwidth(device: str | torch.device = "cpu", mb: int = 1024, repeats: int = 5) -> float:
     """Bytes per second of summing a large fp32 tensor on `device` (median of `repeats`): the read roofline that
     a memory-bound batch-1 decode is measured against."""
     big = torch.ones(mb * 2**20 // 4, device=device)
-    times = []
-    for _ in range(repeats + 1):  # the first run warms the allocator and kernels
-        synchronize(device)
-        t0 = time.perf_counter()
-        big.sum()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
+    times = [timed(big.sum, device)[0] for _ in range(repeats + 1)]  # the first warms the allocator and kernels
     return big.numel() * 4 / sorted(times[1:])[len(times[1:]) // 2]
