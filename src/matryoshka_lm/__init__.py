@@ -34,7 +34,10 @@ _EXPORTS = {
     "parse_spec": "core.spec",
     "uniform_spec": "core.spec",
     "Engine": "infer.engine",
+    "Request": "infer.request",
+    "Stops": "infer.request",
     "Sampling": "infer.sampling",
+    "Speculation": "infer.speculative",
     "Completion": "infer.stops",
     "speculative_decode": "infer.speculative",
 }
@@ -54,8 +57,9 @@ if TYPE_CHECKING:
     )
     from matryoshka_lm.errors import MatryoshkaError  # noqa: F401
     from matryoshka_lm.infer.engine import Engine  # noqa: F401
+    from matryoshka_lm.infer.request import Request, Stops  # noqa: F401
     from matryoshka_lm.infer.sampling import Sampling  # noqa: F401
-    from matryoshka_lm.infer.speculative import speculative_decode  # noqa: F401
+    from matryoshka_lm.infer.speculative import Speculation, speculative_decode  # noqa: F401
     from matryoshka_lm.infer.stops import Completion  # noqa: F401
 
 __version__ = "0.1.0"

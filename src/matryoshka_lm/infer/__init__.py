@@ -1,2 +1,3 @@
-"""Decoding at any size: sampling rules (sampling.py), stop handling (stops.py), the KV-cached engine (engine.py) and
-speculative decoding with a nested draft (speculative.py)."""
+"""Decoding at any size: one validated Request (request.py) through one engine (engine.py: Engine.run /
+stream_request), plainly or speculatively (speculative.py, drafts.py, acceptance.py); the decoder's forward passes
+(forward.py), sampling and stops, packed quantized cells, and the size router with its fitting (router*.py)."""
