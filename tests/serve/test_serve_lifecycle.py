@@ -22,6 +22,8 @@ from test_serve import LoopbackServer
 from _tiny_ckpt import make_checkpoint
 from matryoshka_lm.serve.app import create_app
 
+pytestmark = pytest.mark.slow  # an end-to-end pipeline (still run by `make test`)
+
 NAME = "tiny"
 # greedy, and <|endoftext|> ignored, so every row runs to max_tokens unless cancelled
 BODY = {"model": f"{NAME}:S", "prompt": "The", "temperature": 0, "ignore_eos": True}
@@ -105,8 +107,6 @@ def token_steps(self, *args, **kwargs):
 
 Engine.token_steps = token_steps
 from matryoshka_lm.cli.main import main
-
-pytestmark = pytest.mark.slow  # an end-to-end pipeline (still run by `make test`)
 raise SystemExit(main(sys.argv[2:]))
 """
 
