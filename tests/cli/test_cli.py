@@ -209,3 +209,44 @@ def test_train_flags_are_train_config_fields():
     assert set(TRAIN_FLAGS) <= {f.name for f in dataclasses.fields(TrainConfig)}
     a = build_parser().parse_args(["train", "--bits", "8,4", "--size-weights", "1,2", "--sizes", "XL, M", "--fsdp"])
     assert (a.bits, a.size_weights, a.sizes, a.fsdp, a.lr) == ([8, 4], [1.0, 2.0], ["XL", "M"], True, None)
+
+
+LIST_FLAGS = [
+    ["eval", "CKPT", "--sizes"],
+    ["harness", "CKPT", "--sizes"],
+    ["route", "fit", "CKPT", "--candidates"],
+    ["train-embed", "CKPT", "--out", "X", "--sizes"],
+    ["train", "--sizes"],
+]
+
+
+@pytest.mark.parametrize("flag", LIST_FLAGS, ids=lambda f: f[0])
+def test_a_comma_list_is_sizes_in_every_command(flag):
+    """One spec-list rule (core.spec.split_specs) behind every flag that takes sizes: "XL,S" is two sizes; one
+    per-layer spec needs the explicit form."""
+    from matryoshka_lm.cli.main import build_parser
+    from matryoshka_lm.cli.options import spec_list
+
+    parser = build_parser()
+    for text, want in (("XL,S", ["XL", "S"]), ("mix:S,M,L,XL", ["mix:S,M,L,XL"]), ("S,M,L,XL;M", ["S,M,L,XL", "M"])):
+        a = parser.parse_args([*flag, text])
+        got = getattr(a, flag[-1].lstrip("-"))
+        assert (got if isinstance(got, list) else spec_list(got)) == want, (flag, text)
+
+
+def test_eval_sizes_xl_s_evaluates_two_sizes(ckpt, tmp_path, capsys):
+    """The reported bug: `eval --sizes XL,S` evaluated one 2-layer Mix'n'Match spec instead of the two sizes."""
+    import json
+
+    out = tmp_path / "e.json"
+    assert main(["eval", str(ckpt), "--sizes", "XL,S", "--batches", "1", "--json", str(out), "--device", "cpu"]) == 0
+    rows = json.loads(out.read_text())["sizes"]
+    assert [r["size"] for r in rows] == ["XL", "S"]
+    from matryoshka_lm import load_model, parse_spec
+
+    mix = str(parse_spec(load_model(ckpt).cfg, "S,XL,XL,XL"))
+    assert main(["eval", str(ckpt), "--sizes", "mix:S,XL,XL,XL", "--batches", "1", "--json", str(out)]) == 0
+    assert [r["spec"] for r in json.loads(out.read_text())["sizes"]] == [mix]  # one per-layer spec, explicitly
+    capsys.readouterr()
+    assert main(["eval", str(ckpt), "--sizes", "XL,Q"]) == 2
+    assert "a list separates specs with ','" in error_line(capsys)

@@ -158,7 +158,9 @@ def _add_train_embed(sub: argparse._SubParsersAction) -> None:
     te.add_argument("--pairs", help='JSONL of {"query": ..., "positive": ...} (default: two halves of corpus passages)')
     te.add_argument("--data", help="corpus for self-supervised pairs (default: the embedded corpus)")
     te.add_argument("--dims", help="nested dims, e.g. 12,24,48,96,192 (default: D/16,D/8,D/4,D/2,D)")
-    te.add_argument("--sizes", help="extra sizes/specs trained jointly (2D Matryoshka), e.g. M,S")
+    te.add_argument(
+        "--sizes", help='extra sizes/specs trained jointly (2D Matryoshka), e.g. M,S (a per-layer spec: "mix:S,M,L,XL")'
+    )
     te.add_argument("--depths", help="extra depths trained jointly: the full model cut to this many layers, e.g. 2,3")
     te.add_argument("--no-mrl", action="store_true", help="baseline: the contrastive loss at the full dims only")
     te.add_argument(

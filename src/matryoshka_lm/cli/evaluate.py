@@ -25,7 +25,11 @@ def cmd_eval(a: argparse.Namespace) -> None:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="per-size table: params, FLOPs/token, val loss, perplexity, agreement")
     e.add_argument("ckpt")
-    e.add_argument("--sizes", help="comma-separated sizes or Mix'n'Match specs; ';' separates specs with commas")
+    e.add_argument(
+        "--sizes",
+        help='sizes, specs or cells (default: every trained size). "XL,S" = two sizes; a per-layer spec in a list: '
+        '"mix:S,M,L,XL", or \';\' between specs (e.g. "S,M,L,XL;M@int4")',
+    )
     e.add_argument("--data", help="evaluate on this text instead of the checkpoint's validation split")
     e.add_argument(
         "--batches", type=positive_int, default=None, help="validation batches (default: the run's eval_batches)"

@@ -53,7 +53,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "Shipped offline tasks: matryoshka_ppl (held-out perplexity), matryoshka_cloze (next-line choice).",
     )
     h.add_argument("ckpt")
-    h.add_argument("--sizes", help="sizes, specs or cells: XL,M,S or 'S,M,L,XL;M@int4' (default: every size)")
+    h.add_argument(
+        "--sizes",
+        help='sizes, specs or cells (default: every size). "XL,S" = two sizes; a per-layer spec in a list: '
+        '"mix:S,M,L,XL", or \';\' between specs (e.g. "S,M,L,XL;M@int4")',
+    )
     h.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated lm-eval tasks (default: {DEFAULT_TASKS})")
     h.add_argument("--include-path", action="append", metavar="DIR", help="another folder of task YAMLs (repeatable)")
     h.add_argument("--limit", type=limit, help="documents per task (a fraction if below 1), for quick runs")

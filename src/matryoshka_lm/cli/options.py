@@ -72,10 +72,10 @@ def float_list(text: str | None, what: str) -> list[float] | None:
 
 
 def spec_list(text: str | None) -> list[str] | None:
-    """Sizes or Mix'n'Match specs: comma-separated, or ';'-separated when the specs contain commas."""
-    if not text:
-        return None
-    return [s.strip() for s in text.split(";" if ";" in text else ",") if s.strip()]
+    """Sizes or Mix'n'Match specs by the one list rule (core.spec.split_specs: "XL,S" is two sizes)."""
+    from matryoshka_lm.core.spec import split_specs  # here, not at the top: `matryoshka --help` imports no torch
+
+    return split_specs(text)
 
 
 @contextmanager

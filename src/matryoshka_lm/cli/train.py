@@ -8,7 +8,7 @@ from pathlib import Path
 
 from matryoshka_lm.errors import MatryoshkaError
 
-from .options import float_list, int_list, nonnegative_int, pick_device, positive_int
+from .options import float_list, int_list, nonnegative_int, pick_device, positive_int, spec_list
 
 
 def _list(kind, flag: str):
@@ -29,7 +29,7 @@ def _list(kind, flag: str):
 TRAIN_FLAGS: dict[str, dict] = {
     "steps": dict(type=positive_int, help="optimizer steps (default: the preset's)"),
     "only": dict(help="baseline mode: train one dense model with this size's shape, e.g. M"),
-    "sizes": dict(type=_list(lambda s, _: [x.strip() for x in s.split(",")], "--sizes"), help="sizes to train jointly"),
+    "sizes": dict(type=_list(lambda s, _: spec_list(s), "--sizes"), help="sizes to train jointly, e.g. XL,M,S"),
     "size_weights": dict(
         type=_list(float_list, "--size-weights"),
         help="loss weight per trained size, largest first, e.g. 1,2,1,2 (default: all 1); heavier early exits "

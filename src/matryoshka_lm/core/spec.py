@@ -7,12 +7,17 @@ String form (Mix'n'Match):
     "S,M,M@M"                           residual width taken from a named size (default: the widest listed)
     "M@int4" | "S,M,L,XL@int2"          any of the above at a bit width (2..8): the top bits of the int8 codes
                                         (core/quant.py); no suffix = the weights as loaded
+    "mix:S,M,L,XL"                      the explicit form of a per-layer spec (what a list of specs needs)
+
+Lists of specs (every --sizes / --candidates, split_specs): "XL,S" is two sizes. Specs are separated by ';' when the
+text has one, else by ','; so a per-layer spec inside a list is written "mix:S,M,L,XL" or with ';' ("S,M,L,XL;M").
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
@@ -83,6 +88,38 @@ def size_names(cfg: ModelConfig) -> list[str]:
     return sorted(cfg.sizes, key=lambda s: -count_params(cfg, uniform_spec(cfg, s))["total"])
 
 
+MIX = "mix:"  # the explicit prefix of a per-layer Mix'n'Match spec
+LIST_RULE = (
+    "a list separates specs with ',' (\"XL,S\" is two sizes), or with ';' when a spec has commas: write a per-layer "
+    'spec in a list as "mix:S,M,L,XL" or "S,M,L,XL;M"'
+)
+
+
+def split_specs(text: str | None) -> list[str] | None:
+    """The one rule for a list of specs (module doc): split on ';' when the text has one, else on ','; a text that
+    is one explicit "mix:" spec stays whole. None/empty: None (the caller's default)."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    if text.startswith(MIX) and ";" not in text:
+        return [text]
+    return [s.strip() for s in text.split(";" if ";" in text else ",") if s.strip()]
+
+
+def parse_spec_list(cfg: ModelConfig, text: str | Sequence[str] | None) -> list[SubmodelSpec] | None:
+    """split_specs then parse_spec of each; an error names the item and the list rule."""
+    items = split_specs(text) if isinstance(text, str) or text is None else list(text)
+    if items is None:
+        return None
+    out = []
+    for item in items:
+        try:
+            out.append(parse_spec(cfg, item))
+        except MatryoshkaError as e:
+            raise MatryoshkaError(f"{e} (in the list {text!r}; {LIST_RULE})") from None
+    return out
+
+
 _LAYER_RE = re.compile(r"^f(\d+)h(\d+)$")
 _BITS_RE = re.compile(r"^(.*)@int(\d+)$")
 
@@ -99,6 +136,11 @@ def parse_spec(cfg: ModelConfig, text: str) -> SubmodelSpec:
                 f"int{BIT_WIDTHS.start}..int{BIT_WIDTHS.stop - 1}"
             )
         return parse_spec(cfg, m.group(1)).at_bits(bits)
+    if text.startswith(MIX):
+        body = text[len(MIX) :].strip()
+        if not body or body in cfg.sizes or "," not in body and not _LAYER_RE.match(body.partition("@")[0]):
+            raise MatryoshkaError(f"{text!r}: after 'mix:' give one granularity per layer, e.g. 'mix:S,M,L,XL'")
+        text = body
     if not text:
         raise MatryoshkaError("empty size spec")
     if text in cfg.sizes:

@@ -7,7 +7,7 @@ from typing import Any
 
 from matryoshka_lm.config import TrainConfig
 from matryoshka_lm.core import checkpoint as ck
-from matryoshka_lm.core.spec import parse_spec, size_names
+from matryoshka_lm.core.spec import parse_spec_list, size_names, split_specs
 from matryoshka_lm.data import encode_corpus, limit_chars, read_corpus, split_tokens, unigram_loss
 
 from .evaluate import evaluate_specs, format_table, plot_size_vs_loss, size_table, write_json_report
@@ -37,8 +37,8 @@ def evaluate_checkpoint(
     ckpt = Path(ckpt)
     model = ck.load_model(ckpt, device)
     tcfg, train, val = checkpoint_val_split(ckpt, data)
-    names = [s.strip() for s in sizes.split(";")] if sizes else size_names(model.cfg)
-    specs = {n: parse_spec(model.cfg, n) for n in names}
+    names = split_specs(sizes) or size_names(model.cfg)
+    specs = dict(zip(names, parse_spec_list(model.cfg, names)))
     seq_len = min(tcfg.seq_len, model.cfg.max_seq_len)
     res = evaluate_specs(model, val, specs, seq_len, batch=8, n_batches=n_batches or tcfg.eval_batches, device=device)
     rows = size_table(model.cfg, specs, res, model.precision.quant, model.precision.native_bits)
