@@ -49,7 +49,7 @@ def smollm2_checkpoint() -> Path:
     """Our checkpoint of SmolLM2-135M (converted once: GGUF -> HF folder -> import_hf, no reordering)."""
     ckpt = OUT / "smollm2"
     if not (ckpt / ck.WEIGHTS).is_file():
-        from matryoshka_lm.convert.hf import import_hf
+        from matryoshka_lm.convert.hf_import import import_hf
         from smollm2_elastic import convert
 
         convert(OUT / "hf")

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import ROOT, generate_timer, machine, self_timed, speculative_rows, speculative_timer, write_section
-from matryoshka_lm.convert.hf import import_hf
+from matryoshka_lm.convert.hf_import import import_hf
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.quant import weight_bytes
 from matryoshka_lm.core.spec import parse_spec

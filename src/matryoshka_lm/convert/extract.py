@@ -23,6 +23,7 @@ import torch
 from matryoshka_lm.config import ModelConfig, TrainConfig
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core import nested, quant
+from matryoshka_lm.core.chat import copy_chat
 from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.nested import CODE_BITS, slice_state_dict, submodel_config
 from matryoshka_lm.core.spec import SubmodelSpec, count_params, format_spec, parse_spec
@@ -109,6 +110,7 @@ def extract_submodel(ckpt: str | Path, size: str, out: str | Path, force: bool =
     train = _standalone_train_config(tcfg)
     with staged_dir(out, force, source=ckpt) as tmp:
         shutil.copyfile(tok_path, tmp / ck.TOKENIZER)
+        copy_chat(ckpt, tmp)
         ck.save_tensors(tmp / ck.WEIGHTS, state, metadata={"format": "pt", "spec": format_spec(spec)})
         ck.write_json(tmp / ck.CONFIG, {"model": sub_cfg.to_dict(), "train": train, "extracted_from": source})
     log.info("extracted %s (%d params) from %s into %s", format_spec(spec), n_params, ckpt, out)
@@ -137,6 +139,7 @@ def _extract_cell(ckpt: Path, size: str, out: str | Path, force: bool) -> Path:
     source = {"checkpoint": str(ckpt), "spec": format_spec(spec.at_bits(bits)), "size": size}
     with staged_dir(out, force, source=ckpt) as tmp:
         shutil.copyfile(ckpt / ck.TOKENIZER, tmp / ck.TOKENIZER)
+        copy_chat(ckpt, tmp)
         ck.save_quantized(tmp, sub_cfg, codes, qcfg, bits)
         raw = {"model": sub_cfg.to_dict(), "train": _standalone_train_config(tcfg), "extracted_from": source}
         ck.write_json(tmp / ck.CONFIG, {**raw, "quant": {**qcfg.to_dict(), "bits": bits}})

@@ -47,6 +47,7 @@ import torch
 from matryoshka_lm.config import ModelConfig
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core import precision, quant
+from matryoshka_lm.core.chat import ChatFormat, read_chat
 from matryoshka_lm.core.nested import CODE_BITS, slice_views, submodel_config, top_bits
 from matryoshka_lm.core.spec import SubmodelSpec, format_spec, parse_spec, size_names
 from matryoshka_lm.data import EOT
@@ -267,6 +268,7 @@ def write_gguf(
     vocab: dict[str, Any],
     meta: dict[str, str],
     file_type: int,
+    chat: ChatFormat | None = None,
 ) -> None:
     """Write the llama metadata, tokenizer and tensors to `path` (not atomic: export_gguf stages it)."""
     import gguf
@@ -298,7 +300,9 @@ def write_gguf(
     w.add_token_types([int(t) for t in vocab["types"]])
     w.add_token_merges(vocab["merges"])
     w.add_bos_token_id(vocab["eot"])
-    w.add_eos_token_id(vocab["eot"])
+    w.add_eos_token_id(chat.stop_ids[0] if chat and chat.stop_ids else vocab["eot"])  # where llama.cpp ends a turn
+    if chat is not None and chat.template:
+        w.add_chat_template(chat.template)
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
     for name, array, raw in tensors:
@@ -358,6 +362,7 @@ def export_gguf(
     tensors = gguf_tensors(model, spec, sub, bits, dtype)
     vocab = gguf_vocab(ckpt, cfg.vocab_size)
     meta = {"name": f"matryoshka-lm {format_spec(spec)}", "spec": format_spec(spec), "source": str(ckpt)}
-    ck.atomic_write(out, lambda tmp: write_gguf(tmp, sub, tensors, vocab, meta, _file_type(bits, dtype)))
+    chat = read_chat(ckpt)
+    ck.atomic_write(out, lambda tmp: write_gguf(tmp, sub, tensors, vocab, meta, _file_type(bits, dtype), chat))
     log.info("exported %s of %s to %s (%d bytes)", format_spec(spec), ckpt, out, out.stat().st_size)
     return out

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from matryoshka_lm.core import checkpoint as ck
+from matryoshka_lm.core.chat import copy_chat
 from matryoshka_lm.errors import MatryoshkaError
 
 from .extract import staged_dir, stored_codes
@@ -24,5 +25,6 @@ def quantize_checkpoint(
     qstate, qcfg, bits = stored_codes(ckpt, group_size, embeddings)
     with staged_dir(out, force, source=ckpt) as tmp:
         shutil.copyfile(ckpt / ck.TOKENIZER, tmp / ck.TOKENIZER)
+        copy_chat(ckpt, tmp)
         ck.save_quantized(tmp, cfg, qstate, qcfg, bits, tcfg)
     return Path(out)

@@ -26,7 +26,7 @@ from typing import Any
 
 from matryoshka_lm.config import ModelConfig, TrainConfig
 from matryoshka_lm.convert.from_gguf import SMOLLM2_FILE, hf_from_gguf, smollm2_gguf
-from matryoshka_lm.convert.hf import import_hf
+from matryoshka_lm.convert.hf_import import import_hf
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.spec import size_names, uniform_spec
 from matryoshka_lm.errors import MatryoshkaError

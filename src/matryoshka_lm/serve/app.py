@@ -38,6 +38,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from matryoshka_lm.core.chat import read_chat
 from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.errors import MatryoshkaError
 
@@ -84,6 +85,7 @@ def create_app(
     cors_origins: Iterable[str] = (),
     router: Any = SAVED,
     bits: list[int] | None = None,
+    chat: Any = SAVED,
     **options: Any,
 ) -> FastAPI:
     """The FastAPI app serving a checkpoint directory (or a loaded model plus its `tokenizers` tokenizer).
@@ -100,6 +102,8 @@ def create_app(
         router: an infer.router.Router for NAME:auto, or None; default: the one saved beside the checkpoint
             directory, if any.
         bits: the widths /v1/models lists per size.
+        chat: a core.chat.ChatFormat (the model's own template and end-of-turn ids), or None for the plain template;
+            default: the checkpoint's chat.json, if any.
         options: State settings: compile, max_batch, max_batches, batch_window_s, max_body_bytes,
             max_tokens_limit, max_waiting, kernels (how cells compute: None, "bf16" or "fp32"; infer.engine.Engine).
     """
@@ -108,15 +112,17 @@ def create_app(
             raise MatryoshkaError("create_app(model) needs the model's tokenizer")
         model, default_name = ckpt_or_model, "matryoshka"
         router = None if router is SAVED else router
+        chat = None if chat is SAVED else chat
     else:
         model, tok, loaded_embedder, default_name = load_checkpoint(ckpt_or_model, device)
         router = load_router(ckpt_or_model) if router is SAVED else router
+        chat = read_chat(ckpt_or_model) if chat is SAVED else chat
         tokenizer = tok if tokenizer is None else tokenizer
         embedder = loaded_embedder if embedder is None else embedder
     name = name or default_name
     if ":" in name:
         raise MatryoshkaError(f"model name {name!r} may not contain ':'")
-    state = State(model, tokenizer, name, embedder, api_key, **options)
+    state = State(model, tokenizer, name, embedder, api_key, chat=chat, **options)
     return _build_app(state, Models(state, router, bits), allowed_hosts, cors_origins)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
+from matryoshka_lm.errors import MatryoshkaError
+
 from .batcher import Event
 from .errors import APIError
 from .inputs import check_ids, encode
@@ -39,7 +41,9 @@ class ServingChat(ServingGeneration):
         prompts = [self.prompt_ids(req.messages)]
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         # no default length: the rest of the context (the batcher caps each row at it)
-        job = await self.prepare(request, req, target, prompts, max_tokens, self.state.max_tokens_limit, CHAT_STOPS)
+        # the plain template's next turn is a stop string; a model's own template ends its turn with a token (eot)
+        stops = () if self.templated else CHAT_STOPS
+        job = await self.prepare(request, req, target, prompts, max_tokens, self.state.max_tokens_limit, stops)
         response.headers.update(job.headers)
         ticket = self.submit(job)
         if req.stream:
@@ -58,7 +62,19 @@ class ServingChat(ServingGeneration):
                     "invalid_value",
                 )
             turns.append((m.role, _message_text(m, i)))
-        return check_ids(self.state, encode(self.state, chat_prompt(turns), "messages"), "messages")
+        if self.templated:  # the model's own template (core.chat), rendered as transformers renders it
+            try:
+                roles = {"developer": "system"}  # OpenAI's newer name; model templates know "system"
+                text = self.state.chat.render([{"role": roles.get(r, r), "content": c} for r, c in turns])
+            except MatryoshkaError as e:
+                raise APIError(400, f"{e}.", "messages", "invalid_value") from None
+        else:
+            text = chat_prompt(turns)
+        return check_ids(self.state, encode(self.state, text, "messages"), "messages")
+
+    @property
+    def templated(self) -> bool:
+        return self.state.chat is not None and self.state.chat.template is not None
 
     async def reply(self, req: ChatRequest, job: Job, out: Choices) -> ChatCompletion:
         logprobs: list[ChatLogprobs | None] = [None] * len(out)

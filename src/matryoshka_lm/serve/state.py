@@ -53,6 +53,7 @@ class State:
         max_tokens_limit: int | None = None,
         max_waiting: int = 4096,
         kernels: str | None = None,
+        chat: Any = None,
     ):
         from matryoshka_lm.embed import Embedder
 
@@ -63,7 +64,9 @@ class State:
         self.max_body_bytes, self.max_waiting = max_body_bytes, max_waiting
         self.max_tokens_limit = max_tokens_limit or self.cfg.max_seq_len - 1
         eot = tokenizer.token_to_id(EOT)
-        self.eot = [] if eot is None else [eot]
+        # where a reply ends: <|endoftext|>, and the model's own end-of-turn ids (core.chat; e.g. <|im_end|>)
+        self.chat = chat
+        self.eot = list(dict.fromkeys(([] if eot is None else [eot]) + list(chat.stop_ids if chat else ())))
         self.sizes = size_names(self.cfg)
         self.batcher = Batcher(
             self.engine,

@@ -27,6 +27,7 @@ from torch.func import functional_call
 from matryoshka_lm.config import ModelConfig, TrainConfig
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core import quant
+from matryoshka_lm.core.chat import copy_chat
 from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.nested import submodel_config
 from matryoshka_lm.core.spec import SubmodelSpec, uniform_spec
@@ -229,6 +230,8 @@ def prepare(
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         trim_metrics(out / "metrics.jsonl", start)
+        if init is not None and not resume:  # an imported model's chat format stays with its fine-tunes
+            copy_chat(init, out)
     return Run(
         tcfg,
         d,
