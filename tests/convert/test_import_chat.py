@@ -5,6 +5,7 @@ real server whose chat replies render that template and stop at that token (the 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -140,3 +141,35 @@ def test_import_cli_names_the_chat_format(instruct, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "TinyChat-Instruct: its own chat template" in err and f"[{im_end}" in err
     assert json.loads((tmp_path / "c" / "chat.json").read_text())["stop_ids"][0] == im_end
+
+
+def test_an_imports_untrained_slices_are_marked_until_a_fine_tune_trains_them(instruct, tmp_path, corpus_file, capsys):
+    """After an import only XL is a model: eval marks the others, generate --size all skips them, the server lists
+    them as untrained; a fine-tune that trains every size makes them sizes."""
+    import httpx
+
+    from _loopback import LoopbackServer
+    from matryoshka_lm.serve.app import create_app
+
+    folder, _ = instruct
+    imp = import_model(folder, tmp_path / "imp", reorder=False)
+    assert ck.trained_sizes(imp) == ["XL"]
+    assert (
+        main(["eval", str(imp), "--batches", "1", "--data", str(corpus_file), "--json", str(tmp_path / "e.json")]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "| XL |" in out and "| S (untrained) |" in out
+    rows = {r["size"]: r["trained"] for r in json.loads((tmp_path / "e.json").read_text())["sizes"]}
+    assert rows == {"XL": True, "L": False, "M": False, "S": False}
+    assert main(["generate", str(imp), "--size", "all", "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
+    got = capsys.readouterr()
+    assert "[XL]" not in got.out and "skipping L, M, S, not trained yet" in got.err  # one size: no [XL] label
+    assert re.search(r"XL: prefill \d+ tokens in \d+ ms .*decode 1 tokens", got.err), got.err  # speed, on stderr
+    with LoopbackServer(create_app(imp, name="tiny")) as server:
+        cards = {m["id"]: m for m in httpx.get(f"{server.url}/v1/models").json()["data"]}
+        assert cards["tiny:XL"]["trained"] and not cards["tiny:S"]["trained"] and not cards["tiny:S@int4"]["trained"]
+        assert httpx.get(f"{server.url}/health").json()["untrained"] == ["L", "M", "S"]
+    tuned = tmp_path / "tuned"
+    args = ["train", "--init", str(imp), "--out", str(tuned), "--steps", "1", "--batch-size", "2", "--seq-len", "16"]
+    assert main([*args, "--data", str(corpus_file), "--max-corpus-chars", "20000", "--quiet", "--device", "cpu"]) == 0
+    assert ck.trained_sizes(tuned) == ["XL", "L", "M", "S"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -14,8 +15,9 @@ from .options import pick_device
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
+    from matryoshka_lm.core.chat import read_chat
     from matryoshka_lm.core.checkpoint import load_model, load_tokenizer
-    from matryoshka_lm.core.spec import parse_spec, size_names
+    from matryoshka_lm.core.spec import parse_spec
     from matryoshka_lm.data import EOT
     from matryoshka_lm.infer.engine import Engine
     from matryoshka_lm.infer.sampling import Sampling
@@ -33,13 +35,15 @@ def cmd_generate(a: argparse.Namespace) -> None:
     compile = device.startswith("cuda") if a.compile is None else a.compile
     engine = Engine(model, compile=compile, kernels=a.kernels)
     eot = tok.token_to_id(EOT)
-    stops = dict(stop_tokens=[] if eot is None else [eot], stop_strings=a.stop or [], decode=tok.decode)
+    chat = read_chat(a.ckpt)  # an imported instruct model also ends a turn at its own token (e.g. <|im_end|>)
+    stop_ids = list(dict.fromkeys(([] if eot is None else [eot]) + list(chat.stop_ids if chat else ())))
+    stops = dict(stop_tokens=stop_ids, stop_strings=a.stop or [], decode=tok.decode)
     if router is not None:
         return _generate_auto(a, engine, router, ids, sampling, stops)
     if a.tolerance is not None or a.budget is not None:
         raise MatryoshkaError("--tolerance and --budget apply to --size auto only")
     draft = parse_spec(model.cfg, a.draft) if a.draft else None
-    sizes = size_names(model.cfg) if a.size == "all" else [a.size]
+    sizes = _all_sizes(a.ckpt, model.cfg) if a.size == "all" else [a.size]
     specs = [parse_spec(model.cfg, size) for size in sizes]
     engine.check_prompts([ids], a.max_new_tokens)  # fail before any output
     for spec in specs if draft is not None else []:
@@ -85,21 +89,41 @@ def _generate_auto(a: argparse.Namespace, engine, router, ids: list[int], sampli
     print()
 
 
+def _all_sizes(ckpt: str, cfg) -> list[str]:
+    """--size all: the sizes that are models (core.checkpoint.trained_sizes); the untrained slices are named."""
+    from matryoshka_lm.core.checkpoint import trained_sizes
+    from matryoshka_lm.core.spec import size_names
+
+    trained = set(trained_sizes(ckpt, cfg))
+    sizes = [s for s in size_names(cfg) if s in trained]
+    if len(sizes) < len(cfg.sizes):
+        skipped = ", ".join(s for s in size_names(cfg) if s not in trained)
+        print(f"--size all: skipping {skipped}, not trained yet (ask for one by name to try it)", file=sys.stderr)
+    return sizes
+
+
 def _print_pieces(
     a: argparse.Namespace, model, engine, ids: list[int], spec, draft, sampling, stops: dict, size: str
 ) -> None:
     """Generate one size's continuation (plain or speculative, streamed or whole) and print it."""
+    from matryoshka_lm.infer.engine import complete
     from matryoshka_lm.infer.request import request
     from matryoshka_lm.infer.speculative import Speculation, SpeculativeStats
+    from matryoshka_lm.infer.stops import stream_rows
 
     # one Request, plain or speculative, streamed or whole: the engine's one generation path
     plan = None if draft is None else Speculation(draft, gamma=a.gamma)
     req = request([ids], spec, a.max_new_tokens, sampling, speculation=plan, **stops)
-    stats = SpeculativeStats()
-    pieces: Iterable[str] = engine.stream_request(req, stats) if a.stream else [engine.run(req, stats)[0].text]
+    stats, clock = SpeculativeStats(), _Clock()
+    rounds = clock.rounds(engine.rounds(req, stats))
+    row = req.stops.rows(1)[0]
+    pieces: Iterable[str] = (
+        stream_rows((new[0] for new in rounds), row) if a.stream else [complete(rounds, [row])[0].text]
+    )
     for piece in pieces:
         print(piece, end="", flush=True)
     print()
+    print(clock.line(size, len(ids)), file=sys.stderr)
     if draft is not None:
         print(
             f"speculative: draft {draft} for {size}: {stats.acceptance:.0%} of {stats.drafted} drafted tokens "
@@ -145,3 +169,31 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_generate)
+
+
+class _Clock:
+    """Prefill and decode speed of one generation, from the engine's rounds: the first round ends with the prefill
+    (and its first token), every later one is decoding."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.end = self.start
+        self.tokens = 0
+
+    def rounds(self, rounds):
+        for new in rounds:
+            self.end = time.perf_counter()
+            self.first = self.end if self.first is None else self.first
+            self.tokens += len(new[0])
+            yield new
+
+    def line(self, size: str, prompt_len: int) -> str:
+        if self.first is None:
+            return f"{size}: no tokens"
+        prefill, decode, n = self.first - self.start, self.end - self.first, self.tokens - 1
+        rate = f"{n / decode:.1f} tokens/s" if n and decode > 0 else "-"
+        return (
+            f"{size}: prefill {prompt_len} tokens in {prefill * 1000:.0f} ms ({prompt_len / max(prefill, 1e-9):.0f} "
+            f"tokens/s), decode {n} tokens in {decode:.2f} s ({rate})"
+        )

@@ -112,9 +112,18 @@ def extract_submodel(ckpt: str | Path, size: str, out: str | Path, force: bool =
         shutil.copyfile(tok_path, tmp / ck.TOKENIZER)
         copy_chat(ckpt, tmp)
         ck.save_tensors(tmp / ck.WEIGHTS, state, metadata={"format": "pt", "spec": format_spec(spec)})
-        ck.write_json(tmp / ck.CONFIG, {"model": sub_cfg.to_dict(), "train": train, "extracted_from": source})
+        raw = {"model": sub_cfg.to_dict(), "train": train, "trained": _trained(ckpt, cfg, spec, sub_cfg)}
+        ck.write_json(tmp / ck.CONFIG, {**raw, "extracted_from": source})
     log.info("extracted %s (%d params) from %s into %s", format_spec(spec), n_params, ckpt, out)
     return Path(out)
+
+
+def _trained(ckpt: Path, cfg: ModelConfig, spec: SubmodelSpec, sub_cfg: ModelConfig) -> list[str]:
+    """The standalone model's one size is a model if the source trained that size (a Mix'n'Match spec: if the
+    source trained every size it mixes; conservatively, all of them)."""
+    trained = set(ck.trained_sizes(ckpt, cfg))
+    ok = spec.name in trained if spec.name else trained == set(cfg.sizes)
+    return list(sub_cfg.sizes) if ok else []
 
 
 def _standalone_train_config(tcfg: TrainConfig | None) -> dict | None:
@@ -142,6 +151,7 @@ def _extract_cell(ckpt: Path, size: str, out: str | Path, force: bool) -> Path:
         copy_chat(ckpt, tmp)
         ck.save_quantized(tmp, sub_cfg, codes, qcfg, bits)
         raw = {"model": sub_cfg.to_dict(), "train": _standalone_train_config(tcfg), "extracted_from": source}
+        raw["trained"] = _trained(ckpt, cfg, spec, sub_cfg)
         ck.write_json(tmp / ck.CONFIG, {**raw, "quant": {**qcfg.to_dict(), "bits": bits}})
     log.info("extracted %s from %s into %s", source["spec"], ckpt, out)
     return Path(out)

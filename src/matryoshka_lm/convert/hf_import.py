@@ -170,9 +170,15 @@ def import_hf(
     with staged_dir(out, force, source=src) as tmp:
         (tmp / ck.TOKENIZER).write_text(tok_json)
         ck.save_tensors(tmp / ck.WEIGHTS, model.state_dict(), metadata={"format": "pt"})
-        ck.write_json(tmp / ck.CONFIG, {"model": cfg.to_dict(), "train": None, "imported_from": source})
+        # only the full size is a model yet: the others are slices until a fine-tune trains them
+        config = {"model": cfg.to_dict(), "train": None, "trained": [n for n, f in cfg.sizes.items() if _full(f)]}
+        ck.write_json(tmp / ck.CONFIG, {**config, "imported_from": source})
         write_chat(tmp, chat)
     return Path(out)
+
+
+def _full(fractions: dict[str, str]) -> bool:
+    return all(str(v) == "1" for v in fractions.values())
 
 
 def _model_config(raw: dict[str, Any], nest: tuple[str, ...], max_seq_len: int) -> ModelConfig:

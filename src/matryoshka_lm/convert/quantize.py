@@ -26,5 +26,5 @@ def quantize_checkpoint(
     with staged_dir(out, force, source=ckpt) as tmp:
         shutil.copyfile(ckpt / ck.TOKENIZER, tmp / ck.TOKENIZER)
         copy_chat(ckpt, tmp)
-        ck.save_quantized(tmp, cfg, qstate, qcfg, bits, tcfg)
+        ck.save_quantized(tmp, cfg, qstate, qcfg, bits, tcfg, trained=ck.trained_sizes(ckpt, cfg))
     return Path(out)

@@ -91,6 +91,25 @@ def read_config(ckpt: Path) -> tuple[ModelConfig, TrainConfig | None]:
     return model_cfg, train_cfg
 
 
+def trained_sizes(ckpt: str | Path, cfg: ModelConfig | None = None) -> list[str]:
+    """The named sizes that are models: trained, or the pretrained model itself. config.json's "trained" when written
+    (an import: the full size only, its slices are not models until fine-tuned; a fine-tune: the sizes it trained),
+    else every size (checkpoints from before the field)."""
+    raw = load_json(Path(ckpt) / CONFIG)
+    cfg = cfg or read_config(Path(ckpt))[0]
+    names = [n for n in cfg.sizes]
+    if "trained" in raw and raw["trained"] is not None:
+        return [n for n in names if n in set(raw["trained"])]
+    return names
+
+
+def sizes_trained_by(cfg: ModelConfig, tcfg: TrainConfig) -> list[str]:
+    """What a run with `tcfg` trains, by name: --only's size, --sizes, or all of them."""
+    if tcfg.only:
+        return list(cfg.sizes)  # a dense baseline of one shape: its one size is the whole model
+    return [n for n in cfg.sizes if not tcfg.sizes or n in tcfg.sizes]
+
+
 def read_quant(ckpt: Path) -> tuple[quant.QuantConfig, int] | None:
     """(quantization settings, stored bit width) of a quantized checkpoint; None for a full-precision one."""
     raw = load_json(Path(ckpt) / CONFIG)
@@ -113,13 +132,15 @@ def save_quantized(
     bits: int = 8,
     train_cfg: TrainConfig | None = None,
     tokenizer_json: str | None = None,
+    trained: list[str] | None = None,
 ) -> None:
-    """A quantized checkpoint: codes and scales (quant.quantize_state) stored at `bits`."""
+    """A quantized checkpoint: codes and scales (quant.quantize_state) stored at `bits`; `trained`: its sizes that
+    are models (trained_sizes; None: all)."""
     out = Path(out)
     if tokenizer_json is not None:
         atomic_write(out / TOKENIZER, lambda tmp: Path(tmp).write_text(tokenizer_json))
     save_tensors(out / WEIGHTS, qstate)
-    conf = {"model": cfg.to_dict(), "train": train_cfg.to_dict() if train_cfg else None}
+    conf = {"model": cfg.to_dict(), "train": train_cfg.to_dict() if train_cfg else None, "trained": trained}
     write_json(out / CONFIG, {**conf, "quant": {**qcfg.to_dict(), "bits": bits}})
 
 

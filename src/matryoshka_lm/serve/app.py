@@ -39,6 +39,7 @@ from fastapi.responses import PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from matryoshka_lm.core.chat import read_chat
+from matryoshka_lm.core.checkpoint import trained_sizes
 from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.errors import MatryoshkaError
 
@@ -113,16 +114,18 @@ def create_app(
         model, default_name = ckpt_or_model, "matryoshka"
         router = None if router is SAVED else router
         chat = None if chat is SAVED else chat
+        trained = None
     else:
         model, tok, loaded_embedder, default_name = load_checkpoint(ckpt_or_model, device)
         router = load_router(ckpt_or_model) if router is SAVED else router
         chat = read_chat(ckpt_or_model) if chat is SAVED else chat
+        trained = trained_sizes(ckpt_or_model, model.cfg)
         tokenizer = tok if tokenizer is None else tokenizer
         embedder = loaded_embedder if embedder is None else embedder
     name = name or default_name
     if ":" in name:
         raise MatryoshkaError(f"model name {name!r} may not contain ':'")
-    state = State(model, tokenizer, name, embedder, api_key, chat=chat, **options)
+    state = State(model, tokenizer, name, embedder, api_key, chat=chat, trained=trained, **options)
     return _build_app(state, Models(state, router, bits), allowed_hosts, cors_origins)
 
 
@@ -267,7 +270,14 @@ POST = [Depends(authorized), Depends(require_json)]  # the key first: a stranger
 async def health(request: Request) -> Health:
     state: State = request.app.state.server
     b = state.batcher
-    return Health(status="ok", model=state.name, sizes=state.sizes, waiting=b.waiting, batches_in_flight=b.in_flight)
+    return Health(
+        status="ok",
+        model=state.name,
+        sizes=state.sizes,
+        untrained=state.untrained,
+        waiting=b.waiting,
+        batches_in_flight=b.in_flight,
+    )
 
 
 @router.get(

@@ -273,6 +273,7 @@ class ModelCard(_Reply):
     bits: int | None  # weight precision: None = fp32, else the top `bits` bits of int8 codes
     weight_bytes: int
     context_length: int
+    trained: bool = True  # False: a slice no training has made a model yet (an import's sizes before fine-tuning)
     description: str | None = None  # NAME:auto only
     router: dict[str, Any] | None = None  # NAME:auto only (null there: no router)
 
@@ -296,5 +297,6 @@ class Health(_Reply):
     status: str  # "ok"
     model: str
     sizes: list[str]
+    untrained: list[str] = []  # of those, the slices no training has made a model yet
     waiting: int
     batches_in_flight: int

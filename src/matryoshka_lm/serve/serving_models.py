@@ -178,8 +178,14 @@ class Models:
             bits=bits,
             weight_bytes=weight_bytes(self.cfg, spec, bits, self.model.precision.quant),
             context_length=self.cfg.max_seq_len,
+            trained=self._trained(spec) or routed,
             **(self._auto_card() if target.auto else {}),
         )
+
+    def _trained(self, spec) -> bool:
+        """A named size nothing trained is marked; a Mix'n'Match spec is, when any size is."""
+        untrained = self.state.untrained
+        return spec.name not in untrained if spec.name else not untrained
 
     def _auto_card(self) -> dict:
         """What /v1/models says about NAME:auto: routed (by which router) or always the full size."""

@@ -54,6 +54,7 @@ class State:
         max_waiting: int = 4096,
         kernels: str | None = None,
         chat: Any = None,
+        trained: list[str] | None = None,
     ):
         from matryoshka_lm.embed import Embedder
 
@@ -68,6 +69,8 @@ class State:
         self.chat = chat
         self.eot = list(dict.fromkeys(([] if eot is None else [eot]) + list(chat.stop_ids if chat else ())))
         self.sizes = size_names(self.cfg)
+        # sizes that are models; the rest (an import's slices before a fine-tune) are served but marked untrained
+        self.untrained = [s for s in self.sizes if trained is not None and s not in trained]
         self.batcher = Batcher(
             self.engine,
             tokenizer.decode,

@@ -42,6 +42,9 @@ def evaluate_checkpoint(
     seq_len = min(tcfg.seq_len, model.cfg.max_seq_len)
     res = evaluate_specs(model, val, specs, seq_len, batch=8, n_batches=n_batches or tcfg.eval_batches, device=device)
     rows = size_table(model.cfg, specs, res, model.precision.quant, model.precision.native_bits)
+    trained = set(ck.trained_sizes(ckpt, model.cfg))
+    for row, spec in zip(rows, specs.values()):  # a slice nothing trained is listed, and marked, not passed off
+        row["trained"] = spec.name in trained if spec.name else trained == set(model.cfg.sizes)
     unigram = unigram_loss(train, val, model.cfg.vocab_size)
     write_json_report(
         Path(json_path or ckpt / "eval.json"),

@@ -88,17 +88,23 @@ def human(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _label(row: dict[str, Any]) -> str:
+    return row["size"] + ("" if row.get("trained", True) else " (untrained)")
+
+
 def format_table(rows: list[dict[str, Any]], unigram: float | None = None) -> str:
     """A Markdown table (renders in the README and reads fine in a terminal)."""
     head = ["size", "params", "non-emb params", "FLOPs/token", "val loss", "ppl", "top-1 agree w/ full", "KL from full"]
     cells = [
-        [r["size"], human(r["params"]), human(r["non_embedding_params"]), human(r["flops_per_token"]),
+        [_label(r), human(r["params"]), human(r["non_embedding_params"]), human(r["flops_per_token"]),
          f"{r['val_loss']:.3f}", f"{r['perplexity']:.1f}", f"{r['top1_agreement']:.3f}", f"{r['kl_from_full']:.3f}"]
         for r in rows
     ]  # fmt: skip
     table = md_table(head, cells)
     if unigram is not None:
         table += f"\n\nunigram loss on the same split: {unigram:.3f} nats/token"
+    if any(not r.get("trained", True) for r in rows):
+        table += "\n(untrained): a slice of the weights no training has made a model yet (e.g. after an import)"
     return table
 
 

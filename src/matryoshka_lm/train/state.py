@@ -34,7 +34,8 @@ def save_state(
     # inference artifacts (each atomic); the resume state above is self-contained
     ck.atomic_write(out / ck.TOKENIZER, lambda tmp: Path(tmp).write_text(tok_json))
     ck.save_tensors(out / ck.WEIGHTS, msd)
-    ck.write_json(out / ck.CONFIG, {"model": model.cfg.to_dict(), "train": tcfg.to_dict()})
+    trained = ck.sizes_trained_by(model.cfg, tcfg)
+    ck.write_json(out / ck.CONFIG, {"model": model.cfg.to_dict(), "train": tcfg.to_dict(), "trained": trained})
 
 
 def saved_step(out: Path) -> int:
