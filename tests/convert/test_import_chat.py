@@ -41,13 +41,13 @@ def instruct(tmp_path_factory, corpus_file):
     im_end = tok.token_to_id("<|im_end|>")
     cfg = transformers.LlamaConfig(
         vocab_size=tok.get_vocab_size(),
-        hidden_size=48,
-        intermediate_size=64,
+        hidden_size=64,  # widths that split into int8 groups of 32, as the README's XL@int8 needs
+        intermediate_size=128,
         num_hidden_layers=3,
-        num_attention_heads=6,
-        num_key_value_heads=3,
+        num_attention_heads=8,
+        num_key_value_heads=4,
         head_dim=8,
-        max_position_embeddings=64,
+        max_position_embeddings=128,  # room for the README's max_tokens=64 after a chat prompt
         rope_theta=500.0,
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
@@ -173,3 +173,40 @@ def test_an_imports_untrained_slices_are_marked_until_a_fine_tune_trains_them(in
     args = ["train", "--init", str(imp), "--out", str(tuned), "--steps", "1", "--batch-size", "2", "--seq-len", "16"]
     assert main([*args, "--data", str(corpus_file), "--max-corpus-chars", "20000", "--quiet", "--device", "cpu"]) == 0
     assert ck.trained_sizes(tuned) == ["XL", "L", "M", "S"]
+
+
+def test_the_readme_commands_run_on_a_tiny_instruct_llama(instruct, tmp_path, capsys):
+    """The README's "Your own pretrained model" commands, as written, with the tiny Llama's GGUF for SmolLM2's and
+    a loopback server for `serve`: the docs cannot drift from what runs."""
+    import contextlib
+    import io
+    import shlex
+    from pathlib import Path
+
+    from _loopback import LoopbackServer
+    from matryoshka_lm.serve.app import create_app
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    block = readme.split("<!-- pretrained:start -->")[1].split("<!-- pretrained:end -->")[0]
+    bash = re.findall(r"```bash\n(.*?)```", block, re.S)[0]
+    python = re.findall(r"```python\n(.*?)```", block, re.S)[0]
+    folder, _ = instruct
+    gguf = export_gguf(import_model(folder, tmp_path / "src", reorder=False), "XL", tmp_path / "Tiny-Instruct.gguf")
+    run = tmp_path / "smol"
+    commands = [line.split("  #")[0].strip() for line in bash.splitlines() if line.startswith(".venv/bin/matryoshka")]
+    assert [c.split()[1] for c in commands] == ["import", "eval", "generate", "serve"]
+    serve_args = None
+    for cmd in commands:
+        args = shlex.split(cmd.replace('"$GGUF"', str(gguf)).replace("runs/smol", str(run)))[1:]
+        if args[0] == "serve":
+            serve_args = args
+            continue
+        assert main(args) == 0, cmd
+    out = capsys.readouterr()
+    assert "| L (untrained) |" in out.out and "skipping L, M, S, not trained yet" in out.err
+    name = serve_args[serve_args.index("--name") + 1]
+    with LoopbackServer(create_app(serve_args[1], name=name)) as server:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(python.replace("http://127.0.0.1:8000", server.url), {})
+    assert printed.getvalue().split()[-1] in ("stop", "length")  # random weights: where it ends is chance

@@ -35,8 +35,10 @@ def cmd_elastify(a: argparse.Namespace) -> None:
             preset_name=a.preset,
             ship=a.ship,
         )
-    if res["done"]:
-        print(f"report written to {res.get('report', a.out)}")
+    if res["done"] and res.get("report"):
+        print(f"report written to {res['report']}")
+    elif res["done"]:  # e.g. --stages prepare: no report stage ran, so none was written
+        print(f"stages {', '.join(stages or [])} done in {a.out} (no report: the report stage did not run)")
     else:
         print(f"training continues: run the same command again ({a.out} keeps the checkpoint)")
 
