@@ -680,6 +680,25 @@ def test_auto_serves_each_prompt_at_the_size_the_router_picks(routed_server, rou
     assert sum(after.values()) == sum(before.values()) + 1
 
 
+def test_auto_decodes_on_from_the_routers_prefill(routed_server, routed_client, local, monkeypatch):
+    """Routed to the size the router prefilled with (S), the row decodes on from that prefill: no second prefill
+    (Engine.token_steps, which prefills, is not called) and the same text as a plain generation at S."""
+    engine = routed_server.app.state.server.engine
+    calls = []
+    real = engine.token_steps
+
+    def counted(*args, **kwargs):
+        calls.append(args[1] if len(args) > 1 else kwargs.get("spec"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "token_steps", counted)
+    for model, prompt, size, prefills in (("auto", SHORT_IDS, "S", 0), ("auto", LONG_IDS, "XL", 1)):
+        r = routed_client.completions.create(model=f"{NAME}:{model}", prompt=prompt, max_tokens=8, temperature=0)
+        assert r.model == f"{NAME}:{size}" and r.choices[0].text == ids_text(local, prompt, size, 8)
+        assert len(calls) == prefills, (size, calls)
+        calls.clear()
+
+
 def test_auto_chat_and_several_prompts(routed_server, routed_client, local):
     messages = [{"role": "user", "content": "Hi"}]
     n = len(local[1].encode(chat_prompt([("user", "Hi")])).ids)

@@ -309,10 +309,25 @@ class Engine:
         if req.speculation is not None:
             yield from ([toks] for toks in req.speculation.rounds(self, req, stats))
             return
+        if req.prefilled is not None:
+            yield from self._prefilled_rounds(req)
+            return
         yield from (
             [[t] for t in tok.tolist()]
             for tok in self.token_steps(req.prompts, req.spec, req.max_new_tokens, req.sampling)
         )
+
+    def _prefilled_rounds(self, req: Request) -> Iterator[list[list[int]]]:
+        """Decode on from the request's prefill (its cache and last logits), then release the cache."""
+        pre = req.prefilled
+        try:
+            model, spec = self.runner(self.check_spec(req.spec))
+            n_new = self.new_tokens(pre.start, req.max_new_tokens)
+            for tok in self.decode_steps(model, spec, pre.cache, pre.logits, pre.start, n_new, req.sampling):
+                yield [[t] for t in tok.tolist()]
+        finally:
+            if pre.release is not None:
+                pre.release()
 
     def run(self, req: Request, stats: Any = None) -> list[Completion]:
         """Every row's completion (`stats`: a speculative run's acceptance statistics, filled in)."""

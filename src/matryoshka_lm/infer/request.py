@@ -40,6 +40,17 @@ class Speculation(Protocol):
 
 
 @dataclass(frozen=True)
+class Prefilled:
+    """A prefill already run into `cache` (slots 0..start) for the request's spec, with its last slot's logits (1, V):
+    the size router's, reused when it picks the size it prefilled with (routed.py). `release` frees the cache."""
+
+    cache: Any
+    logits: Any
+    start: int
+    release: Any = None  # Callable[[], None]
+
+
+@dataclass(frozen=True)
 class Request:
     prompts: tuple[tuple[int, ...], ...]  # token ids, one tuple per row (lengths may differ: left-padded)
     spec: SubmodelSpec | None = None  # the size or cell; None = the full model
@@ -47,11 +58,13 @@ class Request:
     sampling: Sampling = GREEDY
     stops: Stops = field(default_factory=Stops)
     speculation: Speculation | None = None  # a draft to decode with (one prompt only)
+    prefilled: Prefilled | None = None  # decode on from a prefill that already ran (one prompt only)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompts", tuple(tuple(int(t) for t in p) for p in self.prompts))
-        if self.speculation is not None and len(self.prompts) != 1:
-            raise MatryoshkaError(f"speculative decoding takes one prompt, got {len(self.prompts)}")
+        for what, given in (("speculative decoding", self.speculation), ("a prefilled request", self.prefilled)):
+            if given is not None and len(self.prompts) != 1:
+                raise MatryoshkaError(f"{what} takes one prompt, got {len(self.prompts)}")
 
 
 def request(

@@ -85,12 +85,13 @@ class GenRequest:
     stop_tokens: frozenset[int] = frozenset()
     stop_strings: tuple[str, ...] = ()
     draft: SubmodelSpec | None = None  # speculative decoding: this smaller spec drafts (the row runs alone)
+    prefilled: Any = None  # infer.request.Prefilled: the router's prefill to decode on from (the row runs alone)
     arrived: float = field(default_factory=time.perf_counter)
 
     def key(self) -> tuple:
         """Rows with equal keys may share a batch."""
         s = self.sampling
-        if self.draft is not None:  # speculative decoding is batch 1
+        if self.draft is not None or self.prefilled is not None:  # speculative / prefilled decoding is batch 1
             return (id(self),)
         if s.greedy:
             sampling_key: Any = "greedy"
@@ -293,7 +294,8 @@ class Batcher:
 
         head = group[0]
         plan = None if head.draft is None else Speculation(head.draft)
-        req = Request(tuple(tuple(r.prompt) for r in group), head.spec, n, head.sampling, speculation=plan)
+        prompts = tuple(tuple(r.prompt) for r in group)
+        req = Request(prompts, head.spec, n, head.sampling, speculation=plan, prefilled=head.prefilled)
         stats = SpeculativeStats()
         rounds = self.engine.rounds(req, stats)
         seen = (0, 0)  # drafted, accepted already reported

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -36,6 +37,7 @@ class Job:
     params: GenParams
     draft: SubmodelSpec | None
     id: str
+    prefilled: Any = None  # the router's prefill to decode on from (infer.request.Prefilled), NAME:auto only
     created: int = field(default_factory=lambda: int(time.time()))
     t0: float = field(default_factory=time.perf_counter)
 
@@ -118,9 +120,10 @@ class ServingGeneration:
         """Check the draft and the settings (bad input costs no model work), then route NAME:auto."""
         draft = self.models.draft(req.draft, target)
         params = gen_params(self.state, req, max_tokens, default_max, len(prompts), extra_stops)
-        target = await self.models.route(target, prompts)
-        note_size(request, target.spec)
-        return Job(target, prompts, params, draft, new_id(self.id_prefix))
+        alone = len(prompts) == 1 and params.n == 1 and draft is None
+        routed = await self.models.route(target, prompts, params.max_tokens, alone)
+        note_size(request, routed.target.spec)
+        return Job(routed.target, prompts, params, draft, new_id(self.id_prefix), prefilled=routed.prefilled)
 
     # ---- submit
 
@@ -133,9 +136,9 @@ class ServingGeneration:
                 s = p.sampling
                 if s.seed is not None and k:
                     s = replace(s, seed=(s.seed + k) % 2**64)
-                rows.append(
-                    GenRequest(ticket, i * p.n + k, ids, spec, p.max_tokens, s, p.stop_tokens, p.stops, job.draft)
-                )
+                row = GenRequest(ticket, i * p.n + k, ids, spec, p.max_tokens, s, p.stop_tokens, p.stops, job.draft)
+                row.prefilled = job.prefilled  # set only for one prompt and one choice
+                rows.append(row)
         self.state.submit(rows)
         self.count_prompt(job)
         return ticket

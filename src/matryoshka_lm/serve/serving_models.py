@@ -4,6 +4,7 @@ into a Target; the cards /v1/models lists; routing NAME:auto to a size; the spec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -28,6 +29,14 @@ class Target:
     spec: SubmodelSpec
     auto: bool = False  # the field named NAME:auto (embeddings and unrouted servers: the full size)
     tau: float | None = None  # NAME:auto with a router, before routing: the tolerance to route the prompts at
+
+
+@dataclass(frozen=True)
+class Routed:
+    """A target after routing, and the router's prefill when the row decodes on from it."""
+
+    target: Target
+    prefilled: Any = None
 
 
 class Models:
@@ -145,24 +154,30 @@ class Models:
             raise APIError(400, f"Invalid value for 'draft': {e}", "draft", "invalid_value") from None
         return spec
 
-    async def route(self, target: Target, prompts: list[list[int]]) -> Target:
-        """The size that serves a routed NAME:auto: the largest any of the prompts needs (one response names one
-        size), each routed by one small-size prefill on the worker thread. The router's prefill is not reused:
-        batches are formed per size, after routing. Counted in the auto-choice metric. Other targets as given."""
+    async def route(self, target: Target, prompts: list[list[int]], max_tokens: int, alone: bool) -> Routed:
+        """The size that serves a routed NAME:auto, each prompt routed by one small-size prefill on the worker
+        thread; counted in the auto-choice metric. One prompt and one plain choice (`alone`): when the router picks
+        the size it prefilled with, that prefill is kept for decoding on (infer.routed.route_with_prefill). Several:
+        the largest any of them needs (one response names one size), and each row prefills again at that size."""
+        from matryoshka_lm.infer.routed import route_with_prefill
         from matryoshka_lm.infer.router import route
 
         if target.tau is None:
-            return target
+            return Routed(target)
         router, tau, engine = self.router, target.tau, self.state.engine
         assert router is not None
 
-        def choose() -> int:
+        def choose() -> tuple[int, Any]:
+            if alone:
+                decision, prefilled = route_with_prefill(engine, router, prompts[0], max_tokens, tau)
+                return decision.index, prefilled
             x = [torch.tensor(p, device=engine.device) for p in prompts]
-            return max(route(self.model, ids, router, tolerance=tau).index for ids in x)
+            return max(route(self.model, ids, router, tolerance=tau).index for ids in x), None
 
-        spec = self.router_specs[await self.state.batcher.call(choose)]
+        index, prefilled = await self.state.batcher.call(choose)
+        spec = self.router_specs[index]
         self.state.metrics.auto_choices.labels(size_label(spec)).inc()
-        return Target(self._id(spec), spec, auto=True)
+        return Routed(Target(self._id(spec), spec, auto=True), prefilled)
 
     # ---- /v1/models
 
