@@ -13,10 +13,38 @@ import sys
 
 from matryoshka_lm.errors import MatryoshkaError
 
-from . import convert, elastify, embed, evaluate, generate, harness, mixnmatch, quantize, route, serve, study, train
+from . import (
+    convert,
+    elastify,
+    embed,
+    evaluate,
+    generate,
+    harness,
+    mixnmatch,
+    prepare,
+    quantize,
+    route,
+    serve,
+    study,
+    train,
+)
 
 # the order of `matryoshka --help`
-GROUPS = (train, evaluate, generate, convert, quantize, elastify, mixnmatch, study, harness, embed, serve, route)
+GROUPS = (
+    prepare,
+    train,
+    evaluate,
+    generate,
+    convert,
+    quantize,
+    elastify,
+    mixnmatch,
+    study,
+    harness,
+    embed,
+    serve,
+    route,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -131,7 +131,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train a Matryoshka model (all sizes jointly) or a dense baseline (--only)")
     t.add_argument("--preset", default="demo", help="tiny | demo | small | memory (default: demo)")
     t.add_argument("--out", help="checkpoint directory (default: runs/PRESET)")
-    t.add_argument("--data", help="text file or folder (default: embedded Shakespeare + KJV corpus)")
+    t.add_argument(
+        "--data",
+        help="text file or folder, or a folder made by `matryoshka prepare` (default: embedded Shakespeare + KJV)",
+    )
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--init", help="start from this checkpoint's weights and tokenizer")
     t.add_argument(

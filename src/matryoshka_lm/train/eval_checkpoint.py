@@ -9,6 +9,8 @@ from matryoshka_lm.config import TrainConfig
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.spec import parse_spec_list, size_names, split_specs
 from matryoshka_lm.data import encode_corpus, limit_chars, read_corpus, split_tokens, unigram_loss
+from matryoshka_lm.data.shards import is_prepared, open_prepared
+from matryoshka_lm.errors import MatryoshkaError
 
 from .evaluate import evaluate_specs, format_table, plot_size_vs_loss, size_table, write_json_report
 
@@ -18,7 +20,13 @@ def checkpoint_val_split(ckpt: Path, data: str | None = None):
     _, tcfg = ck.read_config(ckpt)
     tcfg = tcfg or TrainConfig()
     tok = ck.load_tokenizer(ckpt)
-    docs = read_corpus(data if data is not None else tcfg.data)
+    source = data if data is not None else tcfg.data
+    if is_prepared(source):  # the shards of `matryoshka prepare`: their own split
+        prepared, train, val, _ = open_prepared(source)
+        if prepared.to_str() != tok.to_str():
+            raise MatryoshkaError(f"{source} was prepared with another tokenizer than {ckpt}'s")
+        return tcfg, train, val
+    docs = read_corpus(source)
     if data is None:
         docs = limit_chars(docs, tcfg.max_corpus_chars)
     train, val = split_tokens(encode_corpus(tok, docs), tcfg.val_fraction)

@@ -31,7 +31,7 @@ from matryoshka_lm.core.chat import copy_chat
 from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.nested import submodel_config
 from matryoshka_lm.core.spec import SubmodelSpec, uniform_spec
-from matryoshka_lm.data import encode_corpus, limit_chars, read_corpus, sample_batch, split_tokens, train_tokenizer
+from matryoshka_lm.data import sample_batch
 from matryoshka_lm.errors import MatryoshkaError
 
 from .evaluate import evaluate_specs
@@ -41,6 +41,7 @@ from .plan import size_plan, step_sizes, step_submodels, trained_sizes
 from .resume import resume_settings
 from .state import load_state, save_state, trim_metrics, write_split_stats
 from .steps import MetricsLog, MicroStep, fit
+from .tokens import prepare_data
 
 log = logging.getLogger(__name__)
 
@@ -107,16 +108,6 @@ class JointLoss(nn.Module):
 def make_optimizer(model: nn.Module, cfg: TrainConfig, fused_ok: bool) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (norm gains are not decayed)."""
     return adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=fused_ok)
-
-
-def prepare_data(tcfg: TrainConfig, data: str | None, tokenizer=None):
-    docs = limit_chars(read_corpus(data), tcfg.max_corpus_chars)
-    tok = tokenizer or train_tokenizer(docs, tcfg.vocab_size)
-    tokens = encode_corpus(tok, docs)
-    train, val = split_tokens(tokens, tcfg.val_fraction)
-    if len(train) <= tcfg.seq_len + 1 or len(val) <= tcfg.seq_len + 1:
-        raise MatryoshkaError(f"corpus too small: {len(tokens)} tokens for sequences of {tcfg.seq_len}")
-    return tok, train, val
 
 
 # ---------------------------------------------------------------- load: which model, settings and tokenizer
@@ -369,7 +360,8 @@ def train(
         model_cfg: architecture and named sizes (on resume, the checkpoint's are used).
         tcfg: optimisation, data and schedule settings.
         out: checkpoint directory (created; must be empty unless resuming).
-        data: text file or folder; None = tcfg.data (None there too: the embedded default corpus).
+        data: text file or folder, or a folder of `matryoshka prepare` shards (read by memory map; its
+            tokenizer is the run's); None = tcfg.data (None there too: the embedded default corpus).
         resume: continue from out/trainer_state.safetensors with the saved settings, changed by `changes`:
             steps, eval/save cadence, LR schedule, grad_clip, grad_accum, dtype and fsdp may change; any other
             difference raises MatryoshkaError naming it (see train/resume.py). With steps not beyond the

@@ -6,17 +6,22 @@ import importlib.resources
 import logging
 import sqlite3
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from matryoshka_lm.errors import MatryoshkaError
+
+if TYPE_CHECKING:  # torch loads in the functions that return tensors: `prepare` workers never import it
+    import torch
 
 log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
 EOT = "<|endoftext|>"  # separates documents; generation stops at it
 SPECIAL = [EOT]
+SECTION_LINES = 256  # a document is encoded in sections of this many lines (one encode_batch item each)
+MANIFEST = "manifest.json"  # marks a folder written by `matryoshka prepare` (data/prepare.py)
 
 
 def shakespeare_text() -> str:
@@ -53,6 +58,8 @@ def read_corpus(path: str | Path | None) -> list[str]:
     p = Path(path)
     if not p.exists():
         raise MatryoshkaError(f"data path {p} does not exist")
+    if (p / MANIFEST).is_file():
+        raise MatryoshkaError(f"{p} is a prepared dataset (token shards), not text: this command reads text files")
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
     docs = []
     for f in files:
@@ -97,13 +104,18 @@ def _chunks(docs: list[str], size: int = 1 << 16):
             yield d[i : i + size]
 
 
+def sections(doc: str) -> list[str]:
+    """A document cut into the sections it is encoded in (SECTION_LINES lines each)."""
+    lines = doc.splitlines(keepends=True)
+    return ["".join(lines[i : i + SECTION_LINES]) for i in range(0, len(lines), SECTION_LINES)]
+
+
 def encode_corpus(tok, docs: list[str]) -> np.ndarray:
     """All documents as one uint16/int32 token stream, separated by <|endoftext|>."""
     eot = tok.token_to_id(SPECIAL[0])
     ids: list[int] = []
     for d in docs:
-        lines = d.splitlines(keepends=True)
-        for enc in tok.encode_batch(["".join(lines[i : i + 256]) for i in range(0, len(lines), 256)]):
+        for enc in tok.encode_batch(sections(d)):
             ids.extend(enc.ids)
         ids.append(eot)
     dtype = np.uint16 if tok.get_vocab_size() <= 65535 else np.int32
@@ -127,6 +139,8 @@ def sample_batch(
     tokens: np.ndarray, batch: int, seq_len: int, seed: int, step: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows, a pure function of (seed, step): resuming needs no RNG state."""
+    import torch
+
     if len(tokens) <= seq_len + 1:
         raise MatryoshkaError(f"corpus has {len(tokens)} tokens, fewer than one sequence of {seq_len + 1}")
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -138,6 +152,8 @@ def sample_batch(
 
 def eval_batches(tokens: np.ndarray, batch: int, seq_len: int, n_batches: int):
     """Fixed, evenly spaced validation windows (the same for every model evaluated on this split)."""
+    import torch
+
     n_windows = min(batch * n_batches, (len(tokens) - 1) // seq_len)
     if n_windows <= 0:
         raise MatryoshkaError(f"validation split has {len(tokens)} tokens, fewer than one sequence of {seq_len + 1}")
@@ -148,8 +164,13 @@ def eval_batches(tokens: np.ndarray, batch: int, seq_len: int, n_batches: int):
         yield w[:, :-1], w[:, 1:]
 
 
-def unigram_loss(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
-    """Cross-entropy (nats/token) of the add-one unigram model of `train` on `val`: the bar to beat."""
-    counts = np.bincount(train.astype(np.int64), minlength=vocab_size).astype(np.float64) + 1
+def unigram_loss(train: np.ndarray, val: np.ndarray, vocab_size: int, block: int = 1 << 24) -> float:
+    """Cross-entropy (nats/token) of the add-one unigram model of `train` on `val`: the bar to beat.
+
+    Reads both in blocks, so memory-mapped shards (data.shards.TokenStream) are never loaded whole."""
+    counts = np.ones(vocab_size, dtype=np.float64)
+    for i in range(0, len(train), block):
+        counts += np.bincount(np.asarray(train[i : i + block], dtype=np.int64), minlength=vocab_size)[:vocab_size]
     logp = np.log(counts / counts.sum())
-    return float(-logp[val.astype(np.int64)].mean())
+    total = sum(float(logp[np.asarray(val[i : i + block], dtype=np.int64)].sum()) for i in range(0, len(val), block))
+    return -total / len(val)
