@@ -12,13 +12,12 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits.float(), dim=-1)
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, logp: torch.Tensor | None = None) -> torch.Tensor:
-    """log p(targets[..., j]) under logits[..., j, :] (aligned: shift them first for next-token scoring), (..., T).
-    `logp`: log_probs(logits) when the caller already has it (then `logits` is not read)."""
-    logp = log_probs(logits) if logp is None else logp
+def token_logprobs(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets[..., j]) from log-probabilities logp[..., j, :] (log_probs; aligned: shift them first for
+    next-token scoring), (..., T)."""
     return logp.gather(-1, targets[..., None].long()).squeeze(-1)
 
 
 def next_token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """log p(ids[..., t+1] | ids[..., :t+1]) from logits over ids (..., T, V): (..., T-1), position t scoring t+1."""
-    return token_logprobs(logits[..., :-1, :], ids[..., 1:])
+    return token_logprobs(log_probs(logits[..., :-1, :]), ids[..., 1:])

@@ -159,7 +159,7 @@ class MatryoshkaHarnessLM(TemplateLM):
         for b, (r, n, (_, _, cont)) in enumerate(zip(rows, n_cont, batch)):
             lp = logp[b, len(r) - n : len(r)]
             target = torch.tensor(cont[-n:], device=lp.device)
-            res.append((float(token_logprobs(None, target, lp).sum()), bool((lp.argmax(-1) == target).all())))
+            res.append((float(token_logprobs(lp, target).sum()), bool((lp.argmax(-1) == target).all())))
         return res
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

@@ -54,7 +54,7 @@ from .forward import (  # noqa: F401 (the decoder's passes, re-exported)
     resume_chunk,
     view_model,
 )
-from .request import Request, Stops, request
+from .request import Request, request
 
 log = logging.getLogger(__name__)
 
@@ -368,12 +368,6 @@ class Engine:
         yield from self.stream_request(
             request([prompt], spec, max_new_tokens, sampling, stop_tokens, stop_strings, decode)
         )
-
-    def stop_rows(
-        self, n: int, stop_tokens: Sequence[int], stop_strings: Sequence[str], decode: Decode | None
-    ) -> list[StopRow]:
-        """The stop state of n output rows; stop strings need `decode`."""
-        return Stops(tuple(stop_tokens), tuple(stop_strings), decode).rows(n)
 
 
 def complete(steps: Iterator[list[list[int]]], rows: list[StopRow]) -> list[Completion]:

@@ -58,7 +58,7 @@ def prompt_features(ids: torch.Tensor, logits: torch.Tensor, hidden: torch.Tenso
     last = logp[-1]
     entropy = -(last.exp() * last).sum()
     if ids.numel() > 1:  # position t predicts token t+1; a one-token prompt has no NLL of its own
-        nll = -token_logprobs(None, ids[1:], logp[:-1]).mean()
+        nll = -token_logprobs(logp[:-1], ids[1:]).mean()
     else:
         nll = torch.zeros((), dtype=logp.dtype, device=logp.device)
     scalars = torch.stack([entropy, nll, torch.tensor(math.log(ids.numel()), dtype=logp.dtype, device=logp.device)])

@@ -24,7 +24,7 @@ import torch
 from matryoshka_lm.core import precision
 from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.quant import weight_bytes
-from matryoshka_lm.core.scoring import next_token_logprobs, token_logprobs
+from matryoshka_lm.core.scoring import log_probs, next_token_logprobs, token_logprobs
 from matryoshka_lm.core.spec import SubmodelSpec, flops_per_token, full_spec, parse_spec, size_names, uniform_spec
 from matryoshka_lm.errors import MatryoshkaError
 
@@ -170,7 +170,7 @@ def label_generation(model: MatryoshkaLM, queries: Queries, specs: list[Submodel
             gen = torch.tensor([o.tokens for o in outs], device=device)  # no stops: exactly new_tokens each
             ids = torch.cat([prompts, gen], 1)
             full_logits = model(ids[:, :-1])[:, p - 1 :]
-            tok = -token_logprobs(full_logits, gen)
+            tok = -token_logprobs(log_probs(full_logits), gen)
             nll[idx, k] = tok.mean(1).cpu().numpy()
     return Labels(nll, feats.numpy(), lens.numpy(), new_tokens)
 

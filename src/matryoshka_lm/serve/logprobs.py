@@ -39,7 +39,7 @@ def score(engine: Engine, spec: SubmodelSpec, ids: Sequence[int], top: int) -> S
     x = torch.tensor([list(ids)], device=engine.device)
     logp = log_probs(model(x, run_spec)[0, :-1])  # position j-1 predicts token j
     target = x[0, 1:]
-    chosen = token_logprobs(None, target, logp)
+    chosen = token_logprobs(logp, target)
     best = logp.topk(top, dim=-1) if top else None
     alts = []
     for j in range(len(ids) - 1):

@@ -44,7 +44,7 @@ def evaluate_specs(
         tokens += n
         for name, spec in specs.items():
             logp = log_probs(model(x, spec))
-            sums[name]["loss"] -= token_logprobs(None, y, logp).sum().item()
+            sums[name]["loss"] -= token_logprobs(logp, y).sum().item()
             sums[name]["agree"] += (logp.argmax(-1) == ref_top).sum().item()
             sums[name]["kl"] += (ref_logp.exp() * (ref_logp - logp)).sum().item()
     return {n: {k: v / tokens for k, v in s.items()} for n, s in sums.items()}
