@@ -1,4 +1,5 @@
-"""Batch-1 decode speed of quantized cells on this CPU: our packed int8/int4 kernels (infer/packed.py) against
+"""Batch-1 decode speed of quantized cells on this CPU: our bit-plane kernels (core/planes.py), every cell from one
+resident copy of the int8 codes, against
 our fp32 engine, llama.cpp on GGUF files and transformers, side by side in one run, with the bytes of weights
 each reads per token and the fraction of the machine's read bandwidth (measured in the same run) that achieves.
 
@@ -26,14 +27,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ROOT, interleaved_times, machine, read_bandwidth, write_section
+from common import ROOT, machine, read_bandwidth, write_section
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core import quant
 from matryoshka_lm.core.model import MatryoshkaLM
-from matryoshka_lm.core.precision import codes_of
 from matryoshka_lm.core.spec import count_params, uniform_spec
 from matryoshka_lm.infer.engine import Engine
-from matryoshka_lm.infer.packed import int4_pack, packed_view, scales_zeros
 from matryoshka_lm.report import md_table
 
 THREADS = 2  # --threads; the machine's 2 cores
@@ -135,31 +134,16 @@ def transformers_decoder(hf_dir: Path, n: int) -> Callable[[], float]:
     return run
 
 
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
 def set_threads(n: int) -> None:
     global THREADS
     THREADS = n
     torch.set_num_threads(n)
-
-
-def kernel_rows(n: int = 4096, calls: int = 20) -> list[str]:
-    """One n x n matrix times one token: fp32 F.linear against the int8/int4 kernels with fp32 and bf16
-    activations (why packed cells compute in bf16: only that path is vectorised)."""
-    torch.manual_seed(0)
-    x, w = torch.randn(1, n), torch.randn(n, n)
-    q8, q4 = torch.randint(-128, 128, (n, n), dtype=torch.int8), torch.randint(0, 16, (n, n))
-    p4, s = int4_pack(q4), torch.rand(n)
-    sz = scales_zeros(torch.rand(n, n // 32), torch.rand(n, n // 32), torch.float32)
-    fns = {"fp32 F.linear": lambda: torch.nn.functional.linear(x, w)}
-    for dt in (torch.float32, torch.bfloat16):
-        xd, sd, szd = x.to(dt), s.to(dt), sz.to(dt)
-        name = str(dt).removeprefix("torch.")
-        fns[f"_weight_int8pack_mm, {name} act."] = lambda xd=xd, sd=sd: torch._weight_int8pack_mm(xd, q8, sd)
-        fns[f"_weight_int4pack_mm_for_cpu, {name} act."] = lambda xd=xd, szd=szd: torch._weight_int4pack_mm_for_cpu(
-            xd, p4, 32, szd
-        )
-    t = interleaved_times(fns, repeats=calls)
-    rows = [[k, f"{v * 1e6:,.0f}", f"{t['fp32 F.linear'] / v:.2f}x"] for k, v in t.items()]
-    return md_table([f"kernel ({n} x {n}, batch 1)", "µs", "vs fp32"], rows).split("\n")
 
 
 def interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
@@ -179,48 +163,51 @@ def interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, 
 # ---------------------------------------------------------------- the run
 
 
-def build_rows(model: MatryoshkaLM, sizes: list[str], n: int) -> tuple[dict, dict]:
-    """{row name: timed fn} and {row name: info (size, kind, bytes per token)}."""
+def quantized_checkpoint(ckpt: Path) -> Path:
+    """SmolLM2 stored as int8 codes in groups of 32, token table included (as GGUF's Q8_0/Q4_1 blocks), cached."""
+    from matryoshka_lm.convert.quantize import quantize_checkpoint
+
+    out = OUT / "smollm2-q8"
+    if not (out / ck.WEIGHTS).is_file():
+        quantize_checkpoint(ckpt, out, group_size=32, embeddings=True, force=True)
+    return out
+
+
+def build_rows(model: MatryoshkaLM, qmodel: MatryoshkaLM, sizes: list[str], n: int) -> tuple[dict, dict]:
+    """{row name: timed fn} and {row name: info (size, kind, bytes per token)}: the fp32 model, and every cell of
+    the quantized one — all from its one copy of bit-planes, eager and compiled."""
     fns, info = {}, {}
     cfg = model.cfg
-    grouped = quant.QuantConfig(group_size=32, embeddings=True)  # like GGUF's Q8_0/Q4_1 blocks, token table included
-    per_row = quant.QuantConfig(group_size=0, embeddings=True)
+    qcfg = qmodel.precision.quant
     eager, compiled = Engine(model), Engine(model, compile=True)
-    codes = {}  # quantized once per quantization config, sliced per cell
-    for qcfg in (grouped, per_row):
-        model.precision.quant = qcfg
-        codes[qcfg] = codes_of(model)[0]
+    q_eager, q_compiled = Engine(qmodel), Engine(qmodel, compile=True)
 
     def add(name, fn, size, kind, nbytes, note=""):
         fns[name], info[name] = fn, {"size": size, "kind": kind, "bytes": nbytes, "note": note}
 
     for size in sizes:
         spec = uniform_spec(cfg, size)
-        full = size == sizes[0]  # every variant at the first size, the main ones at the others (a compile takes ~1 min)
-        fp32_bytes = quant.weight_bytes(cfg, spec, None, grouped)
+        first = size == sizes[0]  # every width at the first size, int8/int4 at the others (a compile takes ~1 min)
+        fp32_bytes = quant.weight_bytes(cfg, spec, None, qcfg)
         add(f"{size} ours fp32 compiled", ours(compiled, spec, n), size, "ours fp32, compiled", fp32_bytes)
-        add(f"{size} ours fp32 eager", ours(eager, spec, n), size, "ours fp32, eager", fp32_bytes)
-        # (label, bits, quantization, activations, compiled, at every size, note): bf16 runs the kernels
-        bf16, fp32 = torch.bfloat16, torch.float32
-        cells = [
-            ("int8 packed (g32)", 8, grouped, bf16, True, False, "two int4 kernels: top + low nibble"),
-            ("int8 packed (g32)", 8, grouped, bf16, False, True, "two int4 kernels: top + low nibble"),
-            ("int8 packed (per row)", 8, per_row, bf16, False, False, "_weight_int8pack_mm; per-row scales"),
-            ("int8 exact fp32 (g32)", 8, grouped, fp32, True, False, "GroupedLinear: int8 codes, per-group sums"),
-            ("int4 packed (g32)", 4, grouped, bf16, True, True, "_weight_int4pack_mm_for_cpu"),
-            ("int4 packed (g32)", 4, grouped, bf16, False, True, "_weight_int4pack_mm_for_cpu"),
-            ("int4 exact fp32 (g32)", 4, grouped, fp32, True, False, "GroupedLinear: reads int8 codes"),
-            ("int2 packed (g32)", 2, grouped, bf16, False, False, "int4 layout: the same work as int4"),
-        ]
-        for label, bits, qcfg, act, comp, everywhere, note in cells:
-            if not (full or everywhere):
-                continue
-            model.precision.quant = qcfg
-            cell = packed_view(model, spec, bits, act_dtype=act, codes=codes[qcfg])
-            nbytes = quant.weight_bytes(cfg, spec, 8 if act == fp32 else bits, qcfg)  # fp32 form reads int8 codes
-            kind = f"ours {label}, {'compiled' if comp else 'eager'}"
-            add(f"{size} {kind}", ours(Engine(cell, compile=comp), None, n), size, kind, nbytes, note)
-        model.precision.quant = quant.QuantConfig()
+        if first:
+            add(f"{size} ours fp32 eager", ours(eager, spec, n), size, "ours fp32, eager", fp32_bytes)
+        for bits in (8, 6, 4, 3, 2) if first else (8, 4):
+            cell = spec.at_bits(bits)
+            nbytes = quant.weight_bytes(cfg, cell, bits, qcfg)
+            note = "bit-planes, one copy" + (" (int3 reads 4 bits)" if bits == 3 else "")
+            add(
+                f"{size} ours int{bits} compiled",
+                ours(q_compiled, cell, n),
+                size,
+                f"ours int{bits}, compiled",
+                nbytes,
+                note,
+            )
+            if first and bits in (8, 4):
+                add(
+                    f"{size} ours int{bits} eager", ours(q_eager, cell, n), size, f"ours int{bits}, eager", nbytes, note
+                )
     return fns, info
 
 
@@ -264,18 +251,13 @@ def table(result: dict, cfg) -> str:
                       f"{achieved:.1f}", f"{achieved / gbs:.0%}", row["note"]])  # fmt: skip
     head = ["size", "engine", "params", "tok/s", "MB/token", "GB/s", "roofline", "note"]
     lines.append(md_table(head, cells, "llrrrrrl"))
-    lines += ["", *result["kernels"], ""]
     lines += [
-        "Packed cells (`infer/packed.py`) run PyTorch's weight-only kernels with bf16 activations: with fp32 "
-        "activations the same kernels take a scalar path several times slower than an fp32 matmul (kernel table). "
-        "bf16 rounds the activations and the kernels' scales/zeros (our fp16 scales lose 3 bits), so logits differ "
-        "from the dequantized cell's by 2-5% of their range at XL (greedy tokens agreed for 24 tokens of one prompt "
-        "at int8/int4, 11 at int2; the untuned M slice is chaotic and diverges at once). The exact rows "
-        "(`act_dtype=torch.float32`: int8 codes and fp32 sums per group of 32, fused by torch.compile) match the "
-        "dequantized cell to ~1e-5 relative. int8 in groups of 32 is two int4 kernels (top and low nibble); "
-        "per-row int8 (`_weight_int8pack_mm`) needs one scale per row, i.e. another quantization. MB/token counts "
-        "fp16 scales; the int4 kernel reads a bf16 scale and zero per group (5 bits per weight, 10 for int8 as two "
-        "nibbles).",
+        "",
+        "Our quantized rows are cells of one loaded quantized checkpoint (int8 codes in groups of 32, token table "
+        "and tied head included): every width and bit width reads its prefix of the same bit-planes (2-bit planes, "
+        "`core/planes.py`; int3 reads 4 bits) through the C++ kernel (`core/csrc/planes.cpp`, fp32 activations, "
+        f"exact to the dequantized cell at ~1e-6). Process RSS after every row ran: {result['rss_mb']:.0f} MB "
+        "(the fp32 model for its own rows included).",
         "",
         f"Machine: {result['machine']}; load average {result['load_average']:.1f} during the run (the 2 cores are "
         "shared with other jobs: absolute rates move between runs, the interleaved ratios less). "
@@ -307,7 +289,8 @@ def main() -> None:
         return
     ckpt = smollm2_checkpoint()
     model = ck.load_model(ckpt).eval()
-    fns, info = build_rows(model, sizes, a.tokens)
+    qmodel = ck.load_model(quantized_checkpoint(ckpt))
+    fns, info = build_rows(model, qmodel, sizes, a.tokens)
     more_fns, more_info = llama_rows(ckpt, sizes, a.tokens)
     fns.update(more_fns)
     info.update(more_info)
@@ -332,7 +315,7 @@ def main() -> None:
         "load_average": os.getloadavg()[1],
         "seconds_per_token": times,
         "rows": {k: {**info[k], "tokens_per_s": tps[k]} for k in info},
-        "kernels": kernel_rows(),
+        "rss_mb": rss_mb(),
         "wall_s": time.perf_counter() - t_start,
     }
     body = table(result, model.cfg)

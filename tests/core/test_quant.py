@@ -227,23 +227,3 @@ def test_cli_eval_reports_every_cell_it_is_given(fp_ckpt, tmp_path, capsys):
     assert rows["XL@int8"]["val_loss"] != rows["XL@int2"]["val_loss"]
     assert rows["XL"]["bits"] is None and rows["XL@int2"]["bits"] == 2
     assert rows["XL@int2"]["weight_bytes"] < rows["XL@int8"]["weight_bytes"] < rows["XL"]["weight_bytes"]
-
-
-@pytest.mark.parametrize("cell", ["XL@int8", "L@int4", "XL@int2"])
-def test_engine_with_packed_kernels_generates_what_the_dequantized_cell_does(fp_ckpt, cell):
-    """Engine(kernels="fp32") computes from the packed codes exactly (same greedy tokens as the dequantized cell);
-    "bf16" runs PyTorch's int4 CPU kernels, close to it."""
-    model, tok = ck.load_model(fp_ckpt), ck.load_tokenizer(fp_ckpt)
-    spec = parse_spec(model.cfg, cell)
-    prompt = [tok.encode("The class statement").ids]
-    want = Engine(model).generate(prompt, spec, 12)[0].tokens
-    assert Engine(model, kernels="fp32").generate(prompt, spec, 12)[0].tokens == want
-    packed, run_spec = Engine(model, kernels="bf16").runner(spec)
-    assert type(packed).__name__ == "PackedLM"
-    x = torch.tensor(prompt)
-    with torch.no_grad():
-        ref = model(x, spec)
-        rel = (packed(x, run_spec) - ref).abs().max() / ref.abs().max()
-    assert rel < 5e-2
-    with pytest.raises(MatryoshkaError, match="kernels"):
-        Engine(model, kernels="int4")

@@ -33,7 +33,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     sampling = Sampling(a.temperature, a.top_k, a.top_p, a.seed)  # checks the settings: before any output
     # compiling costs tens of seconds per size on CPU, more than a CLI run gains; on CUDA it pays at once
     compile = device.startswith("cuda") if a.compile is None else a.compile
-    engine = Engine(model, compile=compile, kernels=a.kernels)
+    engine = Engine(model, compile=compile)
     eot = tok.token_to_id(EOT)
     chat = read_chat(a.ckpt)  # an imported instruct model also ends a turn at its own token (e.g. <|im_end|>)
     stop_ids = list(dict.fromkeys(([] if eot is None else [eot]) + list(chat.stop_ids if chat else ())))
@@ -139,12 +139,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--size", default="XL", help="size name, Mix'n'Match spec, 'all', or 'auto' (the router beside CKPT picks)"
     )
     g.add_argument("--prompt", required=True)
-    g.add_argument(
-        "--kernels",
-        choices=["bf16", "fp32"],
-        help="cells (@intR, or a quantized checkpoint) compute from packed codes: bf16 = PyTorch's int4/int8 CPU "
-        "kernels (fast, ~1e-2 relative error), fp32 = exact; default: dequantized fp32 weights",
-    )
     # --max-new-tokens, --top-k and --gamma stay plain ints: the library names the bad value in one error line
     g.add_argument("--max-new-tokens", type=int, default=48)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")

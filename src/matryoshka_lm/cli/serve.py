@@ -28,7 +28,6 @@ def cmd_serve(a: argparse.Namespace) -> None:
         cors_origins=a.cors_origin or (),
         drain_timeout=a.drain_timeout,
         bits=int_list(a.bits, "--bits"),
-        kernels=a.kernels,
     )
 
 
@@ -84,12 +83,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--bits",
         help="bit widths /v1/models lists per size as NAME:SIZE@intR (default: 8,4,2, or below the stored width of "
         "a quantized checkpoint); any width the weights allow is served either way",
-    )
-    sv.add_argument(
-        "--kernels",
-        choices=["bf16", "fp32"],
-        help="cells compute from packed codes with PyTorch's CPU kernels (bf16: fast; fp32: exact); default: "
-        "dequantized fp32 weights",
     )
     sv.add_argument("--device", default="auto")
     sv.set_defaults(func=cmd_serve)

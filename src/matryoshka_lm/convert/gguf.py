@@ -203,7 +203,7 @@ def gguf_tensors(
     if bits is None:
         state, scales, stored = sliced, {}, CODE_BITS
     else:
-        _check_blocks(sliced, model.precision.quant, model.precision.codes is not None)
+        _check_blocks(sliced, model.precision.quant, model.precision.has_codes)
         codes, stored = precision.codes_of(model)
         qstate = quant.slice_qstate(codes, cfg, spec.shape)
         state = {k: v for k, v in qstate.items() if not k.endswith(quant.SCALE)}
@@ -349,12 +349,12 @@ def export_gguf(
     _check_bits(bits)
     sub = _uniform_config(cfg, spec, size)
     model = ck.load_model(ckpt)
-    if model.precision.codes is None and tcfg is not None:  # round-to-nearest in the groups its cells were trained with
+    if not model.precision.has_codes and tcfg is not None:  # round-to-nearest in the groups its cells were trained with
         model.precision.quant = quant.QuantConfig(group_size=tcfg.quant_group)
     if bits is None:
         bits = model.precision.native_bits  # a quantized checkpoint exports its own codes
         _check_bits(bits)
-    if model.precision.codes is not None and bits is not None and bits > model.precision.code_bits:
+    if model.precision.has_codes and bits is not None and bits > model.precision.code_bits:
         raise MatryoshkaError(
             f"this checkpoint stores int{model.precision.code_bits} codes; it cannot be exported at int{bits}"
         )

@@ -27,7 +27,7 @@ from matryoshka_lm.config import ModelConfig, TrainConfig, load_json
 from matryoshka_lm.errors import MatryoshkaError
 
 from . import precision, quant
-from .model import MatryoshkaLM
+from .model import MatryoshkaLM, rope_tables
 
 CONFIG, TOKENIZER, WEIGHTS, STATE = "config.json", "tokenizer.json", "model.safetensors", "trainer_state.safetensors"
 
@@ -146,25 +146,34 @@ def save_quantized(
 
 def load_model(ckpt: Path, device: str | torch.device = "cpu") -> MatryoshkaLM:
     """Build the model from config.json and load model.safetensors (strict: every key, every shape). A quantized
-    checkpoint loads at its stored bit width and keeps its codes for the narrower ones (precision.at_bits)."""
+    checkpoint loads at its stored bit width, its codes held once as bit-planes that every narrower width and
+    every size reads (precision.attach_codes): no fp32 copy of a quantized weight is made."""
     cfg, tcfg = read_config(ckpt)
     state = load_tensors(Path(ckpt) / WEIGHTS)
-    model = MatryoshkaLM(cfg)
+    q = read_quant(ckpt)
+    if q is None:
+        model = MatryoshkaLM(cfg, init=False)
+    else:
+        rope = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)  # for real; the weights come from the file
+        with torch.device("meta"):
+            model = MatryoshkaLM(cfg, rope=rope, init=False)
     if tcfg is not None:  # its cells quantize as its training did
         model.precision.quant = quant.QuantConfig(group_size=tcfg.quant_group)
-    q = read_quant(ckpt)
-    if q is not None:
-        qcfg, bits = q
-        expected = quant.quantize_state(model.state_dict(), qcfg)
-        check_state(expected, state, Path(ckpt) / WEIGHTS)
-        for k, v in expected.items():
-            if v.dtype == torch.int8 and state[k].dtype != torch.int8:
-                raise MatryoshkaError(f"{Path(ckpt) / WEIGHTS}: {k} should hold int8 codes, not {state[k].dtype}")
-        codes = {k: state[k] for k in expected}
-        state = quant.dequantize_state(codes, qcfg, bits, bits)
-        precision.attach_codes(model, {k: v.to(device) for k, v in codes.items()}, qcfg, bits)
-    load_state(model, state, Path(ckpt) / WEIGHTS)
-    return model.to(device).eval()
+    if q is None:
+        load_state(model, state, Path(ckpt) / WEIGHTS)
+        return model.to(device).eval()
+    qcfg, bits = q
+    expected = quant.quantize_state(model.state_dict(), qcfg)
+    check_state(expected, state, Path(ckpt) / WEIGHTS)
+    for k, v in expected.items():
+        if v.dtype == torch.int8 and state[k].dtype != torch.int8:
+            raise MatryoshkaError(f"{Path(ckpt) / WEIGHTS}: {k} should hold int8 codes, not {state[k].dtype}")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise MatryoshkaError(f"{Path(ckpt) / WEIGHTS} has unexpected weights {extra[:3]}")
+    precision.attach_codes(model, {k: state[k].to(device) for k in expected}, qcfg, bits)
+    model.rope_cos, model.rope_sin = model.rope_cos.to(device), model.rope_sin.to(device)
+    return model.eval()
 
 
 def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], where: Path) -> None:

@@ -15,8 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from matryoshka_lm.config import ModelConfig
+from matryoshka_lm.errors import MatryoshkaError
 
 from . import nested, precision
+from .planes import Planes
 from .precision import Precision
 from .spec import LayerSpec, SubmodelSpec, full_spec
 
@@ -92,22 +94,29 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, init: bool = True):
         self.init = init  # read by reset_parameters, which nn.Linear.__init__ calls
         super().__init__(in_features, out_features, bias=False)
+        self.planes: Planes | None = None  # the weight's codes as bit-planes (precision.py), for cells with bits
 
     def reset_parameters(self) -> None:
         if self.init:
             super().reset_parameters()
 
-    def forward(self, x: torch.Tensor, out_features: int | None = None) -> torch.Tensor:
-        """x @ W[:out, :in].T (nested.linear); modules that replace this one (infer/packed.py) keep the call."""
-        return nested.linear(x, self.weight, self.out_features if out_features is None else out_features)
+    def forward(self, x: torch.Tensor, out_features: int | None = None, bits: int | None = None) -> torch.Tensor:
+        """x @ W[:out, :in].T (nested.linear); at `bits`, from the planes (the r-bit weights, same prefixes)."""
+        out = self.out_features if out_features is None else out_features
+        if bits is None:
+            return nested.linear(x, self.weight, out)
+        if self.planes is None:
+            raise MatryoshkaError("this linear has no codes for a bit width (precision.ensure_planes builds them)")
+        return self.planes.linear(x, out, bits)
 
 
 class Embedding(nn.Embedding):
-    """nn.Embedding that can skip its initialisation (see Linear)."""
+    """nn.Embedding that can skip its initialisation (see Linear); `planes` as Linear's (quantized embeddings)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, init: bool = True):
         self.init = init
         super().__init__(num_embeddings, embedding_dim)
+        self.planes: Planes | None = None
 
     def reset_parameters(self) -> None:
         if self.init:
@@ -145,13 +154,14 @@ class Attention(nn.Module):
         layer_idx: int,
         at: int | torch.Tensor,
         mask: torch.Tensor | None,
+        bits: int | None = None,
     ) -> torch.Tensor:
         """`at`: where the tokens go in the cache (KVCache.update); `mask` None: plain causal attention."""
         B, T, C = x.shape
         hd, kv = self.hd, nested.kv_heads(heads, self.group)
-        q = self.wq(x, heads * hd).view(B, T, heads, hd).transpose(1, 2)
-        k = self.wk(x, kv * hd).view(B, T, kv, hd).transpose(1, 2)
-        v = self.wv(x, kv * hd).view(B, T, kv, hd).transpose(1, 2)
+        q = self.wq(x, heads * hd, bits).view(B, T, heads, hd).transpose(1, 2)
+        k = self.wk(x, kv * hd, bits).view(B, T, kv, hd).transpose(1, 2)
+        v = self.wv(x, kv * hd, bits).view(B, T, kv, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v, at)
@@ -161,7 +171,7 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = self.heads_out(y.transpose(1, 2).reshape(B, T, heads * hd))
-        return self.wo(y, C)
+        return self.wo(y, C, bits)
 
 
 class FeedForward(nn.Module):
@@ -174,9 +184,9 @@ class FeedForward(nn.Module):
         self.w_down = Linear(hidden, dim, init)
         self.hidden = nn.Identity()  # (B, T, ffn) activations before w_down: a hook point (reorder.py)
 
-    def forward(self, x: torch.Tensor, ffn: int) -> torch.Tensor:
-        a = self.hidden(F.silu(self.w_gate(x, ffn)) * self.w_up(x, ffn))
-        return self.w_down(a, x.shape[-1])
+    def forward(self, x: torch.Tensor, ffn: int, bits: int | None = None) -> torch.Tensor:
+        a = self.hidden(F.silu(self.w_gate(x, ffn, bits)) * self.w_up(x, ffn, bits))
+        return self.w_down(a, x.shape[-1], bits)
 
 
 class Block(nn.Module):
@@ -197,9 +207,10 @@ class Block(nn.Module):
         cache: KVCache | None,
         at: int | torch.Tensor,
         mask: torch.Tensor | None,
+        bits: int | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), layer.heads, cos, sin, cache, self.idx, at, mask)
-        return x + self.ffn(self.ffn_norm(x), layer.ffn)
+        x = x + self.attn(self.attn_norm(x), layer.heads, cos, sin, cache, self.idx, at, mask, bits)
+        return x + self.ffn(self.ffn_norm(x), layer.ffn, bits)
 
 
 class MatryoshkaLM(nn.Module):
@@ -216,7 +227,7 @@ class MatryoshkaLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.full = full_spec(cfg)
-        self.precision = Precision()  # how the weights are held; other bit widths: precision.at_bits
+        self.precision = Precision()  # how the weights are held and where cells with a bit width read them
         if init:
             self.reset_parameters()
 
@@ -232,6 +243,15 @@ class MatryoshkaLM(nn.Module):
 
     def head_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def cell_bits(self, bits: int | None) -> int | None:
+        """The bit width a forward computes at (None: the loaded precision), with its planes ready."""
+        if bits is not None and bits != self.precision.native_bits:
+            precision.check_bits(self, bits)
+        bits = self.precision.native_bits if bits is None else bits
+        if bits is not None:
+            precision.ensure_planes(self)
+        return bits
 
     def hidden_states(
         self,
@@ -254,14 +274,17 @@ class MatryoshkaLM(nn.Module):
         the final norm; `h` (B, T, C) with `first_layer` k resumes from such a state at layer k (idx unused).
         """
         spec = spec or self.full
-        if spec.bits is not None and spec.bits != self.precision.native_bits:
-            sib = precision.at_bits(self, spec.bits)
-            return sib.hidden_states(idx, spec.shape, cache, start, h=h, first_layer=first_layer, norm=norm)
+        bits = self.cell_bits(spec.bits)
         B, T = (idx if h is None else h).shape[:2]
         static = isinstance(start, torch.Tensor)
         if not static and start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        x = nested.embed(idx, self.tok_emb.weight, spec.width) if h is None else h
+        if h is not None:
+            x = h
+        elif bits is not None and self.tok_emb.planes is not None:
+            x = self.tok_emb.planes.rows(idx, spec.width, bits)
+        else:
+            x = nested.embed(idx, self.tok_emb.weight, spec.width)
         pad = None if cache is None else cache.pad
         at: int | torch.Tensor = start
         if not static and pad is None:  # one sequence at start..: slices; a mask only for a chunk after a prefix
@@ -276,11 +299,16 @@ class MatryoshkaLM(nn.Module):
         if mask is not None:  # additive, once per forward: SDPA would convert a boolean mask in every layer
             mask = torch.where(mask, 0.0, float("-inf")).to(x.dtype)
         for block, layer in nested.layers_from(self.layers, spec, first_layer):
-            x = block(x, layer, cos, sin, cache, at, mask)
+            x = block(x, layer, cos, sin, cache, at, mask, bits)
         return self.norm(x) if norm else x
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The LM head on final-normed hidden states (B, T, C) of any width."""
+    def logits(self, h: torch.Tensor, bits: int | None = None) -> torch.Tensor:
+        """The LM head on final-normed hidden states (B, T, C) of any width, at `bits` (None: the loaded
+        precision) when the head is quantized."""
+        head = self.tok_emb if self.lm_head is None else self.lm_head
+        bits = self.cell_bits(bits)
+        if bits is not None and head.planes is not None:
+            return head.planes.linear(h, self.cfg.vocab_size, bits)
         return nested.lm_head(h, self.head_weight())
 
     def rope_at(self, pos: torch.Tensor) -> RopeTables:
@@ -298,9 +326,7 @@ class MatryoshkaLM(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, V) of the submodel `spec` (at its bit width when it names one); `cache`/`start` for
         incremental decoding (see hidden_states)."""
-        if spec is not None and spec.bits is not None and spec.bits != self.precision.native_bits:
-            return precision.at_bits(self, spec.bits)(idx, spec.shape, cache, start)
-        return self.logits(self.hidden_states(idx, spec, cache, start))
+        return self.logits(self.hidden_states(idx, spec, cache, start), None if spec is None else spec.bits)
 
 
 def attention_layout(slots: torch.Tensor, n_keys: int, pad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

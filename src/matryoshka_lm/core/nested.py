@@ -224,3 +224,68 @@ def bit_levels(top: torch.Tensor, bits: int) -> torch.Tensor:
     round-to-nearest on this r-bit grid). Multiply by the scale to get the weight."""
     k = CODE_BITS - bits
     return top.float() * (1 << k) + ((1 << k) - 1) / 2
+
+
+# ---------------------------------------------------------------- bit-planes: how the top bits are read in memory
+
+PLANE_BITS = 2  # resident codes are planes of 2 bits (core/planes.py): int2/4/6/8 read 1..4 planes exactly
+
+
+def planes_read(bits: int) -> int:
+    """The planes an r-bit cell reads: its top r bits lie in the top ceil(r / 2) planes (int3 reads 4 bits)."""
+    return -(-bits // PLANE_BITS)
+
+
+def code_plane(codes: torch.Tensor, p: int) -> torch.Tensor:
+    """Plane p (0 = most significant) of the unsigned code u = q + 2^7: its bits 7-2p and 6-2p, in 0..3."""
+    u_top = top_bits(codes.to(torch.int32), PLANE_BITS * (p + 1)) + (1 << (PLANE_BITS * (p + 1) - 1))
+    return low_bits(u_top, PLANE_BITS)
+
+
+def plane_masks(bits: int) -> list[int]:
+    """Per plane read, the bits of u at that plane's position that the r-bit code keeps (odd r drops one)."""
+    keep = (0xFF << (CODE_BITS - bits)) & 0xFF
+    return [(3 << (CODE_BITS - PLANE_BITS * (p + 1))) & keep for p in range(planes_read(bits))]
+
+
+def unsigned_top(plane_values: Sequence[torch.Tensor], bits: int) -> torch.Tensor:
+    """c = u & (0xff << (8 - r)) from the planes' 2-bit values (most significant first): the r-bit value is
+    s * (c - 2^7 + (2^(8-r) - 1) / 2), which equals s * bit_levels(top_bits(q, r), r)."""
+    c = torch.zeros_like(plane_values[0], dtype=torch.int32)
+    for p, (v, m) in enumerate(zip(plane_values, plane_masks(bits))):
+        c |= (v.to(torch.int32) << (CODE_BITS - PLANE_BITS * (p + 1))) & m
+    return c
+
+
+def plane_offset(bits: int) -> float:
+    """b_r = -2^7 + (2^(8-r) - 1) / 2: what turns c into the r-bit level (see unsigned_top)."""
+    return -float(1 << (CODE_BITS - 1)) + ((1 << (CODE_BITS - bits)) - 1) / 2
+
+
+def pack_fields(values: torch.Tensor) -> torch.Tensor:
+    """(..., 4) values in 0..3 -> (...) uint8 bytes holding value f at bits 2f, 2f + 1."""
+    out = torch.zeros(values.shape[:-1], dtype=torch.int32, device=values.device)
+    for f in range(8 // PLANE_BITS):
+        out |= values[..., f].to(torch.int32) << (PLANE_BITS * f)
+    return out.to(torch.uint8)
+
+
+def unpack_fields(b: torch.Tensor) -> torch.Tensor:
+    """pack_fields' inverse: (...) uint8 -> (..., 4) values in 0..3."""
+    b = b.to(torch.int32)
+    return torch.stack([(b >> (PLANE_BITS * f)) & 3 for f in range(8 // PLANE_BITS)], dim=-1)
+
+
+def plane_prefix(
+    planes: torch.Tensor, scales: torch.Tensor, out_features: int, in_features: int, bits: int, tile: int, block: int
+):
+    """The views of planes (T, G, 4, B) and scales (T, G, tile) that the cell (out rows, in columns, r bits) reads:
+    a prefix of the row tiles, of the column blocks in each, and of the planes."""
+    nt, ng = -(-out_features // tile), -(-in_features // block)
+    return planes[:nt, :ng, : planes_read(bits)], scales[:nt, :ng]
+
+
+def widen_codes(codes: torch.Tensor, stored: int) -> torch.Tensor:
+    """`stored`-bit codes as the int8 codes with the same top bits (low bits 0): what planes hold, so the top r
+    bits of either are the same r-bit cell."""
+    return (codes.to(torch.int32) << (CODE_BITS - stored)).to(torch.int8)

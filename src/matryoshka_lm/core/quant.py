@@ -28,7 +28,18 @@ import torch
 from matryoshka_lm.config import ModelConfig
 from matryoshka_lm.errors import MatryoshkaError
 
-from .nested import BIT_WIDTHS, CODE_BITS, LAYER_WEIGHTS, SpecShape, bit_levels, layer_shapes, slice_quantized, top_bits
+from .nested import (
+    BIT_WIDTHS,
+    CODE_BITS,
+    LAYER_WEIGHTS,
+    PLANE_BITS,
+    SpecShape,
+    bit_levels,
+    layer_shapes,
+    planes_read,
+    slice_quantized,
+    top_bits,
+)
 
 SCALE = ".scale"  # state-dict suffix of a quantized weight's scales (the codes keep the weight's own name)
 LINEAR = LAYER_WEIGHTS
@@ -167,15 +178,16 @@ def check_groups(cfg: ModelConfig, qcfg: QuantConfig) -> None:
 
 
 def weight_bytes(cfg: ModelConfig, spec: SpecShape, bits: int | None, qcfg: QuantConfig) -> int:
-    """Bytes of weights a cell reads: r-bit codes (packed) and fp16 scales for the quantized weights, fp32 for
-    the rest; `bits` None = fp32 throughout."""
+    """Bytes of weights a cell reads: its bit-planes (core/planes.py: r bits read ceil(r/2) planes of 2 bits) and
+    fp16 scales for the quantized weights, fp32 for the rest; `bits` None = fp32 throughout."""
     C = spec.width
+    read_bits = None if bits is None else PLANE_BITS * planes_read(bits)  # odd widths read their top planes whole
 
     def mat(rows: int, cols: int, quantized: bool) -> float:
         if bits is None or not quantized:
             return 4.0 * rows * cols
         per_row = (cols + (qcfg.group_size or cols) - 1) // (qcfg.group_size or cols)
-        return rows * cols * bits / 8 + 2.0 * rows * per_row
+        return rows * cols * read_bits / 8 + 2.0 * rows * per_row
 
     total = 4.0 * C * (2 * len(spec.layers) + 1)  # norms
     for layer in spec.layers:

@@ -40,7 +40,6 @@ from matryoshka_lm.core import precision
 from matryoshka_lm.core.model import KVCache, MatryoshkaLM
 from matryoshka_lm.core.spec import SubmodelSpec, validate_spec
 from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.infer.packed import packed_view
 from matryoshka_lm.infer.sampling import GREEDY, Sampling, sample
 from matryoshka_lm.infer.stops import Completion, Decode, StopRow, stream_rows
 
@@ -52,6 +51,7 @@ from .forward import (  # noqa: F401 (the decoder's passes, re-exported)
     left_padded,
     prefill,
     resume_chunk,
+    share_planes,
     view_model,
 )
 from .request import Request, request
@@ -60,7 +60,6 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- the engine
 
-KERNELS = (None, "bf16", "fp32")  # Engine(kernels=...): how cells compute
 RECOMPILE_LIMIT = 64  # graphs per size and step kind: batch sizes x cache lengths x padded or not
 Step = Callable[[MatryoshkaLM, torch.Tensor, SubmodelSpec | None, KVCache, int | torch.Tensor], torch.Tensor]
 
@@ -84,17 +83,12 @@ class Engine:
     speculative verify chunk) with torch.compile, one compiled region per size, on first use; "reduce-overhead"
     (CUDA graphs) on CUDA. See BENCHMARKS.md for when it pays off on CPU."""
 
-    def __init__(self, model: MatryoshkaLM, compile: bool = False, slice_once: bool = True, kernels: str | None = None):
-        """`kernels`: how cells with a bit width compute. None: on dequantized fp32 weights (precision.at_bits);
-        "bf16": from packed codes with PyTorch's int4/int8 CPU kernels (fast; bf16 activations, ~1e-2 relative
-        error); "fp32": from the codes, exactly (infer/packed.py)."""
-        if kernels not in KERNELS:
-            raise MatryoshkaError(f"kernels must be one of {', '.join(str(k) for k in KERNELS)}, got {kernels!r}")
+    def __init__(self, model: MatryoshkaLM, compile: bool = False, slice_once: bool = True):
+        """Cells with a bit width compute from the model's one copy of bit-planes (core/planes.py), exactly
+        (fp32 activations), whatever size and width they are."""
         self.model = model.eval()
-        self.kernels = kernels
-        self._codes: dict[str, torch.Tensor] | None = None
         self.cfg = model.cfg
-        p = next(model.parameters())
+        p = model.norm.weight  # a quantized model's linear weights live on the meta device (precision.py)
         self.device, self.dtype = p.device, p.dtype
         self.compiled = compile
         self.slice_once = slice_once  # False: slice at every call, model(x, spec) (for comparison)
@@ -112,32 +106,22 @@ class Engine:
         return spec
 
     def runner(self, spec: SubmodelSpec) -> tuple[MatryoshkaLM, SubmodelSpec]:
-        """The module that runs `spec` and the spec to pass it: the model at the spec's bit width
-        (precision.at_bits) for its full size, else the size's view model of it (built on first use; views
-        stay valid while the model's tensors are updated in place, so build a new Engine after replacing them).
-        The spec returned names the bit width the module computes at, so compiled graphs are per cell."""
-        bits = spec.bits if spec.bits is not None else self.model.precision.native_bits
-        if self.kernels is not None and bits is not None and self.device.type == "cpu":
-            return self._packed(spec, bits)
-        base = precision.at_bits(self.model, spec.bits)
-        full = base.full.at_bits(base.precision.native_bits)
+        """The module that runs `spec` and the spec to pass it: the model itself for its full size, else the
+        size's view model (built on first use, one per shape: views share the model's weights and bit-planes, so
+        every bit width of a size runs on the same view; they stay valid while the model's tensors are updated
+        in place, so build a new Engine after replacing them). The spec returned names the bit width the module
+        computes at, so compiled graphs are per cell."""
+        bits = self.model.cell_bits(spec.bits)
+        full = self.model.full.at_bits(bits)
         if (spec.width, spec.layers) == (full.width, full.layers):
-            return base, full
+            return self.model, full
         if not self.slice_once:
-            return base, spec.at_bits(base.precision.native_bits)
-        sub = self._views.get(spec)
+            return self.model, spec.at_bits(bits)
+        sub = self._views.get(spec.shape)
         if sub is None:
-            sub = self._views[spec] = view_model(base, spec.shape)
-        return sub, sub.full.at_bits(sub.precision.native_bits)
-
-    def _packed(self, spec: SubmodelSpec, bits: int) -> tuple[MatryoshkaLM, SubmodelSpec]:
-        """The cell's packed view (built on first use; the codes are quantized once per engine)."""
-        sub = self._views.get(spec.at_bits(bits))
-        if sub is None:
-            if self._codes is None:
-                self._codes = precision.codes_of(self.model)[0]
-            act = torch.bfloat16 if self.kernels == "bf16" else torch.float32
-            sub = self._views[spec.at_bits(bits)] = packed_view(self.model, spec, bits, act, codes=self._codes)
+            sub = self._views[spec.shape] = view_model(self.model, spec.shape)
+        if bits is not None and sub.precision.planes_key != self.model.precision.planes_key:
+            share_planes(self.model, sub)  # viewed before this fp32 model's first cell built its planes
         return sub, sub.full.at_bits(bits)
 
     def check_prompts(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:

@@ -4,6 +4,8 @@ size decodes on."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from matryoshka_lm.core import nested
@@ -15,7 +17,7 @@ from matryoshka_lm.core.spec import SubmodelSpec
 def prefill(model: MatryoshkaLM, idx: torch.Tensor, spec: SubmodelSpec, cache: KVCache) -> torch.Tensor:
     """Run prompts (B, P) through `spec`, filling cache slots 0..P; logits (B, V) of the last slot only."""
     h = model.hidden_states(idx, spec, cache, 0)[:, -1:]
-    return nested.linear(h, model.head_weight(), model.cfg.vocab_size)[:, -1]
+    return model.logits(h, spec.bits)[:, -1]
 
 
 def decode_one_token(
@@ -46,14 +48,14 @@ def exit_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """exit_state plus the draft's next-token logits (1, V) from the shared final norm and head."""
     h = exit_state(model, tok, draft, cache, slot)
-    return h, model.logits(model.norm(h))[:, -1]
+    return h, model.logits(model.norm(h), draft.bits)[:, -1]
 
 
 def resume_chunk(
     model: MatryoshkaLM, h: torch.Tensor, spec: SubmodelSpec, cache: KVCache, start: int | torch.Tensor, k: int
 ) -> torch.Tensor:
     """States (1, T, C) after layer k of tokens at slots start..start+T through layers k+1..L; logits (1, T, V)."""
-    return model.logits(model.hidden_states(None, spec, cache, start, h=h, first_layer=k))
+    return model.logits(model.hidden_states(None, spec, cache, start, h=h, first_layer=k), spec.bits)
 
 
 @torch.no_grad()
@@ -66,8 +68,20 @@ def view_model(model: MatryoshkaLM, spec: SubmodelSpec) -> MatryoshkaLM:
         sub = MatryoshkaLM(submodel_config(model.cfg, spec), rope=(model.rope_cos, model.rope_sin), init=False)
     views = nested.slice_views(dict(model.named_parameters()), model.cfg, spec)
     sub.load_state_dict({k: v.detach() for k, v in views.items()}, assign=True)
-    sub.precision.native_bits = model.precision.native_bits  # a view computes at its model's precision only
+    sub.precision = replace(model.precision, frozen=True, planes_key=None)  # computes at its model's precisions
+    share_planes(model, sub)
     return sub.requires_grad_(False).eval()
+
+
+def share_planes(model: MatryoshkaLM, sub: MatryoshkaLM) -> None:
+    """Give a view model its parent's bit-planes, shared whole (a cell reads its prefix at every call). Call again
+    once the parent has built planes it lacked (an fp32 model builds them on its first cell, precision.ensure_planes;
+    a rebuild updates them in place, so views stay current)."""
+    for name, mod in sub.named_modules():
+        planes = getattr(model.get_submodule(name), "planes", None) if hasattr(mod, "planes") else None
+        if planes is not None:
+            mod.planes = planes
+    sub.precision.planes_key = model.precision.planes_key
 
 
 def left_padded(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

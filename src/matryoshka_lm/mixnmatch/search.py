@@ -136,7 +136,7 @@ def search_bits(model: MatryoshkaLM, budget: Budget, bits: tuple[int | None, ...
         return tuple(bits)
     if budget.metric != "memory":
         return (None,)
-    if model.precision.codes is None:
+    if not model.precision.has_codes:
         return MEMORY_BITS
     return (None,) + tuple(b for b in MEMORY_BITS if b is not None and b < model.precision.code_bits)
 

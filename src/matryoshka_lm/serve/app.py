@@ -106,7 +106,7 @@ def create_app(
         chat: a core.chat.ChatFormat (the model's own template and end-of-turn ids), or None for the plain template;
             default: the checkpoint's chat.json, if any.
         options: State settings: compile, max_batch, max_batches, batch_window_s, max_body_bytes,
-            max_tokens_limit, max_waiting, kernels (how cells compute: None, "bf16" or "fp32"; infer.engine.Engine).
+            max_tokens_limit, max_waiting.
     """
     if isinstance(ckpt_or_model, MatryoshkaLM):
         if tokenizer is None:

@@ -66,7 +66,7 @@ class Models:
             for b in bits:
                 precision.check_bits(self.model, b)
             return bits
-        stored = self.model.precision.code_bits if self.model.precision.codes is not None else None
+        stored = self.model.precision.code_bits if self.model.precision.has_codes else None
         return [b for b in (8, 4, 2) if stored is None or b < stored]
 
     # ---- the model field

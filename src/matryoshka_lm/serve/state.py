@@ -52,7 +52,6 @@ class State:
         max_body_bytes: int = 1 << 20,
         max_tokens_limit: int | None = None,
         max_waiting: int = 4096,
-        kernels: str | None = None,
         chat: Any = None,
         trained: list[str] | None = None,
     ):
@@ -60,7 +59,7 @@ class State:
 
         self.model, self.tok, self.name, self.api_key = model.eval(), tokenizer, name, api_key
         self.cfg = model.cfg
-        self.engine = Engine(model, compile=compile, kernels=kernels)
+        self.engine = Engine(model, compile=compile)
         self.embedder = (embedder if embedder is not None else Embedder(model)).eval()
         self.max_body_bytes, self.max_waiting = max_body_bytes, max_waiting
         self.max_tokens_limit = max_tokens_limit or self.cfg.max_seq_len - 1
