@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from matryoshka_lm.config import ModelConfig
-from matryoshka_lm.core import nested
+from matryoshka_lm.core import nested, quant
 from matryoshka_lm.core.model import KVCache, MatryoshkaLM
 from matryoshka_lm.core.spec import SubmodelSpec, count_params
 from matryoshka_lm.errors import MatryoshkaError
@@ -39,8 +39,23 @@ def shared_cache(cfg: ModelConfig, cache: KVCache, draft: SubmodelSpec) -> KVCac
     return KVCache(*nested.kv_prefix(cache.k, cache.v, cfg, draft))
 
 
-def param_ratio(cfg: ModelConfig, target: SubmodelSpec, draft: SubmodelSpec) -> float:
-    return count_params(cfg, draft)["total"] / count_params(cfg, target)["total"]
+def read_bits(engine: Engine, spec: SubmodelSpec) -> int | None:
+    """The bits a spec's weights are read at: its own, else the loaded weights' (None: fp32)."""
+    return spec.bits or engine.model.precision.native_bits
+
+
+def is_bits_draft(target: SubmodelSpec, draft: SubmodelSpec) -> bool:
+    """The draft is the target's own shape (at fewer bits: it reads the top planes of the very weights the target
+    reads in full): its KV cache has the target's shapes, so it always shares it."""
+    return draft.shape == target.shape
+
+
+def draft_cost(engine: Engine, target: SubmodelSpec, draft: SubmodelSpec) -> float:
+    """A draft step's cost relative to a target step before any is timed: the bytes of weights each reads
+    (quant.weight_bytes: what a batch-1 step is bound by), which for two fp32 sizes is their parameter ratio."""
+    cfg, qcfg = engine.cfg, engine.model.precision.quant
+    d, t = read_bits(engine, draft), read_bits(engine, target)
+    return quant.weight_bytes(cfg, draft, d, qcfg) / quant.weight_bytes(cfg, target, t, qcfg)
 
 
 def early_exit_depth(target: SubmodelSpec, draft: SubmodelSpec) -> int | None:
@@ -108,7 +123,7 @@ class SeparateDraft:
         self.engine, self.t_cache, self.d_cache, self.share = engine, t_cache, d_cache, share
         (self.t_model, self.t_spec), (self.d_model, self.d_spec) = engine.runner(target), engine.runner(draft)
         self.sampling, self.gen = sampling, gen
-        self.default_cost = param_ratio(engine.cfg, target, draft)
+        self.default_cost = draft_cost(engine, target, draft)
         self.pending: torch.Tensor | None = None  # tokens the draft cache lacks, ending with the last one
 
     def prefill(self, idx: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,7 @@ from .drafts import (  # noqa: F401 (re-exported)
     can_share_cache,
     check_draft,
     early_exit_depth,
+    is_bits_draft,
     shared_cache,
 )
 from .engine import Engine
@@ -145,7 +146,7 @@ def speculative_steps(
     gen = sampling.generator(engine.device)
     idx = torch.tensor([prompt], device=engine.device)
     k = early_exit_depth(target, draft) if reuse else None
-    share = share_cache and can_share_cache(cfg, target, draft)
+    share = (share_cache or is_bits_draft(target, draft)) and can_share_cache(cfg, target, draft)
     with ExitStack() as caches:
         t_cache = caches.enter_context(engine.kv_cache(target, 1, L))
         if k is not None:
@@ -164,7 +165,7 @@ class Speculation:
     gamma: int = 4  # draft tokens per round (the first round's, when adaptive)
     adaptive: bool = True  # re-pick γ in 1..max_gamma each round from the acceptance rate and the draft's cost
     max_gamma: int = 8
-    share_cache: bool = False  # the draft reads the target's KV cache (MatFormer) instead of its own
+    share_cache: bool = False  # the draft reads the target's KV cache (MatFormer; always for a bits draft)
     draft_cost: float | None = None  # a draft step / a verify pass; None: measured when greedy, else param ratio
     reuse: bool = True  # an early-exit draft (the target's first k layers) reuses its cache and states
 
