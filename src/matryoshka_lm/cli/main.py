@@ -15,6 +15,7 @@ from matryoshka_lm.errors import MatryoshkaError
 
 from . import (
     convert,
+    demo,
     elastify,
     embed,
     evaluate,
@@ -44,6 +45,7 @@ GROUPS = (
     embed,
     serve,
     route,
+    demo,
 )
 
 

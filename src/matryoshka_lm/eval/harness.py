@@ -250,6 +250,27 @@ def task_manager(tasks: Sequence[str], include_path: Sequence[str | Path] | None
 # ---------------------------------------------------------------- running and reporting
 
 
+def evaluate_cell(
+    model: MatryoshkaLM,
+    tok,
+    spec: SubmodelSpec,
+    tasks: Sequence[str],
+    tm=None,
+    engine: Engine | None = None,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    bootstrap_iters: int = 1000,
+) -> dict[str, Any]:
+    """lm-eval's results for one size or cell of a loaded model (`tm`: a task_manager for our tasks)."""
+    from lm_eval import simple_evaluate
+
+    lm = MatryoshkaHarnessLM(model, tok, spec, batch_size=batch_size, engine=engine)
+    tm = tm or task_manager(tasks)
+    return simple_evaluate(
+        model=lm, tasks=list(tasks), limit=limit, task_manager=tm, log_samples=False, bootstrap_iters=bootstrap_iters
+    )
+
+
 def run_harness(
     ckpt: str | Path,
     sizes: Sequence[str] | None,
@@ -265,8 +286,6 @@ def run_harness(
 
     Returns {"checkpoint", "tasks", "limit", "sizes": {size: {"spec", "params", "results": {task: lm-eval's
     metrics}, "n_samples"}}}, also written to `out_json` if given."""
-    from lm_eval import simple_evaluate
-
     if not tasks:
         raise MatryoshkaError("no tasks given")
     ckpt = Path(ckpt)
@@ -280,15 +299,7 @@ def run_harness(
     tm = task_manager(tasks, [include_path] if isinstance(include_path, (str, Path)) else include_path)
     out: dict[str, Any] = {"checkpoint": str(ckpt), "tasks": list(tasks), "limit": limit, "sizes": {}}
     for name, spec in specs.items():
-        lm = MatryoshkaHarnessLM(model, tok, spec, batch_size=batch_size, engine=engine)
-        res = simple_evaluate(
-            model=lm,
-            tasks=list(tasks),
-            limit=limit,
-            task_manager=tm,
-            log_samples=False,
-            bootstrap_iters=bootstrap_iters,
-        )
+        res = evaluate_cell(model, tok, spec, tasks, tm, engine, limit, batch_size, bootstrap_iters)
         out["sizes"][name] = {
             "spec": str(spec),
             "params": count_params(model.cfg, spec)["total"],
