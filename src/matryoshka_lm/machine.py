@@ -11,6 +11,8 @@ from typing import TypeVar
 
 import torch
 
+from matryoshka_lm.errors import MatryoshkaError
+
 T = TypeVar("T")
 
 
@@ -67,3 +69,30 @@ def read_bandwidth(device: str | torch.device = "cpu", mb: int = 1024, repeats: 
     big = torch.ones(mb * 2**20 // 4, device=device)
     times = [timed(big.sum, device)[0] for _ in range(repeats + 1)]  # the first warms the allocator and kernels
     return big.numel() * 4 / sorted(times[1:])[len(times[1:]) // 2]
+
+
+# dense bf16 tensor-core peaks (no sparsity) from the vendors' data sheets, TFLOP/s: what MFU is quoted against
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def matmul_peak(device: str | torch.device = "cpu", n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of an n x n matmul on `device` in fp32 (best of `repeats`): the measured peak a CPU's MFU is read
+    against (about 0.1 s on 2 cores)."""
+    a = torch.randn(n, n, device=device)
+    times = [timed(lambda: a @ a, device)[0] for _ in range(repeats + 1)]
+    return 2 * n**3 / min(times[1:])
+
+
+def peak_flops(device: str | torch.device = "cpu", peak_tflops: float | None = None) -> tuple[float, str]:
+    """(peak FLOP/s, where it came from): the user's --peak-tflops, a known GPU's data-sheet bf16 peak, else the
+    measured fp32 matmul peak of this device."""
+    if peak_tflops is not None:
+        if not peak_tflops > 0:
+            raise MatryoshkaError(f"--peak-tflops must be positive, got {peak_tflops}")
+        return peak_tflops * 1e12, "given"
+    if str(device).startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        for gpu, tflops in GPU_PEAK_TFLOPS.items():
+            if gpu in name:
+                return tflops * 1e12, f"{gpu} bf16 data sheet"
+    return matmul_peak(device), "measured fp32 matmul"

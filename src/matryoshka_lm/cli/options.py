@@ -37,6 +37,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def nonnegative_int(text: str) -> int:
     """argparse type for counts where 0 means 'none' or 'off' (--proj-dim 0, --hnsw-ef 0)."""
     value = _int(text)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from matryoshka_lm.errors import MatryoshkaError
 
-from .options import float_list, int_list, nonnegative_int, pick_device, positive_int, spec_list
+from .options import float_list, int_list, nonnegative_int, pick_device, positive_float, positive_int, spec_list
 
 
 def _list(kind, flag: str):
@@ -78,7 +78,8 @@ def progress(steps: int, quiet: bool):
         if bar.n == 0 and step > 1:
             bar.update(step - 1)
         loss = " ".join(f"{n}={v:.3f}" for n, v in m["loss"].items())
-        bar.set_postfix_str(f"{loss} tok/s={m['tokens_per_s']:.0f}", refresh=False)
+        mfu = f" MFU={m['mfu']:.1%}" if "mfu" in m else ""
+        bar.set_postfix_str(f"{loss} tok/s={m['tokens_per_s']:.0f}{mfu}", refresh=False)
         bar.update(1)
         if "val_loss" in m:
             val = " ".join(f"{n}={v:.3f}" for n, v in m["val_loss"].items())
@@ -105,6 +106,11 @@ def cmd_train(a: argparse.Namespace) -> None:
         for axis in ("width", "heads", "ffn", "depth"):
             setattr(model_cfg, f"nest_{axis}", axis in axes)
             overrides[f"nest_{axis}"] = axis in axes  # typed: a resume refuses a different nesting
+    if a.dry_run:
+        from matryoshka_lm.train.dry_run import format_plan, run_plan
+
+        print(format_plan(run_plan(model_cfg, tcfg)))
+        return
     out = Path(a.out or f"runs/{a.preset}")
     bar, on_step = progress(tcfg.steps, a.quiet)
     try:
@@ -120,6 +126,7 @@ def cmd_train(a: argparse.Namespace) -> None:
             changes=overrides if a.resume else None,  # on resume, only what was typed
             time_limit_s=None if a.time_limit is None else a.time_limit * 60,
             tokenizer=a.tokenizer,
+            peak_tflops=a.peak_tflops,
         )
     finally:
         bar.close()
@@ -151,5 +158,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     for field, kw in TRAIN_FLAGS.items():
         t.add_argument("--" + field.replace("_", "-"), dest=field, **kw)
     t.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    t.add_argument(
+        "--peak-tflops",
+        type=positive_float,
+        help="one device's peak TFLOP/s for the logged MFU (default: a known GPU's bf16 peak, else measured)",
+    )
+    t.add_argument(
+        "--dry-run", action="store_true", help="print the plan (parameters, tokens, FLOPs, hours) and do not train"
+    )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)

@@ -1,8 +1,8 @@
 """Joint Matryoshka training: every step sums the LM loss of each trained size (MatFormer recipe).
 
 Runs unchanged on one process or under torchrun (DDP by default, FSDP2 `fully_shard` with fsdp=True; see
-parallelize.py). Rank 0 logs and writes checkpoints; resuming restores weights, optimizer and step from one
-atomic file (state.py) and may change some settings (resume.py).
+parallelize.py). Rank 0 logs (tokens/s, MFU) and writes checkpoints; a resume restores weights, optimizer and step
+from one atomic file (state.py) and may change some settings (resume.py).
 
     train()  =  load_settings()  ->  prepare()  ->  run_steps() -> steps.fit(), the one training loop
 """
@@ -33,11 +33,12 @@ from matryoshka_lm.core.nested import submodel_config
 from matryoshka_lm.core.spec import SubmodelSpec, uniform_spec
 from matryoshka_lm.data import sample_batch
 from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.machine import peak_flops
 
 from .evaluate import evaluate_specs
 from .optim import adamw, lr_at
 from .parallelize import Dist, any_rank, global_mean, init_distributed, no_sync_of, parallelize
-from .plan import size_plan, step_sizes, step_submodels, trained_sizes
+from .plan import size_plan, step_flops, step_sizes, step_submodels, trained_sizes
 from .resume import resume_settings
 from .state import load_state, save_state, trim_metrics, write_split_stats
 from .steps import MetricsLog, MicroStep, fit
@@ -175,6 +176,7 @@ class Run:
     tok_json: str
     log: MetricsLog
     start: int = 0
+    peak_flops: float = 0.0  # of one device (machine.peak_flops); 0: no MFU in the metrics
 
 
 def check_batch_split(tcfg: TrainConfig, d: Dist) -> None:
@@ -303,11 +305,17 @@ def run_steps(run: Run, halt_after: int | None = None, time_limit_s: float | Non
     `resume` continues it). Returns the last step done."""
     tcfg = run.tcfg
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
+    plan, flops = (run.names, run.weights, run.specs), [0.0]
     t0 = time.perf_counter()
 
     def after_step(done: int, metrics: dict) -> bool:
         late = time_limit_s is not None and any_rank(time.perf_counter() - t0 > time_limit_s, run.d, run.device)
-        metrics["tokens_per_s"] = tokens_per_step * (done - run.start) / (time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        metrics["tokens_per_s"] = tokens_per_step * (done - run.start) / elapsed
+        flops[0] += step_flops(run.model.cfg, tcfg, plan, done - 1)  # every trained size, forward + backward
+        metrics["flops_per_s"] = flops[0] / elapsed
+        if run.peak_flops:  # of every rank's devices
+            metrics["mfu"] = metrics["flops_per_s"] / (run.peak_flops * run.d.world)
         if done % tcfg.eval_every == 0 or done == tcfg.steps:
             res = evaluate_specs(
                 run.model,
@@ -353,6 +361,7 @@ def train(
     changes: dict[str, Any] | None = None,
     time_limit_s: float | None = None,
     tokenizer: str | Path | None = None,
+    peak_tflops: float | None = None,
 ) -> Path:
     """Train a Matryoshka model (or, with tcfg.only, a dense baseline of one size's shape) into `out`.
 
@@ -374,6 +383,7 @@ def train(
             and the call returns; `resume=True` continues (a long run split into bounded commands).
         tokenizer: a checkpoint directory whose tokenizer a fresh model uses instead of a new BPE (a student
             distilled from a teacher must share its tokens).
+        peak_tflops: one device's peak for the metrics' MFU (default: machine.peak_flops, known or measured).
         changes: on resume, the settings the user gave explicitly ({TrainConfig field: value}, None = not
             given). None: every field where `tcfg` differs from the saved settings counts as given.
     """
@@ -385,5 +395,6 @@ def train(
     elif tokenizer is not None and tok.to_str() != ck.load_tokenizer(Path(tokenizer)).to_str():
         raise MatryoshkaError(f"tokenizer {tokenizer}: the run already has another tokenizer (from --init or --resume)")
     run = prepare(model_cfg, tcfg, tok, out, d, device, resume, init, callback)
+    run.peak_flops = peak_flops(device, peak_tflops)[0]
     run_steps(run, halt_after, time_limit_s)
     return out
