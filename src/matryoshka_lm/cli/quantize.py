@@ -5,19 +5,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import nonnegative_int
+from .options import nonnegative_int, positive_int
 
 
 def cmd_quantize(a: argparse.Namespace) -> None:
+    from matryoshka_lm.convert.calibrate import Calibration, read_report
     from matryoshka_lm.convert.quantize import quantize_checkpoint
     from matryoshka_lm.core import checkpoint as ck
     from matryoshka_lm.core import quant
     from matryoshka_lm.core.spec import size_names, uniform_spec
 
-    out = quantize_checkpoint(a.ckpt, a.out, group_size=a.group_size, embeddings=a.embeddings, force=a.force)
+    cal = Calibration(a.calibrate, a.calib_seq_len, a.calib_data) if a.calibrate else 0
+    out = quantize_checkpoint(a.ckpt, a.out, a.group_size, a.embeddings, a.force, calibrate=cal)
     cfg, _ = ck.read_config(out)
     qcfg, bits = ck.read_quant(out)
-    print(f"wrote {out}: int{bits} codes, groups of {qcfg.group_size or 'one row'}", file=sys.stderr)
+    report = read_report(out)
+    how = f"nested GPTQ on {report['tokens']:,} tokens in {report['seconds']:.0f} s" if report else "round-to-nearest"
+    print(f"wrote {out}: int{bits} codes, groups of {qcfg.group_size or 'one row'}, {how}", file=sys.stderr)
     print("bytes of weights per cell (fp32 for reference):", file=sys.stderr)
     for name in size_names(cfg):
         spec = uniform_spec(cfg, name)
@@ -29,7 +33,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser(
         "quantize",
-        help="store a checkpoint as int8 codes (round-to-nearest); every size then also runs @int4, @int2, ...",
+        help="store a checkpoint as int8 codes (rounded, or calibrated); every size then also runs @int4, @int2, ...",
     )
     q.add_argument("ckpt")
     q.add_argument("-o", "--out", required=True, help="new checkpoint directory")
@@ -39,5 +43,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="input features per scale (default: the training run's --quant-group, else 32; 0 = one per row)",
     )
     q.add_argument("--embeddings", action="store_true", help="quantize the token embedding (and LM head) too")
+    q.add_argument(
+        "--calibrate",
+        type=nonnegative_int,
+        default=0,
+        metavar="N",
+        help="choose the codes by nested GPTQ on N windows of the corpus's training split (e.g. 128; 0: rounding)",
+    )
+    q.add_argument("--calib-seq-len", type=positive_int, default=512, help="tokens per calibration window")
+    q.add_argument("--calib-data", help="calibration corpus (a text file or folder; default: the built-in corpus)")
     q.add_argument("--force", action="store_true", help="replace --out if it exists")
     q.set_defaults(func=cmd_quantize)

@@ -17,7 +17,7 @@ import torch
 from matryoshka_lm.config import DEFAULT_SIZES, ModelConfig, load_json
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.chat import ChatFormat, write_chat
-from matryoshka_lm.data import EOT
+from matryoshka_lm.data import EOT, train_split_tokens
 from matryoshka_lm.errors import MatryoshkaError
 
 from .extract import check_shapes, staged_dir
@@ -159,7 +159,11 @@ def import_hf(
         from .reorder import reorder_model
 
         reorder_model(
-            model, _train_tokens(tok, data, max_corpus_chars), seq_len=seq_len, n_batches=reorder_batches, device=device
+            model,
+            train_split_tokens(tok, data, max_corpus_chars),
+            seq_len=seq_len,
+            n_batches=reorder_batches,
+            device=device,
         )
     source = {
         "checkpoint": source_name or str(src),
@@ -265,16 +269,6 @@ def _model_name(text: str) -> str | None:
 
 def _json_or_empty(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _train_tokens(tok, data: str | None, max_corpus_chars: int):
-    """The training split of the corpus the fine-tune will read (importance never sees validation tokens)."""
-    from matryoshka_lm.config import TrainConfig
-    from matryoshka_lm.data import encode_corpus, limit_chars, read_corpus, split_tokens
-
-    docs = limit_chars(read_corpus(data), max_corpus_chars)
-    train, _ = split_tokens(encode_corpus(tok, docs), TrainConfig().val_fraction)
-    return train
 
 
 def describe(ckpt: str | Path) -> str:

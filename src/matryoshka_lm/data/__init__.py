@@ -22,6 +22,7 @@ from .corpus import (
     sections,
     shakespeare_text,
     split_tokens,
+    train_split_tokens,
     train_tokenizer,
     unigram_loss,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "sections",
     "shakespeare_text",
     "split_tokens",
+    "train_split_tokens",
     "train_tokenizer",
     "unigram_loss",
 ]

@@ -135,6 +135,15 @@ def split_tokens(tokens: np.ndarray, val_fraction: float, block: int = 2048) -> 
     return train, blocks[is_val].ravel()
 
 
+def train_split_tokens(tok, data: str | Path | None, max_chars: int) -> np.ndarray:
+    """The training split of a corpus (`data`: a path, None: the default corpus) as tokens: what importance
+    measurement (reorder) and quantizer calibration read, so neither ever sees a validation token."""
+    from matryoshka_lm.config import TrainConfig
+
+    train, _ = split_tokens(encode_corpus(tok, limit_chars(read_corpus(data), max_chars)), TrainConfig().val_fraction)
+    return train
+
+
 def sample_batch(
     tokens: np.ndarray, batch: int, seq_len: int, seed: int, step: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
