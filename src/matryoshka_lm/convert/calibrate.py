@@ -81,7 +81,7 @@ def input_hessians(model: MatryoshkaLM, windows: torch.Tensor, batch: int = 8) -
             hooks.append(layer.get_submodule(stack[0]).register_forward_pre_hook(record(name)))
     try:
         for b in tqdm(range(0, len(windows), batch), desc="calibration activations", unit="batch", leave=False):
-            model(windows[b : b + batch])
+            model.hidden_states(windows[b : b + batch])  # the LM head's logits are not needed
     finally:
         for h in hooks:
             h.remove()

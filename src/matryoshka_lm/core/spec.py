@@ -62,10 +62,15 @@ def _scaled(total: int, frac: Fraction, what: str, size: str) -> int:
     return int(value)
 
 
+def size_extent(cfg: ModelConfig, size: str) -> tuple[int, int]:
+    """(width, depth) of the uniform size `size`: uniform_spec's without building its layers."""
+    width = _scaled(cfg.d_model, cfg.fraction(size, "width"), "width", size)
+    return width, _scaled(cfg.n_layers, cfg.fraction(size, "depth"), "depth", size)
+
+
 def uniform_spec(cfg: ModelConfig, size: str) -> SubmodelSpec:
     """The trained uniform size `size` (e.g. "M") as a spec."""
-    width = _scaled(cfg.d_model, cfg.fraction(size, "width"), "width", size)
-    depth = _scaled(cfg.n_layers, cfg.fraction(size, "depth"), "depth", size)
+    width, depth = size_extent(cfg, size)
     hf, ff = cfg.fraction(size, "heads"), cfg.fraction(size, "ffn")
     layers = []
     for h, f in zip(cfg.layer_heads[:depth], cfg.layer_ffn[:depth]):
@@ -154,13 +159,13 @@ def parse_spec(cfg: ModelConfig, text: str) -> SubmodelSpec:
         )
     if len(tokens) > cfg.n_layers:
         raise MatryoshkaError(f"spec {text!r} lists {len(tokens)} layers but the model has {cfg.n_layers}")
-    layers, widths = [], []
+    layers, widths, width_of = [], [], {}  # width_of: each named size's width, computed once (not per layer)
     for i, tok in enumerate(tokens):
         if tok in cfg.sizes:
-            u = uniform_spec(cfg, tok)
-            full_i = _named_layer(cfg, tok, i)
-            layers.append(full_i)
-            widths.append(u.width)
+            if tok not in width_of:
+                width_of[tok] = size_extent(cfg, tok)[0]
+            layers.append(_named_layer(cfg, tok, i))
+            widths.append(width_of[tok])
         elif m := _LAYER_RE.match(tok):
             layers.append(LayerSpec(ffn=int(m.group(1)), heads=int(m.group(2))))
         else:
@@ -169,7 +174,7 @@ def parse_spec(cfg: ModelConfig, text: str) -> SubmodelSpec:
             )
     if width_part:
         if width_part in cfg.sizes:
-            width = uniform_spec(cfg, width_part).width
+            width = size_extent(cfg, width_part)[0]
         elif re.fullmatch(r"d\d+", width_part):
             width = int(width_part[1:])
         else:
@@ -192,6 +197,8 @@ def _named_layer(cfg: ModelConfig, size: str, i: int) -> LayerSpec:
 def _with_name(cfg: ModelConfig, spec: SubmodelSpec) -> SubmodelSpec:
     for name in cfg.sizes:
         try:
+            if size_extent(cfg, name) != (spec.width, spec.depth):  # cheap: most sizes differ here
+                continue
             u = uniform_spec(cfg, name)
         except MatryoshkaError:
             continue

@@ -16,12 +16,12 @@ from __future__ import annotations
 import random
 
 from matryoshka_lm.config import ModelConfig, TrainConfig
-from matryoshka_lm.core.spec import SubmodelSpec, parse_spec, uniform_spec
+from matryoshka_lm.core.spec import SubmodelSpec, parse_spec, size_extent
 
 
 def random_spec(cfg: ModelConfig, names: list[str], rng: random.Random) -> SubmodelSpec:
     """A random Mix'n'Match spec over the trained sizes `names` (see the module doc)."""
-    depth = rng.choice(sorted({uniform_spec(cfg, n).depth for n in names}))
+    depth = rng.choice(sorted({size_extent(cfg, n)[1] for n in names}))
     layers = ",".join(rng.choice(names) for _ in range(depth))
     return parse_spec(cfg, f"{layers}@{rng.choice(names)}")
 
