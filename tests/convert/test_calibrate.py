@@ -113,3 +113,15 @@ def test_calibration_reads_the_training_split_and_checks_its_settings(quantized,
         Calibration(weights={4: 1.0})
     with pytest.raises(MatryoshkaError, match="window"):
         Calibration(windows=0)
+
+
+def test_bad_calibration_options_are_one_line_errors(quantized, tmp_path, capsys):
+    ckpt, _, _ = quantized
+    base = ["quantize", str(ckpt), "-o", str(tmp_path / "q"), "--calibrate", "2"]
+    assert main([*base, "--calib-weights", "4:1,2:1"]) == 2
+    assert "need int8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--calib-weights", "8=1"])
+    assert "bits:weight pairs" in capsys.readouterr().err
+    assert main([*base, "--calib-data", str(tmp_path / "missing.txt")]) == 2
+    assert not (tmp_path / "q").exists()

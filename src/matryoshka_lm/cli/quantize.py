@@ -8,6 +8,15 @@ import sys
 from .options import nonnegative_int, positive_int
 
 
+def width_weights(text: str) -> dict[int, float]:
+    """argparse type: '8:1,4:0.05,2:0.005' -> {8: 1.0, 4: 0.05, 2: 0.005}."""
+    try:
+        pairs = [p.split(":") for p in text.split(",") if p.strip()]
+        return {int(b): float(w) for b, w in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give bits:weight pairs such as 8:1,4:0.05, got {text!r}") from None
+
+
 def cmd_quantize(a: argparse.Namespace) -> None:
     from matryoshka_lm.convert.calibrate import Calibration, read_report
     from matryoshka_lm.convert.quantize import quantize_checkpoint
@@ -15,7 +24,11 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     from matryoshka_lm.core import quant
     from matryoshka_lm.core.spec import size_names, uniform_spec
 
-    cal = Calibration(a.calibrate, a.calib_seq_len, a.calib_data) if a.calibrate else 0
+    cal = 0
+    if a.calibrate:
+        cal = Calibration(
+            a.calibrate, a.calib_seq_len, a.calib_data, **({"weights": a.calib_weights} if a.calib_weights else {})
+        )
     out = quantize_checkpoint(a.ckpt, a.out, a.group_size, a.embeddings, a.force, calibrate=cal)
     cfg, _ = ck.read_config(out)
     qcfg, bits = ck.read_quant(out)
@@ -52,5 +65,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument("--calib-seq-len", type=positive_int, default=512, help="tokens per calibration window")
     q.add_argument("--calib-data", help="calibration corpus (a text file or folder; default: the built-in corpus)")
+    q.add_argument(
+        "--calib-weights",
+        type=width_weights,
+        help="how much each bit width's output error counts, as bits:weight (default 8:1,6:0.25,4:0.05,3:0.02,2:0.005;"
+        " larger narrow weights trade int8 error for int4/int3/int2)",
+    )
     q.add_argument("--force", action="store_true", help="replace --out if it exists")
     q.set_defaults(func=cmd_quantize)
