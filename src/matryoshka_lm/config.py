@@ -168,6 +168,9 @@ class TrainConfig:
     max_corpus_chars: int = 0  # 0 -> whole corpus
     val_fraction: float = 0.05
     fsdp: bool = False
+    checkpointing: bool = False  # recompute each block's activations in the backward (memory for ~1/3 more compute)
+    compile: bool = False  # torch.compile every transformer block (one graph per size's shape)
+    fused_adamw: str = "auto"  # "on" / "off"; auto: on CUDA
     data: str | None = None  # text file or folder; None -> the embedded default corpus
 
     def __post_init__(self) -> None:
@@ -196,6 +199,8 @@ class TrainConfig:
                 raise MatryoshkaError(f"{len(self.bit_weights)} bit weights for bits {self.bits}")
             if self.fsdp:
                 raise MatryoshkaError("quantization-aware training (bits) runs with DDP or on one process, not FSDP")
+        if self.fused_adamw not in ("auto", "on", "off"):
+            raise MatryoshkaError(f"fused_adamw must be auto, on or off, got {self.fused_adamw!r}")
         if self.quant_group < 0:
             raise MatryoshkaError(f"quant_group must be >= 0 (0 = one scale per output row), got {self.quant_group}")
 

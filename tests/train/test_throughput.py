@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import tiny_config, tiny_train_config
 from matryoshka_lm.cli import main
 from matryoshka_lm.config import preset
+from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.machine import GPU_PEAK_TFLOPS
 from matryoshka_lm.train.dry_run import run_plan
 from matryoshka_lm.train.loop import train
@@ -53,3 +55,61 @@ def test_a_bad_peak_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--preset", "tiny", "--peak-tflops", "-1", "--dry-run"])
     assert e.value.code == 2 and "--peak-tflops" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- throughput options: the same losses
+
+
+def run_losses(tmp_path, corpus_file, name: str, **opts) -> list[dict]:
+    """(per-step training losses of every size, the final weights) of 4 steps with `opts` set."""
+    tcfg = tiny_train_config(steps=4, eval_every=4, **opts)
+    out = train(tiny_config(vocab_size=256), tcfg, tmp_path / name, data=str(corpus_file))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows], ck.load_tensors(out / ck.WEIGHTS)
+
+
+def assert_same_run(a, b, rel: float) -> None:
+    (la, wa), (lb, wb) = a, b
+    for ra, rb in zip(la, lb, strict=True):
+        assert ra.keys() == rb.keys()
+        for size in ra:
+            assert rb[size] == pytest.approx(ra[size], rel=rel, abs=rel), size
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=100 * rel, atol=100 * rel), k
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory, corpus_file):
+    return run_losses(tmp_path_factory.mktemp("plain"), corpus_file, "plain")
+
+
+def test_activation_checkpointing_recomputes_the_same_losses(tmp_path, corpus_file, plain):
+    # the recomputed forward is the same arithmetic: bit for bit on CPU
+    assert_same_run(plain, run_losses(tmp_path, corpus_file, "ckpt", checkpointing=True), rel=0)
+
+
+def test_fused_adamw_takes_the_same_steps(tmp_path, corpus_file, plain):
+    assert_same_run(plain, run_losses(tmp_path, corpus_file, "fused", fused_adamw="on"), rel=1e-5)
+
+
+def test_compiled_blocks_train_like_eager_ones(tmp_path, corpus_file):
+    """torch.compile fuses and reorders fp32 arithmetic: equal to float rounding, not bit for bit. One size (a
+    dense run) and checkpointing inside the compiled blocks: every size would be a graph each to compile (slow)."""
+    from torch._dynamo.utils import counters
+
+    eager = run_losses(tmp_path, corpus_file, "eager", only="XL")
+    counters.clear()
+    compiled = run_losses(tmp_path, corpus_file, "compiled", only="XL", compile=True, checkpointing=True)
+    assert counters["stats"]["unique_graphs"] >= 1  # the blocks did run compiled
+    assert_same_run(eager, compiled, rel=2e-4)
+
+
+def test_the_options_are_train_flags_and_may_change_on_resume(tmp_path, corpus_file):
+    out = tmp_path / "run"
+    base = ["train", "--preset", "tiny", "--data", str(corpus_file), "--out", str(out), "--quiet"]
+    assert main([*base, "--steps", "2", "--checkpointing", "--fused-adamw", "on"]) in (0, None)
+    assert json.loads((out / ck.CONFIG).read_text())["train"]["checkpointing"] is True
+    assert main([*base, "--steps", "3", "--resume", "--fused-adamw", "off"]) in (0, None)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    with pytest.raises(SystemExit):  # argparse's usage error names the choices
+        main([*base, "--steps", "4", "--resume", "--fused-adamw", "sometimes"])

@@ -64,6 +64,11 @@ TRAIN_FLAGS: dict[str, dict] = {
     "max_corpus_chars": dict(type=nonnegative_int, help="use only this many characters of the corpus"),
     "dtype": dict(choices=["auto", "fp32", "bf16"]),
     "fsdp": dict(action="store_const", const=True, help="shard with FSDP2 fully_shard under torchrun"),
+    "checkpointing": dict(
+        action="store_const", const=True, help="activation checkpointing: recompute each block in the backward"
+    ),
+    "compile": dict(action="store_const", const=True, help="torch.compile every block (first steps compile)"),
+    "fused_adamw": dict(choices=["auto", "on", "off"], help="fused AdamW kernel (default auto: on CUDA)"),
 }
 
 

@@ -36,10 +36,11 @@ from matryoshka_lm.errors import MatryoshkaError
 from matryoshka_lm.machine import peak_flops
 
 from .evaluate import evaluate_specs
-from .optim import adamw, lr_at
+from .optim import lr_at, make_optimizer
 from .parallelize import Dist, any_rank, global_mean, init_distributed, no_sync_of, parallelize
 from .plan import size_plan, step_flops, step_sizes, step_submodels, trained_sizes
 from .resume import resume_settings
+from .speedups import apply_speedups, use_fused_adamw
 from .state import load_state, save_state, trim_metrics, write_split_stats
 from .steps import MetricsLog, MicroStep, fit
 from .tokens import prepare_data
@@ -104,11 +105,6 @@ class JointLoss(nn.Module):
             total = total + w * loss
             losses.append(ce.detach())
         return total, torch.stack(losses)
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig, fused_ok: bool) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (norm gains are not decayed)."""
-    return adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=fused_ok)
 
 
 # ---------------------------------------------------------------- load: which model, settings and tokenizer
@@ -216,9 +212,10 @@ def prepare(
     if init is not None and not resume:
         ck.load_state(model, ck.load_tensors(Path(init) / ck.WEIGHTS), Path(init) / ck.WEIGHTS)
     model.to(device)
+    apply_speedups(model, tcfg)
     teacher = load_teacher(tcfg, model_cfg, tok, device)
     runner = parallelize(JointLoss(model, tcfg.distill, teacher), model.layers, model, d, device, tcfg.fsdp)
-    opt = make_optimizer(model, tcfg, fused_ok=device.startswith("cuda"))
+    opt = make_optimizer(model, tcfg, fused_ok=use_fused_adamw(tcfg, device))
     start = load_state(out, model, opt) if resume else 0
     if d.main:
         out.mkdir(parents=True, exist_ok=True)

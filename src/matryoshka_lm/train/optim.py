@@ -8,6 +8,8 @@ from typing import Protocol
 import torch
 import torch.nn as nn
 
+from matryoshka_lm.config import TrainConfig
+
 
 class Schedule(Protocol):
     """What the schedule reads from a config (TrainConfig and EmbedTrainConfig both have these fields)."""
@@ -50,3 +52,8 @@ def adamw(
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, fused_ok: bool) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (norm gains are not decayed)."""
+    return adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=fused_ok)

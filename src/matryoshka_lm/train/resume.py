@@ -4,7 +4,7 @@ May change on resume (applied from the checkpoint's step on, and logged):
   steps (the cosine schedule then decays over the new total from there on), eval_every, save_every,
   eval_batches; lr, min_lr_ratio, warmup_steps, grad_clip (set afresh every step); grad_accum (the same global
   batch, split differently); dtype (autocast only: weights and optimizer state stay fp32); fsdp (the state is
-  saved unsharded).
+  saved unsharded); checkpointing, compile and fused_adamw (the same math, computed differently).
 Refused (MatryoshkaError, one line naming each setting with its saved and given values): everything else, i.e.
   what fixes the data stream (data, max_corpus_chars, vocab_size, val_fraction, seq_len, batch_size, seed), the
   model and objective (sizes, only, size_weights, sample_sizes, distill, any model config field such as
@@ -40,6 +40,9 @@ RESUMABLE = frozenset(
         "grad_accum",
         "dtype",
         "fsdp",
+        "checkpointing",
+        "compile",
+        "fused_adamw",
     }
 )
 TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
