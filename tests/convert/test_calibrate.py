@@ -125,3 +125,24 @@ def test_bad_calibration_options_are_one_line_errors(quantized, tmp_path, capsys
     assert "bits:weight pairs" in capsys.readouterr().err
     assert main([*base, "--calib-data", str(tmp_path / "missing.txt")]) == 2
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_nearest_level_is_the_closest_of_the_widths_levels(bits):
+    from matryoshka_lm.core import nested
+
+    x = torch.linspace(-140, 140, 2801)
+    levels = gptq.level_table([bits])[0].unique()  # the 2^r values an r-bit code can read
+    want = levels[(x[:, None] - levels[None, :]).abs().argmin(1)]
+    got = nested.nearest_level(x, bits)
+    assert len(levels) == 2**bits
+    assert torch.equal((x - got).abs(), (x - want).abs())  # ties (x halfway between two levels) either way
+
+
+def test_the_scale_search_lowers_the_narrow_widths_error_further():
+    w, h = correlated_layer(seed=3)
+    err = {}
+    for name, grid in (("absmax", (1.0,)), ("searched", gptq.SCALE_GRID)):
+        codes, scales = gptq.nested_gptq(w, h, 32, scale_grid=grid)
+        err[name] = {b: gptq.output_error(w, quant.dequantize(codes, scales, 32, b), h) for b in (4, 3)}
+    assert all(err["searched"][b] < err["absmax"][b] for b in (4, 3)), err

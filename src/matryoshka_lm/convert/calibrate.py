@@ -110,13 +110,19 @@ def calibrate_state(
 
 
 def calibrated_qstate(
-    model: MatryoshkaLM, tok, qstate: dict[str, torch.Tensor], qcfg: quant.QuantConfig, cal: Calibration
+    model: MatryoshkaLM,
+    tok,
+    qstate: dict[str, torch.Tensor],
+    qcfg: quant.QuantConfig,
+    cal: Calibration,
+    hess: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """(qstate, the round-to-nearest codes of `model`'s weights, with calibrated linears; a report of how)."""
+    """(qstate, the round-to-nearest codes of `model`'s weights, with calibrated linears; a report of how).
+    `hess`: input_hessians of these windows computed before (to compare settings without a second pass)."""
     t0 = time.perf_counter()
     model = model.eval()
     windows = calibration_windows(tok, cal, model.cfg.max_seq_len)
-    hess = input_hessians(model, windows)
+    hess = hess if hess is not None else input_hessians(model, windows)
     qstate = calibrate_state(model, qstate, qcfg, hess, cal.weights)
     report = {**asdict(cal), "tokens": int(windows.numel()), "seconds": round(time.perf_counter() - t0, 1)}
     report["weights"] = {str(b): w for b, w in cal.weights.items()}

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import torch
 
-from matryoshka_lm.core import nested, quant
+from matryoshka_lm.core import nested
 
 # relative weight of each width's output error: int8 dominates, the narrow widths steer the top bits
 DEFAULT_WEIGHTS = {8: 1.0, 6: 0.25, 4: 0.05, 3: 0.02, 2: 0.005}
 BLOCK = 128  # columns per lazy update (GPTQ's batching: the rest of W is updated once per block)
+# a group's scale as a fraction of absmax / 127: shrinking it clips int8's largest weights but moves the narrow
+# widths' levels onto the bulk of the weights; each row takes the fraction with the least weighted error
+SCALE_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 DAMP = 0.01  # of the mean diagonal, added to H so that its inverse exists
 
 
@@ -56,11 +59,38 @@ def best_codes(targets: torch.Tensor, lam: torch.Tensor, table: torch.Tensor) ->
     return cand.gather(1, cost(cand).argmin(1, keepdim=True))[:, 0]
 
 
+def group_scales(wg: torch.Tensor, dh: torch.Tensor, weights: dict[int, float], grid) -> torch.Tensor:
+    """Scales (out,) for one group: wg (R, g, out) its columns in every width's trajectory (widest first), dh (g,)
+    the Hessian's diagonal there (how much each input matters). Per row, the grid fraction of absmax / 127 with the
+    least sum over widths of lambda_r * sum_j dh_j (w - w^_r)^2, w^_r each width's own nearest level (a cheap proxy
+    of the shared code)."""
+    amax = wg[0].abs().amax(0)
+    best, best_err = None, None
+    for f in grid:
+        s = (amax * f / 127).to(torch.float16).float()
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        err = sum(
+            lam * (dh[:, None] * (w - s * nested.nearest_level(w / s, b)) ** 2).sum(0)
+            for w, (b, lam) in zip(wg, sorted(weights.items(), reverse=True))
+        )
+        if best is None:
+            best, best_err = s, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+    return best
+
+
 def nested_gptq(
-    w: torch.Tensor, h: torch.Tensor, group: int, weights: dict[int, float] | None = None
+    w: torch.Tensor,
+    h: torch.Tensor,
+    group: int,
+    weights: dict[int, float] | None = None,
+    scale_grid: tuple[float, ...] = SCALE_GRID,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """W (out, in) and its inputs' H (in, in) -> (int8 codes (out, in), scales (out, in / group)) as quant.quantize
-    returns them; scales are absmax / 127 of the int8 trajectory at each group's start."""
+    returns them; each group's scales are chosen at its start from the trajectories (group_scales; a grid of (1.0,)
+    is absmax / 127 of the int8 one)."""
     weights = weights or DEFAULT_WEIGHTS
     bits = sorted(weights, reverse=True)
     if bits[0] != nested.CODE_BITS:
@@ -81,8 +111,9 @@ def nested_gptq(
         blk = traj[:, b0:b1].clone()
         for j in range(b1 - b0):
             col = b0 + j
-            if col % g == 0:
-                scales[col // g] = quant.scales_of(traj[0, col : col + g].T, 0)[:, 0]
+            if col % g == 0:  # the group's columns as compensated so far (in this block, or beyond it)
+                wg = blk[:, j : j + g] if j + g <= b1 - b0 else traj[:, col : col + g]
+                scales[col // g] = group_scales(wg, h.diagonal()[col : col + g].float(), weights, scale_grid)
             s = scales[col // g]
             k = best_codes(blk[:, j] / s, lam, table)
             codes[col] = (k - 128).to(torch.int8)

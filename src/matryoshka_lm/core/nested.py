@@ -213,6 +213,15 @@ def top_bits(codes: torch.Tensor, bits: int, stored: int = CODE_BITS) -> torch.T
     return codes >> (stored - bits)
 
 
+def nearest_level(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """The r-bit level nearest to x (in int8 units: x = w / s), i.e. bit_levels of the rounded, clamped r-bit code:
+    round-to-nearest on the r-bit grid of the nesting rule (what a weight would read if only width r mattered)."""
+    k = CODE_BITS - bits
+    half = 1 << (bits - 1)
+    top = torch.round((x - ((1 << k) - 1) / 2) / (1 << k)).clamp(-half, half - 1)
+    return bit_levels(top, bits)
+
+
 def low_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """The `bits` least significant bits of codes, in [0, 2^bits): q = 2^bits * top + low."""
     return codes & ((1 << bits) - 1)
