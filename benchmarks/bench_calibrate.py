@@ -39,13 +39,27 @@ SEQ = 256  # out-of-domain windows
 
 
 def calibrated_checkpoint(ckpt: Path, cal: Calibration) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    from matryoshka_lm.convert.calibrate import calibration_windows, input_hessians
     from matryoshka_lm.convert.quantize import quantize_checkpoint
 
     out = OUT / "smollm2-calibrated"
     report = read_report(out)
-    if report is None or report["windows"] != cal.windows or report["seq_len"] != cal.seq_len:
+    keys = ("windows", "seq_len", "weights")
+    if report is None or [report[k] for k in keys] != [
+        cal.windows,
+        cal.seq_len,
+        {str(b): w for b, w in cal.weights.items()},
+    ]:
+        # the Hessians of these windows are cached: another setting of the widths' weights needs no second pass
+        cache = OUT / f"hessians-{cal.windows}x{cal.seq_len}.safetensors"
+        if not cache.is_file():
+            model, tok = ck.load_model(ckpt).eval(), ck.load_tokenizer(ckpt)
+            save_file(input_hessians(model, calibration_windows(tok, cal, model.cfg.max_seq_len)), str(cache))
         print(f"calibrating on {cal.windows} windows of {cal.seq_len} tokens ...", file=sys.stderr, flush=True)
-        quantize_checkpoint(ckpt, out, group_size=32, embeddings=True, force=True, calibrate=cal)
+        hess = load_file(str(cache))
+        quantize_checkpoint(ckpt, out, group_size=32, embeddings=True, force=True, calibrate=cal, hessians=hess)
     return out
 
 

@@ -2,9 +2,8 @@
 and of training start-up as the corpus grows, the memory-mapped loader's rate vs a CPU step's need, and the MFU of
 the joint step on this CPU.
 
-Corpora: the embedded English (Shakespeare, KJV, Python's pydoc topics) repeated, each ~50 MB file its 256-line
-sections shuffled with its own seed, under runs/bench_data/ (cached, as are the tokenizer and the prepared folders
-of 1 GB and more; the 100 MB corpus is prepared afresh each run, beside its ceiling).
+Corpora: the embedded English repeated, in ~50 MB files under runs/bench_data/ (cached, as are the tokenizer and
+the prepared folders of 1 GB and more; the smallest corpus is prepared afresh each run, beside its ceiling).
 Writes the `data` section of BENCHMARKS.md and runs/bench_data/results.json.
 
 Run: .venv/bin/python benchmarks/bench_data.py [--sizes 0.1,1,3] [--quick] [--fresh]
@@ -28,10 +27,12 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import ROOT, machine, write_section
+from matryoshka_lm.config import preset
 from matryoshka_lm.data.corpus import MANIFEST, default_corpus, sample_batch, sections, train_tokenizer
 from matryoshka_lm.data.prepare import BATCH_CHARS
 from matryoshka_lm.data.shards import open_prepared, read_manifest
 from matryoshka_lm.report import md_table
+from matryoshka_lm.train.loop import train
 
 OUT = ROOT / "runs" / "bench_data"
 POOL = OUT / "text"  # the ~50 MB files; each corpus folder hard-links the first n of them
@@ -39,9 +40,10 @@ TOK = OUT / "tokenizer" / "tokenizer.json"
 FILE_CHARS = 50_000_000
 CLI = [sys.executable, "-m", "matryoshka_lm.cli"]
 THREADS = {"RAYON_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "true"}  # the ceiling's 2 threads
+ONE_THREAD = {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 OLD_LIMIT_GB = 12.0  # the in-memory text path is killed past this
-MB = 1 << 20
-# the peak of a process tree, sampled; ru_maxrss of the command's biggest process, written by this wrapper
+KB_PER_GB = 1 << 20
+# runs the measured command and writes the ru_maxrss of its biggest process (the tree's sum is sampled outside)
 WRAP = (
     "import resource, subprocess, sys; rc = subprocess.run(sys.argv[2:]).returncode; "
     "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(rc)"
@@ -60,11 +62,9 @@ def units() -> list[str]:
     return [s if s.endswith("\n") else s + "\n" for d in docs for s in sections(d)]
 
 
-def pool_file(i: int, pieces: list[str]) -> Path:
-    path = POOL / f"part-{i:03d}.txt"
-    if path.is_file():
-        return path
-    rng, n, tmp = random.Random(i), 0, path.with_suffix(".part")
+def write_pool_file(path: Path, seed: int, pieces: list[str]) -> None:
+    """FILE_CHARS of the sections, shuffled with `seed` on every pass over them."""
+    rng, n, tmp = random.Random(seed), 0, path.with_suffix(".part")
     with open(tmp, "w") as f:
         while n < FILE_CHARS:
             order = pieces[:]
@@ -75,23 +75,20 @@ def pool_file(i: int, pieces: list[str]) -> Path:
                 if n >= FILE_CHARS:
                     break
     os.replace(tmp, path)
-    return path
 
 
 def corpus(gb: float) -> Path:
-    """A folder of ~gb GB of text: hard links to the first pool files (generated once)."""
-    n = max(1, round(gb * 1e9 / FILE_CHARS))
-    folder = OUT / f"text-{label(gb)}"
-    POOL.mkdir(parents=True, exist_ok=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    pieces = None
-    for i in range(n):
-        if not (POOL / f"part-{i:03d}.txt").is_file():
-            pieces = pieces or units()
-            print(f"writing {POOL}/part-{i:03d}.txt", file=sys.stderr, flush=True)
-        link = folder / f"part-{i:03d}.txt"
-        if not link.exists():
-            os.link(pool_file(i, pieces), link)
+    """A folder of ~gb GB of text: hard links to the first pool files (each generated once)."""
+    folder, pieces = OUT / f"text-{label(gb)}", None
+    for d in (POOL, folder):
+        d.mkdir(parents=True, exist_ok=True)
+    for i in range(max(1, round(gb * 1e9 / FILE_CHARS))):
+        name = f"part-{i:03d}.txt"
+        if not (POOL / name).is_file():
+            print(f"writing {POOL / name}", file=sys.stderr, flush=True)
+            write_pool_file(POOL / name, i, pieces := pieces or units())
+        if not (folder / name).exists():
+            os.link(POOL / name, folder / name)
     return folder
 
 
@@ -119,7 +116,7 @@ def measured(cmd: list[str], name: str, limit_gb: float | None = None, env: dict
     """Run cmd, sampling every 0.2 s the resident memory summed over it and its descendants: peak sum (all, and
     anonymous only), ru_maxrss of its biggest process, wall seconds; killed once the sum passes limit_gb."""
     (OUT / "logs").mkdir(parents=True, exist_ok=True)
-    maxrss = OUT / "logs" / f"{name}.maxrss"
+    (maxrss := OUT / "logs" / f"{name}.maxrss").unlink(missing_ok=True)
     log = open(OUT / "logs" / f"{name}.log", "w")
     t0 = time.perf_counter()
     p = psutil.Popen([sys.executable, "-c", WRAP, str(maxrss), *cmd], stdout=log, stderr=subprocess.STDOUT,
@@ -132,7 +129,7 @@ def measured(cmd: list[str], name: str, limit_gb: float | None = None, env: dict
             break
         rss = [_rss_kb(k.pid) for k in kids]  # the wrapper itself (a bare interpreter) is not counted
         peak, peak_anon = max(peak, sum(a + f for a, f in rss)), max(peak_anon, sum(a for a, _ in rss))
-        if limit_gb is not None and peak > limit_gb * MB:
+        if limit_gb is not None and peak > limit_gb * KB_PER_GB:
             for k in reversed(kids):
                 k.kill()
             killed = True
@@ -142,24 +139,19 @@ def measured(cmd: list[str], name: str, limit_gb: float | None = None, env: dict
     log.close()
     if rc and not killed:
         raise SystemExit(f"{name} failed ({rc}); see {OUT / 'logs' / (name + '.log')}")
-    return {
-        "seconds": time.perf_counter() - t0,
-        "peak_mb": peak / 1024,
-        "peak_anon_mb": peak_anon / 1024,
-        "maxrss_mb": int(maxrss.read_text()) / 1024 if maxrss.is_file() and not killed else None,
-        "killed": killed,
-        "load": os.getloadavg()[0],
-    }
+    return {"seconds": time.perf_counter() - t0, "peak_mb": peak / 1024, "peak_anon_mb": peak_anon / 1024,
+            "maxrss_mb": int(maxrss.read_text()) / 1024 if maxrss.is_file() and not killed else None,
+            "killed": killed, "load": os.getloadavg()[0]}  # fmt: skip
 
 
-def ceiling_probe(src: Path) -> None:
-    """(In a subprocess with THREADS set.) Seconds of Tokenizer.encode_batch alone over the corpus, in batches of
-    the sections prepare encodes together; the text is already in memory, the ids are not kept."""
+def ceiling_probe(files: list[Path]) -> None:
+    """(A subprocess.) Seconds of Tokenizer.encode_batch alone over the files, in the batches of sections prepare
+    encodes together; the text is already in memory and the ids are not kept."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(TOK))
-    tokens, secs, chars = 0, 0.0, 0
-    for f in sorted(src.glob("*.txt")):
+    tokens, secs = 0, 0.0
+    for f in files:
         batch, size = [], 0
         for s in [*sections(f.read_text()), None]:
             if s is not None:
@@ -169,21 +161,28 @@ def ceiling_probe(src: Path) -> None:
                 t = time.perf_counter()
                 enc = tok.encode_batch(batch)
                 secs += time.perf_counter() - t
-                tokens, chars = tokens + sum(len(e) for e in enc), chars + size
+                tokens += sum(len(e) for e in enc)
                 batch, size = [], 0
-    print(json.dumps({"tokens": tokens, "seconds": secs, "chars": chars, "tokens_per_s": tokens / secs}))
+    print(json.dumps({"tokens": tokens, "seconds": secs}))
 
 
-def ceiling(src: Path) -> dict:
-    cmd = [sys.executable, __file__, "--ceiling", str(src)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **THREADS})
-    if r.returncode:
-        raise SystemExit(f"ceiling probe failed: {r.stderr}")
-    return {**json.loads(r.stdout), "load": os.getloadavg()[0]}
+def ceiling(src: Path, processes: int = 0) -> dict:
+    """encode_batch's tokens/s on the corpus: one process with THREADS (processes=0), or the files split over that
+    many concurrent single-threaded processes (prepare's layout; the tokens over the slowest one's seconds)."""
+    files = sorted(src.glob("*.txt"))
+    groups = [files[i::processes] for i in range(processes)] if processes else [files]
+    env = {**os.environ, **(ONE_THREAD if processes else THREADS)}
+    cmd = [sys.executable, __file__, "--ceiling"]
+    procs = [subprocess.Popen([*cmd, *map(str, g)], stdout=subprocess.PIPE, env=env) for g in groups]
+    outs = [json.loads(p.communicate()[0]) for p in procs]
+    if any(p.returncode for p in procs):
+        raise SystemExit("ceiling probe failed")
+    tokens, secs = sum(o["tokens"] for o in outs), max(o["seconds"] for o in outs)
+    return {"tokens": tokens, "seconds": secs, "tokens_per_s": tokens / secs, "load": os.getloadavg()[0]}
 
 
 def run_prepare(gb: float, fresh: bool) -> dict:
-    """`matryoshka prepare` of the corpus with the fixed tokenizer and 2 workers (cached for 1 GB and more)."""
+    """`matryoshka prepare` of the corpus with the fixed tokenizer and 2 workers (cached unless fresh)."""
     name = label(gb)
     out, cache = OUT / f"prep-{name}", OUT / f"prepare-{name}.json"
     if not fresh and (out / MANIFEST).is_file() and cache.is_file():
@@ -203,7 +202,7 @@ def run_prepare(gb: float, fresh: bool) -> dict:
 
 def startup(gb: float, old: bool = False) -> dict:
     """Peak memory of `train --preset tiny --steps 1`: on the prepared shards, or (old) on the text folder read and
-    encoded in memory (the same tokenizer given, the whole corpus), killed past OLD_LIMIT_GB."""
+    encoded in memory (the whole corpus, the same tokenizer given), killed past OLD_LIMIT_GB."""
     out = OUT / "train-tmp"
     shutil.rmtree(out, ignore_errors=True)
     data = corpus(gb) if old else OUT / f"prep-{label(gb)}"
@@ -217,7 +216,7 @@ def startup(gb: float, old: bool = False) -> dict:
 
 
 def loader_rate(gb: float, batch: int, seq_len: int, seconds: float = 3.0) -> float:
-    """Windows per second that sample_batch draws from the memory-mapped train shards (page cache warm)."""
+    """Windows per second that sample_batch draws from the memory-mapped train shards."""
     _, train, _, _ = open_prepared(OUT / f"prep-{label(gb)}")
     sample_batch(train, batch, seq_len, 0, 0)
     n, t0 = 0, time.perf_counter()
@@ -241,9 +240,6 @@ def per_step(rows: list[dict], tokens_per_step: int) -> list[dict]:
 
 def mfu(name: str, data: Path | None) -> dict:
     """3 joint steps of the preset through train(): the median of steps 2..3 (step 1 warms up)."""
-    from matryoshka_lm.config import preset
-    from matryoshka_lm.train.loop import train
-
     cfg, tcfg = preset(name)
     tcfg = dataclasses.replace(tcfg, steps=3, eval_batches=1)
     out = OUT / "mfu" / name
@@ -263,59 +259,63 @@ def verdict(ok: bool) -> str:
 
 
 def throughput_part(res: dict) -> list[str]:
-    c, p0 = res["ceiling"], res["prepare"][0]
+    c, cp, p0, first = res["ceiling"], res["ceiling_processes"], res["prepare"][0], label(res["sizes"][0])
     share = p0["tokens_per_s"] / c["tokens_per_s"]
     rows = [[f"{label(gb)}{' (cached)' if p['cached'] else ''}", p["files"], f"{p['bytes'] / 1e6:,.0f}",
              f"{p['tokens']:,}", f"{p['seconds']:.0f}", f"{p['tokens_per_s']:,.0f}",
              f"{p['tokens_per_s'] / c['tokens_per_s']:.0%}", f"{p['load']:.1f}"]
             for gb, p in zip(res["sizes"], res["prepare"])]  # fmt: skip
-    head = ["corpus", "files", "MB", "tokens", "prepare s", "prepare tok/s", "vs ceiling", "load 1 min"]
+    head = ["corpus", "files", "MB", "tokens", "prepare s", "prepare tok/s", "vs ceiling", "load (1 min)"]
     return [
         "### prepare throughput vs the tokenizer's own ceiling",
         "",
-        f"Ceiling: `Tokenizer.encode_batch` alone on the {label(res['sizes'][0])} corpus, text already in memory, in "
-        f"the ~1 MB batches of sections prepare encodes, 2 threads ({', '.join(f'{k}={v}' for k, v in THREADS.items())}"
-        f"), measured before and after its prepare: {c['runs'][0]:,.0f} and {c['runs'][1]:,.0f} tok/s, mean "
-        f"**{c['tokens_per_s']:,.0f} tok/s** ({c['tokens']:,} tokens). prepare: the CLI end to end (start, 2 worker "
-        "processes, checksums, packing, manifest), `--tokenizer` the same file, `--workers 2`.",
+        f"Ceiling: `Tokenizer.encode_batch` alone on the {first} corpus (text already in memory, the ~1 MB batches "
+        f"of sections prepare encodes), one process with {', '.join(f'{k}={v}' for k, v in THREADS.items())}, run "
+        f"before and after prepare: {c['runs'][0]:,.0f} and {c['runs'][1]:,.0f} tok/s, mean **{c['tokens_per_s']:,.0f}"
+        f" tok/s** ({c['tokens']:,} tokens). The same split over 2 single-threaded processes, as prepare's workers "
+        f"run: {cp['tokens_per_s']:,.0f} tok/s. prepare: the CLI end to end (start, 2 worker processes, checksums, "
+        "packing, manifest), `--tokenizer` the same file, `--workers 2`; larger sizes are read against the "
+        f"{first} ceiling (same text, other load).",
         "",
         md_table(head, rows),
         "",
-        f"- prepare >= 80% of the ceiling ({label(res['sizes'][0])}, same run): {share:.0%}: {verdict(share >= 0.8)}",
+        f"- prepare >= 80% of the ceiling ({first}, same run): {share:.0%}: {verdict(share >= 0.8)} "
+        f"({p0['tokens_per_s'] / cp['tokens_per_s']:.0%} of the 2-process ceiling)",
     ]
 
 
 def memory_part(res: dict) -> list[str]:
-    mb = lambda r: "did not survive" if r is None or r["killed"] else f"{r['peak_mb']:,.0f} ({r['peak_anon_mb']:,.0f})"
+    def mb(r: dict) -> str:
+        return f"did not survive (killed at {r['peak_mb'] / 1024:.1f} GB)" if r["killed"] else \
+            f"{r['peak_mb']:,.0f} ({r['peak_anon_mb']:,.0f})"  # fmt: skip
+
     rows = []
     for gb, p, s in zip(res["sizes"], res["prepare"], res["startup"]):
         old = res["old"].get(label(gb))
         old_cells = ["not run", ""] if old is None else [mb(old), f"{old['seconds']:.0f}"]
         rows.append([label(gb), mb(p), f"{p['maxrss_mb']:,.0f}", mb(s), f"{s['seconds']:.0f}", *old_cells])
-    peaks = {k: [r["peak_mb"] for r in res[k]] for k in ("prepare", "startup")}
-    anon = {k: [r["peak_anon_mb"] for r in res[k]] for k in ("prepare", "startup")}
-    under = all(v <= 1024 for k in peaks for v in peaks[k])
-    grow = {k: peaks[k][-1] - peaks[k][0] for k in peaks}
-    grow_anon = {k: anon[k][-1] - anon[k][0] for k in anon}
-    flat = all(g <= 100 for g in grow.values())
-    head = ["corpus", "prepare peak MB (anon)", "prepare biggest process MB", "train start-up MB (anon)",
-            "start-up s", "old text path start-up MB (anon)", "old s"]  # fmt: skip
+    peak = {k: [r["peak_mb"] for r in res[k]] for k in ("prepare", "startup")}
+    grow = {k: v[-1] - v[0] for k, v in peak.items()}
+    grow_anon = {k: res[k][-1]["peak_anon_mb"] - res[k][0]["peak_anon_mb"] for k in peak}
+    largest = max(max(v) for v in peak.values())
+    head = ["corpus", "prepare MB (anon)", "prepare biggest process MB", "train start-up MB (anon)", "start-up s",
+            "old text path start-up MB (anon)", "old s"]  # fmt: skip
     return [
         "### Peak memory (resident, MB)",
         "",
         "Summed over the command's processes (prepare: the CLI and its 2 workers), sampled every 0.2 s; (anon): "
-        "anonymous memory only, the rest being file pages (the memory-mapped shards); biggest process: its "
-        "ru_maxrss. Training start-up: `train --preset tiny --data DIR --steps 1` (the model takes the 8192-token "
-        "tokenizer). Old path: `train --data TEXT_FOLDER --max-corpus-chars 0 --tokenizer` the same tokenizer "
-        f"(train has no --vocab-size; a BPE trained in the run would add its own memory), killed past "
+        "anonymous memory only, the rest being file pages (libraries, the memory-mapped shards); biggest process: "
+        "its ru_maxrss. Training start-up: `train --preset tiny --data DIR --steps 1` (the model takes the "
+        "8192-token tokenizer). Old path: `train --data TEXT_FOLDER --max-corpus-chars 0 --tokenizer` the same "
+        f"tokenizer (train has no --vocab-size; a BPE trained in the run would add its own), killed past "
         f"{OLD_LIMIT_GB:.0f} GB.",
         "",
         md_table(head, rows),
         "",
-        f"- <= 1 GB at every size: {verdict(under)} (largest {max(max(v) for v in peaks.values()):,.0f} MB)",
-        f"- flat in corpus size ({label(res['sizes'][0])} -> {label(res['sizes'][-1])}, at most +100 MB): "
-        f"prepare {grow['prepare']:+,.0f} MB, start-up {grow['startup']:+,.0f} MB: {verdict(flat)}; anonymous only: "
-        f"prepare {grow_anon['prepare']:+,.0f} MB, start-up {grow_anon['startup']:+,.0f} MB",
+        f"- <= 1 GB at every size: {verdict(largest <= 1024)} (largest {largest:,.0f} MB)",
+        f"- flat in corpus size ({label(res['sizes'][0])} -> {label(res['sizes'][-1])}, at most +100 MB): prepare "
+        f"{grow['prepare']:+,.0f} MB, start-up {grow['startup']:+,.0f} MB: {verdict(max(grow.values()) <= 100)}; "
+        f"anonymous memory only: prepare {grow_anon['prepare']:+,.0f} MB, start-up {grow_anon['startup']:+,.0f} MB",
     ]
 
 
@@ -327,12 +327,13 @@ def speed_part(res: dict) -> list[str]:
     mrows = [[n, f"{r['batch_size']} x {r['seq_len']}", f"{r['seconds']:.2f}",
               f"{r['tokens_per_step'] / r['seconds']:,.0f}", f"{r['flops_per_s'] / 1e9:.1f}", f"{r['mfu']:.1%}",
               r["data"].replace(str(ROOT) + "/", "")] for n, r in res["mfu"].items()]  # fmt: skip
+    peak = statistics.median(r["peak"] for r in res["mfu"].values())
     return [
         "### Loader rate vs a CPU step's need",
         "",
-        f"`sample_batch` over `open_prepared`'s memory-mapped train shards (page cache warm), the `small` preset's "
-        f"batch of {small['batch_size']} x {small['seq_len']}; a `small` joint step takes {small['seconds']:.2f} s "
-        f"here, so it needs {need:,.1f} windows/s.",
+        f"`sample_batch` over `open_prepared`'s memory-mapped train shards (page cache as the run left it), the "
+        f"`small` preset's batch of {small['batch_size']} x {small['seq_len']}; a `small` joint step takes "
+        f"{small['seconds']:.2f} s here (below), so it needs {need:,.1f} windows/s.",
         "",
         md_table(["prepared corpus", "windows/s", "vs the step's need"], rows),
         "",
@@ -340,34 +341,26 @@ def speed_part(res: dict) -> list[str]:
         "",
         "### MFU of the joint step on this CPU",
         "",
-        f"3 steps of each preset through `train()`, fp32, every size jointly; per-step seconds and FLOP/s derived "
-        f"from metrics.jsonl (its figures are since step 1), median of steps 2..3, against the run's measured fp32 "
-        f"matmul peak (`machine.peak_flops`: {statistics.median(r['peak'] for r in res['mfu'].values()) / 1e9:.1f} "
-        "GFLOP/s, median over the runs).",
+        "3 steps of each preset through `train()`, fp32, all its sizes jointly; each step's seconds and FLOP/s "
+        "derived from metrics.jsonl (whose figures run from step 1), median of steps 2..3, against the run's "
+        f"measured fp32 matmul peak (`machine.peak_flops`, median over the runs {peak / 1e9:.1f} GFLOP/s).",
         "",
-        md_table(["preset", "batch", "s/step", "tokens/s", "GFLOP/s", "MFU", "data"], mrows),
+        md_table(["preset", "batch", "s/step", "tokens/s", "GFLOP/s", "MFU", "data"], mrows, "lrrrrrl"),
     ]
 
 
 def section(res: dict) -> str:
-    loads = ", ".join(f"{x:.1f}" for x in res["load_start"])
-    return "\n".join(
-        [
-            "## Data path: prepare, memory, loader, MFU (`benchmarks/bench_data.py`, issue 25)",
-            "",
-            f"Machine: {res['machine']}. Load average (1, 5, 15 min) at the start: {loads}; at the end: "
-            f"{', '.join(f'{x:.1f}' for x in res['load_end'])} (another job may share the 2 cores). Total "
-            f"{res['seconds'] / 60:.1f} min. The corpora are repeated text: the embedded ~10 MB of English "
-            "(Shakespeare, KJV, Python's pydoc topics) in ~50 MB files, each its 256-line sections shuffled with its "
-            "own seed. One 8192-token BPE, trained once on 20 MB of it.",
-            "",
-            *throughput_part(res),
-            "",
-            *memory_part(res),
-            "",
-            *speed_part(res),
-        ]
-    )
+    loads = [", ".join(f"{x:.1f}" for x in res[k]) for k in ("load_start", "load_end")]
+    return "\n".join([
+        "## Data path: prepare, memory, loader, MFU (`benchmarks/bench_data.py`, issue 25)",
+        "",
+        f"Machine: {res['machine']}. Load average (1, 5, 15 min): {loads[0]} at the start, {loads[1]} at the end "
+        f"(another job may share the 2 cores). Total {res['seconds'] / 60:.1f} min. The corpora are repeated text: "
+        "the embedded ~10 MB of English (Shakespeare, KJV, Python's pydoc topics) in ~50 MB files, each its 256-line "
+        "sections shuffled with its own seed. One 8192-token BPE, trained once on 20 MB of it.",
+        "",
+        *throughput_part(res), "", *memory_part(res), "", *speed_part(res),
+    ])  # fmt: skip
 
 
 def main() -> None:
@@ -375,34 +368,31 @@ def main() -> None:
     ap.add_argument("--sizes", default="0.1,1,3", help="corpus sizes in GB (default 0.1,1,3)")
     ap.add_argument("--quick", action="store_true", help="the 100 MB corpus only")
     ap.add_argument("--fresh", action="store_true", help="prepare every size again (not only the smallest)")
-    ap.add_argument("--ceiling", type=Path, help=argparse.SUPPRESS)  # the ceiling's subprocess
+    ap.add_argument("--ceiling", type=Path, nargs="+", help=argparse.SUPPRESS)  # the ceiling's subprocess
     a = ap.parse_args()
     if a.ceiling:
         return ceiling_probe(a.ceiling)
     sizes = [0.1] if a.quick else sorted(float(s) for s in a.sizes.split(","))
     t0, res = time.perf_counter(), {"machine": machine(), "sizes": sizes, "load_start": os.getloadavg()}
+    first = corpus(sizes[0])
     tokenizer()
-    for gb in sizes:
-        corpus(gb)
-    runs = [ceiling(corpus(sizes[0]))]
+    runs = [ceiling(first)]  # the ceiling brackets the smallest prepare: a change of load shows as their spread
     res["prepare"] = [run_prepare(sizes[0], fresh=True)]
-    runs.append(ceiling(corpus(sizes[0])))
+    runs.append(ceiling(first))
     res["ceiling"] = {**runs[0], "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in runs),
                       "runs": [r["tokens_per_s"] for r in runs]}  # fmt: skip
+    res["ceiling_processes"] = ceiling(first, processes=2)
     res["prepare"] += [run_prepare(gb, a.fresh) for gb in sizes[1:]]
     res["startup"] = [startup(gb) for gb in sizes]
     res["old"] = {label(gb): startup(gb, old=True) for gb in sizes if gb <= 1}
-    from matryoshka_lm.config import preset
-
-    _, small = preset("small")
+    small = preset("small")[1]
     res["loader"] = [loader_rate(gb, small.batch_size, small.seq_len) for gb in sizes]
     res["mfu"] = {n: mfu(n, OUT / f"prep-{label(sizes[0])}" if n == "small" else None)
                   for n in ("tiny", "demo", "memory", "small")}  # fmt: skip
     res["load_end"], res["seconds"] = os.getloadavg(), time.perf_counter() - t0
     (OUT / "results.json").write_text(json.dumps(res, indent=1))
-    body = section(res)
-    write_section("data", body)
-    print(body)
+    write_section("data", section(res))
+    print(section(res))
 
 
 if __name__ == "__main__":

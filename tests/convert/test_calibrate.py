@@ -20,6 +20,7 @@ from matryoshka_lm.data import read_corpus
 from matryoshka_lm.errors import MatryoshkaError
 
 BITS = (8, 6, 4, 3, 2)
+BALANCED = {8: 1.0, 6: 0.25, 4: 0.05, 3: 0.02, 2: 0.005}  # every width's error counts about alike (int8 units)
 
 
 def correlated_layer(n_out: int = 96, n_in: int = 128, n: int = 2048, seed: int = 0):
@@ -44,7 +45,7 @@ def test_the_bounded_code_search_finds_the_exhaustive_minimum():
 
 def test_nested_gptq_lowers_the_output_error_at_every_narrow_width():
     w, h = correlated_layer()
-    codes, scales = gptq.nested_gptq(w, h, 32)
+    codes, scales = gptq.nested_gptq(w, h, 32, BALANCED)
     rc, rs = quant.quantize(w, 32)
     ratio = {
         b: gptq.output_error(w, quant.dequantize(codes, scales, 32, b), h)
@@ -53,10 +54,23 @@ def test_nested_gptq_lowers_the_output_error_at_every_narrow_width():
     }
     assert all(ratio[b] < 0.97 for b in (6, 4, 3)), ratio
     assert ratio[2] < 1.0, ratio
-    # the price, paid where it is cheapest: int8's error grows (here ~2x), yet stays several times below int6's
-    assert ratio[8] < 3.0, ratio
+    # the price, paid where it is cheapest: int8's error grows (here ~2.5x), yet stays several times below int6's
+    assert ratio[8] < 3.5, ratio
     w8 = gptq.output_error(w, quant.dequantize(codes, scales, 32, 8), h)
     assert w8 < 0.25 * gptq.output_error(w, quant.dequantize(codes, scales, 32, 6), h)
+
+
+def test_the_default_weights_buy_int4_and_int3_with_int8_and_int6():
+    """The default leans on int4 and int3 (what SmolLM2 needed, BENCHMARKS.md): their error falls further than
+    under BALANCED, while int8 and int6 pay, int8 still below int6."""
+    w, h = correlated_layer()
+    err = {}
+    for name, weights in (("balanced", BALANCED), ("default", None)):
+        codes, scales = gptq.nested_gptq(w, h, 32, weights)
+        err[name] = {b: gptq.output_error(w, quant.dequantize(codes, scales, 32, b), h) for b in BITS}
+    assert all(err["default"][b] < err["balanced"][b] for b in (4, 3)), err
+    assert all(err["default"][b] > err["balanced"][b] for b in (8, 6)), err
+    assert err["default"][8] < err["default"][6]
 
 
 def test_weighting_int8_alone_is_plain_gptq_and_beats_rounding_at_int8():
@@ -80,8 +94,8 @@ def quantized(tmp_path_factory, corpus_file):
 
 
 def test_quantize_calibrate_writes_codes_closer_to_fp32_than_rounding(quantized, corpus_file):
-    """On held-out windows (the corpus's validation split), every narrow cell of the calibrated checkpoint has
-    logits closer to the fp32 model's than the round-to-nearest checkpoint's do."""
+    """On held-out windows (the corpus's validation split), the calibrated checkpoint's int4, int3 and int2 cells
+    (what the default weights favour) have logits closer to the fp32 model's than the round-to-nearest ones."""
     from matryoshka_lm.data import encode_corpus, split_tokens
 
     ckpt, rtn, cal = quantized
@@ -94,7 +108,7 @@ def test_quantize_calibrate_writes_codes_closer_to_fp32_than_rounding(quantized,
     models = {"rtn": ck.load_model(rtn), "cal": ck.load_model(cal)}
     with torch.no_grad():
         ref = fp32(x)
-        for b in (6, 4, 3, 2):
+        for b in (4, 3, 2):
             err = {k: (m(x, parse_spec(m.cfg, f"XL@int{b}")) - ref).pow(2).mean().item() for k, m in models.items()}
             assert err["cal"] < err["rtn"], (b, err)
 

@@ -21,8 +21,9 @@ import torch
 
 from matryoshka_lm.core import nested
 
-# relative weight of each width's output error: int8 dominates, the narrow widths steer the top bits
-DEFAULT_WEIGHTS = {8: 1.0, 6: 0.25, 4: 0.05, 3: 0.02, 2: 0.005}
+# relative weight of each width's output error (in int8 units, so int4's typical error already counts ~256x int8's):
+# on SmolLM2 these beat {8: 1, 6: .25, 4: .05, 3: .02, 2: .005} at int8, int6, int4 and int3 (BENCHMARKS.md)
+DEFAULT_WEIGHTS = {8: 1.0, 6: 0.5, 4: 0.25, 3: 0.1, 2: 0.01}
 BLOCK = 128  # columns per lazy update (GPTQ's batching: the rest of W is updated once per block)
 # a group's scale as a fraction of absmax / 127: shrinking it clips int8's largest weights but moves the narrow
 # widths' levels onto the bulk of the weights; each row takes the fraction with the least weighted error

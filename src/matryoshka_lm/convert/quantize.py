@@ -21,10 +21,12 @@ def quantize_checkpoint(
     embeddings: bool = False,
     force: bool = False,
     calibrate: int | Calibration = 0,
+    hessians: dict | None = None,
 ) -> Path:
     """Write `ckpt` as a quantized checkpoint in `out`: int8 codes + fp16-valued scales. Round-to-nearest of the
     weights by default (for a model trained with --bits, exactly what its training saw); `calibrate`: N windows
-    (or a Calibration) of the corpus from which nested GPTQ chooses the linears' codes (convert/calibrate.py)."""
+    (or a Calibration) of the corpus from which nested GPTQ chooses the linears' codes (convert/calibrate.py);
+    `hessians`: that calibration's input_hessians, computed before (to compare settings on the same windows)."""
     ckpt = Path(ckpt)
     cfg, tcfg = ck.read_config(ckpt)
     if ck.read_quant(ckpt) is not None:
@@ -33,7 +35,7 @@ def quantize_checkpoint(
     report = None
     if calibrate:
         cal = calibrate if isinstance(calibrate, Calibration) else Calibration(windows=calibrate)
-        qstate, report = calibrated_qstate(ck.load_model(ckpt), ck.load_tokenizer(ckpt), qstate, qcfg, cal)
+        qstate, report = calibrated_qstate(ck.load_model(ckpt), ck.load_tokenizer(ckpt), qstate, qcfg, cal, hessians)
     with staged_dir(out, force, source=ckpt) as tmp:
         shutil.copyfile(ckpt / ck.TOKENIZER, tmp / ck.TOKENIZER)
         copy_chat(ckpt, tmp)
