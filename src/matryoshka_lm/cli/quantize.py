@@ -68,7 +68,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument(
         "--calib-weights",
         type=width_weights,
-        help="how much each bit width's output error counts, as bits:weight (default 8:1,6:0.25,4:0.05,3:0.02,2:0.005;"
+        help="how much each bit width's output error counts, as bits:weight (default 8:1,6:0.5,4:0.25,3:0.1,2:0.01;"
         " larger narrow weights trade int8 error for int4/int3/int2)",
     )
     q.add_argument("--force", action="store_true", help="replace --out if it exists")

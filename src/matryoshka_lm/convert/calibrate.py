@@ -9,6 +9,7 @@ independently, so this is exact). The token embedding and LM head, when quantize
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -121,17 +122,16 @@ def calibrated_qstate(
     `hess`: input_hessians of these windows computed before (to compare settings without a second pass)."""
     t0 = time.perf_counter()
     model = model.eval()
-    windows = calibration_windows(tok, cal, model.cfg.max_seq_len)
-    hess = hess if hess is not None else input_hessians(model, windows)
+    seq = min(cal.seq_len, model.cfg.max_seq_len)
+    if hess is None:  # given: they were measured on these windows already (no second pass over the corpus)
+        hess = input_hessians(model, calibration_windows(tok, cal, model.cfg.max_seq_len))
     qstate = calibrate_state(model, qstate, qcfg, hess, cal.weights)
-    report = {**asdict(cal), "tokens": int(windows.numel()), "seconds": round(time.perf_counter() - t0, 1)}
+    report = {**asdict(cal), "tokens": cal.windows * seq, "seconds": round(time.perf_counter() - t0, 1)}
     report["weights"] = {str(b): w for b, w in cal.weights.items()}
-    log.info("calibrated on %d windows of %d tokens in %.0f s", *windows.shape, report["seconds"])
+    log.info("calibrated on %d windows of %d tokens in %.0f s", cal.windows, seq, report["seconds"])
     return qstate, report
 
 
 def read_report(ckpt: str | Path) -> dict | None:
-    import json
-
     p = Path(ckpt) / REPORT
     return json.loads(p.read_text()) if p.is_file() else None

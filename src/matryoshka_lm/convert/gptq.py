@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from matryoshka_lm.core import nested
+from matryoshka_lm.core import nested, quant
 
 # relative weight of each width's output error (in int8 units, so int4's typical error already counts ~256x int8's):
 # on SmolLM2 these beat {8: 1, 6: .25, 4: .05, 3: .02, 2: .005} at int8, int6, int4 and int3 (BENCHMARKS.md)
@@ -65,11 +65,9 @@ def group_scales(wg: torch.Tensor, dh: torch.Tensor, weights: dict[int, float], 
     the Hessian's diagonal there (how much each input matters). Per row, the grid fraction of absmax / 127 with the
     least sum over widths of lambda_r * sum_j dh_j (w - w^_r)^2, w^_r each width's own nearest level (a cheap proxy
     of the shared code)."""
-    amax = wg[0].abs().amax(0)
     best, best_err = None, None
     for f in grid:
-        s = (amax * f / 127).to(torch.float16).float()
-        s = torch.where(s > 0, s, torch.ones_like(s))
+        s = quant.scales_of(f * wg[0].T, 0)[:, 0]  # f * absmax / 127, as quantize rounds a scale (fp16, never 0)
         err = sum(
             lam * (dh[:, None] * (w - s * nested.nearest_level(w / s, b)) ** 2).sum(0)
             for w, (b, lam) in zip(wg, sorted(weights.items(), reverse=True))
