@@ -22,9 +22,11 @@ from .corpus import (
     sections,
     shakespeare_text,
     split_tokens,
+    token_counts,
     train_split_tokens,
     train_tokenizer,
     unigram_loss,
+    unigram_loss_of_counts,
 )
 
 __all__ = [
@@ -44,6 +46,8 @@ __all__ = [
     "shakespeare_text",
     "split_tokens",
     "train_split_tokens",
+    "token_counts",
     "train_tokenizer",
     "unigram_loss",
+    "unigram_loss_of_counts",
 ]

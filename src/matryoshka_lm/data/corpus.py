@@ -173,13 +173,27 @@ def eval_batches(tokens: np.ndarray, batch: int, seq_len: int, n_batches: int):
         yield w[:, :-1], w[:, 1:]
 
 
-def unigram_loss(train: np.ndarray, val: np.ndarray, vocab_size: int, block: int = 1 << 24) -> float:
-    """Cross-entropy (nats/token) of the add-one unigram model of `train` on `val`: the bar to beat.
+def token_counts(tokens: np.ndarray, vocab_size: int, block: int = 1 << 24) -> np.ndarray:
+    """How often each token id occurs (int64, `vocab_size` long), read in blocks: a memory-mapped stream
+    (data.shards.TokenStream) is never loaded whole."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for i in range(0, len(tokens), block):
+        counts += np.bincount(np.asarray(tokens[i : i + block], dtype=np.int64), minlength=vocab_size)[:vocab_size]
+    return counts
 
-    Reads both in blocks, so memory-mapped shards (data.shards.TokenStream) are never loaded whole."""
-    counts = np.ones(vocab_size, dtype=np.float64)
-    for i in range(0, len(train), block):
-        counts += np.bincount(np.asarray(train[i : i + block], dtype=np.int64), minlength=vocab_size)[:vocab_size]
-    logp = np.log(counts / counts.sum())
-    total = sum(float(logp[np.asarray(val[i : i + block], dtype=np.int64)].sum()) for i in range(0, len(val), block))
-    return -total / len(val)
+
+def unigram_loss_of_counts(train_counts: np.ndarray, val_counts: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) of the add-one unigram model of the train counts on the validation counts."""
+    train = np.zeros(vocab_size, np.float64)
+    train[: min(vocab_size, len(train_counts))] = train_counts[:vocab_size]
+    val = np.zeros(vocab_size, np.float64)
+    val[: min(vocab_size, len(val_counts))] = val_counts[:vocab_size]
+    logp = np.log((train + 1.0) / (train.sum() + vocab_size))
+    return float(-(val * logp).sum() / max(val.sum(), 1.0))
+
+
+def unigram_loss(train: np.ndarray, val: np.ndarray, vocab_size: int, block: int = 1 << 24) -> float:
+    """Cross-entropy (nats/token) of the add-one unigram model of `train` on `val`: the bar to beat."""
+    return unigram_loss_of_counts(
+        token_counts(train, vocab_size, block), token_counts(val, vocab_size, block), vocab_size
+    )

@@ -22,8 +22,18 @@ import numpy as np
 
 from matryoshka_lm.errors import MatryoshkaError
 
-from .corpus import EOT, MANIFEST, train_tokenizer
-from .shards import FORMAT, TOKENIZER, ShardWriter, dtype_for, load_tokenizer_file, read_manifest, write_json
+from .corpus import EOT, MANIFEST, token_counts, train_tokenizer
+from .shards import (
+    COUNTS,
+    FORMAT,
+    TOKENIZER,
+    ShardWriter,
+    dtype_for,
+    load_tokenizer_file,
+    read_manifest,
+    write_counts,
+    write_json,
+)
 from .sources import Source, checksum, doc_pieces, documents, find_sources, sample_documents
 
 log = logging.getLogger(__name__)
@@ -187,19 +197,24 @@ def _done(work: Path, src: Source) -> bool:
     return all(record.get(k) == v for k, v in src.fingerprint().items())
 
 
-def pack(out: Path, work: Path, sources: list[Source], dtype: np.dtype, shard_tokens: int) -> tuple[dict, list]:
-    """Copy the part files, in source order, into out/train-NNNNN.bin (shard_tokens each) and out/val-00000.bin."""
+def pack(out: Path, work: Path, sources: list[Source], dtype: np.dtype, shard_tokens: int, vocab: int):
+    """Copy the part files, in source order, into out/train-NNNNN.bin (shard_tokens each) and out/val-00000.bin,
+    counting each split's token ids on the way (so training never rereads the corpus for its unigram baseline)."""
     for old in [*out.glob("train-*.bin"), *out.glob("val-*.bin")]:
         old.unlink()
     writers = {"train": ShardWriter(out, "train", dtype, shard_tokens), "val": ShardWriter(out, "val", dtype, None)}
+    counts = np.zeros((2, vocab), np.int64)
     records = []
     for src in sources:
         base = work / "parts" / part_name(src)
         records.append(json.loads(base.with_suffix(".json").read_text()))
-        for split, w in writers.items():
+        for row, (split, w) in enumerate(writers.items()):
             with open(base.with_suffix(f".{split}.bin"), "rb") as f:
                 while block := f.read(COPY_TOKENS * dtype.itemsize):
-                    w.write(np.frombuffer(block, dtype=dtype))
+                    tokens = np.frombuffer(block, dtype=dtype)
+                    w.write(tokens)
+                    counts[row] += token_counts(tokens, vocab)
+    write_counts(out, counts)
     return {split: w.close() for split, w in writers.items()}, records
 
 
@@ -257,7 +272,7 @@ def prepare(
             record["val_tokens"],
         )
     dtype = dtype_for(tok.get_vocab_size())
-    shards, records = pack(out, work, sources, dtype, shard_tokens)
+    shards, records = pack(out, work, sources, dtype, shard_tokens, tok.get_vocab_size())
     m = manifest(out, settings, tok, dtype, shards, records)
     write_json(out / MANIFEST, m)  # last: the folder is complete
     shutil.rmtree(work)
@@ -282,6 +297,7 @@ def manifest(out: Path, settings: dict, tok, dtype: np.dtype, shards: dict, reco
             "eot_id": tok.token_to_id(EOT),
         },
         "dtype": dtype.name,
+        "counts": {"file": COUNTS, "rows": ["train", "val"]},
         "split": {"val_fraction": settings["val_fraction"], "rule": SPLIT_RULE},
         "sources": records,
         "shards": shards,

@@ -19,6 +19,7 @@ from .corpus import EOT, MANIFEST
 
 FORMAT = "matryoshka-prepared/1"
 TOKENIZER = "tokenizer.json"
+COUNTS = "counts.npy"  # (2, vocab) int64: how often each token id occurs in train, in val
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
@@ -34,6 +35,28 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def write_counts(folder: Path, counts: np.ndarray) -> None:
+    tmp = folder / (COUNTS + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, counts, allow_pickle=False)
+    os.replace(tmp, folder / COUNTS)
+
+
+def prepared_counts(folder: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(train, val) token counts that `prepare` wrote, or None for a folder prepared before it did."""
+    m = read_manifest(Path(folder))
+    if "counts" not in m:
+        return None
+    path = Path(folder) / m["counts"]["file"]
+    try:
+        counts = np.load(path, allow_pickle=False)  # a plain int64 array: nothing to unpickle
+    except (OSError, ValueError) as e:
+        raise MatryoshkaError(f"{path}: unreadable token counts ({e}); prepare the data again") from None
+    if counts.ndim != 2 or len(counts) != 2:
+        raise MatryoshkaError(f"{path}: token counts of shape {counts.shape}, expected (2, vocab); prepare again")
+    return counts[0], counts[1]
 
 
 def is_prepared(path: str | Path | None) -> bool:

@@ -8,11 +8,12 @@ from typing import Any
 from matryoshka_lm.config import TrainConfig
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.spec import parse_spec_list, size_names, split_specs
-from matryoshka_lm.data import encode_corpus, limit_chars, read_corpus, split_tokens, unigram_loss
+from matryoshka_lm.data import encode_corpus, limit_chars, read_corpus, split_tokens
 from matryoshka_lm.data.shards import is_prepared, open_prepared
 from matryoshka_lm.errors import MatryoshkaError
 
 from .evaluate import evaluate_specs, format_table, plot_size_vs_loss, size_table, write_json_report
+from .state import split_unigram_loss
 
 
 def checkpoint_val_split(ckpt: Path, data: str | None = None):
@@ -53,7 +54,7 @@ def evaluate_checkpoint(
     trained = set(ck.trained_sizes(ckpt, model.cfg))
     for row, spec in zip(rows, specs.values()):  # a slice nothing trained is listed, and marked, not passed off
         row["trained"] = spec.name in trained if spec.name else trained == set(model.cfg.sizes)
-    unigram = unigram_loss(train, val, model.cfg.vocab_size)
+    unigram = split_unigram_loss(train, val, model.cfg.vocab_size, data if data is not None else tcfg.data)
     write_json_report(
         Path(json_path or ckpt / "eval.json"),
         rows,

@@ -328,7 +328,7 @@ def run_steps(run: Run, halt_after: int | None = None, time_limit_s: float | Non
         if done % tcfg.save_every == 0 or done == tcfg.steps or late:
             save_state(run.out, run.model, run.opt, done, tcfg, run.tok_json, run.d.main)
             if run.d.main:
-                write_split_stats(run.out, run.train_tokens, run.val_tokens, run.model.cfg.vocab_size)
+                write_split_stats(run.out, run.train_tokens, run.val_tokens, run.model.cfg.vocab_size, tcfg.data)
             return late or (halt_after is not None and done >= halt_after)
         return False
 

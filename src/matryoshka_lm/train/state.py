@@ -12,7 +12,8 @@ import torch
 from matryoshka_lm.config import TrainConfig
 from matryoshka_lm.core import checkpoint as ck
 from matryoshka_lm.core.model import MatryoshkaLM
-from matryoshka_lm.data import unigram_loss
+from matryoshka_lm.data import unigram_loss, unigram_loss_of_counts
+from matryoshka_lm.data.shards import is_prepared, prepared_counts
 from matryoshka_lm.errors import MatryoshkaError
 
 
@@ -82,10 +83,17 @@ def trim_metrics(path: Path, upto: int) -> None:
     ck.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in keep)))
 
 
-def write_split_stats(out: Path, train: np.ndarray, val: np.ndarray, vocab: int) -> None:
+def split_unigram_loss(train: np.ndarray, val: np.ndarray, vocab: int, data: str | Path | None = None) -> float:
+    """The unigram baseline of a split: from the counts `prepare` wrote when `data` is a prepared folder (reading a
+    whole memory-mapped corpus would pull every page of it into this process), else by counting now."""
+    counts = prepared_counts(data) if is_prepared(data) else None
+    return unigram_loss_of_counts(*counts, vocab) if counts is not None else unigram_loss(train, val, vocab)
+
+
+def write_split_stats(out: Path, train: np.ndarray, val: np.ndarray, vocab: int, data: str | None = None) -> None:
     if (out / "data.json").exists():
         return
+    loss = split_unigram_loss(train, val, vocab, data)
     ck.write_json(
-        out / "data.json",
-        {"train_tokens": int(len(train)), "val_tokens": int(len(val)), "unigram_loss": unigram_loss(train, val, vocab)},
+        out / "data.json", {"train_tokens": int(len(train)), "val_tokens": int(len(val)), "unigram_loss": loss}
     )
