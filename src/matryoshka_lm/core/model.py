@@ -158,11 +158,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """`at`: where the tokens go in the cache (KVCache.update); `mask` None: plain causal attention."""
         B, T, C = x.shape
-        hd, kv = self.hd, nested.kv_heads(heads, self.group)
-        q = self.wq(x, heads * hd, bits).view(B, T, heads, hd).transpose(1, 2)
-        k = self.wk(x, kv * hd, bits).view(B, T, kv, hd).transpose(1, 2)
-        v = self.wv(x, kv * hd, bits).view(B, T, kv, hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        hd = self.hd
+        q = apply_rope(self.wq(x, heads * hd, bits).view(B, T, heads, hd).transpose(1, 2), cos, sin)
+        k, v = self.keys_values(x, heads, cos, sin, bits)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v, at)
         gqa = self.group > 1  # == (kv != heads), but a module int: static under torch.compile
@@ -172,6 +170,16 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = self.heads_out(y.transpose(1, 2).reshape(B, T, heads * hd))
         return self.wo(y, C, bits)
+
+    def keys_values(
+        self, x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor, bits: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Roped keys and values (B, kv, T, hd) of normed inputs x (B, T, C): the part of forward a cache holds."""
+        B, T, _ = x.shape
+        hd, kv = self.hd, nested.kv_heads(heads, self.group)
+        k = self.wk(x, kv * hd, bits).view(B, T, kv, hd).transpose(1, 2)
+        v = self.wv(x, kv * hd, bits).view(B, T, kv, hd).transpose(1, 2)
+        return apply_rope(k, cos, sin), v
 
 
 class FeedForward(nn.Module):
@@ -285,22 +293,40 @@ class MatryoshkaLM(nn.Module):
             x = self.tok_emb.planes.rows(idx, spec.width, bits)
         else:
             x = nested.embed(idx, self.tok_emb.weight, spec.width)
+        cos, sin, at, mask = self.positions(cache, start, T, x.device, x.dtype)
+        for block, layer in nested.layers_from(self.layers, spec, first_layer):
+            x = block(x, layer, cos, sin, cache, at, mask, bits)
+        return self.norm(x) if norm else x
+
+    def positions(self, cache: KVCache | None, start: int | torch.Tensor, T: int, device, dtype) -> tuple:
+        """(cos, sin, cache slots `at`, additive mask or None) of T tokens from `start` (see hidden_states)."""
+        static = isinstance(start, torch.Tensor)
         pad = None if cache is None else cache.pad
-        at: int | torch.Tensor = start
         if not static and pad is None:  # one sequence at start..: slices; a mask only for a chunk after a prefix
             cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
             plain = cache is None or start == 0 or T == 1
-            mask = None if plain else attention_layout(start + torch.arange(T, device=x.device), start + T, None)[1]
+            mask = None if plain else attention_layout(start + torch.arange(T, device=device), start + T, None)[1]
+            at: int | torch.Tensor = start
         else:
-            slots = start + torch.arange(T, device=x.device)
+            slots = start + torch.arange(T, device=device)
             pos, mask = attention_layout(slots, cache.length if static else start + T, pad)
             cos, sin = self.rope_at(pos)
             at = slots if static else start
         if mask is not None:  # additive, once per forward: SDPA would convert a boolean mask in every layer
-            mask = torch.where(mask, 0.0, float("-inf")).to(x.dtype)
+            mask = torch.where(mask, 0.0, float("-inf")).to(dtype)
+        return cos, sin, at, mask
+
+    def fill_cache(
+        self, h: torch.Tensor, spec: SubmodelSpec, first_layer: int, cache: KVCache, start: int | torch.Tensor
+    ) -> None:
+        """Keys and values of the spec's layers from `first_layer` on for tokens whose residual stream stopped at h
+        (B, T, C) (an early exit), computed from h itself and nothing else of those layers: CALM's state
+        propagation, so later tokens attend to these ones at every layer. The same projections a block runs."""
+        bits = self.cell_bits(spec.bits)
+        cos, sin, at, _ = self.positions(cache, start, h.shape[1], h.device, h.dtype)
         for block, layer in nested.layers_from(self.layers, spec, first_layer):
-            x = block(x, layer, cos, sin, cache, at, mask, bits)
-        return self.norm(x) if norm else x
+            k, v = block.attn.keys_values(block.attn_norm(h), layer.heads, cos, sin, bits)
+            cache.update(block.idx, k, v, at)
 
     def logits(self, h: torch.Tensor, bits: int | None = None) -> torch.Tensor:
         """The LM head on final-normed hidden states (B, T, C) of any width, at `bits` (None: the loaded

@@ -1,0 +1,144 @@
+"""Per-token early exit (infer/early_exit.py): at its strictest it is the full model token for token, at its most
+lenient the first exit's size; a batch row does what it would alone; its cost counter is what hooks see run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from matryoshka_lm.config import ModelConfig
+from matryoshka_lm.core.model import KVCache, MatryoshkaLM
+from matryoshka_lm.core.spec import uniform_spec
+from matryoshka_lm.errors import MatryoshkaError
+from matryoshka_lm.infer.early_exit import NEVER, ExitCost, ExitCounter, exit_generate, exit_points, exit_step
+from matryoshka_lm.infer.early_exit_eval import exit_policy, exit_run
+from matryoshka_lm.infer.engine import generate
+from matryoshka_lm.infer.router_labels import candidate_specs, label, make_queries
+
+SIZES = {"XL": {"depth": "1"}, "E3": {"depth": "1/2"}, "E1": {"depth": "1/6"}, "W": {"ffn": "1/2"}}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        d_model=48, n_layers=6, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64, vocab_size=97, sizes=SIZES
+    )
+    m = MatryoshkaLM(cfg).eval()
+    with torch.no_grad():  # a sharper head than a fresh model's, so margins spread over (0, 1)
+        m.tok_emb.weight.mul_(25.0)
+    return m
+
+
+def margins_seen(model, prompt, n=12):
+    """Margins at the first exit along the full model's greedy path: thresholds that split them."""
+    from matryoshka_lm.infer.early_exit import margin
+
+    toks = generate(model, [prompt], None, n)[0].tokens
+    ids = torch.tensor([prompt + toks])
+    h = model.hidden_states(ids, uniform_spec(model.cfg, "E1"))
+    return margin(model.logits(h)[0, len(prompt) - 1 :]).tolist()
+
+
+def test_exit_points_are_the_trained_depths_of_full_width():
+    cfg = ModelConfig(d_model=48, n_layers=6, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=97, sizes=SIZES)
+    assert exit_points(cfg) == [1, 3, 6]  # W is narrower: no exit
+    assert exit_points(ModelConfig(d_model=48, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=96)) == [4]
+
+
+def test_the_strictest_setting_is_the_full_models_greedy_output(model):
+    prompt = [5, 17, 3, 44, 9]
+    want = generate(model, [prompt], None, 20)[0].tokens
+    got, counter = exit_generate(model, prompt, 20, NEVER)
+    assert got == want
+    assert counter.exits == {6: 20} and int(counter.heads.sum()) == 20 and int(counter.kv.sum()) == 0
+
+
+def test_the_most_lenient_setting_is_the_first_exits_size(model):
+    prompt = [5, 17, 3, 44, 9]
+    want = generate(model, [prompt], uniform_spec(model.cfg, "E1"), 20)[0].tokens
+    got, counter = exit_generate(model, prompt, 20, 0.0)
+    assert got == want
+    assert counter.exits == {1: 20} and int(counter.kv.sum()) == 20 * 5  # the other 5 layers: keys and values
+
+
+def test_the_counter_is_what_runs(model, monkeypatch):
+    prompt = [7, 1, 30, 2]
+    thr = float(np.median(margins_seen(model, prompt)))
+    calls = {"blocks": 0, "wk": 0, "heads": 0}
+    hooks = [b.register_forward_hook(lambda *_: calls.__setitem__("blocks", calls["blocks"] + 1)) for b in model.layers]
+    hooks += [
+        b.attn.wk.register_forward_hook(lambda *_: calls.__setitem__("wk", calls["wk"] + 1)) for b in model.layers
+    ]
+    logits = model.logits
+
+    def counted(*a, **k):
+        calls["heads"] += 1
+        return logits(*a, **k)
+
+    monkeypatch.setattr(model, "logits", counted)
+    try:
+        _, _ = exit_generate(model, prompt, 1, NEVER)  # the prefill alone: what to subtract
+        base = dict(calls)
+        for k in calls:
+            calls[k] = 0
+        _, counter = exit_generate(model, prompt, 12, thr)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(counter.exits) > 1  # some tokens stopped early, some did not: the case worth counting
+    prefill = {"blocks": base["blocks"] - 6, "wk": base["wk"] - 6, "heads": base["heads"] - 1}  # less its 1 token
+    assert calls["blocks"] - prefill["blocks"] == int(counter.layers.sum())
+    assert calls["heads"] - prefill["heads"] == int(counter.heads.sum())
+    assert calls["wk"] - prefill["wk"] == int(counter.layers.sum() + counter.kv.sum())  # every layer, run or filled
+    cost = ExitCost.of(model.cfg, 16)
+    assert 0 < counter.relative(cost) < 1 + 2 * cost.head / cost.full
+
+
+def test_a_batch_row_does_what_it_would_alone(model):
+    """Rows exit at different depths in one batch; each gets the tokens, depths and counts of its own run."""
+    prompts = [[7, 1, 30, 2], [5, 17, 3, 44, 9, 60], [88, 12, 4]]
+    thr = float(np.median(margins_seen(model, prompts[0])))
+    alone = [exit_generate(model, p, 10, thr) for p in prompts]
+    from matryoshka_lm.infer.forward import left_padded
+
+    idx, pad = left_padded([p[:-1] for p in prompts], "cpu")
+    P = idx.shape[1]
+    cache = KVCache.allocate(model.cfg, model.full, 3, P + 10, pad=pad)
+    with torch.no_grad():
+        model.hidden_states(idx, model.full, cache, 0)
+        counter = ExitCounter.zeros(3, model.cfg.n_layers)
+        tok = torch.tensor([[p[-1]] for p in prompts])
+        got = []
+        for t in range(10):
+            logits, _ = exit_step(model, tok, cache, P + t, thr, counter=counter)
+            tok = logits.argmax(-1, keepdim=True)
+            got.append(tok[:, 0].tolist())
+    for j, (toks, c) in enumerate(alone):
+        assert [g[j] for g in got] == toks
+        assert torch.equal(counter.layers[j], c.layers[0]) and torch.equal(counter.kv[j], c.kv[0])
+
+
+def test_the_policy_at_its_ends_scores_as_the_labels_do(model):
+    tokens = np.random.default_rng(0).integers(0, 97, 4000)
+    queries = make_queries(tokens, 12, window=40, cont=8)
+    specs = candidate_specs(model)
+    names = [s.name for s in specs]
+    labels = label(model, queries, specs)
+    pol = exit_policy(model, queries, thresholds=(0.0, NEVER))
+    np.testing.assert_allclose(pol.nll[1], labels.nll[:, names.index("XL")], rtol=1e-5)
+    np.testing.assert_allclose(pol.nll[0], labels.nll[:, names.index("E1")], rtol=1e-5)
+    total = queries.prompt_lens.numpy() + queries.cont
+    np.testing.assert_allclose(pol.work[1], total)  # never asking costs what always-full costs
+    assert (pol.work[0] < total).all() and pol.exits[0] == {1: 1.0} and pol.exits[1] == {6: 1.0}
+
+
+def test_bad_exit_points_are_refused(model):
+    cache = KVCache.allocate(model.cfg, model.full, 1, 4)
+    with pytest.raises(MatryoshkaError, match="exit points"):
+        exit_step(model, torch.tensor([[1]]), cache, 0, 0.5, points=[2, 3])
+    with pytest.raises(MatryoshkaError, match="max_seq_len"):
+        exit_generate(model, [1] * 60, 10, 0.5)
+    w, q, ex = exit_run(model, make_queries(np.arange(200) % 97, 2, window=40, cont=8), NEVER, [6])
+    assert ex == {6: 16} and np.isfinite(q).all() and (w > 0).all()
