@@ -3,6 +3,8 @@ lenient the first exit's size; a batch row does what it would alone; its cost co
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from matryoshka_lm.core.model import KVCache, MatryoshkaLM
 from matryoshka_lm.core.spec import uniform_spec
 from matryoshka_lm.errors import MatryoshkaError
 from matryoshka_lm.infer.early_exit import NEVER, ExitCost, ExitCounter, exit_generate, exit_points, exit_step
-from matryoshka_lm.infer.early_exit_eval import exit_policy, exit_run
+from matryoshka_lm.infer.early_exit_eval import THRESHOLDS, exit_policy, exit_run
 from matryoshka_lm.infer.engine import generate
 from matryoshka_lm.infer.router_labels import candidate_specs, label, make_queries
 
@@ -142,3 +144,28 @@ def test_bad_exit_points_are_refused(model):
         exit_generate(model, [1] * 60, 10, 0.5)
     w, q, ex = exit_run(model, make_queries(np.arange(200) % 97, 2, window=40, cont=8), NEVER, [6])
     assert ex == {6: 16} and np.isfinite(q).all() and (w > 0).all()
+
+
+def test_route_eval_measures_the_early_exit_beside_the_router(tmp_path, corpus_file, capsys):
+    from _tiny_ckpt import make_checkpoint
+    from matryoshka_lm.cli import main
+
+    ckpt = make_checkpoint(
+        tmp_path / "ck", corpus_file, n_layers=4, sizes={"XL": {"depth": "1"}, "E2": {"depth": "1/2"}}
+    )
+    common = ["--queries", "24", "--data", str(corpus_file)]
+    assert main(["route", "fit", str(ckpt), "--window", "40", "--cont", "8", *common]) == 0
+    js = tmp_path / "rep.json"
+    assert main(["route", "eval", str(ckpt), "--bootstrap", "5", "--json", str(js), *common]) == 0
+    out = capsys.readouterr().out
+    assert "early exit (margin): setting, compute, NLL" in out and "APGR early exit (margin) - fixed sizes" in out
+    rep = json.loads(js.read_text())
+    pts = rep["per_token"]["early exit (margin)"]
+    assert [p["setting"] for p in pts] == list(THRESHOLDS)
+    assert pts[-1]["exits"] == {"4": 1.0} and pts[0]["exits"] == {"2": 1.0}
+    assert pts[-1]["compute"] == pytest.approx(1.0) and pts[-1]["nll"] == pytest.approx(
+        rep["fixed"]["always XL"]["nll"]
+    )
+    assert set(rep["minus_fixed_sizes"]) == {"learned", "confidence", "early exit (margin)"}
+    assert main(["route", "eval", str(ckpt), "--bootstrap", "5", "--json", str(js), "--no-early-exit", *common]) == 0
+    assert json.loads(js.read_text())["per_token"] == {}

@@ -53,9 +53,11 @@ def cmd_fit(a: argparse.Namespace) -> None:
 
 def cmd_eval(a: argparse.Namespace) -> None:
     from matryoshka_lm.core.checkpoint import load_model
+    from matryoshka_lm.infer.early_exit import exit_points
+    from matryoshka_lm.infer.early_exit_eval import exit_policy
     from matryoshka_lm.infer.router import Router
     from matryoshka_lm.infer.router_eval import evaluate, format_report, plot_curves
-    from matryoshka_lm.infer.router_labels import label_tokens
+    from matryoshka_lm.infer.router_labels import label_tokens, model_queries
 
     if a.tolerance is not None and a.budget is not None:
         raise MatryoshkaError("give --tolerance or --budget, not both")
@@ -63,9 +65,14 @@ def cmd_eval(a: argparse.Namespace) -> None:
     model = load_model(Path(a.ckpt), pick_device(a.device))
     tau = router.resolve_tau(a.tolerance, a.budget)
     window, cont = router.info.get("window", 128), router.info.get("cont", 32)
+    tokens = _tokens(a.ckpt, a.data)
     with progress("matryoshka_lm.infer.router_labels"):
-        _, labels = label_tokens(model, _tokens(a.ckpt, a.data), a.queries, window, cont, a.seed)
-    rep = evaluate(model, router, labels, tau, n_boot=a.bootstrap)
+        _, labels = label_tokens(model, tokens, a.queries, window, cont, a.seed, candidates=router.candidates)
+    per_token = []
+    if a.early_exit and len(exit_points(model.cfg)) > 1 and not any("@" in c for c in router.candidates):
+        with progress("matryoshka_lm.infer.early_exit_eval"):
+            per_token.append(exit_policy(model, model_queries(model, tokens, a.queries, window, cont, a.seed)))
+    rep = evaluate(model, router, labels, tau, n_boot=a.bootstrap, per_token=per_token)
     print(format_report(rep))
     if a.plot:
         plot_curves(rep, a.plot, title=f"{Path(a.data).name}: {rep['queries']} queries")
@@ -105,4 +112,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--json", help="write the full report as JSON here")
     e.add_argument("--seed", type=int, default=1)
     e.add_argument("--device", default="cpu")
+    e.add_argument(
+        "--no-early-exit",
+        dest="early_exit",
+        action="store_false",
+        help="skip the per-token early-exit policy (measured by default when the model has trained exits: sizes of "
+        "full width and fewer layers)",
+    )
     e.set_defaults(func=cmd_eval)

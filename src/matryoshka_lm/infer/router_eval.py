@@ -3,6 +3,7 @@ with bootstrap intervals, the operating point at a threshold, and the plot (the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import numpy as np
 
 from matryoshka_lm.core.model import MatryoshkaLM
 
+from .early_exit_eval import TokenPolicy
 from .router import Router, router_flops
 from .router_fit import (
     BOOTSTRAP,
@@ -33,8 +35,11 @@ def evaluate(
     labels: Labels,
     tau: float,
     n_boot: int = BOOTSTRAP,
+    per_token: Sequence[TokenPolicy] = (),
 ) -> dict[str, Any]:
-    """Every policy's curve, APGR/CPT with CIs, and the routers' operating point at `tau`."""
+    """Every policy's curve, APGR/CPT with CIs, and the routers' operating point at `tau`; `per_token`: policies
+    that decide per token on the same queries (early_exit_eval), compared like the rest, and each against the
+    fixed sizes with a paired bootstrap."""
     specs = router.specs(model.cfg)
     costs = query_costs(model, specs, labels)
     n, k = labels.nll.shape
@@ -45,7 +50,8 @@ def evaluate(
     policies.append(oracle_policy(labels, tau_grid(labels.gaps, 60)))
     policies.append(random_policy(n, k, np.linspace(0, 1, 21)))
     # mixing adjacent fixed sizes at random traces the lines between them: the bar a per-query router must clear
-    policies.append(Policy("fixed sizes", np.repeat(np.arange(k)[:, None], n, 1), False, np.arange(k)))
+    fixed_curve = Policy("fixed sizes", np.repeat(np.arange(k)[:, None], n, 1), False, np.arange(k))
+    policies += [fixed_curve, *per_token]
     curves, metrics = {}, {}
     for pol in policies:
         c, q = pol.points(labels, costs)
@@ -55,6 +61,13 @@ def evaluate(
     for pol in fixed_policies(n, router.candidates):
         c, q = pol.points(labels, costs)
         fixed[pol.name] = {"compute": float(c[0]), "nll": float(q[0])}
+    vs_fixed = {p.name: paired_apgr_difference(fixed_curve, p, labels, costs, n_boot) for p in policies
+                if p.name not in ("fixed sizes", "oracle", "random")}  # fmt: skip
+    token_points = {
+        p.name: [{"setting": float(t), "compute": float(c), "nll": float(q), "exits": {str(d): v for d, v in e.items()}}
+                 for t, c, q, e in zip(p.settings, *p.points(labels, costs), p.exits)]
+        for p in per_token
+    }  # fmt: skip
     diff = {}
     if {"learned", "confidence"} <= set(router.predictors):
         diff = paired_apgr_difference(policies[0], policies[1], labels, costs, n_boot)  # sorted: confidence, learned
@@ -74,6 +87,8 @@ def evaluate(
         "fixed": fixed,
         "at_tau": at_tau,
         "learned_minus_confidence": diff,
+        "minus_fixed_sizes": vs_fixed,
+        "per_token": token_points,
         "overhead": {
             "mean_prompt_len": float(labels.prompt_lens.mean()),
             "predictor_vs_full_prefill": flops["predictor"] / flops["full_prefill"],
@@ -99,6 +114,13 @@ def format_report(rep: dict[str, Any]) -> str:
     lines += ["", f"{'curve':<14}{'APGR [95% CI]':>24}{'CPT(50%)':>24}{'CPT(80%)':>24}"]
     for name, m in rep["metrics"].items():
         lines.append(f"{name:<14}{_fmt(m['apgr']):>24}{_fmt(m['cpt50']):>24}{_fmt(m['cpt80']):>24}")
+    for name, d in rep.get("minus_fixed_sizes", {}).items():
+        lines.append(f"APGR {name} - fixed sizes (paired bootstrap): {_fmt(d)}")
+    for name, pts in rep.get("per_token", {}).items():
+        lines += ["", f"{name}: setting, compute, NLL, share of tokens stopping at each depth"]
+        for pt in pts:
+            share = " ".join(f"{d}:{v:.0%}" for d, v in pt["exits"].items())
+            lines.append(f"  {pt['setting']:<8g}{pt['compute']:>9.3f}{pt['nll']:>8.3f}   {share}")
     if rep["learned_minus_confidence"]:
         lines.append(f"APGR learned - confidence (paired bootstrap): {_fmt(rep['learned_minus_confidence'])}")
     o = rep["overhead"]

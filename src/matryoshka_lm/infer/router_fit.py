@@ -49,8 +49,10 @@ def fit_predictors(
     scale = np.where(scale > 1e-6, scale, 1.0)
     z = (x - mean) / scale
     ridge = RidgeCV(alphas=alphas).fit(z, gaps)
+    coef = ridge.coef_.reshape(gaps.shape[1], -1)  # one target (two candidates): sklearn returns it 1-D
+    bias = np.atleast_1d(ridge.intercept_)
     col = feature_names(x.shape[1] - 3).index(CONFIDENCE_FEATURE)
-    conf_w = np.zeros_like(ridge.coef_)
+    conf_w = np.zeros_like(coef)
     conf_b = np.zeros(gaps.shape[1])
     for k in range(gaps.shape[1]):
         slope, intercept = np.polyfit(z[:, col], gaps[:, k], 1)
@@ -60,7 +62,7 @@ def fit_predictors(
         return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32).contiguous()
 
     return {
-        "learned": Predictor(t(ridge.coef_), t(ridge.intercept_), t(mean), t(scale)),
+        "learned": Predictor(t(coef), t(bias), t(mean), t(scale)),
         "confidence": Predictor(t(conf_w), t(conf_b), t(mean), t(scale)),
     }
 

@@ -175,6 +175,12 @@ def label_generation(model: MatryoshkaLM, queries: Queries, specs: list[Submodel
     return Labels(nll, feats.numpy(), lens.numpy(), new_tokens)
 
 
+def model_queries(model: MatryoshkaLM, tokens: np.ndarray, n: int, window: int, cont: int, seed: int = 0) -> Queries:
+    """The queries label_tokens labels: windows clipped to the model's context, at most half of one scored."""
+    window = min(window, model.cfg.max_seq_len)
+    return make_queries(tokens, n, window, min(cont, window // 2), seed=seed)
+
+
 def label_tokens(
     model: MatryoshkaLM,
     tokens: np.ndarray,
@@ -191,10 +197,8 @@ def label_tokens(
     quality: "scoring" (the default: NLL of the reference continuation, `label`) or "generation" (the full size's
     NLL of each candidate's greedy continuation of `new_tokens`, `label_generation`; same prompts).
     candidates: specs or cells to route between (candidate_specs; default: the trained sizes)."""
-    window = min(window, model.cfg.max_seq_len)
-    cont = min(cont, window // 2)
     specs = candidate_specs(model, candidates)
-    queries = make_queries(tokens, n, window, cont, seed=seed)
+    queries = model_queries(model, tokens, n, window, cont, seed)
     if quality == "scoring":
         return specs, label(model, queries, specs)
     if quality == "generation":
