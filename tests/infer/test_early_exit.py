@@ -13,7 +13,7 @@ from matryoshka_lm.config import ModelConfig
 from matryoshka_lm.core.model import KVCache, MatryoshkaLM
 from matryoshka_lm.core.spec import uniform_spec
 from matryoshka_lm.errors import MatryoshkaError
-from matryoshka_lm.infer.early_exit import NEVER, ExitCost, ExitCounter, exit_generate, exit_points, exit_step
+from matryoshka_lm.infer.early_exit import NEVER, ExitCost, ExitCounter, exit_forward, exit_generate, exit_points
 from matryoshka_lm.infer.early_exit_eval import THRESHOLDS, exit_policy, exit_run
 from matryoshka_lm.infer.engine import generate
 from matryoshka_lm.infer.router_labels import candidate_specs, label, make_queries
@@ -43,6 +43,12 @@ def margins_seen(model, prompt, n=12):
     return margin(model.logits(h)[0, len(prompt) - 1 :]).tolist()
 
 
+def split(margins: list[float]) -> float:
+    """A threshold between the two middle margins: no token sits on it, so float noise cannot flip a decision."""
+    m = sorted(set(margins))
+    return (m[len(m) // 2 - 1] + m[len(m) // 2]) / 2
+
+
 def test_exit_points_are_the_trained_depths_of_full_width():
     cfg = ModelConfig(d_model=48, n_layers=6, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=97, sizes=SIZES)
     assert exit_points(cfg) == [1, 3, 6]  # W is narrower: no exit
@@ -54,7 +60,8 @@ def test_the_strictest_setting_is_the_full_models_greedy_output(model):
     want = generate(model, [prompt], None, 20)[0].tokens
     got, counter = exit_generate(model, prompt, 20, NEVER)
     assert got == want
-    assert counter.exits == {6: 20} and int(counter.heads.sum()) == 20 and int(counter.kv.sum()) == 0
+    n = len(prompt) + 19  # every token fed: the prompt and the new ones but the last
+    assert counter.exits == {6: n} and int(counter.heads.sum()) == n and int(counter.kv.sum()) == 0
 
 
 def test_the_most_lenient_setting_is_the_first_exits_size(model):
@@ -62,12 +69,13 @@ def test_the_most_lenient_setting_is_the_first_exits_size(model):
     want = generate(model, [prompt], uniform_spec(model.cfg, "E1"), 20)[0].tokens
     got, counter = exit_generate(model, prompt, 20, 0.0)
     assert got == want
-    assert counter.exits == {1: 20} and int(counter.kv.sum()) == 20 * 5  # the other 5 layers: keys and values
+    n = len(prompt) + 19
+    assert counter.exits == {1: n} and int(counter.kv.sum()) == n * 5  # the other 5 layers: keys and values
 
 
 def test_the_counter_is_what_runs(model, monkeypatch):
     prompt = [7, 1, 30, 2]
-    thr = float(np.median(margins_seen(model, prompt)))
+    thr = split(margins_seen(model, prompt))
     calls = {"blocks": 0, "wk": 0, "heads": 0}
     hooks = [b.register_forward_hook(lambda *_: calls.__setitem__("blocks", calls["blocks"] + 1)) for b in model.layers]
     hooks += [
@@ -81,45 +89,60 @@ def test_the_counter_is_what_runs(model, monkeypatch):
 
     monkeypatch.setattr(model, "logits", counted)
     try:
-        _, _ = exit_generate(model, prompt, 1, NEVER)  # the prefill alone: what to subtract
-        base = dict(calls)
-        for k in calls:
-            calls[k] = 0
         _, counter = exit_generate(model, prompt, 12, thr)
     finally:
         for h in hooks:
             h.remove()
     assert len(counter.exits) > 1  # some tokens stopped early, some did not: the case worth counting
-    prefill = {"blocks": base["blocks"] - 6, "wk": base["wk"] - 6, "heads": base["heads"] - 1}  # less its 1 token
-    assert calls["blocks"] - prefill["blocks"] == int(counter.layers.sum())
-    assert calls["heads"] - prefill["heads"] == int(counter.heads.sum())
-    assert calls["wk"] - prefill["wk"] == int(counter.layers.sum() + counter.kv.sum())  # every layer, run or filled
+    assert calls["blocks"] == int(counter.layers.sum()) and calls["heads"] == int(counter.heads.sum())
+    assert calls["wk"] == int(counter.layers.sum() + counter.kv.sum())  # every layer of every token, run or filled
+    assert counter.tokens == len(prompt) + 11
     cost = ExitCost.of(model.cfg, 16)
     assert 0 < counter.relative(cost) < 1 + 2 * cost.head / cost.full
+
+
+def test_one_pass_over_a_sequence_is_feeding_it_token_by_token(model):
+    """What teacher-forced evaluation computes (one exit_forward over the window) is what generation runs."""
+    seq = [7, 1, 30, 2, 55, 13, 8, 91, 4, 4, 26, 70, 3, 33, 12, 60]
+    thr = split(margins_seen(model, seq[:4]))
+    with torch.no_grad():
+        whole = exit_forward(model, torch.tensor([seq]), thr)
+        cache = KVCache.allocate(model.cfg, model.full, 1, len(seq))
+        steps = [exit_forward(model, torch.tensor([[t]]), thr, cache, i) for i, t in enumerate(seq)]
+    assert len(set(whole.depth[0].tolist())) > 1
+    assert whole.depth[0].tolist() == [int(s.depth) for s in steps]
+    torch.testing.assert_close(whole.logits[0], torch.cat([s.logits[0] for s in steps]), rtol=1e-4, atol=1e-4)
+    assert torch.equal(whole.ran[0], torch.cat([s.ran[0] for s in steps]))
 
 
 def test_a_batch_row_does_what_it_would_alone(model):
     """Rows exit at different depths in one batch; each gets the tokens, depths and counts of its own run."""
     prompts = [[7, 1, 30, 2], [5, 17, 3, 44, 9, 60], [88, 12, 4]]
-    thr = float(np.median(margins_seen(model, prompts[0])))
+    thr = split(margins_seen(model, prompts[0]))
     alone = [exit_generate(model, p, 10, thr) for p in prompts]
     from matryoshka_lm.infer.forward import left_padded
 
-    idx, pad = left_padded([p[:-1] for p in prompts], "cpu")
+    idx, pad = left_padded(prompts, "cpu")
     P = idx.shape[1]
     cache = KVCache.allocate(model.cfg, model.full, 3, P + 10, pad=pad)
+    counter = ExitCounter.zeros(3, model.cfg.n_layers)
     with torch.no_grad():
-        model.hidden_states(idx, model.full, cache, 0)
-        counter = ExitCounter.zeros(3, model.cfg.n_layers)
-        tok = torch.tensor([[p[-1]] for p in prompts])
+        res = exit_forward(model, idx, thr, cache, 0)
+        real = torch.arange(P)[None] >= pad[:, None]  # the pad slots' own tokens are not counted
+        res.ran, res.asked = res.ran & real[..., None], res.asked * real
+        counter.add(res)
+        counter.kv -= (~real).long().sum(1, keepdim=True)
         got = []
         for t in range(10):
-            logits, _ = exit_step(model, tok, cache, P + t, thr, counter=counter)
-            tok = logits.argmax(-1, keepdim=True)
+            tok = res.logits[:, -1].argmax(-1, keepdim=True)
             got.append(tok[:, 0].tolist())
+            if t < 9:
+                res = exit_forward(model, tok, thr, cache, P + t)
+                counter.add(res)
     for j, (toks, c) in enumerate(alone):
         assert [g[j] for g in got] == toks
         assert torch.equal(counter.layers[j], c.layers[0]) and torch.equal(counter.kv[j], c.kv[0])
+        assert counter.heads[j] == c.heads[0]
 
 
 def test_the_policy_at_its_ends_scores_as_the_labels_do(model):
@@ -137,13 +160,15 @@ def test_the_policy_at_its_ends_scores_as_the_labels_do(model):
 
 
 def test_bad_exit_points_are_refused(model):
-    cache = KVCache.allocate(model.cfg, model.full, 1, 4)
     with pytest.raises(MatryoshkaError, match="exit points"):
-        exit_step(model, torch.tensor([[1]]), cache, 0, 0.5, points=[2, 3])
+        exit_forward(model, torch.tensor([[1]]), 0.5, points=[2, 3])
+    with pytest.raises(MatryoshkaError, match="exit points"):
+        exit_forward(model, torch.tensor([[1]]), 0.5, points=[3, 1, 6])
     with pytest.raises(MatryoshkaError, match="max_seq_len"):
         exit_generate(model, [1] * 60, 10, 0.5)
-    w, q, ex = exit_run(model, make_queries(np.arange(200) % 97, 2, window=40, cont=8), NEVER, [6])
-    assert ex == {6: 16} and np.isfinite(q).all() and (w > 0).all()
+    queries = make_queries(np.arange(200) % 97, 2, window=40, cont=8)
+    w, q, ex = exit_run(model, queries, NEVER, [6])
+    assert ex == {6: int(queries.prompt_lens.sum()) + 16} and np.isfinite(q).all() and (w > 0).all()
 
 
 def test_route_eval_measures_the_early_exit_beside_the_router(tmp_path, corpus_file, capsys):

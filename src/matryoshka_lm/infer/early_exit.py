@@ -9,9 +9,11 @@ exits skips the rest of the layers, and their keys and values for it are compute
 which may run deeper, attend to something at every layer.
 
 threshold > 1 never asks: the output is the full model's, token for token. threshold 0 stops at the first point.
-The same step serves a batch (teacher-forced evaluation over many queries at once): rows that have exited keep
-their exit state while the others run on, and the skipped layers still compute their keys and values from that
-state, exactly as `fill_cache` does for a batch of one, where the layers are really skipped.
+Every token decides, the prompt's too, so a policy pays its own compute for the whole query as a fixed size does.
+One pass serves many tokens (a prompt, or a teacher-forced batch of queries): tokens that stopped keep their exit
+state while the others run on, and the skipped layers still compute keys and values from that state, exactly as
+`fill_cache` does when every token has stopped and the layers are really skipped. By causality this equals feeding
+the tokens one at a time.
 
 Cost (ExitCost): forward FLOPs per token of the layers run, the heads asked, and the K/V projections of the layers
 skipped, against one full-size token (core/spec.flops_per_token) at the same context.
@@ -66,20 +68,48 @@ class ExitCost:
 
 
 @dataclass
-class ExitCounter:
-    """What early-exit steps ran, per batch row: layers in full, heads, layers reduced to their keys and values,
-    tokens. Its FLOPs are the sum of those parts (ExitCost)."""
+class ExitResult:
+    """What one early-exit forward of tokens (B, T) gave and ran, per token."""
 
-    layers: torch.Tensor
-    heads: torch.Tensor
-    kv: torch.Tensor
+    logits: torch.Tensor  # (B, T, V) next-token logits, from the depth each token stopped at
+    depth: torch.Tensor  # (B, T) that depth
+    ran: torch.Tensor  # (B, T, L) bool: layer l ran in full for the token (else: its keys and values only)
+    asked: torch.Tensor  # (B, T) LM heads evaluated for the token (one per exit point reached, the last included)
+
+    def flops(self, cost: ExitCost) -> torch.Tensor:
+        """(B, T) forward FLOPs of each token."""
+        ran = self.ran.double()
+        return (
+            ran @ torch.tensor(cost.layer, dtype=torch.float64)
+            + (1 - ran) @ torch.tensor(cost.kv, dtype=torch.float64)
+            + self.asked.double() * cost.head
+        )
+
+
+@dataclass
+class ExitCounter:
+    """Totals over early-exit forwards, per batch row: tokens that ran each layer in full, that reduced it to keys
+    and values, heads evaluated, tokens, and how many stopped at each depth."""
+
+    layers: torch.Tensor  # (B, L)
+    kv: torch.Tensor  # (B, L)
+    heads: torch.Tensor  # (B,)
     tokens: int = 0
-    exits: dict[int, int] = field(default_factory=dict)  # exit depth -> tokens that stopped there
+    exits: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def zeros(cls, batch: int, n_layers: int) -> ExitCounter:
         z = torch.zeros(batch, n_layers, dtype=torch.long)
-        return cls(z, torch.zeros(batch, dtype=torch.long), z.clone())
+        return cls(z, z.clone(), torch.zeros(batch, dtype=torch.long))
+
+    def add(self, res: ExitResult) -> None:
+        ran = res.ran.cpu().long()
+        self.layers += ran.sum(1)
+        self.kv += (1 - ran).sum(1)
+        self.heads += res.asked.cpu().sum(1)
+        self.tokens += res.depth.numel()
+        for d in res.depth.flatten().tolist():
+            self.exits[d] = self.exits.get(d, 0) + 1
 
     def flops(self, cost: ExitCost) -> torch.Tensor:
         """(B,) FLOPs of everything counted, per row."""
@@ -97,59 +127,62 @@ def margin(logits: torch.Tensor) -> torch.Tensor:
     return top[..., 0] - top[..., 1]
 
 
-def exit_step(
+def check_points(cfg: ModelConfig, points: list[int] | None) -> list[int]:
+    points = points or exit_points(cfg)
+    if points[-1] != cfg.n_layers or any(not 0 < p <= cfg.n_layers for p in points) or points != sorted(set(points)):
+        raise MatryoshkaError(f"exit points {points} must be ascending depths in 1..{cfg.n_layers} ending at the full")
+    return points
+
+
+def exit_forward(
     model: MatryoshkaLM,
     ids: torch.Tensor,
-    cache: KVCache,
-    start: int,
     threshold: float,
+    cache: KVCache | None = None,
+    start: int = 0,
     points: list[int] | None = None,
-    counter: ExitCounter | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step of ids (B, 1) at cache slot `start`: (next-token logits (B, V), exit depth (B,))."""
+) -> ExitResult:
+    """Tokens ids (B, T) through the layers with per-token early exit, at cache slots start.. (or no cache: a
+    teacher-forced pass). A stopped token keeps its state, and the layers after still compute its keys and values
+    from it (running on it, their outputs for it discarded); when every token has stopped, fill_cache computes only
+    those. Causality makes this pass equal to feeding the tokens one at a time."""
     cfg = model.cfg
-    points = points or exit_points(cfg)
-    if points[-1] != cfg.n_layers or any(not 0 < p <= cfg.n_layers for p in points):
-        raise MatryoshkaError(f"exit points {points} must be depths in 1..{cfg.n_layers} ending at the full depth")
-    B = ids.shape[0]
+    points = check_points(cfg, points)
+    L, (B, T) = cfg.n_layers, ids.shape
     h = model.hidden_states(ids, depth_spec(cfg, 0), cache, start, norm=False)  # the embedding
-    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
-    depth = torch.full((B,), cfg.n_layers, dtype=torch.long, device=ids.device)
-    logits = torch.zeros(B, cfg.vocab_size, device=ids.device)
-    asks = [p for p in points[:-1] if threshold <= 1.0]
-    for lay in range(cfg.n_layers):
+    done = torch.zeros(B, T, dtype=torch.bool, device=ids.device)
+    ran = torch.zeros(B, T, L, dtype=torch.bool, device=ids.device)
+    asked = torch.zeros(B, T, dtype=torch.long, device=ids.device)
+    depth = torch.full((B, T), L, dtype=torch.long, device=ids.device)
+    logits = None
+    asks = set(points[:-1]) if threshold <= 1.0 else set()
+    for lay in range(L):
         if bool(done.all()):  # nothing runs on: the rest of the layers are keys and values only
-            model.fill_cache(h, model.full, lay, cache, start)
-            if counter is not None:
-                counter.kv[:, lay:] += 1
+            if cache is not None:
+                model.fill_cache(h, model.full, lay, cache, start)
             break
         out = model.hidden_states(None, depth_spec(cfg, lay + 1), cache, start, h=h, first_layer=lay, norm=False)
-        if counter is not None:
-            counter.layers[:, lay] += (~done).long().cpu()
-            counter.kv[:, lay] += done.long().cpu()
-        h = torch.where(done[:, None, None], h, out)  # an exited row keeps its state: its K/V came from it
-        if lay + 1 in asks or lay + 1 == cfg.n_layers:
-            z = model.logits(model.norm(h))[:, -1]
+        ran[:, :, lay] = ~done
+        h = torch.where(done[..., None], h, out)  # a stopped token keeps its state: its K/V came from it
+        if lay + 1 in asks or lay + 1 == L:
+            z = model.logits(model.norm(h))
             live = ~done
-            if counter is not None:
-                counter.heads += live.long().cpu()
-            stop = live & ((margin(z) >= threshold) if lay + 1 < cfg.n_layers else torch.ones_like(live))
-            logits = torch.where(stop[:, None], z, logits)
-            depth = torch.where(stop, torch.full_like(depth, lay + 1), depth)
+            asked += live.long()
+            stop = live & (margin(z) >= threshold) if lay + 1 < L else live
+            logits = z if logits is None else torch.where(stop[..., None], z, logits)
+            depth = torch.where(stop, lay + 1, depth)
             done = done | stop
-    if counter is not None:
-        counter.tokens += B
-        for d in depth.tolist():
-            counter.exits[d] = counter.exits.get(d, 0) + 1
-    return logits, depth
+    return ExitResult(logits, depth, ran, asked)
 
 
 @torch.no_grad()
 def exit_generate(
     model: MatryoshkaLM, prompt: list[int], max_new: int, threshold: float, points: list[int] | None = None
 ) -> tuple[list[int], ExitCounter]:
-    """Greedy decoding with per-token early exit (batch 1): the prompt is prefilled by the full model, then each
-    new token by exit_step. Returns the new tokens and what ran for them."""
+    """Greedy decoding with per-token early exit at batch 1. Every token is fed alone, the prompt's too, so the
+    layers a token skips are really skipped (only their keys and values are computed) and the counter is what ran;
+    exit_forward over the whole sequence at once is the same computation (what teacher-forced evaluation uses).
+    Returns the new tokens and the counts over every token fed (the prompt and the new ones but the last)."""
     cfg = model.cfg
     if not prompt:
         raise MatryoshkaError("early-exit generation needs a prompt of at least one token")
@@ -157,14 +190,12 @@ def exit_generate(
         raise MatryoshkaError(f"{len(prompt)} prompt + {max_new} new tokens exceed max_seq_len={cfg.max_seq_len}")
     device = next(model.parameters()).device
     cache = KVCache.allocate(cfg, model.full, 1, len(prompt) + max_new, device)
-    ids = torch.tensor([prompt], device=device)
     counter = ExitCounter.zeros(1, cfg.n_layers)
-    if len(prompt) > 1:  # the prompt but its last token: only its keys and values are needed
-        model.hidden_states(ids[:, :-1], model.full, cache, 0)
-    out, tok, pos = [], ids[:, -1:], len(prompt) - 1
-    for _ in range(max_new):
-        logits, _ = exit_step(model, tok, cache, pos, threshold, points, counter)
-        tok = logits.argmax(-1, keepdim=True)
-        out.append(int(tok))
-        pos += 1
+    fed, out = list(prompt), []
+    for pos in range(len(prompt) + max_new - 1):
+        res = exit_forward(model, torch.tensor([[fed[pos]]], device=device), threshold, cache, pos, points)
+        counter.add(res)
+        if pos >= len(prompt) - 1:
+            out.append(int(res.logits[0, -1].argmax()))
+            fed.append(out[-1])
     return out, counter

@@ -1,12 +1,11 @@
 """The per-token early exit as a routing policy: the same queries, quality and compute as the size router's.
 
-Teacher forcing with the real decoding semantics: each query's prompt but its last token is prefilled by the full
-model, then its continuation is fed one reference token at a time through exit_step (so the skipped layers' keys
-and values come from exit states, as in serving, and later tokens see them). Quality is the mean NLL of the reference
-continuation under the logits each token exited with: the router labels' NLL (router_labels.label) for this policy.
-Compute is in full-size token-passes per query, as router_fit.Costs counts the fixed sizes: the prefilled prompt at
-1 per token, each continuation token at its counted FLOPs over a full token's (ExitCounter), and the window's last
-token, which the labels count too, at 1. Queries are batched with left padding (the engine's layout).
+Teacher forcing with the real decoding semantics: each query's window goes through exit_forward in one pass (every
+token deciding, the skipped layers' keys and values computed from exit states, which later tokens attend to: by
+causality the same as decoding the tokens one at a time). Quality is the mean NLL of the reference continuation
+under the logits each token stopped with, at the positions the router labels score (router_labels.label). Compute
+is in full-size token-passes per query, as router_fit.Costs counts the fixed sizes: the FLOPs of each of the query's
+prompt + continuation tokens over a full-size token's (ExitResult.flops).
 """
 
 from __future__ import annotations
@@ -17,11 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from matryoshka_lm.core.model import KVCache, MatryoshkaLM
-from matryoshka_lm.core.scoring import log_probs, token_logprobs
+from matryoshka_lm.core.model import MatryoshkaLM
+from matryoshka_lm.core.scoring import next_token_logprobs
 
-from .early_exit import NEVER, ExitCost, ExitCounter, exit_points, exit_step
-from .forward import left_padded
+from .early_exit import NEVER, ExitCost, exit_forward, exit_points
 from .router_labels import Queries
 
 log = logging.getLogger(__name__)
@@ -48,34 +46,25 @@ class TokenPolicy:
 
 @torch.no_grad()
 def exit_run(
-    model: MatryoshkaLM, queries: Queries, threshold: float, points: list[int], batch: int = 64
+    model: MatryoshkaLM, queries: Queries, threshold: float, points: list[int], batch: int = 32
 ) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
     """(work (N,), continuation NLL (N,), tokens per exit depth) of every query at one threshold."""
-    cfg, cont = model.cfg, queries.cont
+    cont, W = queries.cont, queries.windows.shape[1]
     device = model.head_weight().device
-    cost = ExitCost.of(cfg, queries.windows.shape[1])
+    cost = ExitCost.of(model.cfg, W)
     n = len(queries)
     work, nll, exits = np.zeros(n), np.zeros(n), {}
+    pos = torch.arange(W - 1, device=device)[None]
     for a in range(0, n, batch):
-        win, lens = queries.windows[a : a + batch], queries.prompt_lens[a : a + batch].tolist()
-        prompts = [win[j, : p - 1].tolist() for j, p in enumerate(lens)]
-        idx, pad = left_padded(prompts, device)
-        B, P = idx.shape
-        cache = KVCache.allocate(cfg, model.full, B, P + cont, device, pad=pad)
-        if P:
-            model.hidden_states(idx, model.full, cache, 0)
-        counter = ExitCounter.zeros(B, cfg.n_layers)
-        step_in = torch.stack([win[j, p - 1 : p - 1 + cont] for j, p in enumerate(lens)]).to(device)
-        target = torch.stack([win[j, p : p + cont] for j, p in enumerate(lens)]).to(device)
-        tok_nll = torch.zeros(B, cont)
-        for t in range(cont):
-            logits, _ = exit_step(model, step_in[:, t : t + 1], cache, P + t, threshold, points, counter)
-            tok_nll[:, t] = -token_logprobs(log_probs(logits), target[:, t]).cpu()
-        lens_np = np.asarray(lens, dtype=np.float64)
-        work[a : a + B] = (lens_np - 1) + counter.flops(cost).numpy() / cost.full + 1
-        nll[a : a + B] = tok_nll.mean(1).numpy()
-        for d, c in counter.exits.items():
-            exits[d] = exits.get(d, 0) + c
+        ids, p = queries.windows[a : a + batch].to(device), queries.prompt_lens[a : a + batch].to(device)
+        res = exit_forward(model, ids, threshold, points=points)
+        tok = -next_token_logprobs(res.logits, ids)  # (B, W - 1): position t's NLL of token t + 1
+        scored = (pos >= p[:, None] - 1) & (pos < p[:, None] - 1 + cont)
+        nll[a : a + len(ids)] = ((tok * scored).sum(1) / cont).cpu().numpy()
+        counted = torch.arange(W, device=device)[None] < (p + cont)[:, None]  # the tokens the labels count
+        work[a : a + len(ids)] = ((res.flops(cost) * counted.double().cpu()).sum(1) / cost.full).numpy()
+        for d in res.depth[counted].tolist():
+            exits[d] = exits.get(d, 0) + 1
     return work, nll, exits
 
 
