@@ -32,36 +32,37 @@ from matryoshka_lm.data import encode_corpus, split_tokens  # noqa: E402
 from matryoshka_lm.infer import router_eval as RE  # noqa: E402
 from matryoshka_lm.infer import router_fit as RF  # noqa: E402
 from matryoshka_lm.infer import router_labels as RL  # noqa: E402
-from matryoshka_lm.infer.early_exit import exit_generate  # noqa: E402
+from matryoshka_lm.infer.early_exit import exit_generate, exit_points  # noqa: E402
 from matryoshka_lm.infer.early_exit_eval import exit_policy  # noqa: E402
 from matryoshka_lm.infer.engine import Engine  # noqa: E402
+from matryoshka_lm.infer.exit_probe import fit_exit_probe  # noqa: E402
 from matryoshka_lm.report import md_table  # noqa: E402
 
-EXIT = "early exit (margin)"
 GOAL = 0.05  # APGR above the fixed sizes' curve
 
 
-def domain(model, router, tokens, n: int, window: int, cont: int, n_boot: int, name: str, png: str) -> dict:
+def domain(model, router, probe, tokens, n: int, window: int, cont: int, n_boot: int, name: str, png: str) -> dict:
     t0 = time.perf_counter()
     _, labels = RL.label_tokens(model, tokens, n, window, cont, seed=1, candidates=router.candidates)
-    pol = exit_policy(model, RL.model_queries(model, tokens, n, window, cont, seed=1))
-    rep = RE.evaluate(model, router, labels, router.tolerance, n_boot=n_boot, per_token=[pol])
+    queries = RL.model_queries(model, tokens, n, window, cont, seed=1)
+    pols = [exit_policy(model, queries), exit_policy(model, queries, probe=probe)]
+    rep = RE.evaluate(model, router, labels, router.tolerance, n_boot=n_boot, per_token=pols)
     rep["seconds"] = time.perf_counter() - t0
     RE.plot_curves(rep, ROOT / png, title=f"{name} ({rep['queries']} queries)")
     print(name, RE.format_report(rep), sep="\n")
     return rep
 
 
-def wall_clock(model, tokens: np.ndarray, thresholds: list[float], n: int = 12, new: int = 32) -> dict:
-    """Greedy tokens/s at batch 1 on `n` prompts: each fixed size through the engine (eager) and the early exit at
-    each threshold, interleaved per prompt, order rotating."""
+def wall_clock(model, probe, tokens: np.ndarray, taus: list[float], n: int = 12, new: int = 32) -> dict:
+    """Greedy tokens/s at batch 1 on `n` prompts: each fixed size through the engine (eager) and the learned early
+    exit at each τ, interleaved per prompt, order rotating."""
     engine = Engine(model)
     rng = np.random.default_rng(3)
     prompts = [tokens[s : s + 48].astype(np.int64).tolist() for s in rng.integers(0, len(tokens) - 48, n)]
     runs = {
         f"always {s.name}": (lambda p, s=s: engine.generate([p], s, new)[0].tokens) for s in RL.candidate_specs(model)
     }
-    runs |= {f"exit at margin {t:g}": (lambda p, t=t: exit_generate(model, p, new, t)[0]) for t in thresholds}
+    runs |= {f"learned exit, τ={t:.2f}": (lambda p, t=t: exit_generate(model, p, new, t, probe=probe)[0]) for t in taus}
     for fn in runs.values():
         fn(prompts[0])  # warm-up
     secs, names = dict.fromkeys(runs, 0.0), list(runs)
@@ -84,8 +85,9 @@ def domain_lines(name: str, rep: dict, png: str) -> list[str]:
             for k, m in rep["metrics"].items()]  # fmt: skip
     diffs = [[k, ci(d, "+.3f"), "met" if d["value"] >= GOAL else "NOT met"]
              for k, d in rep["minus_fixed_sizes"].items()]  # fmt: skip
-    pts = [[f"{p['setting']:g}", f"{p['compute']:.3f}", f"{p['nll']:.4f}",
-            ", ".join(f"{d}: {v:.0%}" for d, v in p["exits"].items())] for p in rep["per_token"][EXIT]]  # fmt: skip
+    pts = {name: [[f"{p['setting']:.3g}", f"{p['compute']:.3f}", f"{p['nll']:.4f}",
+                   ", ".join(f"{d}: {v:.0%}" for d, v in p["exits"].items())] for p in points]
+           for name, points in rep["per_token"].items()}  # fmt: skip
     sizes = [[k, f"{f['compute']:.3f}", f"{f['nll']:.4f}"] for k, f in fixed.items()]
     return [
         f"### {name} ({rep['queries']} queries, {rep['seconds']:.0f} s)",
@@ -99,10 +101,16 @@ def domain_lines(name: str, rep: dict, png: str) -> list[str]:
         "",
         md_table(["policy", "APGR minus the fixed sizes' [paired 95% CI]", f"goal +{GOAL}"], diffs, "lll"),
         "",
-        f"{EXIT}, per margin threshold (tokens stopping at each depth):",
-        "",
-        md_table(["threshold", "compute", "NLL", "exits"], pts, "rrrl"),
-        "",
+        *[
+            line
+            for name, rows in pts.items()
+            for line in (
+                f"{name}, per setting (margin at least / predicted gap at most; tokens stopping at each depth):",
+                "",
+                md_table(["setting", "compute", "NLL", "exits"], rows, "rrrl"),
+                "",
+            )
+        ],  # fmt: skip
         f"![{name}]({png})",
         "",
     ]
@@ -118,8 +126,10 @@ def section(res: dict, reports: dict, tps: dict) -> str:
         f"router fitted on {res['fit_queries']} in-domain queries ({res['fit_s']:.0f} s, default `{res['default']}`). "
         "Queries: a prompt of 8..96 tokens and a 32-token reference continuation; quality = its mean NLL; compute = "
         "FLOPs per query relative to always-full, the router's prefill and predictor and the early exit's heads and "
-        "skipped layers' K/V projections included. The early exit (CALM's softmax margin at the trained exits E2 "
-        "and E4, state propagated to the skipped layers) runs the prompt at full depth, then decides per token.",
+        "skipped layers' K/V projections included. The early exits stop a token at the trained exits E2 or E4 (state "
+        "propagated to the skipped layers as keys and values); every token decides, the prompt's too. Margin: CALM's "
+        "softmax margin (an LM head per point asked). Learned: a ridge probe per point predicting the token's NLL gap "
+        "to the full model from its normed state (4·C FLOPs per point), fitted on the router's fit split.",
         "",
     ]
     for name, (rep, png) in reports.items():
@@ -143,6 +153,7 @@ def main() -> None:
     ap.add_argument("--fit-queries", type=int, default=800)
     ap.add_argument("--test-queries", type=int, default=400)
     ap.add_argument("--bootstrap", type=int, default=200)
+    ap.add_argument("--wall-taus", type=float, nargs="+", default=[0.3, 1.0], help="learned exit τ timed at batch 1")
     a = ap.parse_args()
     ckpt = Path(a.ckpt)
     if not (ckpt / ck.WEIGHTS).exists():
@@ -156,6 +167,8 @@ def main() -> None:
     _, fit_labels = RL.label_tokens(model, fit_half, a.fit_queries, window, cont, seed=0)
     router = RF.fit_router(model, fit_labels, tolerance=0.1)
     router.info |= {"window": window, "cont": cont}
+    fit_windows = RL.model_queries(model, fit_half, a.fit_queries, window, cont, seed=0).windows
+    probe = fit_exit_probe(model, fit_windows, exit_points(model.cfg)[:-1])
     fit_s = time.perf_counter() - t0
     ood = encode_corpus(tok, ["\n\n".join(pydoc_data.topics.topics.values())])
     reports = {}
@@ -163,8 +176,11 @@ def main() -> None:
         ("In domain: unseen Shakespeare + KJV", test_half, "docs/router_exit_in_domain.png"),
         ("Out of domain: Python documentation prose", ood, "docs/router_exit_out_of_domain.png"),
     ):
-        reports[name] = (domain(model, router, tokens, a.test_queries, window, cont, a.bootstrap, name, png), png)
-    tps = wall_clock(model, test_half, [0.4, 0.8])
+        reports[name] = (
+            domain(model, router, probe, tokens, a.test_queries, window, cont, a.bootstrap, name, png),
+            png,
+        )
+    tps = wall_clock(model, probe, test_half, a.wall_taus)
     res = {"model": f"memory preset, {tcfg.steps} steps of batch {tcfg.batch_size} x {tcfg.seq_len} ({ckpt.name})",
            "candidates": router.candidates, "fit_queries": router.info["fit_queries"], "fit_s": fit_s,
            "default": router.default}  # fmt: skip

@@ -16,6 +16,7 @@ from matryoshka_lm.errors import MatryoshkaError
 from matryoshka_lm.infer.early_exit import NEVER, ExitCost, ExitCounter, exit_forward, exit_generate, exit_points
 from matryoshka_lm.infer.early_exit_eval import THRESHOLDS, exit_policy, exit_run
 from matryoshka_lm.infer.engine import generate
+from matryoshka_lm.infer.exit_probe import NEVER_TAU, ExitProbe, fit_exit_probe, probe_data
 from matryoshka_lm.infer.router_labels import candidate_specs, label, make_queries
 
 SIZES = {"XL": {"depth": "1"}, "E3": {"depth": "1/2"}, "E1": {"depth": "1/6"}, "W": {"ffn": "1/2"}}
@@ -191,6 +192,51 @@ def test_route_eval_measures_the_early_exit_beside_the_router(tmp_path, corpus_f
     assert pts[-1]["compute"] == pytest.approx(1.0) and pts[-1]["nll"] == pytest.approx(
         rep["fixed"]["always XL"]["nll"]
     )
-    assert set(rep["minus_fixed_sizes"]) == {"learned", "confidence", "early exit (margin)"}
+    assert set(rep["minus_fixed_sizes"]) == {"learned", "confidence", "early exit (margin)", "early exit (learned)"}
+    learned = rep["per_token"]["early exit (learned)"]
+    assert learned[-1]["setting"] == float("-inf") and learned[-1]["compute"] == pytest.approx(1.0)
     assert main(["route", "eval", str(ckpt), "--bootstrap", "5", "--json", str(js), "--no-early-exit", *common]) == 0
     assert json.loads(js.read_text())["per_token"] == {}
+
+
+@pytest.fixture(scope="module")
+def probe(model):
+    tokens = np.random.default_rng(1).integers(0, 97, 6000)
+    return fit_exit_probe(model, make_queries(tokens, 40, window=40, cont=8).windows, [1, 3])
+
+
+def test_the_probes_targets_are_the_per_token_gaps_the_labels_average(model):
+    tokens = np.random.default_rng(2).integers(0, 97, 3000)
+    queries = make_queries(tokens, 6, window=40, cont=8)
+    x, gaps = probe_data(model, queries.windows, [1])
+    specs = candidate_specs(model)
+    labels = label(model, queries, specs)
+    names = [s.name for s in specs]
+    per_window = gaps[0].view(6, 39)
+    pos = torch.arange(39)[None]
+    p = queries.prompt_lens[:, None]
+    scored = (pos >= p - 1) & (pos < p - 1 + 8)
+    want = labels.nll[:, names.index("E1")] - labels.nll[:, names.index("XL")]
+    np.testing.assert_allclose((per_window * scored).sum(1).numpy() / 8, want, rtol=1e-4, atol=1e-5)
+    assert x.shape == (1, 6 * 39, 48)
+
+
+def test_the_learned_rule_at_its_ends_and_its_counts(model, probe, tmp_path, monkeypatch):
+    prompt = [5, 17, 3, 44, 9]
+    assert exit_generate(model, prompt, 12, NEVER_TAU, probe=probe)[0] == generate(model, [prompt], None, 12)[0].tokens
+    lenient, counter = exit_generate(model, prompt, 12, float("inf"), probe=probe)
+    assert lenient == generate(model, [prompt], uniform_spec(model.cfg, "E1"), 12)[0].tokens
+    assert int(counter.heads.sum()) == counter.tokens  # one head per token, where it stops
+    probe.save(tmp_path)
+    again = ExitProbe.load(tmp_path)
+    x, _ = probe_data(model, torch.tensor([prompt * 4]), [1, 3])
+    taus = sorted(probe.gap(0, x[0]).tolist())
+    tau = (taus[len(taus) // 2 - 1] + taus[len(taus) // 2]) / 2
+    got, counter = exit_generate(model, prompt, 12, tau, probe=probe)
+    got_again, counter_again = exit_generate(model, prompt, 12, tau, probe=again)
+    assert (got_again, counter_again.exits) == (got, counter.exits) and len(counter.exits) > 1
+    assert int(counter.heads.sum()) == counter.tokens and int(counter.probes.sum()) >= counter.tokens
+    assert ExitProbe.load(tmp_path / "none") is None
+    (tmp_path / "exit_probe.json").write_text('{"version": 99}')
+    with pytest.raises(MatryoshkaError, match="not a version-1 exit probe"):
+        ExitProbe.load(tmp_path)

@@ -36,7 +36,10 @@ def cmd_fit(a: argparse.Namespace) -> None:
     import torch
 
     from matryoshka_lm.core.checkpoint import load_model
+    from matryoshka_lm.infer.early_exit import exit_points
+    from matryoshka_lm.infer.exit_probe import fit_exit_probe
     from matryoshka_lm.infer.router_fit import fit_on_tokens
+    from matryoshka_lm.infer.router_labels import model_queries
 
     torch.manual_seed(a.seed)
     model = load_model(Path(a.ckpt), pick_device(a.device))
@@ -49,12 +52,18 @@ def cmd_fit(a: argparse.Namespace) -> None:
     apgr = ", ".join(f"{k} {v:.3f}" for k, v in router.info["calibration_apgr"].items())
     print(f"router for {', '.join(router.candidates)} -> {out}/router.json")
     print(f"calibration APGR: {apgr}; default: {router.default}, tolerance {router.tolerance:g}")
+    points = exit_points(model.cfg)[:-1]
+    if points and not candidates:  # the model has trained exits: fit the per-token rule on the same text
+        queries = model_queries(model, tokens, a.queries, a.window, a.cont, a.seed)
+        fit_exit_probe(model, queries.windows, points).save(out)
+        print(f"per-token exit probe at depths {points} -> {out}/exit_probe.json")
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
     from matryoshka_lm.core.checkpoint import load_model
     from matryoshka_lm.infer.early_exit import exit_points
     from matryoshka_lm.infer.early_exit_eval import exit_policy
+    from matryoshka_lm.infer.exit_probe import ExitProbe
     from matryoshka_lm.infer.router import Router
     from matryoshka_lm.infer.router_eval import evaluate, format_report, plot_curves
     from matryoshka_lm.infer.router_labels import label_tokens, model_queries
@@ -70,8 +79,12 @@ def cmd_eval(a: argparse.Namespace) -> None:
         _, labels = label_tokens(model, tokens, a.queries, window, cont, a.seed, candidates=router.candidates)
     per_token = []
     if a.early_exit and len(exit_points(model.cfg)) > 1 and not any("@" in c for c in router.candidates):
+        queries = model_queries(model, tokens, a.queries, window, cont, a.seed)
+        probe = ExitProbe.load(a.router or a.ckpt)
         with progress("matryoshka_lm.infer.early_exit_eval"):
-            per_token.append(exit_policy(model, model_queries(model, tokens, a.queries, window, cont, a.seed)))
+            per_token.append(exit_policy(model, queries))
+            if probe is not None:
+                per_token.append(exit_policy(model, queries, probe=probe))
     rep = evaluate(model, router, labels, tau, n_boot=a.bootstrap, per_token=per_token)
     print(format_report(rep))
     if a.plot:

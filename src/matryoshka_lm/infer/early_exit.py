@@ -32,6 +32,8 @@ from matryoshka_lm.core.scoring import log_probs
 from matryoshka_lm.core.spec import SubmodelSpec, flops_per_token, full_spec, size_names, uniform_spec
 from matryoshka_lm.errors import MatryoshkaError
 
+from .exit_probe import NEVER_TAU, ExitProbe
+
 NEVER = 1.01  # a margin threshold no distribution reaches: the full model
 
 
@@ -56,6 +58,7 @@ class ExitCost:
     kv: list[float]  # layer l's keys and values only (a skipped layer)
     head: float  # one LM head (final norm included in nothing: norms are not matmuls)
     full: float  # a token of the full model
+    probe: float = 0.0  # one exit probe asked (standardise and dot product: exit_probe.py)
 
     @classmethod
     def of(cls, cfg: ModelConfig, context: int) -> ExitCost:
@@ -75,15 +78,14 @@ class ExitResult:
     depth: torch.Tensor  # (B, T) that depth
     ran: torch.Tensor  # (B, T, L) bool: layer l ran in full for the token (else: its keys and values only)
     asked: torch.Tensor  # (B, T) LM heads evaluated for the token (one per exit point reached, the last included)
+    probed: torch.Tensor  # (B, T) exit probes asked (the learned rule: then one head, where the token stops)
 
     def flops(self, cost: ExitCost) -> torch.Tensor:
         """(B, T) forward FLOPs of each token."""
         ran = self.ran.double()
-        return (
-            ran @ torch.tensor(cost.layer, dtype=torch.float64)
-            + (1 - ran) @ torch.tensor(cost.kv, dtype=torch.float64)
-            + self.asked.double() * cost.head
-        )
+        layers = ran @ torch.tensor(cost.layer, dtype=torch.float64)
+        kv = (1 - ran) @ torch.tensor(cost.kv, dtype=torch.float64)
+        return layers + kv + self.asked.double() * cost.head + self.probed.double() * cost.probe
 
 
 @dataclass
@@ -94,19 +96,21 @@ class ExitCounter:
     layers: torch.Tensor  # (B, L)
     kv: torch.Tensor  # (B, L)
     heads: torch.Tensor  # (B,)
+    probes: torch.Tensor  # (B,)
     tokens: int = 0
     exits: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def zeros(cls, batch: int, n_layers: int) -> ExitCounter:
         z = torch.zeros(batch, n_layers, dtype=torch.long)
-        return cls(z, z.clone(), torch.zeros(batch, dtype=torch.long))
+        return cls(z, z.clone(), torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.long))
 
     def add(self, res: ExitResult) -> None:
         ran = res.ran.cpu().long()
         self.layers += ran.sum(1)
         self.kv += (1 - ran).sum(1)
         self.heads += res.asked.cpu().sum(1)
+        self.probes += res.probed.cpu().sum(1)
         self.tokens += res.depth.numel()
         for d in res.depth.flatten().tolist():
             self.exits[d] = self.exits.get(d, 0) + 1
@@ -114,7 +118,8 @@ class ExitCounter:
     def flops(self, cost: ExitCost) -> torch.Tensor:
         """(B,) FLOPs of everything counted, per row."""
         layer, kv = torch.tensor(cost.layer, dtype=torch.float64), torch.tensor(cost.kv, dtype=torch.float64)
-        return self.layers.double() @ layer + self.kv.double() @ kv + self.heads.double() * cost.head
+        heads = self.heads.double() * cost.head + self.probes.double() * cost.probe
+        return self.layers.double() @ layer + self.kv.double() @ kv + heads
 
     def relative(self, cost: ExitCost) -> float:
         """Mean FLOPs per counted token over a full-size token's."""
@@ -141,21 +146,25 @@ def exit_forward(
     cache: KVCache | None = None,
     start: int = 0,
     points: list[int] | None = None,
+    probe: ExitProbe | None = None,
 ) -> ExitResult:
     """Tokens ids (B, T) through the layers with per-token early exit, at cache slots start.. (or no cache: a
-    teacher-forced pass). A stopped token keeps its state, and the layers after still compute its keys and values
-    from it (running on it, their outputs for it discarded); when every token has stopped, fill_cache computes only
-    those. Causality makes this pass equal to feeding the tokens one at a time."""
+    teacher-forced pass). The rule: the softmax margin at least `threshold`, or with a `probe` (exit_probe.py) its
+    predicted gap at most `threshold` nats (at the probe's points). A stopped token keeps its state, and the layers
+    after still compute its keys and values from it (running on it, their outputs for it discarded); when every
+    token has stopped, fill_cache computes only those. Causality makes this pass equal to feeding the tokens one at
+    a time."""
     cfg = model.cfg
-    points = check_points(cfg, points)
+    points = check_points(cfg, [*probe.points, cfg.n_layers] if probe is not None else points)
     L, (B, T) = cfg.n_layers, ids.shape
     h = model.hidden_states(ids, depth_spec(cfg, 0), cache, start, norm=False)  # the embedding
     done = torch.zeros(B, T, dtype=torch.bool, device=ids.device)
     ran = torch.zeros(B, T, L, dtype=torch.bool, device=ids.device)
-    asked = torch.zeros(B, T, dtype=torch.long, device=ids.device)
+    asked, probed = (torch.zeros(B, T, dtype=torch.long, device=ids.device) for _ in range(2))
     depth = torch.full((B, T), L, dtype=torch.long, device=ids.device)
     logits = None
-    asks = set(points[:-1]) if threshold <= 1.0 else set()
+    asking = threshold <= 1.0 if probe is None else threshold > NEVER_TAU
+    asks = {p: i for i, p in enumerate(points[:-1])} if asking else {}
     for lay in range(L):
         if bool(done.all()):  # nothing runs on: the rest of the layers are keys and values only
             if cache is not None:
@@ -164,20 +173,37 @@ def exit_forward(
         out = model.hidden_states(None, depth_spec(cfg, lay + 1), cache, start, h=h, first_layer=lay, norm=False)
         ran[:, :, lay] = ~done
         h = torch.where(done[..., None], h, out)  # a stopped token keeps its state: its K/V came from it
-        if lay + 1 in asks or lay + 1 == L:
-            z = model.logits(model.norm(h))
-            live = ~done
+        if lay + 1 not in asks and lay + 1 < L:
+            continue
+        live, hn = ~done, model.norm(h)
+        if lay + 1 == L:
+            stop = live
+        elif probe is not None:
+            probed += live.long()
+            stop = live & (probe.gap(asks[lay + 1], hn) <= threshold)
+        else:
+            z = model.logits(hn)
             asked += live.long()
-            stop = live & (margin(z) >= threshold) if lay + 1 < L else live
-            logits = z if logits is None else torch.where(stop[..., None], z, logits)
-            depth = torch.where(stop, lay + 1, depth)
-            done = done | stop
-    return ExitResult(logits, depth, ran, asked)
+            stop = live & (margin(z) >= threshold)
+        if lay + 1 == L or probe is not None:  # the learned rule computes a head only where a token stops
+            if not bool(stop.any()):
+                continue
+            z = model.logits(hn)
+            asked += stop.long()
+        logits = z if logits is None else torch.where(stop[..., None], z, logits)
+        depth = torch.where(stop, lay + 1, depth)
+        done = done | stop
+    return ExitResult(logits, depth, ran, asked, probed)
 
 
 @torch.no_grad()
 def exit_generate(
-    model: MatryoshkaLM, prompt: list[int], max_new: int, threshold: float, points: list[int] | None = None
+    model: MatryoshkaLM,
+    prompt: list[int],
+    max_new: int,
+    threshold: float,
+    points: list[int] | None = None,
+    probe: ExitProbe | None = None,
 ) -> tuple[list[int], ExitCounter]:
     """Greedy decoding with per-token early exit at batch 1. Every token is fed alone, the prompt's too, so the
     layers a token skips are really skipped (only their keys and values are computed) and the counter is what ran;
@@ -193,7 +219,7 @@ def exit_generate(
     counter = ExitCounter.zeros(1, cfg.n_layers)
     fed, out = list(prompt), []
     for pos in range(len(prompt) + max_new - 1):
-        res = exit_forward(model, torch.tensor([[fed[pos]]], device=device), threshold, cache, pos, points)
+        res = exit_forward(model, torch.tensor([[fed[pos]]], device=device), threshold, cache, pos, points, probe)
         counter.add(res)
         if pos >= len(prompt) - 1:
             out.append(int(res.logits[0, -1].argmax()))

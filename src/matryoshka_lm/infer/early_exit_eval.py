@@ -20,10 +20,12 @@ from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.scoring import next_token_logprobs
 
 from .early_exit import NEVER, ExitCost, exit_forward, exit_points
+from .exit_probe import NEVER_TAU, ExitProbe, probe_data
 from .router_labels import Queries
 
 log = logging.getLogger(__name__)
 
+MARGIN, LEARNED = "early exit (margin)", "early exit (learned)"
 THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, NEVER)
 
 
@@ -46,7 +48,12 @@ class TokenPolicy:
 
 @torch.no_grad()
 def exit_run(
-    model: MatryoshkaLM, queries: Queries, threshold: float, points: list[int], batch: int = 32
+    model: MatryoshkaLM,
+    queries: Queries,
+    threshold: float,
+    points: list[int] | None,
+    probe: ExitProbe | None = None,
+    batch: int = 32,
 ) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
     """(work (N,), continuation NLL (N,), tokens per exit depth) of every query at one threshold."""
     cont, W = queries.cont, queries.windows.shape[1]
@@ -57,7 +64,7 @@ def exit_run(
     pos = torch.arange(W - 1, device=device)[None]
     for a in range(0, n, batch):
         ids, p = queries.windows[a : a + batch].to(device), queries.prompt_lens[a : a + batch].to(device)
-        res = exit_forward(model, ids, threshold, points=points)
+        res = exit_forward(model, ids, threshold, points=points, probe=probe)
         tok = -next_token_logprobs(res.logits, ids)  # (B, W - 1): position t's NLL of token t + 1
         scored = (pos >= p[:, None] - 1) & (pos < p[:, None] - 1 + cont)
         nll[a : a + len(ids)] = ((tok * scored).sum(1) / cont).cpu().numpy()
@@ -68,19 +75,35 @@ def exit_run(
     return work, nll, exits
 
 
+def probe_thresholds(model: MatryoshkaLM, queries: Queries, probe: ExitProbe, n: int = 12) -> tuple[float, ...]:
+    """τ settings that sweep the learned rule's whole curve: quantiles of its predicted gaps on these queries' tokens
+    (every point pooled), and never."""
+    x, _ = probe_data(model, queries.windows, probe.points)
+    pred = torch.cat([probe.gap(i, x[i]) for i in range(len(probe.points))])
+    qs = torch.quantile(pred[torch.randperm(len(pred), generator=torch.Generator().manual_seed(0))[:100_000]],
+                        torch.linspace(0, 1, n)).tolist()  # fmt: skip
+    return tuple(sorted(set(qs), reverse=True)) + (NEVER_TAU,)
+
+
 def exit_policy(
     model: MatryoshkaLM,
     queries: Queries,
-    thresholds: tuple[float, ...] = THRESHOLDS,
+    thresholds: tuple[float, ...] | None = None,
     points: list[int] | None = None,
-    name: str = "early exit (margin)",
+    probe: ExitProbe | None = None,
 ) -> TokenPolicy:
-    """The early exit at every threshold on every query (progress logged per threshold)."""
-    points = points or exit_points(model.cfg)
+    """The early exit at every threshold on every query (progress logged per threshold): the softmax margin, or
+    the learned rule when a probe is given."""
+    if probe is None:
+        points, name = points or exit_points(model.cfg), MARGIN
+        thresholds = thresholds or THRESHOLDS
+    else:
+        probe.check(model)
+        name, thresholds = LEARNED, thresholds or probe_thresholds(model, queries, probe)
     works, nlls, shares = [], [], []
     for i, thr in enumerate(thresholds):
-        log.info("early exit: threshold %g (%d of %d), %d queries", thr, i + 1, len(thresholds), len(queries))
-        w, q, ex = exit_run(model, queries, thr, points)
+        log.info("%s: threshold %g (%d of %d), %d queries", name, thr, i + 1, len(thresholds), len(queries))
+        w, q, ex = exit_run(model, queries, thr, points, probe)
         works.append(w)
         nlls.append(q)
         total = sum(ex.values())
