@@ -90,7 +90,7 @@ def test_the_counter_is_what_runs(model, monkeypatch):
 
     monkeypatch.setattr(model, "logits", counted)
     try:
-        _, counter = exit_generate(model, prompt, 12, thr)
+        _, counter = exit_generate(model, prompt, 12, thr, prefill="tokens")
     finally:
         for h in hooks:
             h.remove()
@@ -120,7 +120,7 @@ def test_a_batch_row_does_what_it_would_alone(model):
     """Rows exit at different depths in one batch; each gets the tokens, depths and counts of its own run."""
     prompts = [[7, 1, 30, 2], [5, 17, 3, 44, 9, 60], [88, 12, 4]]
     thr = split(margins_seen(model, prompts[0]))
-    alone = [exit_generate(model, p, 10, thr) for p in prompts]
+    alone = [exit_generate(model, p, 10, thr, prefill="tokens") for p in prompts]
     from matryoshka_lm.infer.forward import left_padded
 
     idx, pad = left_padded(prompts, "cpu")
@@ -240,3 +240,13 @@ def test_the_learned_rule_at_its_ends_and_its_counts(model, probe, tmp_path, mon
     (tmp_path / "exit_probe.json").write_text('{"version": 99}')
     with pytest.raises(MatryoshkaError, match="not a version-1 exit probe"):
         ExitProbe.load(tmp_path)
+
+
+def test_a_batched_prefill_gives_the_tokens_and_counts_of_feeding_the_prompt_alone(model):
+    prompt = [7, 1, 30, 2, 55, 13, 8, 91, 4]
+    thr = split(margins_seen(model, prompt))
+    fast, slow = exit_generate(model, prompt, 10, thr), exit_generate(model, prompt, 10, thr, prefill="tokens")
+    assert fast[0] == slow[0] and fast[1].exits == slow[1].exits and len(slow[1].exits) > 1
+    assert torch.equal(fast[1].layers, slow[1].layers) and torch.equal(fast[1].heads, slow[1].heads)
+    with pytest.raises(MatryoshkaError, match="prefill must be"):
+        exit_generate(model, prompt, 2, thr, prefill="eager")

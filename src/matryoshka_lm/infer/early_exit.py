@@ -204,24 +204,37 @@ def exit_generate(
     threshold: float,
     points: list[int] | None = None,
     probe: ExitProbe | None = None,
+    prefill: str = "batched",
 ) -> tuple[list[int], ExitCounter]:
-    """Greedy decoding with per-token early exit at batch 1. Every token is fed alone, the prompt's too, so the
-    layers a token skips are really skipped (only their keys and values are computed) and the counter is what ran;
-    exit_forward over the whole sequence at once is the same computation (what teacher-forced evaluation uses).
-    Returns the new tokens and the counts over every token fed (the prompt and the new ones but the last)."""
+    """Greedy decoding with per-token early exit at batch 1; the prompt's tokens decide as the new ones do.
+
+    prefill "batched": the prompt in one exit_forward pass (what a batch-1 server wants: one read of the weights
+    for the whole prompt; its stopped tokens still go through the later layers there, their outputs discarded, so
+    for the prompt the counter is the policy's work, not this pass's). "tokens": each prompt token fed alone, so
+    every skipped layer is really skipped and the counter is exactly what ran (the same tokens come out: causality).
+    New tokens are always fed alone. Returns them and the counts over every token fed (the prompt and the new ones
+    but the last)."""
     cfg = model.cfg
     if not prompt:
         raise MatryoshkaError("early-exit generation needs a prompt of at least one token")
     if len(prompt) + max_new > cfg.max_seq_len:
         raise MatryoshkaError(f"{len(prompt)} prompt + {max_new} new tokens exceed max_seq_len={cfg.max_seq_len}")
+    if prefill not in ("batched", "tokens"):
+        raise MatryoshkaError(f"prefill must be 'batched' or 'tokens', got {prefill!r}")
     device = next(model.parameters()).device
     cache = KVCache.allocate(cfg, model.full, 1, len(prompt) + max_new, device)
     counter = ExitCounter.zeros(1, cfg.n_layers)
-    fed, out = list(prompt), []
-    for pos in range(len(prompt) + max_new - 1):
-        res = exit_forward(model, torch.tensor([[fed[pos]]], device=device), threshold, cache, pos, points, probe)
+
+    def feed(tokens: list[int], pos: int) -> torch.Tensor:
+        res = exit_forward(model, torch.tensor([tokens], device=device), threshold, cache, pos, points, probe)
         counter.add(res)
-        if pos >= len(prompt) - 1:
-            out.append(int(res.logits[0, -1].argmax()))
-            fed.append(out[-1])
+        return res.logits[0, -1]
+
+    if prefill == "batched":
+        last = feed(prompt, 0)
+    else:
+        last = [feed([t], i) for i, t in enumerate(prompt)][-1]
+    out = [int(last.argmax())]
+    for pos in range(len(prompt), len(prompt) + max_new - 1):
+        out.append(int(feed(out[-1:], pos).argmax()))
     return out, counter
