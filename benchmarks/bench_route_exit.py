@@ -39,6 +39,7 @@ from matryoshka_lm.infer.exit_probe import fit_exit_probe  # noqa: E402
 from matryoshka_lm.report import md_table  # noqa: E402
 
 GOAL = 0.05  # APGR above the fixed sizes' curve
+PNGS = ("docs/router_exit_in_domain.png", "docs/router_exit_out_of_domain.png")
 
 
 def domain(model, router, probe, tokens, n: int, window: int, cont: int, n_boot: int, name: str, png: str) -> dict:
@@ -62,7 +63,7 @@ def wall_clock(model, probe, tokens: np.ndarray, taus: list[float], n: int = 12,
     runs = {
         f"always {s.name}": (lambda p, s=s: engine.generate([p], s, new)[0].tokens) for s in RL.candidate_specs(model)
     }
-    runs |= {f"learned exit, τ={t:.2f}": (lambda p, t=t: exit_generate(model, p, new, t, probe=probe)[0]) for t in taus}
+    runs |= {f"learned exit, τ={t:.4g}": (lambda p, t=t: exit_generate(model, p, new, t, probe=probe)[0]) for t in taus}
     for fn in runs.values():
         fn(prompts[0])  # warm-up
     secs, names = dict.fromkeys(runs, 0.0), list(runs)
@@ -85,7 +86,7 @@ def domain_lines(name: str, rep: dict, png: str) -> list[str]:
             for k, m in rep["metrics"].items()]  # fmt: skip
     diffs = [[k, ci(d, "+.3f"), "met" if d["value"] >= GOAL else "NOT met"]
              for k, d in rep["minus_fixed_sizes"].items()]  # fmt: skip
-    pts = {name: [[f"{p['setting']:.3g}", f"{p['compute']:.3f}", f"{p['nll']:.4f}",
+    pts = {name: [["never" if p["setting"] is None else f"{p['setting']:.3g}", f"{p['compute']:.3f}", f"{p['nll']:.4f}",
                    ", ".join(f"{d}: {v:.0%}" for d, v in p["exits"].items())] for p in points]
            for name, points in rep["per_token"].items()}  # fmt: skip
     sizes = [[k, f"{f['compute']:.3f}", f"{f['nll']:.4f}"] for k, f in fixed.items()]
@@ -118,7 +119,12 @@ def domain_lines(name: str, rep: dict, png: str) -> list[str]:
 
 def section(res: dict, reports: dict, tps: dict) -> str:
     full = tps["always XL"]
-    speed = [[k, f"{v:.1f}", f"{v / full:.2f}x"] for k, v in tps.items()]
+    rep = next(iter(reports.values()))[0]
+    where = {k: (f["compute"], f["nll"]) for k, f in rep["fixed"].items()}
+    where |= {f"learned exit, τ={p['setting']:.4g}": (p["compute"], p["nll"])
+              for p in rep["per_token"]["early exit (learned)"] if p["setting"] is not None}  # fmt: skip
+    where = {k: where.get(k, (float("nan"),) * 2) for k in tps}
+    speed = [[k, f"{v:.1f}", f"{v / full:.2f}x", f"{where[k][0]:.3f}", f"{where[k][1]:.4f}"] for k, v in tps.items()]
     lines = [
         "## Routing on a model whose sizes differ: router vs per-token early exit (`benchmarks/bench_route_exit.py`)",
         "",
@@ -138,10 +144,11 @@ def section(res: dict, reports: dict, tps: dict) -> str:
         "### Wall clock at batch 1",
         "",
         "Greedy generation of 32 tokens after 48-token in-domain prompts, one at a time; fixed sizes through the "
-        "engine (eager), the early exit through `exit_generate` (eager, one layer per call, its keys/values-only "
-        "fill for skipped layers); runs interleaved per prompt.",
+        "engine (eager), the early exit through `exit_generate` (eager: the prompt in one pass, then a token at a "
+        "time, one layer per call, skipped layers reduced to their keys and values); runs interleaved per prompt. "
+        "FLOPs and NLL: the same setting's point on the in-domain curve above.",
         "",
-        md_table(["run", "tokens/s", "vs always XL"], speed, "lrr"),
+        md_table(["run", "tokens/s", "vs always XL", "FLOPs (in domain)", "NLL (in domain)"], speed, "lrrrr"),
         "",
     ]
     return "\n".join(lines)
@@ -153,8 +160,15 @@ def main() -> None:
     ap.add_argument("--fit-queries", type=int, default=800)
     ap.add_argument("--test-queries", type=int, default=400)
     ap.add_argument("--bootstrap", type=int, default=200)
-    ap.add_argument("--wall-taus", type=float, nargs="+", default=[0.3, 1.0], help="learned exit τ timed at batch 1")
+    ap.add_argument("--wall-at", type=float, nargs="+", default=[0.45, 0.6, 0.8],
+                    help="time the learned exit at its in-domain settings nearest these FLOPs fractions")  # fmt: skip
+    ap.add_argument("--report-only", action="store_true", help="rewrite the section from runs/route_exit.json")
     a = ap.parse_args()
+    out = ROOT / "runs" / "route_exit.json"
+    if a.report_only:
+        saved = json.loads(out.read_text())
+        reports = {k: (r, png) for (k, r), png in zip(saved["reports"].items(), PNGS)}
+        return write_section("router-exit", section(saved["res"], reports, saved["tps"]))
     ckpt = Path(a.ckpt)
     if not (ckpt / ck.WEIGHTS).exists():
         cmd = ["train", "--preset", "memory", "--out", str(ckpt), "--steps", "700", "--quiet"]
@@ -172,19 +186,21 @@ def main() -> None:
     fit_s = time.perf_counter() - t0
     ood = encode_corpus(tok, ["\n\n".join(pydoc_data.topics.topics.values())])
     reports = {}
-    for name, tokens, png in (
-        ("In domain: unseen Shakespeare + KJV", test_half, "docs/router_exit_in_domain.png"),
-        ("Out of domain: Python documentation prose", ood, "docs/router_exit_out_of_domain.png"),
+    for (name, tokens), png in zip(
+        (("In domain: unseen Shakespeare + KJV", test_half), ("Out of domain: Python documentation prose", ood)), PNGS
     ):
         reports[name] = (
             domain(model, router, probe, tokens, a.test_queries, window, cont, a.bootstrap, name, png),
             png,
         )
-    tps = wall_clock(model, probe, test_half, a.wall_taus)
+    learned = reports["In domain: unseen Shakespeare + KJV"][0]["per_token"]["early exit (learned)"]
+    timed = [
+        min((p for p in learned if p["setting"] is not None), key=lambda p: abs(p["compute"] - c)) for c in a.wall_at
+    ]
+    tps = wall_clock(model, probe, test_half, [p["setting"] for p in timed])
     res = {"model": f"memory preset, {tcfg.steps} steps of batch {tcfg.batch_size} x {tcfg.seq_len} ({ckpt.name})",
            "candidates": router.candidates, "fit_queries": router.info["fit_queries"], "fit_s": fit_s,
            "default": router.default}  # fmt: skip
-    out = ROOT / "runs" / "route_exit.json"
     out.write_text(json.dumps({"res": res, "reports": {k: r for k, (r, _) in reports.items()}, "tps": tps}, indent=1))
     write_section("router-exit", section(res, reports, tps))
     print(section(res, reports, tps))

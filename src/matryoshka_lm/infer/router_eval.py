@@ -63,11 +63,7 @@ def evaluate(
         fixed[pol.name] = {"compute": float(c[0]), "nll": float(q[0])}
     vs_fixed = {p.name: paired_apgr_difference(fixed_curve, p, labels, costs, n_boot) for p in policies
                 if p.name not in ("fixed sizes", "oracle", "random")}  # fmt: skip
-    token_points = {
-        p.name: [{"setting": float(t), "compute": float(c), "nll": float(q), "exits": {str(d): v for d, v in e.items()}}
-                 for t, c, q, e in zip(p.settings, *p.points(labels, costs), p.exits)]
-        for p in per_token
-    }  # fmt: skip
+    token_points = {p.name: token_rows(p, labels, costs) for p in per_token}
     diff = {}
     if {"learned", "confidence"} <= set(router.predictors):
         diff = paired_apgr_difference(policies[0], policies[1], labels, costs, n_boot)  # sorted: confidence, learned
@@ -97,6 +93,17 @@ def evaluate(
     }
 
 
+def token_rows(p: TokenPolicy, labels: Labels, costs) -> list[dict[str, Any]]:
+    """A per-token policy's settings as JSON rows (None: a setting that never stops a token early)."""
+    rows = []
+    for t, c, q, e in zip(p.settings, *p.points(labels, costs), p.exits):
+        setting = float(t) if np.isfinite(t) else None
+        rows.append(
+            {"setting": setting, "compute": float(c), "nll": float(q), "exits": {str(d): v for d, v in e.items()}}
+        )
+    return rows
+
+
 def _fmt(m: dict[str, Any]) -> str:
     v, (lo, hi) = m["value"], m["ci"]
     return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
@@ -120,7 +127,8 @@ def format_report(rep: dict[str, Any]) -> str:
         lines += ["", f"{name}: setting, compute, NLL, share of tokens stopping at each depth"]
         for pt in pts:
             share = " ".join(f"{d}:{v:.0%}" for d, v in pt["exits"].items())
-            lines.append(f"  {pt['setting']:<8g}{pt['compute']:>9.3f}{pt['nll']:>8.3f}   {share}")
+            setting = "never" if pt["setting"] is None else f"{pt['setting']:.4g}"  # None: the rule never stops early
+            lines.append(f"  {setting:<10}{pt['compute']:>9.3f}{pt['nll']:>8.3f}   {share}")
     if rep["learned_minus_confidence"]:
         lines.append(f"APGR learned - confidence (paired bootstrap): {_fmt(rep['learned_minus_confidence'])}")
     o = rep["overhead"]
