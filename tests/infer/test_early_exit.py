@@ -197,6 +197,21 @@ def test_route_eval_measures_the_early_exit_beside_the_router(tmp_path, corpus_f
     assert learned[-1]["setting"] is None and learned[-1]["compute"] == pytest.approx(1.0)
     assert main(["route", "eval", str(ckpt), "--bootstrap", "5", "--json", str(js), "--no-early-exit", *common]) == 0
     assert json.loads(js.read_text())["per_token"] == {}
+    capsys.readouterr()
+    gen = ["generate", str(ckpt), "--size", "exit", "--prompt", "The lambda", "--temperature", "0", "--max-new-tokens"]
+    assert main([*gen, "8", "--tolerance", "0.05"]) == 0
+    cap = capsys.readouterr()
+    from matryoshka_lm.core.checkpoint import load_model, load_tokenizer
+
+    tok = load_tokenizer(ckpt)
+    model, ids = load_model(ckpt), tok.encode("The lambda").ids
+    want, _ = exit_generate(
+        model, ids, 8, 0.05, probe=ExitProbe.load(ckpt), stop_tokens=[tok.token_to_id("<|endoftext|>")]
+    )
+    assert cap.out == "The lambda" + tok.decode(want) + "\n" and "exit: τ=0.05; tokens stopped at depth" in cap.err
+    (ckpt / "exit_probe.json").unlink()
+    assert main([*gen, "8"]) == 2
+    assert "needs an exit probe" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ from matryoshka_lm.errors import MatryoshkaError
 
 from .options import pick_device
 
+EXIT_TOLERANCE = 0.05  # --size exit's default τ: nats of predicted per-token gap to the full model a token may give up
+
 
 def cmd_generate(a: argparse.Namespace) -> None:
     from matryoshka_lm.core.chat import read_chat
@@ -40,8 +42,10 @@ def cmd_generate(a: argparse.Namespace) -> None:
     stops = dict(stop_tokens=stop_ids, stop_strings=a.stop or [], decode=tok.decode)
     if router is not None:
         return _generate_auto(a, engine, router, ids, sampling, stops)
+    if a.size == "exit":
+        return _generate_exit(a, model, tok, ids, sampling, stop_ids)
     if a.tolerance is not None or a.budget is not None:
-        raise MatryoshkaError("--tolerance and --budget apply to --size auto only")
+        raise MatryoshkaError("--tolerance and --budget apply to --size auto only (and --tolerance to --size exit)")
     draft = parse_spec(model.cfg, a.draft) if a.draft else None
     sizes = _all_sizes(a.ckpt, model.cfg) if a.size == "all" else [a.size]
     specs = [parse_spec(model.cfg, size) for size in sizes]
@@ -87,6 +91,36 @@ def _generate_auto(a: argparse.Namespace, engine, router, ids: list[int], sampli
     for piece in pieces:
         print(piece, end="", flush=True)
     print()
+
+
+def _generate_exit(a: argparse.Namespace, model, tok, ids: list[int], sampling, stop_ids: list[int]) -> None:
+    """--size exit: every token stops at the first trained exit whose predicted gap to the full model is at most
+    --tolerance (the exit probe `route fit` saved beside the checkpoint)."""
+    from matryoshka_lm.infer.early_exit import ExitCost, exit_generate
+    from matryoshka_lm.infer.exit_probe import PROBE_JSON, ExitProbe
+
+    if a.draft or a.budget is not None or a.stream:
+        raise MatryoshkaError("--size exit takes --tolerance only (no --draft, --budget or --stream)")
+    probe = ExitProbe.load(a.ckpt)
+    if probe is None:
+        raise MatryoshkaError(
+            f"--size exit needs an exit probe: {Path(a.ckpt) / PROBE_JSON} does not exist; run `matryoshka route fit "
+            f"{a.ckpt}` (it fits one when the model has trained exits: sizes of full width and fewer layers)"
+        )
+    probe.check(model)
+    tau = EXIT_TOLERANCE if a.tolerance is None else a.tolerance
+    if len(ids) + a.max_new_tokens > model.cfg.max_seq_len:
+        raise MatryoshkaError(f"{len(ids)} prompt + {a.max_new_tokens} new tokens exceed {model.cfg.max_seq_len}")
+    out, counter = exit_generate(
+        model, ids, a.max_new_tokens, tau, probe=probe, sampling=sampling, stop_tokens=stop_ids
+    )
+    text = tok.decode(out)
+    for stop in a.stop or []:
+        text = text.split(stop)[0]
+    share = ", ".join(f"depth {d}: {n / counter.tokens:.0%}" for d, n in sorted(counter.exits.items()))
+    flops = counter.relative(ExitCost.of(model.cfg, len(ids) + len(out)))
+    print(f"exit: τ={tau:g}; tokens stopped at {share}; {flops:.2f}x the full model's FLOPs", file=sys.stderr)
+    print(a.prompt + text, flush=True)
 
 
 def _all_sizes(ckpt: str, cfg) -> list[str]:
@@ -136,7 +170,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="sample text at one size (or --size all)")
     g.add_argument("ckpt")
     g.add_argument(
-        "--size", default="XL", help="size name, Mix'n'Match spec, 'all', or 'auto' (the router beside CKPT picks)"
+        "--size",
+        default="XL",
+        help="size name, Mix'n'Match spec, 'all', 'auto' (the router beside CKPT picks) or 'exit' (each token "
+        "stops at a trained exit: the exit probe beside CKPT, --tolerance its predicted gap, default 0.05)",
     )
     g.add_argument("--prompt", required=True)
     # --max-new-tokens, --top-k and --gamma stay plain ints: the library names the bad value in one error line

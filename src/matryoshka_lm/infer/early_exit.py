@@ -21,6 +21,7 @@ skipped, against one full-size token (core/spec.flops_per_token) at the same con
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,7 @@ from matryoshka_lm.core.spec import SubmodelSpec, flops_per_token, full_spec, si
 from matryoshka_lm.errors import MatryoshkaError
 
 from .exit_probe import NEVER_TAU, ExitProbe
+from .sampling import GREEDY, Sampling, sample
 
 NEVER = 1.01  # a margin threshold no distribution reaches: the full model
 
@@ -205,8 +207,11 @@ def exit_generate(
     points: list[int] | None = None,
     probe: ExitProbe | None = None,
     prefill: str = "batched",
+    sampling: Sampling = GREEDY,
+    stop_tokens: Sequence[int] = (),
 ) -> tuple[list[int], ExitCounter]:
-    """Greedy decoding with per-token early exit at batch 1; the prompt's tokens decide as the new ones do.
+    """Decoding with per-token early exit at batch 1 (greedy, or `sampling`; a token of `stop_tokens` ends it and is
+    not returned); the prompt's tokens decide as the new ones do.
 
     prefill "batched": the prompt in one exit_forward pass (what a batch-1 server wants: one read of the weights
     for the whole prompt; its stopped tokens still go through the later layers there, their outputs discarded, so
@@ -230,11 +235,17 @@ def exit_generate(
         counter.add(res)
         return res.logits[0, -1]
 
+    gen = sampling.generator(device)
     if prefill == "batched":
         last = feed(prompt, 0)
     else:
         last = [feed([t], i) for i, t in enumerate(prompt)][-1]
-    out = [int(last.argmax())]
-    for pos in range(len(prompt), len(prompt) + max_new - 1):
-        out.append(int(feed(out[-1:], pos).argmax()))
+    out: list[int] = []
+    for pos in range(len(prompt), len(prompt) + max_new):
+        tok = int(sample(last[None], sampling, gen)[0])
+        if tok in stop_tokens:
+            break
+        out.append(tok)
+        if pos + 1 < len(prompt) + max_new:
+            last = feed([tok], pos)
     return out, counter
