@@ -2,21 +2,23 @@
 
 Each decoded token runs the layers up to the first exit point (a trained size of full width and fewer layers, such
 as the `memory` preset's E2 and E4) and asks a confidence rule whether to stop there; if not, on to the next point,
-and at the last layer it always stops. The rule is CALM's softmax margin: the exit's own next-token distribution,
-top-1 minus top-2 probability, at least `threshold`. Asking costs one LM head at that point (counted). A token that
-exits skips the rest of the layers, and their keys and values for it are computed from its exit state
-(MatryoshkaLM.fill_cache: CALM's state propagation, one K and one V projection per skipped layer), so later tokens,
-which may run deeper, attend to something at every layer.
+and at the last layer it always stops. The rule is CALM's softmax margin (the exit's own next-token distribution,
+top-1 minus top-2 probability, at least `threshold`; asking costs one LM head at that point) or, with an ExitProbe,
+a learned prediction of the token's NLL gap to the full model (at most `threshold` nats; asking costs 4·C FLOPs, and
+the head runs once, where the token stops). A token that exits skips the rest of the layers, and their keys and
+values for it are computed from its exit state (MatryoshkaLM.fill_cache: CALM's state propagation, one K and one V
+projection per skipped layer), so later tokens, which may run deeper, attend to something at every layer.
 
-threshold > 1 never asks: the output is the full model's, token for token. threshold 0 stops at the first point.
+A margin threshold > 1 (or a probe's -inf) never asks: the output is the full model's, token for token; a margin
+threshold of 0 (or a probe's +inf) stops every token at the first point.
 Every token decides, the prompt's too, so a policy pays its own compute for the whole query as a fixed size does.
 One pass serves many tokens (a prompt, or a teacher-forced batch of queries): tokens that stopped keep their exit
 state while the others run on, and the skipped layers still compute keys and values from that state, exactly as
 `fill_cache` does when every token has stopped and the layers are really skipped. By causality this equals feeding
 the tokens one at a time.
 
-Cost (ExitCost): forward FLOPs per token of the layers run, the heads asked, and the K/V projections of the layers
-skipped, against one full-size token (core/spec.flops_per_token) at the same context.
+Cost (ExitCost): forward FLOPs per token of the layers run, the heads and probes asked, and the K/V projections of
+the layers skipped, against one full-size token (core/spec.flops_per_token) at the same context.
 """
 
 from __future__ import annotations
@@ -67,9 +69,8 @@ class ExitCost:
         f = [flops_per_token(cfg, depth_spec(cfg, k), context) for k in range(cfg.n_layers + 1)]
         head = float(f[0])  # depth 0: the head on the embedding, nothing else
         kv_dims = [2 * nested.kv_heads(lay.heads, cfg.group_size) * cfg.head_dim for lay in full_spec(cfg).layers]
-        return cls(
-            [float(b - a) for a, b in zip(f, f[1:])], [2.0 * cfg.d_model * d for d in kv_dims], head, float(f[-1])
-        )
+        layers = [float(b - a) for a, b in zip(f, f[1:])]
+        return cls(layers, [2.0 * cfg.d_model * d for d in kv_dims], head, float(f[-1]), 4.0 * cfg.d_model)
 
 
 @dataclass
