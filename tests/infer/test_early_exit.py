@@ -265,3 +265,19 @@ def test_a_batched_prefill_gives_the_tokens_and_counts_of_feeding_the_prompt_alo
     assert torch.equal(fast[1].layers, slow[1].layers) and torch.equal(fast[1].heads, slow[1].heads)
     with pytest.raises(MatryoshkaError, match="prefill must be"):
         exit_generate(model, prompt, 2, thr, prefill="eager")
+
+
+def test_the_cost_parts_add_up_to_the_flops_formula(model):
+    from matryoshka_lm.core.spec import flops_per_token, full_spec
+
+    cfg = model.cfg
+    cost = ExitCost.of(cfg, 40)
+    assert sum(cost.layer) + cost.head == pytest.approx(cost.full) == flops_per_token(cfg, full_spec(cfg), 40)
+    kv_width = cfg.n_kv_heads * cfg.head_dim  # keys, and as many values: 2 FLOPs per weight
+    assert cost.kv == [2.0 * cfg.d_model * 2 * kv_width] * cfg.n_layers and cost.probe == 4.0 * cfg.d_model
+    with torch.no_grad():
+        full = exit_forward(model, torch.tensor([[3, 4, 5]]), NEVER)
+        first = exit_forward(model, torch.tensor([[3, 4, 5]]), 0.0)
+    assert full.flops(cost)[0].tolist() == pytest.approx([cost.full] * 3)
+    want = cost.layer[0] + sum(cost.kv[1:]) + cost.head  # the first layer, keys/values of the rest, one head
+    assert first.flops(cost)[0].tolist() == pytest.approx([want] * 3)
