@@ -94,7 +94,10 @@ def domain_lines(name: str, rep: dict, png: str) -> list[str]:
         f"### {name} ({rep['queries']} queries, {rep['seconds']:.0f} s)",
         "",
         f"Quality gap between the smallest candidate and XL: {lo - hi:.3f} nats/token (goal for a model worth routing "
-        f"on: >= 0.15, {'met' if lo - hi >= 0.15 else 'NOT met'}).",
+        f"on: >= 0.15, {'met' if lo - hi >= 0.15 else 'NOT met'}). Split-half reliability of the per-query gap "
+        "(first vs second half of the continuation, Spearman-Brown): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in rep.get("label_reliability", {}).items())
+        + " (the share of a query's gap that is the query's, not the noise of 32 tokens).",
         "",
         md_table(["fixed size", "compute", "NLL"], sizes, "lrr"),
         "",

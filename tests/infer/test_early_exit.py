@@ -185,6 +185,7 @@ def test_route_eval_measures_the_early_exit_beside_the_router(tmp_path, corpus_f
     assert main(["route", "eval", str(ckpt), "--bootstrap", "5", "--json", str(js), *common]) == 0
     out = capsys.readouterr().out
     assert "early exit (margin): setting, compute, NLL" in out and "APGR early exit (margin) - fixed sizes" in out
+    assert "label reliability (split-half gap, Spearman-Brown): E2 " in out
     rep = json.loads(js.read_text())
     pts = rep["per_token"]["early exit (margin)"]
     assert [p["setting"] for p in pts] == list(THRESHOLDS)

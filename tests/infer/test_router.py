@@ -284,3 +284,21 @@ def test_router_candidates_may_be_cells_costed_in_bytes(tiny_ckpt, corpus_file):
     assert route(model, ids, router, tolerance=0.0).index == 3
     with pytest.raises(MatryoshkaError, match="distinct"):
         RL.candidate_specs(model, ["M@int4", "M@int4"])
+
+
+def test_label_halves_average_to_the_label_and_reliability_tells_signal_from_noise(tiny_ckpt, corpus_file):
+    from matryoshka_lm.core.checkpoint import load_model, load_tokenizer
+    from matryoshka_lm.data import encode_corpus, read_corpus
+
+    model = load_model(tiny_ckpt)
+    tokens = encode_corpus(load_tokenizer(tiny_ckpt), read_corpus(corpus_file))
+    _, labels = RL.label_tokens(model, tokens, 20, 48, 12)
+    np.testing.assert_allclose(labels.halves.mean(2), labels.nll, rtol=1e-5, atol=1e-6)
+    assert labels.subset(np.arange(5)).halves.shape == (5, labels.nll.shape[1], 2)
+    rng = np.random.default_rng(0)
+    n = 400
+    signal = rng.normal(0, 1, (n, 1, 1)) * np.array([1.0, 0.0])[None, :, None]  # a per-query gap; full: none
+    clean = RL.Labels(np.zeros((n, 2)), np.zeros((n, 1)), np.full(n, 8), 8, signal + rng.normal(0, 0.05, (n, 2, 2)))
+    noisy = RL.Labels(np.zeros((n, 2)), np.zeros((n, 1)), np.full(n, 8), 8, rng.normal(0, 1, (n, 2, 2)))
+    assert clean.reliability()[0] > 0.99 and abs(noisy.reliability()[0]) < 0.25
+    assert RL.Labels(np.zeros((n, 2)), np.zeros((n, 1)), np.full(n, 8), 8).reliability() is None

@@ -84,6 +84,7 @@ def evaluate(
         "at_tau": at_tau,
         "learned_minus_confidence": diff,
         "minus_fixed_sizes": vs_fixed,
+        "label_reliability": dict(zip(router.candidates[:-1], labels.reliability() or [])),
         "per_token": token_points,
         "overhead": {
             "mean_prompt_len": float(labels.prompt_lens.mean()),
@@ -121,6 +122,9 @@ def format_report(rep: dict[str, Any]) -> str:
     lines += ["", f"{'curve':<14}{'APGR [95% CI]':>24}{'CPT(50%)':>24}{'CPT(80%)':>24}"]
     for name, m in rep["metrics"].items():
         lines.append(f"{name:<14}{_fmt(m['apgr']):>24}{_fmt(m['cpt50']):>24}{_fmt(m['cpt80']):>24}")
+    if rep.get("label_reliability"):
+        rel = ", ".join(f"{k} {v:.2f}" for k, v in rep["label_reliability"].items())
+        lines.append(f"label reliability (split-half gap, Spearman-Brown): {rel}")
     for name, d in rep.get("minus_fixed_sizes", {}).items():
         lines.append(f"APGR {name} - fixed sizes (paired bootstrap): {_fmt(d)}")
     for name, pts in rep.get("per_token", {}).items():

@@ -105,13 +105,30 @@ class Labels:
     features: np.ndarray  # (N, F) from the smallest candidate's prefill
     prompt_lens: np.ndarray  # (N,)
     cont: int
+    halves: np.ndarray | None = None  # (N, K, 2) the NLL of each half of the continuation (scoring labels)
 
     def subset(self, idx: np.ndarray) -> Labels:
-        return Labels(self.nll[idx], self.features[idx], self.prompt_lens[idx], self.cont)
+        halves = None if self.halves is None else self.halves[idx]
+        return Labels(self.nll[idx], self.features[idx], self.prompt_lens[idx], self.cont, halves)
 
     @property
     def gaps(self) -> np.ndarray:
         return self.nll - self.nll[:, -1:]
+
+    def reliability(self) -> list[float] | None:
+        """Split-half reliability of each non-full candidate's gap: the correlation of the gap measured on the first
+        half of the continuation with the gap on the second, stepped up to the whole (Spearman-Brown, 2r / (1 + r)).
+        How much of a query's gap is the query's and not the noise of a short continuation: the ceiling of any
+        predictor's R^2 is about this value, and the oracle's advantage above it is noise it was told."""
+        if self.halves is None or len(self.nll) < 3:
+            return None
+        gaps = self.halves - self.halves[:, -1:, :]
+        out = []
+        for k in range(gaps.shape[1] - 1):
+            a, b = gaps[:, k, 0], gaps[:, k, 1]
+            r = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+            out.append(2 * r / (1 + r) if r > -1 else float("nan"))
+        return out
 
 
 @torch.no_grad()
@@ -120,6 +137,7 @@ def label(model: MatryoshkaLM, queries: Queries, specs: list[SubmodelSpec], batc
     n, cont = len(queries), queries.cont
     lens = queries.prompt_lens
     nll = np.zeros((n, len(specs)))
+    halves = np.zeros((n, len(specs), 2))
     feats: list[torch.Tensor] = []
     device = model.head_weight().device
     for k, spec in enumerate(specs):
@@ -132,11 +150,14 @@ def label(model: MatryoshkaLM, queries: Queries, specs: list[SubmodelSpec], batc
             pos = torch.arange(ids.shape[1] - 1, device=device)[None]
             mask = (pos >= p[:, None] - 1) & (pos < p[:, None] - 1 + cont)
             nll[a : a + batch, k] = ((tok * mask).sum(1) / cont).cpu().numpy()
+            first = mask & (pos < p[:, None] - 1 + cont // 2)
+            halves[a : a + batch, k, 0] = ((tok * first).sum(1) / (cont // 2)).cpu().numpy()
+            halves[a : a + batch, k, 1] = ((tok * (mask & ~first)).sum(1) / (cont - cont // 2)).cpu().numpy()
             if k == 0:
                 for j in range(ids.shape[0]):
                     pj = int(p[j])
                     feats.append(prompt_features(ids[j, :pj], logits[j, :pj], hidden[j, :pj]))
-    return Labels(nll, torch.stack(feats).cpu().numpy(), lens.numpy(), cont)
+    return Labels(nll, torch.stack(feats).cpu().numpy(), lens.numpy(), cont, halves if cont >= 2 else None)
 
 
 @torch.no_grad()
