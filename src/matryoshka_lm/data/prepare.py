@@ -262,15 +262,8 @@ def prepare(
     if len(todo) < len(sources):
         log.info("%d of %d source files already encoded", len(sources) - len(todo), len(sources))
     jobs = [Job(s, str(out / TOKENIZER), str(work / "parts"), val_fraction, text_field) for s in todo]
-    for i, record in enumerate(run_jobs(jobs, workers or os.cpu_count() or 1), 1):
-        log.info(
-            "[%d/%d] %s: %d train + %d val tokens",
-            i,
-            len(jobs),
-            record["path"],
-            record["train_tokens"],
-            record["val_tokens"],
-        )
+    for i, r in enumerate(run_jobs(jobs, workers or os.cpu_count() or 1), 1):
+        log.info("[%d/%d] %s: %d train + %d val tokens", i, len(jobs), r["path"], r["train_tokens"], r["val_tokens"])
     dtype = dtype_for(tok.get_vocab_size())
     shards, records = pack(out, work, sources, dtype, shard_tokens, tok.get_vocab_size())
     m = manifest(out, settings, tok, dtype, shards, records)
