@@ -194,10 +194,9 @@ def token_counts(tokens: np.ndarray, vocab_size: int, block: int = 1 << 24) -> n
 
 def unigram_loss_of_counts(train_counts: np.ndarray, val_counts: np.ndarray, vocab_size: int) -> float:
     """Cross-entropy (nats/token) of the add-one unigram model of the train counts on the validation counts."""
-    train = np.zeros(vocab_size, np.float64)
-    train[: min(vocab_size, len(train_counts))] = train_counts[:vocab_size]
-    val = np.zeros(vocab_size, np.float64)
-    val[: min(vocab_size, len(val_counts))] = val_counts[:vocab_size]
+    train, val = (
+        np.pad(c[:vocab_size].astype(np.float64), (0, max(0, vocab_size - len(c)))) for c in (train_counts, val_counts)
+    )
     logp = np.log((train + 1.0) / (train.sum() + vocab_size))
     return float(-(val * logp).sum() / max(val.sum(), 1.0))
 

@@ -230,6 +230,7 @@ def exit_generate(
     device = next(model.parameters()).device
     cache = KVCache.allocate(cfg, model.full, 1, len(prompt) + max_new, device)
     counter = ExitCounter.zeros(1, cfg.n_layers)
+    points = None if probe is not None else check_points(cfg, points)  # once, not per token (it parses the sizes)
 
     def feed(tokens: list[int], pos: int) -> torch.Tensor:
         res = exit_forward(model, torch.tensor([tokens], device=device), threshold, cache, pos, points, probe)
