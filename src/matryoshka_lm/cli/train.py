@@ -62,6 +62,12 @@ TRAIN_FLAGS: dict[str, dict] = {
     "seed": dict(type=int),
     "save_every": dict(type=positive_int),
     "max_corpus_chars": dict(type=nonnegative_int, help="use only this many characters of the corpus"),
+    "prepare_text": dict(
+        choices=["auto", "always", "never"],
+        help="text --data goes through `matryoshka prepare` into a cache ($MATRYOSHKA_CACHE, default "
+        "~/.cache/matryoshka-lm) and trains from memory-mapped shards: auto (default) when over 256 MB or JSON/"
+        "Parquet; always; never (encode in memory each run)",
+    ),
     "dtype": dict(choices=["auto", "fp32", "bf16"]),
     "fsdp": dict(action="store_const", const=True, help="shard with FSDP2 fully_shard under torchrun"),
     "checkpointing": dict(

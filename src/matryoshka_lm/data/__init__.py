@@ -4,6 +4,7 @@ corpus.py    text files and the default corpus, the byte-level BPE, the train/va
 sources.py   what `prepare` reads: text, JSON Lines (optionally gzipped), JSON, Parquet, the default corpus
 shards.py    the prepared folder: manifest, memory-mapped shards read as one token stream
 prepare.py   prepare(): source files -> token shards, in worker processes, resumable
+cache.py     text given to `train --data` prepared once into such shards in a cache folder
 """
 
 from .corpus import (

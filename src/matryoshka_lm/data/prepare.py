@@ -228,6 +228,7 @@ def prepare(
     text_field: str = "text",
     tokenizer_sample_bytes: int = 50_000_000,
     shard_tokens: int = 1 << 28,
+    stale: str = "refuse",
 ) -> Prepared:
     """Tokenize `source` (a file, a folder, or None/'default' for the embedded corpus) into shards in `out`.
 
@@ -238,6 +239,8 @@ def prepare(
         workers: processes encoding source files in parallel (default: the CPU count).
         text_field: the field holding the text in JSON Lines, JSON and Parquet sources.
         shard_tokens: tokens per train shard.
+        stale: what a folder prepared from other sources or settings gets: "refuse" (an error), or "replace"
+            (deleted and prepared again: for folders this package owns, the cache of data/cache.py).
 
     A second call with the same source and settings does nothing (up_to_date); an interrupted one resumes from
     the source files it had finished. Another source or settings in a folder already prepared is refused."""
@@ -249,12 +252,15 @@ def prepare(
     plan = {"settings": settings, "sources": [s.fingerprint() for s in sources]}
     if (out / MANIFEST).is_file():
         m = read_manifest(out)
-        if {"settings": m["settings"], "sources": [_fingerprint(r) for r in m["sources"]]} != plan:
+        if {"settings": m["settings"], "sources": [_fingerprint(r) for r in m["sources"]]} == plan:
+            log.info("%s is up to date: nothing to do", out)
+            return Prepared(m, True)
+        if stale != "replace":
             raise MatryoshkaError(
                 f"{out} already holds data prepared from other sources or settings; pick a new -o or delete it"
             )
-        log.info("%s is up to date: nothing to do", out)
-        return Prepared(m, True)
+        log.warning("%s was prepared from other files or settings: preparing it again", out)
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     work = _start(out, plan, sources, tokenizer)
     tok = load_tokenizer_file(out / TOKENIZER)

@@ -14,14 +14,20 @@ from matryoshka_lm.errors import MatryoshkaError
 
 from .evaluate import evaluate_specs, format_table, plot_size_vs_loss, size_table, write_json_report
 from .state import split_unigram_loss
+from .tokens import data_source
+
+
+def checkpoint_source(ckpt: Path, data: str | None = None):
+    """(train config, tokenizer, what to split): `data` if given, else what the run read (its cache folder too)."""
+    _, tcfg = ck.read_config(ckpt)
+    tcfg = tcfg or TrainConfig()
+    tok = ck.load_tokenizer(ckpt)
+    return tcfg, tok, data if data is not None else data_source(tcfg, tcfg.data, tok)
 
 
 def checkpoint_val_split(ckpt: Path, data: str | None = None):
     """Re-create the run's deterministic split with the checkpoint's tokenizer (or split `data` if given)."""
-    _, tcfg = ck.read_config(ckpt)
-    tcfg = tcfg or TrainConfig()
-    tok = ck.load_tokenizer(ckpt)
-    source = data if data is not None else tcfg.data
+    tcfg, tok, source = checkpoint_source(ckpt, data)
     if is_prepared(source):  # the shards of `matryoshka prepare`: their own split
         prepared, train, val, _ = open_prepared(source)
         if prepared.to_str() != tok.to_str():
@@ -54,7 +60,7 @@ def evaluate_checkpoint(
     trained = set(ck.trained_sizes(ckpt, model.cfg))
     for row, spec in zip(rows, specs.values()):  # a slice nothing trained is listed, and marked, not passed off
         row["trained"] = spec.name in trained if spec.name else trained == set(model.cfg.sizes)
-    unigram = split_unigram_loss(train, val, model.cfg.vocab_size, data if data is not None else tcfg.data)
+    unigram = split_unigram_loss(train, val, model.cfg.vocab_size, checkpoint_source(ckpt, data)[2])
     write_json_report(
         Path(json_path or ckpt / "eval.json"),
         rows,

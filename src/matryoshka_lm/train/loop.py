@@ -43,7 +43,7 @@ from .resume import resume_settings
 from .speedups import apply_speedups, use_fused_adamw
 from .state import load_state, save_state, trim_metrics, write_split_stats
 from .steps import MetricsLog, MicroStep, fit
-from .tokens import prepare_data
+from .tokens import data_source, prepare_data
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,7 @@ class Run:
     log: MetricsLog
     start: int = 0
     peak_flops: float = 0.0  # of one device (machine.peak_flops); 0: no MFU in the metrics
+    source: str | None = None  # what the tokens came from: tcfg.data, or the cache folder it was prepared into
 
 
 def check_batch_split(tcfg: TrainConfig, d: Dist) -> None:
@@ -202,7 +203,8 @@ def prepare(
     init: str | Path | None,
     callback: Callable[[int, dict], None] | None,
 ) -> Run:
-    tok, train_tokens, val_tokens = prepare_data(tcfg, tcfg.data, tokenizer)
+    source = data_source(tcfg, tcfg.data, tokenizer)
+    tok, train_tokens, val_tokens = prepare_data(tcfg, source, tokenizer)
     model_cfg = shape_for_run(model_cfg, tcfg, tok.get_vocab_size(), fresh=not resume and init is None)
     names, weights, specs = size_plan(model_cfg, tcfg)
     check_batch_split(tcfg, d)
@@ -239,6 +241,7 @@ def prepare(
         tok.to_str(),
         MetricsLog(out / "metrics.jsonl", callback, d.main),
         start,
+        source=source,
     )
 
 
@@ -328,7 +331,7 @@ def run_steps(run: Run, halt_after: int | None = None, time_limit_s: float | Non
         if done % tcfg.save_every == 0 or done == tcfg.steps or late:
             save_state(run.out, run.model, run.opt, done, tcfg, run.tok_json, run.d.main)
             if run.d.main:
-                write_split_stats(run.out, run.train_tokens, run.val_tokens, run.model.cfg.vocab_size, tcfg.data)
+                write_split_stats(run.out, run.train_tokens, run.val_tokens, run.model.cfg.vocab_size, run.source)
             return late or (halt_after is not None and done >= halt_after)
         return False
 

@@ -1,4 +1,5 @@
-"""The tokens a run trains on: a folder of `matryoshka prepare` shards (memory-mapped), or text encoded now."""
+"""The tokens a run trains on: a folder of `matryoshka prepare` shards (memory-mapped), text prepared into such a
+folder in the cache (data/cache.py), or text encoded now."""
 
 from __future__ import annotations
 
@@ -6,8 +7,16 @@ from pathlib import Path
 
 from matryoshka_lm.config import TrainConfig
 from matryoshka_lm.data import encode_corpus, limit_chars, read_corpus, split_tokens, train_tokenizer
+from matryoshka_lm.data.cache import cached_prepare, uses_cache
 from matryoshka_lm.data.shards import is_prepared, open_prepared
 from matryoshka_lm.errors import MatryoshkaError
+
+
+def data_source(tcfg: TrainConfig, data: str | None, tokenizer=None) -> str | None:
+    """What the run reads: `data` itself, or the cache folder its text is prepared into (prepared now if need be)."""
+    if not uses_cache(data, tcfg.prepare_text, tcfg.max_corpus_chars):
+        return data
+    return str(cached_prepare(data, tokenizer, tcfg.vocab_size, tcfg.val_fraction))
 
 
 def prepare_data(tcfg: TrainConfig, data: str | None, tokenizer=None):
