@@ -8,7 +8,8 @@ May change on resume (applied from the checkpoint's step on, and logged):
 Refused (MatryoshkaError, one line naming each setting with its saved and given values): everything else, i.e.
   what fixes the data stream (data, prepare_text, max_corpus_chars, vocab_size, val_fraction, seq_len,
   batch_size, seed), the model and objective (sizes, only, size_weights, sample_sizes, distill, any model config
-  field such as nest_width), and the Adam hyperparameters already folded into the saved moments (weight_decay, beta1, beta2).
+  field such as nest_width), and the Adam hyperparameters already folded into the saved moments (weight_decay,
+  beta1, beta2).
 A setting added to TrainConfig later is refused until it is listed in RESUMABLE.
 """
 
