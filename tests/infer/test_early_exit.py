@@ -193,7 +193,13 @@ def test_route_eval_measures_the_early_exit_beside_the_router(tmp_path, corpus_f
     assert pts[-1]["compute"] == pytest.approx(1.0) and pts[-1]["nll"] == pytest.approx(
         rep["fixed"]["always XL"]["nll"]
     )
-    assert set(rep["minus_fixed_sizes"]) == {"learned", "confidence", "early exit (margin)", "early exit (learned)"}
+    assert set(rep["minus_fixed_sizes"]) == {
+        "learned",
+        "confidence",
+        "cheap",
+        "early exit (margin)",
+        "early exit (learned)",
+    }
     learned = rep["per_token"]["early exit (learned)"]
     assert learned[-1]["setting"] is None and learned[-1]["compute"] == pytest.approx(1.0)
     assert main(["route", "eval", str(ckpt), "--bootstrap", "5", "--json", str(js), "--no-early-exit", *common]) == 0

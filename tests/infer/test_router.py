@@ -200,7 +200,11 @@ def test_cli_fit_and_eval(tiny_ckpt, corpus_file, tmp_path, capsys):
     )
     assert (out / "router.json").is_file() and (out / "router.safetensors").is_file()
     meta = json.loads((out / "router.json").read_text())
-    assert meta["candidates"] == ["S", "M", "L", "XL"] and set(meta["calibration"]) == {"learned", "confidence"}
+    assert meta["candidates"] == ["S", "M", "L", "XL"] and set(meta["calibration"]) == {
+        "learned",
+        "confidence",
+        "cheap",
+    }
     png, js = tmp_path / "curve.png", tmp_path / "rep.json"
     args = [
         "route",
@@ -224,7 +228,10 @@ def test_cli_fit_and_eval(tiny_ckpt, corpus_file, tmp_path, capsys):
     assert "APGR" in text and "always XL" in text and "oracle" in text
     assert png.stat().st_size > 1000
     rep = json.loads(js.read_text())
-    assert set(rep["curves"]) == {"learned", "confidence", "oracle", "random", "fixed sizes"} and rep["queries"] == 40
+    assert (
+        set(rep["curves"]) == {"learned", "confidence", "cheap", "oracle", "random", "fixed sizes"}
+        and rep["queries"] == 40
+    )
     assert set(rep["learned_minus_confidence"]) == {"value", "ci"} and len(rep["fixed"]) == 4
     assert main(args + ["--tolerance", "0.05", "--budget", "0.5"]) == 2
     assert "not both" in capsys.readouterr().err
@@ -302,3 +309,48 @@ def test_label_halves_average_to_the_label_and_reliability_tells_signal_from_noi
     noisy = RL.Labels(np.zeros((n, 2)), np.zeros((n, 1)), np.full(n, 8), 8, rng.normal(0, 1, (n, 2, 2)))
     assert clean.reliability()[0] > 0.99 and abs(noisy.reliability()[0]) < 0.25
     assert RL.Labels(np.zeros((n, 2)), np.zeros((n, 1)), np.full(n, 8), 8).reliability() is None
+
+
+def test_the_cheap_router_costs_under_two_percent_of_a_full_prefill():
+    from matryoshka_lm.config import preset
+    from matryoshka_lm.infer.router import cheap_feature_names, cheap_router_flops
+
+    for name in ("tiny", "demo", "memory", "small"):
+        cfg = preset(name)[0]
+        small = full_spec(cfg)  # the widest embeddings any smallest candidate could pool
+        n_feat = len(cheap_feature_names(small.width))
+        for p in (1, 8, 32, cfg.max_seq_len):
+            f = cheap_router_flops(cfg, small, p, n_feat, len(cfg.sizes) - 1)
+            assert f["full_prefill"] == flops_per_token(cfg, full_spec(cfg), p) * p
+            assert f["predictor"] <= 0.02 * f["full_prefill"], (name, p, f)
+
+
+def test_the_cheap_router_runs_no_layer_and_routes_as_its_labels_say(tiny_ckpt, corpus_file, tmp_path):
+    from matryoshka_lm.core.checkpoint import load_model, load_tokenizer
+    from matryoshka_lm.data import encode_corpus, read_corpus
+
+    model = load_model(tiny_ckpt)
+    tokens = encode_corpus(load_tokenizer(tiny_ckpt), read_corpus(corpus_file))
+    specs, labels = RL.label_tokens(model, tokens, 80, 48, 12)
+    router = RF.fit_router(model, labels)
+    router.save(tmp_path)
+    loaded = Router.load(tmp_path)
+    assert loaded.cheap_features == router.cheap_features and len(router.cheap_features) == labels.cheap.shape[1]
+    queries = RL.make_queries(tokens, 80, 48, 12)
+    ran = []
+    for m in (*model.layers, model.norm):
+        m.register_forward_hook(lambda *a: ran.append(1))
+    predicted = RF.predicted_gaps(router, labels, "cheap")
+    for tau in (0.0, 0.02, 1e9):
+        want = choose(torch.as_tensor(predicted), tau).numpy()
+        for i in range(0, 80, 8):
+            ids = queries.windows[i, : int(queries.prompt_lens[i])]
+            d = route(model, ids, loaded, tolerance=tau, kind="cheap")
+            assert torch.allclose(d.features, torch.as_tensor(labels.cheap[i]), atol=1e-5)
+            assert d.index == want[i] and d.small_logits is None and not d.reuses_prefill
+            assert d.index == (len(specs) - 1 if tau == 0.0 else 0 if tau == 1e9 else d.index)
+    assert ran == []  # no block, no final norm (so no LM head): the embeddings alone
+    # what the curves charge it: its features and predictor, never the small size's prefill
+    costs = RF.query_costs(model, specs, labels)
+    assert (costs.cheap_overhead < 0.02 * costs.full[:, None]).all()
+    assert (costs.cheap_overhead < costs.overhead[:, 1:2]).all()

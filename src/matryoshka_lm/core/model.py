@@ -261,6 +261,14 @@ class MatryoshkaLM(nn.Module):
             precision.ensure_planes(self)
         return bits
 
+    def embed(self, idx: torch.Tensor, spec: SubmodelSpec | None = None) -> torch.Tensor:
+        """The token embeddings (B, T, C_spec) the submodel `spec` starts from (its bits' rows when quantized)."""
+        spec = spec or self.full
+        bits = self.cell_bits(spec.bits)
+        if bits is not None and self.tok_emb.planes is not None:
+            return self.tok_emb.planes.rows(idx, spec.width, bits)
+        return nested.embed(idx, self.tok_emb.weight, spec.width)
+
     def hidden_states(
         self,
         idx: torch.Tensor | None,
@@ -287,12 +295,7 @@ class MatryoshkaLM(nn.Module):
         static = isinstance(start, torch.Tensor)
         if not static and start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        if h is not None:
-            x = h
-        elif bits is not None and self.tok_emb.planes is not None:
-            x = self.tok_emb.planes.rows(idx, spec.width, bits)
-        else:
-            x = nested.embed(idx, self.tok_emb.weight, spec.width)
+        x = h if h is not None else self.embed(idx, spec)
         cos, sin, at, mask = self.positions(cache, start, T, x.device, x.dtype)
         for block, layer in nested.layers_from(self.layers, spec, first_layer):
             x = block(x, layer, cos, sin, cache, at, mask, bits)

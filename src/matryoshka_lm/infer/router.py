@@ -14,11 +14,14 @@ size when none is. Predicting the *gap* rather than a yes/no per τ keeps τ a r
 always-full) is the other knob: the fit saves a calibration table (τ → mean compute on a held-out split), and a budget
 maps to the smallest τ that meets it.
 
-Two predictors share that code: "learned" (ridge regression on every feature, fitted in infer/router_fit.py with
-scikit-learn) and "confidence" (training-free ordering: only the small size's prompt NLL, with a 1-D linear map per
-candidate fitted so that τ keeps its meaning). router.json names the default; inference needs no scikit-learn, only
-dot products. Files: CKPT/router.json (candidates, feature names, default, calibration) and CKPT/router.safetensors
-(weights, bias and feature normalisation per predictor). Never pickle.
+Three predictors share that code: "learned" (ridge regression on every feature, fitted in infer/router_fit.py with
+scikit-learn), "confidence" (training-free ordering: only the small size's prompt NLL, with a 1-D linear map per
+candidate fitted so that τ keeps its meaning), and "cheap": a ridge on features that run no transformer layer at all
+(cheap_features: the prompt's length, its token ids' statistics, how much of it repeats, and its mean token
+embedding), so routing costs ~1e-4 of a full prefill instead of the small size's prefill; nothing is reused.
+router.json names the default; inference needs no scikit-learn, only dot products. Files: CKPT/router.json
+(candidates, feature names, default, calibration) and CKPT/router.safetensors (weights, bias and feature
+normalisation per predictor). Never pickle.
 
 The routing call returns the small size's prefill (logits, hidden states, and the KV cache if one was passed), so a
 caller that is routed to the smallest size reuses it instead of running a second prefill.
@@ -42,14 +45,32 @@ from matryoshka_lm.core.spec import SubmodelSpec, flops_per_token, full_spec, pa
 from matryoshka_lm.errors import MatryoshkaError
 
 ROUTER_JSON, ROUTER_WEIGHTS = "router.json", "router.safetensors"
-KINDS = ("learned", "confidence")
+KINDS = ("learned", "confidence", "cheap")
+CHEAP = "cheap"
 SCALAR_FEATURES = ("entropy", "prompt_nll", "log_len")  # then h0..h{C-1}: the pooled hidden state
+CHEAP_SCALARS = ("log_len", "mean_log_id", "std_log_id", "repeat_frac")  # then e0..e{C-1}: the pooled embedding
 CONFIDENCE_FEATURE = "prompt_nll"
 FORMAT_VERSION = 1
 
 
 def feature_names(width: int) -> list[str]:
     return list(SCALAR_FEATURES) + [f"h{i}" for i in range(width)]
+
+
+def cheap_feature_names(width: int) -> list[str]:
+    return list(CHEAP_SCALARS) + [f"e{i}" for i in range(width)]
+
+
+def cheap_features(model: MatryoshkaLM, ids: torch.Tensor, spec: SubmodelSpec) -> torch.Tensor:
+    """Features of one prompt (P,) that run no layer -> (4 + C_spec,): log length; the mean and spread of log(1 + id)
+    (a byte-level BPE numbers its merges in order, so larger ids are rarer tokens: rarity for free); the share of
+    tokens already seen earlier in the prompt (copying is easy at every size); the mean of its token embeddings."""
+    ids = ids.reshape(-1)
+    lid = torch.log1p(ids.float())
+    seen = (ids[:, None] == ids[None, :]).triu(1).any(0)  # seen[t]: token t occurred before position t
+    emb = model.embed(ids[None], spec)[0].float().mean(0)
+    P = torch.tensor(math.log(ids.numel()), device=emb.device)
+    return torch.cat([torch.stack([P, lid.mean(), lid.std(correction=0), seen.float().mean()]), emb])
 
 
 def prompt_features(ids: torch.Tensor, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -121,11 +142,12 @@ class Router:
     candidates: list[str]  # spec strings, smallest first, the full size last
     costs: list[float]  # FLOPs per token relative to the full size, same order
     features: list[str]
-    predictors: dict[str, Predictor]
+    predictors: dict[str, Predictor]  # "cheap" reads cheap_features, the others features
     default: str = "learned"
     tolerance: float = 0.05  # default τ when neither τ nor a budget is given
     calibration: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # kind -> {tau, compute, nll}
     info: dict[str, Any] = field(default_factory=dict)  # how it was fitted (split sizes, scores), for the record
+    cheap_features: list[str] = field(default_factory=list)
 
     def predictor(self, kind: str | None) -> Predictor:
         kind = kind or self.default
@@ -166,6 +188,7 @@ class Router:
             "candidates": self.candidates,
             "costs": self.costs,
             "features": self.features,
+            "cheap_features": self.cheap_features,
             "kinds": sorted(self.predictors),
             "default": self.default,
             "tolerance": self.tolerance,
@@ -194,6 +217,7 @@ class Router:
                 tolerance=float(meta["tolerance"]),
                 calibration=meta.get("calibration", {}),
                 info=meta.get("info", {}),
+                cheap_features=list(meta.get("cheap_features", [])),
             )
         except KeyError as e:
             raise MatryoshkaError(f"{d / ROUTER_JSON} lacks {e.args[0]!r}") from None
@@ -215,14 +239,14 @@ class Decision:
     gaps: torch.Tensor  # (K,) predicted gap per candidate
     features: torch.Tensor  # (F,)
     small_spec: SubmodelSpec
-    small_logits: torch.Tensor  # (1, P, V) of the small size
-    small_hidden: torch.Tensor  # (1, P, C_small)
+    small_logits: torch.Tensor | None  # (1, P, V) of the small size; None: the cheap router ran no prefill
+    small_hidden: torch.Tensor | None  # (1, P, C_small)
     small_cache: KVCache | None  # the caller's cache, now holding the small size's prefill
 
     @property
     def reuses_prefill(self) -> bool:
-        """True when the chosen size is the small one: its prefill (logits, cache) is already done."""
-        return self.index == 0
+        """True when the chosen size is the small one and its prefill (logits, cache) is already done."""
+        return self.index == 0 and self.small_logits is not None
 
 
 @torch.no_grad()
@@ -236,19 +260,25 @@ def route(
     cache: KVCache | None = None,
 ) -> Decision:
     """Route one prompt (P,) or (1, P): one prefill of the smallest candidate (into `cache` if given), then the
-    predictor. The returned Decision carries that prefill."""
+    predictor. The returned Decision carries that prefill. The cheap kind runs no layer and leaves `cache` empty."""
     tau = router.resolve_tau(tolerance, budget, kind)
     ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
     if ids.shape[0] != 1 or ids.shape[1] < 1:
         raise MatryoshkaError(f"route takes one non-empty prompt, got ids of shape {tuple(ids.shape)}")
     specs = router.specs(model.cfg)
     small = specs[0]
+    kind = kind or router.default
+    if kind == CHEAP:
+        x = cheap_features(model, ids[0], small)
+        gaps = router.predictor(kind).gaps(x[None])
+        i = int(choose(gaps, tau)[0])
+        return Decision(i, specs[i], tau, kind, gaps[0], x, small, None, None, None)
     hidden = model.hidden_states(ids, small, cache, 0)
     logits = model.logits(hidden)
     x = prompt_features(ids[0], logits[0], hidden[0])
     gaps = router.predictor(kind).gaps(x[None])
     i = int(choose(gaps, tau)[0])
-    return Decision(i, specs[i], tau, kind or router.default, gaps[0], x, small, logits, hidden, cache)
+    return Decision(i, specs[i], tau, kind, gaps[0], x, small, logits, hidden, cache)
 
 
 def router_flops(cfg: ModelConfig, small: SubmodelSpec, prompt_len: int, n_features: int, n_predicted: int) -> dict:
@@ -261,5 +291,16 @@ def router_flops(cfg: ModelConfig, small: SubmodelSpec, prompt_len: int, n_featu
     return {
         "predictor": int(predictor),
         "small_prefill": int(flops_per_token(cfg, small, P) * P),
+        "full_prefill": int(flops_per_token(cfg, full_spec(cfg), P) * P),
+    }
+
+
+def cheap_router_flops(cfg: ModelConfig, small: SubmodelSpec, prompt_len: int, n_features: int, n_predicted: int):
+    """FLOPs of the cheap router on one prompt (pooling the embeddings, the ids' log / mean / spread, the repeat test
+    over pairs of positions, standardising, one dot product per predicted candidate) beside a full prefill."""
+    P, C = prompt_len, small.width
+    features = P * C + 4 * P + P * (P - 1) // 2
+    return {
+        "predictor": int(features + 2 * n_features + 2 * n_features * n_predicted),
         "full_prefill": int(flops_per_token(cfg, full_spec(cfg), P) * P),
     }

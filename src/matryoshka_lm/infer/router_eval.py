@@ -12,7 +12,7 @@ import numpy as np
 from matryoshka_lm.core.model import MatryoshkaLM
 
 from .early_exit_eval import TokenPolicy
-from .router import Router, router_flops
+from .router import Router, cheap_router_flops, router_flops
 from .router_fit import (
     BOOTSTRAP,
     Policy,
@@ -63,14 +63,19 @@ def evaluate(
         fixed[pol.name] = {"compute": float(c[0]), "nll": float(q[0])}
     diff = {}
     if {"learned", "confidence"} <= set(router.predictors):
-        diff = paired_apgr_difference(policies[0], policies[1], labels, costs, n_boot)  # sorted: confidence, learned
+        by_name = {p.name: p for p in policies}
+        diff = paired_apgr_difference(by_name["confidence"], by_name["learned"], labels, costs, n_boot)
     at_tau = {}
     for kind in sorted(router.predictors):
         pol = predicted_policy(kind, predicted_gaps(router, labels, kind), np.array([tau]))
         c, q = pol.points(labels, costs)
         share = np.bincount(pol.choice[0], minlength=k) / n
         at_tau[kind] = {"compute": float(c[0]), "nll": float(q[0]), "share": dict(zip(router.candidates, share))}
-    flops = router_flops(model.cfg, specs[0], int(labels.prompt_lens.mean()), labels.features.shape[1], k - 1)
+    p_mean = int(labels.prompt_lens.mean())
+    flops = router_flops(model.cfg, specs[0], p_mean, labels.features.shape[1], k - 1)
+    cheap = None
+    if labels.cheap is not None:
+        cheap = cheap_router_flops(model.cfg, specs[0], p_mean, labels.cheap.shape[1], k - 1)["predictor"]
     return {
         "queries": n,
         "tau": tau,
@@ -87,6 +92,7 @@ def evaluate(
             "mean_prompt_len": float(labels.prompt_lens.mean()),
             "predictor_vs_full_prefill": flops["predictor"] / flops["full_prefill"],
             "small_prefill_vs_full_prefill": flops["small_prefill"] / flops["full_prefill"],
+            "cheap_vs_full_prefill": None if cheap is None else cheap / flops["full_prefill"],
         },
     }
 
@@ -143,7 +149,8 @@ def format_report(rep: dict[str, Any]) -> str:
         "",
         f"router overhead at the mean prompt ({o['mean_prompt_len']:.0f} tokens): predictor "
         f"{o['predictor_vs_full_prefill']:.2%} of a full prefill; small prefill (shared) "
-        f"{o['small_prefill_vs_full_prefill']:.1%}",
+        f"{o['small_prefill_vs_full_prefill']:.1%}"
+        + ("" if o.get("cheap_vs_full_prefill") is None else f"; cheap router {o['cheap_vs_full_prefill']:.3%}"),
         "* the router.json default",
     ]
     return "\n".join(lines)
@@ -158,7 +165,8 @@ def plot_curves(rep: dict[str, Any], path: str | Path, title: str = "") -> None:
             if name == "fixed sizes":
                 ax.plot(c["compute"], c["nll"], "-", color="0.6", lw=1, label="fixed sizes (mixed)")
                 continue
-            ax.plot(c["compute"], c["nll"], style, label=name, marker="." if name in ("learned", "confidence") else "")
+            routed = name in ("learned", "confidence", "cheap")
+            ax.plot(c["compute"], c["nll"], style, label=name, marker="." if routed else "")
         for name, f in rep["fixed"].items():
             ax.plot([f["compute"]], [f["nll"]], "s", label=name)
         ax.set_xlabel("mean compute (fraction of always-full FLOPs)")

@@ -29,7 +29,17 @@ from matryoshka_lm.core.model import MatryoshkaLM
 from matryoshka_lm.core.spec import SubmodelSpec, flops_per_token, format_spec, full_spec
 from matryoshka_lm.errors import MatryoshkaError
 
-from .router import CONFIDENCE_FEATURE, Predictor, Router, choose, feature_names, router_flops
+from .router import (
+    CHEAP,
+    CONFIDENCE_FEATURE,
+    Predictor,
+    Router,
+    cheap_feature_names,
+    cheap_router_flops,
+    choose,
+    feature_names,
+    router_flops,
+)
 from .router_labels import Labels, candidate_specs, label_tokens, relative_costs
 
 BOOTSTRAP = 200
@@ -41,30 +51,37 @@ def fit_predictors(
     labels: Labels, alphas: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1e3, 1e4)
 ) -> dict[str, Predictor]:
     """Ridge (alpha by leave-one-out CV) of each non-full candidate's gap on the standardised features ("learned"),
-    and a 1-D least-squares map from the small size's prompt NLL alone ("confidence")."""
-    from sklearn.linear_model import RidgeCV
-
-    x, gaps = labels.features.astype(np.float64), labels.gaps[:, :-1]
-    mean, scale = x.mean(0), x.std(0)
-    scale = np.where(scale > 1e-6, scale, 1.0)
-    z = (x - mean) / scale
-    ridge = RidgeCV(alphas=alphas).fit(z, gaps)
-    coef = ridge.coef_.reshape(gaps.shape[1], -1)  # one target (two candidates): sklearn returns it 1-D
-    bias = np.atleast_1d(ridge.intercept_)
-    col = feature_names(x.shape[1] - 3).index(CONFIDENCE_FEATURE)
-    conf_w = np.zeros_like(coef)
+    a 1-D least-squares map from the small size's prompt NLL alone ("confidence"), and a ridge on the features that
+    run no layer ("cheap", when the labels have them)."""
+    gaps = labels.gaps[:, :-1]
+    learned = _ridge(labels.features, gaps, alphas)
+    col = feature_names(labels.features.shape[1] - 3).index(CONFIDENCE_FEATURE)
+    z = (labels.features - learned.mean.numpy()) / learned.scale.numpy()
+    conf_w = np.zeros((gaps.shape[1], z.shape[1]))
     conf_b = np.zeros(gaps.shape[1])
     for k in range(gaps.shape[1]):
         slope, intercept = np.polyfit(z[:, col], gaps[:, k], 1)
         conf_w[k, col], conf_b[k] = slope, intercept
+    confidence = Predictor(_t(conf_w), _t(conf_b), learned.mean.clone(), learned.scale.clone())
+    out = {"learned": learned, "confidence": confidence}
+    if labels.cheap is not None:
+        out[CHEAP] = _ridge(labels.cheap, gaps, alphas)
+    return out
 
-    def t(a: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32).contiguous()
 
-    return {
-        "learned": Predictor(t(coef), t(bias), t(mean), t(scale)),
-        "confidence": Predictor(t(conf_w), t(conf_b), t(mean), t(scale)),
-    }
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32).contiguous()
+
+
+def _ridge(x: np.ndarray, gaps: np.ndarray, alphas: tuple[float, ...]) -> Predictor:
+    from sklearn.linear_model import RidgeCV
+
+    x = x.astype(np.float64)
+    mean, scale = x.mean(0), x.std(0)
+    scale = np.where(scale > 1e-6, scale, 1.0)
+    ridge = RidgeCV(alphas=alphas).fit((x - mean) / scale, gaps)
+    coef = ridge.coef_.reshape(gaps.shape[1], -1)  # one target (two candidates): sklearn returns it 1-D
+    return Predictor(_t(coef), _t(np.atleast_1d(ridge.intercept_)), _t(mean), _t(scale))
 
 
 def tau_grid(gaps: np.ndarray, n: int = 40) -> np.ndarray:
@@ -84,6 +101,7 @@ class Costs:
     per_candidate: np.ndarray  # (N, K) work of serving query i at k with no router
     overhead: np.ndarray  # (N, K) extra work when a router chose k (small prefill unless k = 0, + predictor)
     full: np.ndarray  # (N,) work of always-full
+    cheap_overhead: np.ndarray | None = None  # (N, K) the cheap router's: its features and predictor only
 
 
 def query_costs(model: MatryoshkaLM, specs: list[SubmodelSpec], labels: Labels) -> Costs:
@@ -98,7 +116,12 @@ def query_costs(model: MatryoshkaLM, specs: list[SubmodelSpec], labels: Labels) 
     pred = np.array([router_flops(cfg, specs[0], int(pi), n_feat, n_pred)["predictor"] / f_full for pi in p])
     small = p * rel[0]
     overhead = np.where(np.arange(len(specs))[None] == 0, 0.0, small[:, None]) + pred[:, None]
-    return Costs(per, overhead, total)
+    cheap = None
+    if labels.cheap is not None:
+        nc = labels.cheap.shape[1]
+        c = np.array([cheap_router_flops(cfg, specs[0], int(pi), nc, n_pred)["predictor"] / f_full for pi in p])
+        cheap = np.repeat(c[:, None], len(specs), 1)
+    return Costs(per, overhead, total, cheap)
 
 
 # ---------------------------------------------------------------------------------------------------- curves
@@ -112,6 +135,7 @@ class Policy:
     choice: np.ndarray  # (T, N) ints
     routed: bool  # pays the router's overhead
     settings: np.ndarray  # (T,) the τ (or fraction) behind each row
+    cheap: bool = False  # its overhead is the cheap router's (Costs.cheap_overhead)
 
     def points(self, labels: Labels, costs: Costs, idx: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(compute fraction, mean NLL) per setting, over queries `idx` (all by default)."""
@@ -120,13 +144,14 @@ class Policy:
         q = np.take_along_axis(labels.nll[idx].T, ch, 0)
         work = np.take_along_axis(costs.per_candidate[idx].T, ch, 0)
         if self.routed:
-            work = work + np.take_along_axis(costs.overhead[idx].T, ch, 0)
+            overhead = costs.cheap_overhead if self.cheap else costs.overhead
+            work = work + np.take_along_axis(overhead[idx].T, ch, 0)
         return work.sum(1) / costs.full[idx].sum(), q.mean(1)
 
 
 def predicted_policy(name: str, gaps: np.ndarray, taus: np.ndarray) -> Policy:
     g = torch.as_tensor(gaps)
-    return Policy(name, np.stack([choose(g, float(t)).numpy() for t in taus]), True, taus)
+    return Policy(name, np.stack([choose(g, float(t)).numpy() for t in taus]), True, taus, cheap=name == CHEAP)
 
 
 def oracle_policy(labels: Labels, taus: np.ndarray) -> Policy:
@@ -220,7 +245,10 @@ def paired_apgr_difference(
 
 
 def predicted_gaps(router: Router, labels: Labels, kind: str) -> np.ndarray:
-    return router.predictor(kind).gaps(torch.as_tensor(labels.features)).numpy()
+    x = labels.cheap if kind == CHEAP else labels.features
+    if x is None:
+        raise MatryoshkaError("these labels have no cheap features; label the queries again")
+    return router.predictor(kind).gaps(torch.as_tensor(x)).numpy()
 
 
 def calibrate(router: Router, labels: Labels, costs: Costs) -> None:
@@ -260,6 +288,7 @@ def fit_router(
         features=feature_names(specs[0].width),
         predictors=fit_predictors(fit),
         tolerance=tolerance,
+        cheap_features=cheap_feature_names(specs[0].width) if labels.cheap is not None else [],
     )
     cal_costs = query_costs(model, specs, cal)
     calibrate(router, cal, cal_costs)

@@ -29,7 +29,7 @@ from matryoshka_lm.core.spec import SubmodelSpec, flops_per_token, full_spec, pa
 from matryoshka_lm.errors import MatryoshkaError
 
 from .engine import Engine
-from .router import prompt_features
+from .router import cheap_feature_names, cheap_features, prompt_features
 from .sampling import GREEDY
 
 log = logging.getLogger(__name__)
@@ -106,10 +106,12 @@ class Labels:
     prompt_lens: np.ndarray  # (N,)
     cont: int
     halves: np.ndarray | None = None  # (N, K, 2) the NLL of each half of the continuation (scoring labels)
+    cheap: np.ndarray | None = None  # (N, F_cheap) router.cheap_features: no layer run
 
     def subset(self, idx: np.ndarray) -> Labels:
         halves = None if self.halves is None else self.halves[idx]
-        return Labels(self.nll[idx], self.features[idx], self.prompt_lens[idx], self.cont, halves)
+        cheap = None if self.cheap is None else self.cheap[idx]
+        return Labels(self.nll[idx], self.features[idx], self.prompt_lens[idx], self.cont, halves, cheap)
 
     @property
     def gaps(self) -> np.ndarray:
@@ -139,6 +141,7 @@ def label(model: MatryoshkaLM, queries: Queries, specs: list[SubmodelSpec], batc
     nll = np.zeros((n, len(specs)))
     halves = np.zeros((n, len(specs), 2))
     feats: list[torch.Tensor] = []
+    cheap: list[torch.Tensor] = []
     device = model.head_weight().device
     for k, spec in enumerate(specs):
         log.info("oracle labels: candidate %d of %d, %d queries", k + 1, len(specs), n)
@@ -157,7 +160,13 @@ def label(model: MatryoshkaLM, queries: Queries, specs: list[SubmodelSpec], batc
                 for j in range(ids.shape[0]):
                     pj = int(p[j])
                     feats.append(prompt_features(ids[j, :pj], logits[j, :pj], hidden[j, :pj]))
-    return Labels(nll, torch.stack(feats).cpu().numpy(), lens.numpy(), cont, halves if cont >= 2 else None)
+                    cheap.append(cheap_features(model, ids[j, :pj], spec))
+    halves_or_none = halves if cont >= 2 else None
+    return Labels(nll, _np(feats), lens.numpy(), cont, halves_or_none, _np(cheap))
+
+
+def _np(rows: list[torch.Tensor]) -> np.ndarray:
+    return torch.stack(rows).cpu().numpy()
 
 
 @torch.no_grad()
@@ -177,6 +186,7 @@ def label_generation(model: MatryoshkaLM, queries: Queries, specs: list[Submodel
     device = engine.device
     nll = np.zeros((n, len(specs)))
     feats = torch.zeros(n, 3 + specs[0].width)
+    cheap = torch.zeros(n, len(cheap_feature_names(specs[0].width)))
     groups = [np.nonzero(lens.numpy() == p)[0] for p in np.unique(lens.numpy())]
     for g, idx in enumerate(groups):
         log.info("generation labels: prompt length group %d of %d", g + 1, len(groups))
@@ -186,6 +196,7 @@ def label_generation(model: MatryoshkaLM, queries: Queries, specs: list[Submodel
         logits = model.logits(hidden)
         for j in range(len(idx)):
             feats[idx[j]] = prompt_features(prompts[j], logits[j], hidden[j]).cpu()
+            cheap[idx[j]] = cheap_features(model, prompts[j], specs[0]).cpu()
         for k, spec in enumerate(specs):
             outs = engine.generate(prompts.tolist(), spec, new_tokens, GREEDY)
             gen = torch.tensor([o.tokens for o in outs], device=device)  # no stops: exactly new_tokens each
@@ -193,7 +204,7 @@ def label_generation(model: MatryoshkaLM, queries: Queries, specs: list[Submodel
             full_logits = model(ids[:, :-1])[:, p - 1 :]
             tok = -token_logprobs(log_probs(full_logits), gen)
             nll[idx, k] = tok.mean(1).cpu().numpy()
-    return Labels(nll, feats.numpy(), lens.numpy(), new_tokens)
+    return Labels(nll, feats.numpy(), lens.numpy(), new_tokens, cheap=cheap.numpy())
 
 
 def model_queries(model: MatryoshkaLM, tokens: np.ndarray, n: int, window: int, cont: int, seed: int = 0) -> Queries:
