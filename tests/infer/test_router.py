@@ -131,18 +131,23 @@ def test_router_flops_stay_under_five_percent_of_a_full_prefill(tiny_ckpt):
             assert f["predictor"] < 0.05 * f["full_prefill"], (cfg.d_model, p, f)
 
 
-def test_route_save_load_identical_choices_and_prefill_reuse(tiny_ckpt, corpus_file, tmp_path):
+def fitted_tiny_router(ckpt, corpus_file, folder):
+    """The tiny checkpoint, its 80 labelled queries (48-token windows, 12 scored), the router fitted on them and
+    the same router saved to `folder` and loaded back."""
     from matryoshka_lm.core.checkpoint import load_model, load_tokenizer
     from matryoshka_lm.data import encode_corpus, read_corpus
 
-    model = load_model(tiny_ckpt)
-    tokens = encode_corpus(load_tokenizer(tiny_ckpt), read_corpus(corpus_file))
+    model = load_model(ckpt)
+    tokens = encode_corpus(load_tokenizer(ckpt), read_corpus(corpus_file))
     specs, labels = RL.label_tokens(model, tokens, 80, 48, 12)
     router = RF.fit_router(model, labels)
-    router.save(tmp_path)
-    loaded = Router.load(tmp_path)
-    assert json.loads((tmp_path / "router.json").read_text())["default"] in ("learned", "confidence")
-    queries = RL.make_queries(tokens, 80, 48, 12)
+    router.save(folder)
+    return model, RL.make_queries(tokens, 80, 48, 12), specs, labels, router, Router.load(folder)
+
+
+def test_route_save_load_identical_choices_and_prefill_reuse(tiny_ckpt, corpus_file, tmp_path):
+    model, queries, specs, labels, router, loaded = fitted_tiny_router(tiny_ckpt, corpus_file, tmp_path)
+    assert json.loads((tmp_path / "router.json").read_text())["default"] in ("learned", "confidence", "cheap")
     calls = []
     model.register_forward_hook(lambda *a: calls.append(1))  # forward() = a prefill outside route's own
     for kind in ("learned", "confidence"):
@@ -326,17 +331,8 @@ def test_the_cheap_router_costs_under_two_percent_of_a_full_prefill():
 
 
 def test_the_cheap_router_runs_no_layer_and_routes_as_its_labels_say(tiny_ckpt, corpus_file, tmp_path):
-    from matryoshka_lm.core.checkpoint import load_model, load_tokenizer
-    from matryoshka_lm.data import encode_corpus, read_corpus
-
-    model = load_model(tiny_ckpt)
-    tokens = encode_corpus(load_tokenizer(tiny_ckpt), read_corpus(corpus_file))
-    specs, labels = RL.label_tokens(model, tokens, 80, 48, 12)
-    router = RF.fit_router(model, labels)
-    router.save(tmp_path)
-    loaded = Router.load(tmp_path)
+    model, queries, specs, labels, router, loaded = fitted_tiny_router(tiny_ckpt, corpus_file, tmp_path)
     assert loaded.cheap_features == router.cheap_features and len(router.cheap_features) == labels.cheap.shape[1]
-    queries = RL.make_queries(tokens, 80, 48, 12)
     ran = []
     for m in (*model.layers, model.norm):
         m.register_forward_hook(lambda *a: ran.append(1))
