@@ -36,6 +36,7 @@ from matryoshka_lm.infer.early_exit import exit_generate, exit_points  # noqa: E
 from matryoshka_lm.infer.early_exit_eval import exit_policy  # noqa: E402
 from matryoshka_lm.infer.engine import Engine  # noqa: E402
 from matryoshka_lm.infer.exit_probe import fit_exit_probe  # noqa: E402
+from matryoshka_lm.infer.routed import routed_generate  # noqa: E402
 from matryoshka_lm.report import md_table  # noqa: E402
 
 GOAL = 0.05  # APGR above the fixed sizes' curve
@@ -54,9 +55,9 @@ def domain(model, router, probe, tokens, n: int, window: int, cont: int, n_boot:
     return rep
 
 
-def wall_clock(model, probe, tokens: np.ndarray, taus: list[float], n: int = 12, new: int = 32) -> dict:
-    """Greedy tokens/s at batch 1 on `n` prompts: each fixed size through the engine (eager) and the learned early
-    exit at each τ, interleaved per prompt, order rotating."""
+def wall_clock(model, probe, router, tokens: np.ndarray, taus: list[float], n: int = 12, new: int = 32) -> dict:
+    """Greedy tokens/s at batch 1 on `n` prompts: each fixed size through the engine (eager), the learned early
+    exit at each τ and the cheap router at its τ (routed_generate), interleaved per prompt, order rotating."""
     engine = Engine(model)
     rng = np.random.default_rng(3)
     prompts = [tokens[s : s + 48].astype(np.int64).tolist() for s in rng.integers(0, len(tokens) - 48, n)]
@@ -64,6 +65,8 @@ def wall_clock(model, probe, tokens: np.ndarray, taus: list[float], n: int = 12,
         f"always {s.name}": (lambda p, s=s: engine.generate([p], s, new)[0].tokens) for s in RL.candidate_specs(model)
     }
     runs |= {f"learned exit, τ={t:.4g}": (lambda p, t=t: exit_generate(model, p, new, t, probe=probe)[0]) for t in taus}
+    if "cheap" in router.predictors:
+        runs[f"cheap router, τ={router.tolerance:g}"] = lambda p: routed_generate(engine, router, p, new, kind="cheap")
     for fn in runs.values():
         fn(prompts[0])  # warm-up
     secs, names = dict.fromkeys(runs, 0.0), list(runs)
@@ -81,7 +84,7 @@ def ci(m: dict, fmt: str = ".3f") -> str:
 
 def domain_lines(name: str, rep: dict, png: str) -> list[str]:
     fixed = rep["fixed"]
-    lo, hi = fixed[next(iter(fixed))]["nll"], fixed["always XL"]["nll"]
+    lo, hi = fixed[next(iter(fixed))]["nll"], list(fixed.values())[-1]["nll"]  # cheapest first, the full one last
     rows = [[k, ci(m["apgr"]), f"{m['cpt50']['value']:.3f}", f"{m['cpt80']['value']:.3f}"]
             for k, m in rep["metrics"].items()]  # fmt: skip
     diffs = [[k, ci(d, "+.3f"), "met" if d["value"] >= GOAL else "NOT met"]
@@ -93,9 +96,9 @@ def domain_lines(name: str, rep: dict, png: str) -> list[str]:
     return [
         f"### {name} ({rep['queries']} queries, {rep['seconds']:.0f} s)",
         "",
-        f"Quality gap between the smallest candidate and XL: {lo - hi:.3f} nats/token (goal for a model worth routing "
-        f"on: >= 0.15, {'met' if lo - hi >= 0.15 else 'NOT met'}). Split-half reliability of the per-query gap "
-        "(first vs second half of the continuation, Spearman-Brown): "
+        f"Quality gap between the cheapest candidate and the full one: {lo - hi:.3f} nats/token (goal for a model "
+        f"worth routing on: >= 0.15, {'met' if lo - hi >= 0.15 else 'NOT met'}). Split-half reliability of the "
+        "per-query gap (first vs second half of the continuation, Spearman-Brown): "
         + ", ".join(f"{k} {v:.2f}" for k, v in rep.get("label_reliability", {}).items())
         + " (the share of a query's gap that is the query's, not the noise of 32 tokens).",
         "",
@@ -126,6 +129,8 @@ def section(res: dict, reports: dict, tps: dict) -> str:
     where = {k: (f["compute"], f["nll"]) for k, f in rep["fixed"].items()}
     where |= {f"learned exit, τ={p['setting']:.4g}": (p["compute"], p["nll"])
               for p in rep["per_token"]["early exit (learned)"] if p["setting"] is not None}  # fmt: skip
+    if "cheap" in rep["at_tau"]:
+        where[f"cheap router, τ={rep['tau']:g}"] = (rep["at_tau"]["cheap"]["compute"], rep["at_tau"]["cheap"]["nll"])
     where = {k: where.get(k, (float("nan"),) * 2) for k in tps}
     speed = [[k, f"{v:.1f}", f"{v / full:.2f}x", f"{where[k][0]:.3f}", f"{where[k][1]:.4f}"] for k, v in tps.items()]
     lines = [
@@ -200,7 +205,7 @@ def main() -> None:
     timed = [
         min((p for p in learned if p["setting"] is not None), key=lambda p: abs(p["compute"] - c)) for c in a.wall_at
     ]
-    tps = wall_clock(model, probe, test_half, [p["setting"] for p in timed])
+    tps = wall_clock(model, probe, router, test_half, [p["setting"] for p in timed])
     res = {"model": f"memory preset, {tcfg.steps} steps of batch {tcfg.batch_size} x {tcfg.seq_len} ({ckpt.name})",
            "candidates": router.candidates, "fit_queries": router.info["fit_queries"], "fit_s": fit_s,
            "default": router.default}  # fmt: skip

@@ -57,7 +57,7 @@ def exit_run(
 ) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
     """(work (N,), continuation NLL (N,), tokens per exit depth) of every query at one threshold."""
     cont, W = queries.cont, queries.windows.shape[1]
-    device = model.head_weight().device
+    device = model.norm.weight.device  # not head_weight(): a quantized model keeps its weights as planes (meta)
     cost = ExitCost.of(model.cfg, W)
     n = len(queries)
     work, nll, exits = np.zeros(n), np.zeros(n), {}

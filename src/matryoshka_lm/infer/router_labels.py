@@ -142,7 +142,7 @@ def label(model: MatryoshkaLM, queries: Queries, specs: list[SubmodelSpec], batc
     halves = np.zeros((n, len(specs), 2))
     feats: list[torch.Tensor] = []
     cheap: list[torch.Tensor] = []
-    device = model.head_weight().device
+    device = model.norm.weight.device  # not head_weight(): a quantized model keeps its weights as planes (meta)
     for k, spec in enumerate(specs):
         log.info("oracle labels: candidate %d of %d, %d queries", k + 1, len(specs), n)
         for a in range(0, n, batch):
