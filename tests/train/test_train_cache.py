@@ -93,6 +93,8 @@ def test_auto_prepares_large_or_structured_text_only(tmp_path, text, monkeypatch
     main(["train", "--preset", "tiny", "--steps", "2", "--data", str(rows), "--out", str(tmp_path / "run"), "--quiet"])
     (folder,) = cached_folders(tmp_path)
     assert read_manifest(folder)["sources"][0]["path"] == "rows.jsonl"
+    # eval on records given explicitly splits the same cache folder, not the JSON read as prose
+    assert (checkpoint_val_split(tmp_path / "run", str(rows))[2] == open_prepared(folder)[2]).all()
     with pytest.raises(MatryoshkaError, match="max-corpus-chars"):
         cache.uses_cache(text, "always", max_corpus_chars=1000)
     with pytest.raises(MatryoshkaError, match="prepare_text"):

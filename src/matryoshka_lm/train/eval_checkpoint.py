@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,9 @@ def checkpoint_source(ckpt: Path, data: str | None = None):
     _, tcfg = ck.read_config(ckpt)
     tcfg = tcfg or TrainConfig()
     tok = ck.load_tokenizer(ckpt)
-    return tcfg, tok, data if data is not None else data_source(tcfg, tcfg.data, tok)
+    if data is None:
+        return tcfg, tok, data_source(tcfg, tcfg.data, tok)
+    return tcfg, tok, data_source(dataclasses.replace(tcfg, max_corpus_chars=0), data, tok)  # given data: all of it
 
 
 def checkpoint_val_split(ckpt: Path, data: str | None = None):
