@@ -656,6 +656,12 @@ def auto_choices(server) -> dict[str, float]:
     return {size: float(v) for size, v in found}
 
 
+def auto_compute(server) -> dict[str, float]:
+    """matryoshka_auto_compute_total by kind (served, full), from /metrics."""
+    text = httpx.get(server.url + "/metrics").text
+    return {k: float(v) for k, v in re.findall(r'^matryoshka_auto_compute_total\{kind="(\w+)"\} (\S+)$', text, re.M)}
+
+
 @pytest.mark.parametrize(
     ("model", "prompt", "size"),
     [
@@ -668,7 +674,7 @@ def auto_choices(server) -> dict[str, float]:
     ],
 )
 def test_auto_serves_each_prompt_at_the_size_the_router_picks(routed_server, routed_client, local, model, prompt, size):
-    before = auto_choices(routed_server)
+    before, work = auto_choices(routed_server), auto_compute(routed_server)
     raw = routed_client.completions.with_raw_response.create(
         model=f"{NAME}:{model}", prompt=prompt, max_tokens=8, temperature=0
     )
@@ -678,6 +684,13 @@ def test_auto_serves_each_prompt_at_the_size_the_router_picks(routed_server, rou
     after = auto_choices(routed_server)
     assert after[size] == before.get(size, 0) + 1
     assert sum(after.values()) == sum(before.values()) + 1
+    # the compute saved: tokens at the chosen size's cost (S 0.25, M 0.5, XL 1) plus the small prefill unless reused
+    tokens = len(prompt) + r.usage.completion_tokens
+    cost = {"S": 0.25, "M": 0.5, "XL": 1.0}[size]
+    overhead = 0.0 if size == "S" else 0.25 * len(prompt)
+    now = auto_compute(routed_server)
+    assert now["full"] - work.get("full", 0) == pytest.approx(tokens)
+    assert now["served"] - work.get("served", 0) == pytest.approx(tokens * cost + overhead)
 
 
 def test_auto_decodes_on_from_the_routers_prefill(routed_server, routed_client, local, monkeypatch):

@@ -51,6 +51,13 @@ class Metrics:
             ["size"],
             registry=r,
         )
+        self.auto_compute = Counter(
+            "matryoshka_auto_compute",
+            "NAME:auto work in full-size token-passes (FLOPs, or bytes for cells, as the router prices them): served "
+            "= what the routed sizes and the router did, full = what always-full would have; 1 - served/full is saved",
+            ["kind"],
+            registry=r,
+        )
         self.speculative = Counter(
             "matryoshka_speculative_tokens",
             "Speculative decoding: draft tokens proposed and accepted, by the size that verified",

@@ -146,6 +146,16 @@ class ServingGeneration:
     def count_prompt(self, job: Job) -> None:
         self.state.metrics.tokens.labels(job.label, "prompt").inc(job.prompt_tokens)
 
+    def count_completion(self, job: Job, out: Choices) -> None:
+        """Completion tokens by size; for a routed NAME:auto also its work beside always-full's (the compute saved)."""
+        done = sum(out.tokens)
+        self.state.metrics.tokens.labels(job.label, "completion").inc(done)
+        t = job.target
+        if t.cost is not None:
+            tokens = job.prompt_tokens * job.params.n + done
+            self.state.metrics.auto_compute.labels("served").inc(tokens * t.cost + t.overhead)
+            self.state.metrics.auto_compute.labels("full").inc(tokens)
+
     # ---- collect whole
 
     async def collect(self, request: Request, job: Job, ticket: Ticket) -> Choices:
@@ -162,7 +172,7 @@ class ServingGeneration:
             gone.cancel()
             collect.cancel()
         metrics = self.state.metrics
-        metrics.tokens.labels(job.label, "completion").inc(sum(out.tokens))
+        self.count_completion(job, out)
         if not collect.done() or collect.cancelled():
             metrics.disconnects.labels(job.label).inc()
             raise client_disconnected()
@@ -220,7 +230,7 @@ class ServingGeneration:
             finished = True
         finally:
             ticket.cancel()
-            self.state.metrics.tokens.labels(job.label, "completion").inc(sum(out.tokens))
+            self.count_completion(job, out)
             if not finished:
                 self.state.metrics.disconnects.labels(job.label).inc()
 

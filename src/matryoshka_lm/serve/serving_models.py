@@ -29,6 +29,8 @@ class Target:
     spec: SubmodelSpec
     auto: bool = False  # the field named NAME:auto (embeddings and unrouted servers: the full size)
     tau: float | None = None  # NAME:auto with a router, before routing: the tolerance to route the prompts at
+    cost: float | None = None  # NAME:auto after routing: the chosen size's work per token, the full size's = 1
+    overhead: float = 0.0  # and the router's own work, in full-size token-passes (a prefill it did not reuse)
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,7 @@ class Models:
         the size it prefilled with, that prefill is kept for decoding on (infer.routed.route_with_prefill). Several:
         the largest any of them needs (one response names one size), and each row prefills again at that size."""
         from matryoshka_lm.infer.routed import route_with_prefill
-        from matryoshka_lm.infer.router import route
+        from matryoshka_lm.infer.router import CHEAP, route
 
         if target.tau is None:
             return Routed(target)
@@ -177,7 +179,10 @@ class Models:
         index, prefilled = await self.state.batcher.call(choose)
         spec = self.router_specs[index]
         self.state.metrics.auto_choices.labels(size_label(spec)).inc()
-        return Routed(Target(self._id(spec), spec, auto=True), prefilled)
+        # the small size's prefill is the router's price unless decoding went on from it; the cheap router runs none
+        paid = router.default != CHEAP and prefilled is None
+        overhead = router.costs[0] * sum(len(p) for p in prompts) if paid else 0.0
+        return Routed(Target(self._id(spec), spec, auto=True, cost=router.costs[index], overhead=overhead), prefilled)
 
     # ---- /v1/models
 
