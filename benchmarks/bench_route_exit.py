@@ -1,8 +1,10 @@
 """Routing on a model whose sizes really differ (issue #26): the per-query size router, the per-token early exit
 (infer/early_exit.py) and the fixed sizes, on the same queries, in domain and out of domain.
 
-Model: runs/memory (the `memory` preset: 8 layers of width 512, trained sizes XL, the early exits E4 and E2, and
-the narrower W; trained here on first use, `matryoshka train --preset memory --out runs/memory --steps 700`).
+Model: --ckpt (default runs/memory: the `memory` preset, 8 layers of width 512, trained sizes XL, the early exits E4
+and E2, and the narrower W; trained here on first use, `matryoshka train --preset memory --out runs/memory --steps
+700`). The committed section ran on that run resumed to 2000 steps (`cp -r runs/memory runs/memory-2k; matryoshka
+train --preset memory --out runs/memory-2k --resume --steps 2000`, ~37 min on 2 cores), `--ckpt runs/memory-2k`.
 In domain: the part of the default corpus its `max_corpus_chars` left out (bench_router.unseen_in_domain), halves
 for the router's fit and the test. Out of domain: Python's documentation prose (`pydoc_data.topics`), never seen.
 Quality: mean NLL per token of a 32-token reference continuation (teacher forced; for the early exit with its real
