@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_quant_speed import quantized_checkpoint, smollm2_checkpoint  # noqa: E402
-from bench_route_exit import domain_lines  # noqa: E402
+from bench_route_exit import domain_lines, interleaved_tps, save_report  # noqa: E402
 from bench_router import unseen_in_domain  # noqa: E402
 from common import ROOT, machine, write_section  # noqa: E402
 from matryoshka_lm.core import checkpoint as ck  # noqa: E402
@@ -50,15 +50,7 @@ def wall_clock(model, router, tokens: np.ndarray, n: int = 8, new: int = 32) -> 
     specs = router.specs(model.cfg)
     runs = {f"always {c}": (lambda p, s=s: engine.generate([p], s, new)) for c, s in zip(router.candidates, specs)}
     runs[f"cheap router, τ={router.tolerance:g}"] = lambda p: routed_generate(engine, router, p, new, kind="cheap")
-    for fn in runs.values():
-        fn(prompts[0])  # warm-up: each width's weights derived once
-    secs, names = dict.fromkeys(runs, 0.0), list(runs)
-    for i, p in enumerate(prompts):
-        for k in names[i % len(names) :] + names[: i % len(names)]:
-            t0 = time.perf_counter()
-            runs[k](p)
-            secs[k] += time.perf_counter() - t0
-    return {k: n * new / s for k, s in secs.items()}
+    return interleaved_tps(runs, prompts, new)  # its warm-up derives each width's weights once
 
 
 def section(res: dict, reports: dict, tps: dict) -> str:
@@ -112,9 +104,7 @@ def main() -> None:
     res = {"model": "SmolLM2-135M-Instruct (its Q4_1 GGUF, imported; int8 codes round-to-nearest)",
            "candidates": router.candidates, "fit_queries": router.info["fit_queries"], "fit_s": fit_s,
            "default": router.default}  # fmt: skip
-    OUT.write_text(json.dumps({"res": res, "reports": {k: r for k, (r, _) in reports.items()}, "tps": tps}, indent=1))
-    write_section("router-cells", section(res, reports, tps))
-    print(section(res, reports, tps))
+    save_report(OUT, "router-cells", section, res, reports, tps)
 
 
 if __name__ == "__main__":

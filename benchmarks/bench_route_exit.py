@@ -69,15 +69,28 @@ def wall_clock(model, probe, router, tokens: np.ndarray, taus: list[float], n: i
     runs |= {f"learned exit, τ={t:.4g}": (lambda p, t=t: exit_generate(model, p, new, t, probe=probe)[0]) for t in taus}
     if "cheap" in router.predictors:
         runs[f"cheap router, τ={router.tolerance:g}"] = lambda p: routed_generate(engine, router, p, new, kind="cheap")
+    return interleaved_tps(runs, prompts, new)
+
+
+def interleaved_tps(runs: dict, prompts: list, new: int) -> dict:
+    """Tokens/s of each run over the prompts: one warm-up each, then interleaved per prompt, the order rotating."""
     for fn in runs.values():
-        fn(prompts[0])  # warm-up
+        fn(prompts[0])
     secs, names = dict.fromkeys(runs, 0.0), list(runs)
     for i, p in enumerate(prompts):
         for k in names[i % len(names) :] + names[: i % len(names)]:
             t0 = time.perf_counter()
             runs[k](p)
             secs[k] += time.perf_counter() - t0
-    return {k: n * new / s for k, s in secs.items()}
+    return {k: len(prompts) * new / s for k, s in secs.items()}
+
+
+def save_report(out: Path, name: str, section_of, res: dict, reports: dict, tps: dict) -> None:
+    """The run's numbers to `out` (what --report-only rereads), and its BENCHMARKS.md section."""
+    out.write_text(json.dumps({"res": res, "reports": {k: r for k, (r, _) in reports.items()}, "tps": tps}, indent=1))
+    text = section_of(res, reports, tps)
+    write_section(name, text)
+    print(text)
 
 
 def ci(m: dict, fmt: str = ".3f") -> str:
@@ -211,9 +224,7 @@ def main() -> None:
     res = {"model": f"memory preset, {tcfg.steps} steps of batch {tcfg.batch_size} x {tcfg.seq_len} ({ckpt.name})",
            "candidates": router.candidates, "fit_queries": router.info["fit_queries"], "fit_s": fit_s,
            "default": router.default}  # fmt: skip
-    out.write_text(json.dumps({"res": res, "reports": {k: r for k, (r, _) in reports.items()}, "tps": tps}, indent=1))
-    write_section("router-exit", section(res, reports, tps))
-    print(section(res, reports, tps))
+    save_report(out, "router-exit", section, res, reports, tps)
 
 
 if __name__ == "__main__":
