@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_quant_speed import quantized_checkpoint, smollm2_checkpoint  # noqa: E402
-from bench_route_exit import domain_lines, interleaved_tps, save_report  # noqa: E402
+from bench_route_exit import domain_lines, interleaved_tps, run_info, save_report  # noqa: E402
 from bench_router import unseen_in_domain  # noqa: E402
 from common import ROOT, machine, write_section  # noqa: E402
 from matryoshka_lm.core import checkpoint as ck  # noqa: E402
@@ -101,9 +101,7 @@ def main() -> None:
         print(name, RE.format_report(rep), sep="\n", flush=True)
         reports[name] = (rep, png)
     tps = wall_clock(model, router, test_half)
-    res = {"model": "SmolLM2-135M-Instruct (its Q4_1 GGUF, imported; int8 codes round-to-nearest)",
-           "candidates": router.candidates, "fit_queries": router.info["fit_queries"], "fit_s": fit_s,
-           "default": router.default}  # fmt: skip
+    res = run_info("SmolLM2-135M-Instruct (its Q4_1 GGUF, imported; int8 codes round-to-nearest)", router, fit_s)
     save_report(OUT, "router-cells", section, res, reports, tps)
 
 

@@ -85,6 +85,11 @@ def interleaved_tps(runs: dict, prompts: list, new: int) -> dict:
     return {k: len(prompts) * new / s for k, s in secs.items()}
 
 
+def run_info(model: str, router, fit_s: float) -> dict:
+    return {"model": model, "candidates": router.candidates, "fit_queries": router.info["fit_queries"],
+            "fit_s": fit_s, "default": router.default}  # fmt: skip
+
+
 def save_report(out: Path, name: str, section_of, res: dict, reports: dict, tps: dict) -> None:
     """The run's numbers to `out` (what --report-only rereads), and its BENCHMARKS.md section."""
     out.write_text(json.dumps({"res": res, "reports": {k: r for k, (r, _) in reports.items()}, "tps": tps}, indent=1))
@@ -221,9 +226,8 @@ def main() -> None:
         min((p for p in learned if p["setting"] is not None), key=lambda p: abs(p["compute"] - c)) for c in a.wall_at
     ]
     tps = wall_clock(model, probe, router, test_half, [p["setting"] for p in timed])
-    res = {"model": f"memory preset, {tcfg.steps} steps of batch {tcfg.batch_size} x {tcfg.seq_len} ({ckpt.name})",
-           "candidates": router.candidates, "fit_queries": router.info["fit_queries"], "fit_s": fit_s,
-           "default": router.default}  # fmt: skip
+    res = run_info(f"memory preset, {tcfg.steps} steps of batch {tcfg.batch_size} x {tcfg.seq_len} ({ckpt.name})",
+                   router, fit_s)  # fmt: skip
     save_report(out, "router-exit", section, res, reports, tps)
 
 
