@@ -2,7 +2,7 @@
 and int8, all read from one set of int8 codes (round-to-nearest, groups of 32: bench_quant_speed's checkpoint).
 
 Compute is the bytes of weights a cell reads per token relative to int8 (router_labels.relative_costs); the routers'
-overhead is their own prefill (the int4 cell's) or, for the cheap router, its features (FLOPs, ~1e-4). The router is
+overhead is their own prefill (the int4 cell's) or, for the cheap router, its features (FLOPs, ~1e-5). The router is
 fitted on queries from the first half of the default corpus (Shakespeare + KJV, 1.5 M characters of each) and tested
 on the second half (in domain) and on Python's documentation prose (out of domain). int3 and int2 are left out: at
 round-to-nearest they read 10.7 and 14.2 nats/token out of domain (BENCHMARKS.md, calibration), so no query is served
