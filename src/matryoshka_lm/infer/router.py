@@ -18,7 +18,7 @@ Three predictors share that code: "learned" (ridge regression on every feature, 
 scikit-learn), "confidence" (training-free ordering: only the small size's prompt NLL, with a 1-D linear map per
 candidate fitted so that τ keeps its meaning), and "cheap": a ridge on features that run no transformer layer at all
 (cheap_features: the prompt's length, its token ids' statistics, how much of it repeats, and its mean token
-embedding), so routing costs ~1e-5 of a full prefill (memory preset) instead of the small size's prefill; nothing is reused.
+embedding), so routing costs ~1e-5 of a full prefill (memory preset), not the small prefill; nothing is reused.
 router.json names the default; inference needs no scikit-learn, only dot products. Files: CKPT/router.json
 (candidates, feature names, default, calibration) and CKPT/router.safetensors (weights, bias and feature
 normalisation per predictor). Never pickle.
