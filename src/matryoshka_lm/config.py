@@ -128,6 +128,9 @@ class ModelConfig:
         return cls(**d)
 
 
+PREPARE_TEXT = ("auto", "always", "never")  # which text --data goes through the shard cache (data/cache.py)
+
+
 @dataclass
 class TrainConfig:
     steps: int = 300
@@ -172,7 +175,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile every transformer block (one graph per size's shape)
     fused_adamw: str = "auto"  # "on" / "off"; auto: on CUDA
     data: str | None = None  # text file or folder; None -> the embedded default corpus
-    prepare_text: str = "auto"  # text through the token-shard cache: auto (large or structured) | always | never
+    prepare_text: str = "auto"  # text through the token-shard cache (data/cache.py): one of PREPARE_TEXT
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "save_every", "eval_every"):
@@ -182,8 +185,8 @@ class TrainConfig:
             raise MatryoshkaError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
         if not 0 < self.val_fraction < 1:
             raise MatryoshkaError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.prepare_text not in ("auto", "always", "never"):
-            raise MatryoshkaError(f"prepare_text must be auto, always or never, got {self.prepare_text!r}")
+        if self.prepare_text not in PREPARE_TEXT:
+            raise MatryoshkaError(f"prepare_text must be one of {', '.join(PREPARE_TEXT)}, got {self.prepare_text!r}")
         if self.distill < 0:
             raise MatryoshkaError(f"distill must be >= 0, got {self.distill}")
         if self.teacher is not None and self.distill <= 0:

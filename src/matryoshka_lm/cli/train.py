@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from matryoshka_lm.config import PREPARE_TEXT
 from matryoshka_lm.errors import MatryoshkaError
 
 from .options import float_list, int_list, nonnegative_int, pick_device, positive_float, positive_int, spec_list
@@ -63,7 +64,7 @@ TRAIN_FLAGS: dict[str, dict] = {
     "save_every": dict(type=positive_int),
     "max_corpus_chars": dict(type=nonnegative_int, help="use only this many characters of the corpus"),
     "prepare_text": dict(
-        choices=["auto", "always", "never"],
+        choices=list(PREPARE_TEXT),
         help="text --data goes through `matryoshka prepare` into a cache ($MATRYOSHKA_CACHE, default "
         "~/.cache/matryoshka-lm) and trains from memory-mapped shards: auto (default) when over 256 MB or JSON/"
         "Parquet; always; never (encode in memory each run)",

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from matryoshka_lm.config import PREPARE_TEXT
 from matryoshka_lm.errors import MatryoshkaError
 
 from .corpus import LARGE_TEXT_BYTES, MANIFEST
@@ -31,7 +32,6 @@ from .sources import format_of
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "always", "never")
 CACHE_ENV = "MATRYOSHKA_CACHE"
 AUTO_BYTES = LARGE_TEXT_BYTES  # `auto` prepares text larger than this
 
@@ -50,8 +50,8 @@ def _files(path: Path) -> list[Path]:
 
 def uses_cache(data: str | Path | None, mode: str, max_corpus_chars: int = 0) -> bool:
     """Whether `data` (text, not a prepared folder) is trained on through the cache under this mode."""
-    if mode not in MODES:
-        raise MatryoshkaError(f"prepare_text must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode not in PREPARE_TEXT:
+        raise MatryoshkaError(f"prepare_text must be one of {', '.join(PREPARE_TEXT)}, got {mode!r}")
     if mode == "never" or (data is not None and (Path(data) / MANIFEST).is_file()):
         return False
     if mode == "always":

@@ -30,14 +30,19 @@ def checkpoint_source(ckpt: Path, data: str | None = None):
 
 def checkpoint_val_split(ckpt: Path, data: str | None = None):
     """Re-create the run's deterministic split with the checkpoint's tokenizer (or split `data` if given)."""
-    tcfg, tok, source = checkpoint_source(ckpt, data)
+    return split_source(ckpt, *checkpoint_source(ckpt, data), limit=data is None)
+
+
+def split_source(ckpt: Path, tcfg: TrainConfig, tok, source: str | None, limit: bool):
+    """(tcfg, train, val) of `source`: a prepared folder's own split, or text split as training splits it (with the
+    run's max_corpus_chars when `limit`)."""
     if is_prepared(source):  # the shards of `matryoshka prepare`: their own split
         prepared, train, val, _ = open_prepared(source)
         if prepared.to_str() != tok.to_str():
             raise MatryoshkaError(f"{source} was prepared with another tokenizer than {ckpt}'s")
         return tcfg, train, val
     docs = read_corpus(source)
-    if data is None:
+    if limit:
         docs = limit_chars(docs, tcfg.max_corpus_chars)
     train, val = split_tokens(encode_corpus(tok, docs), tcfg.val_fraction)
     return tcfg, train, val
@@ -54,7 +59,8 @@ def evaluate_checkpoint(
 ) -> tuple[list[dict[str, Any]], str]:
     ckpt = Path(ckpt)
     model = ck.load_model(ckpt, device)
-    tcfg, train, val = checkpoint_val_split(ckpt, data)
+    tcfg, tok, source = checkpoint_source(ckpt, data)
+    _, train, val = split_source(ckpt, tcfg, tok, source, limit=data is None)
     names = split_specs(sizes) or size_names(model.cfg)
     specs = dict(zip(names, parse_spec_list(model.cfg, names)))
     seq_len = min(tcfg.seq_len, model.cfg.max_seq_len)
@@ -63,7 +69,7 @@ def evaluate_checkpoint(
     trained = set(ck.trained_sizes(ckpt, model.cfg))
     for row, spec in zip(rows, specs.values()):  # a slice nothing trained is listed, and marked, not passed off
         row["trained"] = spec.name in trained if spec.name else trained == set(model.cfg.sizes)
-    unigram = split_unigram_loss(train, val, model.cfg.vocab_size, checkpoint_source(ckpt, data)[2])
+    unigram = split_unigram_loss(train, val, model.cfg.vocab_size, source)
     write_json_report(
         Path(json_path or ckpt / "eval.json"),
         rows,
